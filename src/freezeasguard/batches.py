@@ -1,0 +1,103 @@
+"""Batches drawn per domain, weighted so that the loss is lambda-weighted per-domain means.
+
+Every step draws each domain's batch separately (the official code draws from one pool that is
+~9% innocent, so most steps see no innocent sample). The whole global batch and its noise come
+from generators that advance identically on every rank; each rank then computes its own slice,
+and the weights are chosen so that summing gradients across ranks gives exactly the gradient of
+the global loss. One process and N processes with the same global batch see the same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import dist
+from .data import DomainSampler, EncodedData
+from .diffusion import NoiseSchedule, diffusion_loss, draw_noise
+
+
+@dataclass
+class Domain:
+    name: str
+    data: EncodedData
+    batch_size: int     # global samples per step
+    weight: float       # lambda: the domain contributes weight * mean(per-sample loss)
+
+
+@dataclass
+class LocalBatch:
+    latents: torch.Tensor
+    text: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    weights: torch.Tensor      # per sample; sum over all ranks of weights * loss = the global loss
+    domain_ids: torch.Tensor   # index into the domain list
+    domain_counts: list[int]   # global batch size per domain
+
+
+def split_batch(total: int, parts: int) -> list[int]:
+    """Split ``total`` samples over ``parts`` domains as evenly as possible (earlier ones get more)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class DomainMix:
+    def __init__(self, domains: list[Domain], schedule: NoiseSchedule, seed: int):
+        if not domains:
+            raise ValueError("no domains to sample from")
+        self.domains, self.schedule = domains, schedule
+        self.samplers = [DomainSampler(len(d.data), seed * 1009 + i) for i, d in enumerate(domains)]
+        self.noise_generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, device, sign: list[float] | None = None) -> LocalBatch:
+        """Draw the next global batch and return this rank's slice. ``sign`` multiplies each
+        domain's weight (the upper level uses -1 for the illegal domain)."""
+        entries = []  # (domain id, sample index) for the global batch
+        for d_id, (domain, sampler) in enumerate(zip(self.domains, self.samplers)):
+            entries += [(d_id, i) for i in sampler.next(domain.batch_size)]
+        shape = self.domains[0].data.latent_shape
+        draw = draw_noise(len(entries), shape, self.schedule.num_train_timesteps, self.noise_generator)
+        local = list(range(dist.rank(), len(entries), dist.world_size()))
+        counts = [d.batch_size for d in self.domains]
+        latents, texts, weights, ids = [], [], [], []
+        for d_id, domain in enumerate(self.domains):
+            pos = [p for p in local if entries[p][0] == d_id]
+            if not pos:
+                continue
+            lat, txt = domain.data.batch([entries[p][1] for p in pos], draw.latent_noise[pos])
+            latents.append(lat)
+            texts.append(txt)
+            w = domain.weight * (sign[d_id] if sign else 1.0) / counts[d_id]
+            weights.append(torch.full((len(pos),), w))
+            ids.append(torch.full((len(pos),), d_id))
+        order = [p for d_id in range(len(self.domains)) for p in local if entries[p][0] == d_id]
+        return LocalBatch(torch.cat(latents).to(device), torch.cat(texts).to(device),
+                          draw.noise[order].to(device), draw.timesteps[order].to(device),
+                          torch.cat(weights).to(device), torch.cat(ids), counts)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"noise_generator": self.noise_generator.get_state()}
+        for i, s in enumerate(self.samplers):
+            state.update({f"sampler{i}.{k}": v for k, v in s.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        self.noise_generator.set_state(state["noise_generator"])
+        for i, s in enumerate(self.samplers):
+            s.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"sampler{i}.")})
+
+
+def weighted_loss(unet, batch: LocalBatch, schedule: NoiseSchedule, autocast_dtype=None):
+    """This rank's share of the weighted loss, and the per-sample losses (detached) for logging."""
+    device_type = batch.latents.device.type
+    with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        per_sample = diffusion_loss(unet, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
+    return (per_sample * batch.weights).sum(), per_sample.detach()
+
+
+def domain_means(per_sample: torch.Tensor, batch: LocalBatch, num_domains: int) -> list[float]:
+    """Global mean loss per domain (summed across ranks)."""
+    sums = torch.zeros(num_domains, dtype=torch.float64, device=per_sample.device)
+    sums.index_add_(0, batch.domain_ids.to(per_sample.device), per_sample.double())
+    dist.all_reduce_sum_(sums)
+    return [float(s) / c for s, c in zip(sums, batch.domain_counts)]

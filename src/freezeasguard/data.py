@@ -1,0 +1,233 @@
+"""Image + caption datasets from local folders, their encodings, and per-domain samplers.
+
+Layouts read:
+- imagefolder: a folder with metadata.jsonl or metadata.csv (columns file_name, text, optional
+  subject column such as ``name``); file_name is relative to the folder and may hold subfolders;
+- a dataset written by ``datasets.Dataset.save_to_disk`` with an image column and a text column.
+Every problem (missing file, corrupt image, empty caption, empty selection) is an error that
+names the file or row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """Bad or missing training data; the message names the file or row and the fix."""
+
+
+@dataclass
+class Record:
+    caption: str
+    subject: str | None
+    path: Path | None = None      # imagefolder rows
+    image: object = None          # datasets rows carry a PIL image (decoded lazily by datasets)
+    where: str = ""               # for error messages
+
+    def load(self) -> Image.Image:
+        try:
+            img = Image.open(self.path) if self.image is None else self.image
+            img.load()
+            return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise DataError(f"{self.where}: cannot decode image ({exc}). Replace or remove this file.") from exc
+
+
+@dataclass
+class ImageCaptionData:
+    """A list of records plus the folder they came from."""
+    source: Path
+    records: list[Record] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.records)
+
+    @property
+    def captions(self) -> list[str]:
+        return [r.caption for r in self.records]
+
+
+def _read_metadata(folder: Path) -> tuple[list[dict], Path]:
+    jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
+    if jsonl.exists():
+        rows = []
+        for i, line in enumerate(jsonl.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{jsonl} line {i}: not valid JSON ({exc})") from exc
+        return rows, jsonl
+    if csv_path.exists():
+        with csv_path.open(newline="") as f:
+            return list(csv.DictReader(f)), csv_path
+    raise DataError(f"{folder}: no metadata.jsonl or metadata.csv. An image folder needs one, with a row per "
+                    f"image: file_name, text (and optionally a subject column such as name).")
+
+
+def load_image_captions(path, subject: str | None = None, caption_column: str = "text",
+                        image_column: str = "file_name", subject_column: str = "name",
+                        check_images: bool = True) -> ImageCaptionData:
+    """Read an imagefolder or a saved HF dataset; ``subject`` keeps only that person's rows."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such data folder.")
+    if (path / "dataset_info.json").exists() or (path / "state.json").exists() \
+            or (path / "dataset_dict.json").exists():
+        data = _load_saved_dataset(path, subject, caption_column, subject_column)
+    else:
+        data = _load_imagefolder(path, subject, caption_column, image_column, subject_column)
+    if not data.records:
+        what = f" for subject {subject!r}" if subject else ""
+        raise DataError(f"{path}: no rows{what}. Check --subject against the '{subject_column}' column.")
+    if check_images:
+        for r in data.records:
+            r.load()
+    logger.info("%s: %d image-caption pairs%s", path, len(data), f" of {subject}" if subject else "")
+    return data
+
+
+def _load_imagefolder(folder, subject, caption_column, image_column, subject_column) -> ImageCaptionData:
+    rows, meta = _read_metadata(folder)
+    data = ImageCaptionData(folder)
+    for i, row in enumerate(rows, 1):
+        where = f"{meta} row {i}"
+        if image_column not in row:
+            raise DataError(f"{where}: no '{image_column}' column (columns: {', '.join(row)}).")
+        if caption_column not in row:
+            raise DataError(f"{where}: no '{caption_column}' column (columns: {', '.join(row)}).")
+        row_subject = row.get(subject_column)
+        if subject is not None and row_subject != subject:
+            continue
+        caption = (row[caption_column] or "").strip()
+        file = folder / row[image_column]
+        if not caption:
+            raise DataError(f"{where} ({row[image_column]}): empty caption. Every image needs a text.")
+        if not file.is_file():
+            raise DataError(f"{where}: image file {file} is missing. Fix file_name or add the file.")
+        data.records.append(Record(caption, row_subject, path=file, where=f"{where} ({file})"))
+    return data
+
+
+def _load_saved_dataset(path, subject, caption_column, subject_column) -> ImageCaptionData:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    image_columns = [c for c, f in ds.features.items() if isinstance(f, datasets.Image)]
+    if not image_columns:
+        raise DataError(f"{path}: the saved dataset has no Image column (columns: {', '.join(ds.column_names)}).")
+    if caption_column not in ds.column_names:
+        raise DataError(f"{path}: no '{caption_column}' column (columns: {', '.join(ds.column_names)}); "
+                        f"pass --caption-column.")
+    data = ImageCaptionData(path)
+    for i, row in enumerate(ds):
+        row_subject = row.get(subject_column)
+        if subject is not None and row_subject != subject:
+            continue
+        caption = (row[caption_column] or "").strip()
+        if not caption:
+            raise DataError(f"{path} row {i}: empty caption.")
+        data.records.append(Record(caption, row_subject, image=row[image_columns[0]], where=f"{path} row {i}"))
+    return data
+
+
+def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution``, center-crop, scale to [-1, 1] (C, H, W)."""
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    img = img.crop((left, top, left + resolution, top + resolution))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+class EncodedData:
+    """Lazily encodes records with the frozen VAE and text encoder and caches the result.
+
+    The VAE posterior is cached as (mean, std) so that every step still samples fresh latents,
+    as training on raw images would."""
+
+    def __init__(self, data: ImageCaptionData, components, device="cpu"):
+        self.data, self.components, self.device = data, components, torch.device(device)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self):
+        return len(self.data)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.components.resolution // self.components.vae_scale_factor
+        return (self.components.vae.config.latent_channels, side, side)
+
+    @torch.no_grad()
+    def _encode(self, indices: list[int]):
+        c = self.components
+        todo = [i for i in indices if i not in self._cache]
+        if todo:
+            pixels = torch.stack([preprocess(self.data.records[i].load(), c.resolution) for i in todo])
+            dist = c.vae.encode(pixels.to(self.device, c.vae.dtype)).latent_dist
+            ids = c.tokenizer([self.data.records[i].caption for i in todo], padding="max_length",
+                              max_length=c.tokenizer.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids
+            text = c.text_encoder(ids.to(self.device))[0]
+            for j, i in enumerate(todo):
+                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), text[j].float())
+        return self._cache
+
+    def batch(self, indices: list[int], latent_noise: torch.Tensor):
+        """Latents (sampled with the given noise, scaled) and text embeddings for ``indices``."""
+        cache = self._encode(indices)
+        mean = torch.stack([cache[i][0] for i in indices])
+        std = torch.stack([cache[i][1] for i in indices])
+        text = torch.stack([cache[i][2] for i in indices])
+        scaling = getattr(self.components.vae.config, "scaling_factor", 0.18215)
+        latents = (mean + std * latent_noise.to(mean.device)) * scaling
+        return latents, text
+
+
+class DomainSampler:
+    """Draws batches without replacement within an epoch, reshuffling each epoch; its state
+    (generator, permutation, position) round-trips through a checkpoint for exact resume."""
+
+    def __init__(self, size: int, seed: int):
+        if size <= 0:
+            raise DataError("cannot sample from an empty domain")
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(size, generator=self.generator)
+        self.pos = 0
+
+    def next(self, batch: int) -> list[int]:
+        out = []
+        while len(out) < batch:
+            if self.pos >= self.size:
+                self.perm = torch.randperm(self.size, generator=self.generator)
+                self.pos = 0
+            take = min(batch - len(out), self.size - self.pos)
+            out += self.perm[self.pos:self.pos + take].tolist()
+            self.pos += take
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(),
+                "pos": torch.tensor([self.pos])}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]):
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"][0])

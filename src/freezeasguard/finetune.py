@@ -1,0 +1,275 @@
+"""Guarded fine-tuning: the publisher's fine-tuning API, which enforces a freezing mask.
+
+Enforcement is more than requires_grad: frozen tensors are left out of every optimizer group
+(AdamW's weight decay would otherwise still move them), and after training every frozen tensor
+is compared bit for bit with the base model's; the run fails if one moved.
+
+Named steps, as a recipe: setup -> train -> check_frozen_unchanged -> save_pipeline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .batches import Domain, DomainMix, domain_means, weighted_loss
+from .data import EncodedData, load_image_captions
+from .diffusion import NoiseSchedule
+from .io import atomic_save_safetensors, atomic_write_json
+from .mask import Mask, MaskError
+from .models import SDComponents, fingerprint, load_sd, load_unet_state
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class EnforcementError(RuntimeError):
+    """A frozen tensor moved during guarded fine-tuning."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one guarded fine-tuning run."""
+    steps: int = 2000                 # optimizer steps (the paper's illegal user: 2,000)
+    batch_size: int = 4               # samples per optimizer step, over all processes (paper: 4)
+    grad_accum: int = 1               # micro-batches per optimizer step; batch_size is split over them
+    lr: float = 1e-5                  # AdamW learning rate (paper: 1e-5)
+    weight_decay: float = 1e-2        # AdamW weight decay (diffusers' default)
+    max_grad_norm: float = 1.0        # gradient clipping; 0 turns it off
+    seed: int = 0                     # data order, noise and timesteps
+    mixed_precision: str = "no"       # no | bf16 | fp16 autocast (GPU); parameters stay fp32
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    checkpoint_every: int = 100       # write a resumable checkpoint every N steps (0: never)
+    validation_prompts: tuple[str, ...] = ()  # generate these every validation_every steps
+    validation_every: int = 0         # 0: no validation images
+    device: str = "auto"              # auto picks cuda when available
+
+    def __post_init__(self):
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision {self.mixed_precision!r}: use one of {MIXED_PRECISION}")
+        if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("steps must be >= 0, batch_size and grad_accum >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device):
+    if mixed_precision == "no" or device.type == "cpu":
+        return None
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+
+
+def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW over trainable tensors only: frozen tensors appear in no param group."""
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("every UNet tensor is frozen; nothing to fine-tune")
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _checkpoint_tensors(unet, optimizer, mix: DomainMix, step: int, scaler=None) -> dict:
+    names = {p: n for n, p in unet.named_parameters()}
+    tensors = {f"param/{n}": p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            tensors[f"opt/{names[p]}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
+    tensors["step"] = torch.tensor([step])
+    if scaler is not None:
+        tensors["scaler/scale"] = torch.tensor([scaler.get_scale()])
+    return tensors
+
+
+def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith("param/"):
+                params[key[6:]].copy_(value)
+    for p in optimizer.param_groups[0]["params"]:
+        name = next(n for n, q in params.items() if q is p)
+        entries = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"opt/{name}/")}
+        if entries:
+            optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+    mix.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mix/")})
+    return int(state["step"][0])
+
+
+def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
+               resume: bool = False, desc: str = "fine-tune") -> list[dict]:
+    """AdamW on the UNet's trainable tensors with correct gradient accumulation: each micro-batch
+    carries weight 1/batch_size per sample, so accumulated gradients equal one big batch's."""
+    device = next(components.unet.parameters()).device
+    unet = components.unet
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = build_optimizer(unet, cfg)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    amp = autocast_dtype(cfg.mixed_precision, device)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    ckpt = work_dir / "checkpoint.safetensors" if work_dir else None
+    start = 0
+    if resume and ckpt is not None and ckpt.exists():
+        start = _restore_checkpoint(ckpt, unet, optimizer, mix)
+        logger.info("resumed %s from step %d (%s)", desc, start, ckpt)
+    history = []
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not dist.is_main(), initial=start, total=cfg.steps)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        totals = [0.0] * len(mix.domains)
+        for _ in range(cfg.grad_accum):
+            batch = mix.draw(device)
+            batch.weights /= cfg.grad_accum
+            loss, per_sample = weighted_loss(unet, batch, mix.schedule, amp)
+            (scaler.scale(loss) if scaler else loss).backward()
+            totals = [t + m / cfg.grad_accum for t, m in zip(totals, domain_means(per_sample, batch, len(totals)))]
+        for p in trainable:
+            if p.grad is not None:
+                dist.all_reduce_sum_(p.grad)
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        record = {"step": step + 1, **{f"loss_{d.name}": v for d, v in zip(mix.domains, totals)}}
+        history.append(record)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
+        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main():
+            atomic_save_safetensors(_checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), ckpt)
+        if cfg.validation_every and cfg.validation_prompts and work_dir is not None \
+                and (step + 1) % cfg.validation_every == 0 and dist.is_main():
+            _validation_images(components, cfg, work_dir / "validation" / f"step{step + 1:06d}.png")
+            unet.train()
+    unet.eval()
+    return history
+
+
+def _validation_images(components, cfg: FinetuneConfig, path: Path):
+    from .generate import generate_images, pipeline_from_components, save_grid
+
+    pipe = pipeline_from_components(components)
+    images = generate_images(pipe, list(cfg.validation_prompts), steps=20, seed=cfg.seed)
+    save_grid(images, path)
+
+
+def check_frozen_unchanged(unet, base_state: dict[str, torch.Tensor], frozen_names: list[str]):
+    """Every frozen tensor must equal the base model's bit for bit."""
+    params = dict(unet.named_parameters())
+    moved = [n for n in frozen_names if not torch.equal(params[n].detach().cpu(), base_state[n].to(params[n].dtype))]
+    if moved:
+        raise EnforcementError(f"{len(moved)} frozen tensors changed during fine-tuning (first: {moved[:3]}); "
+                               f"the output is not compliant and was not saved.")
+
+
+def frozen_tensor_hashes(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, str]:
+    import hashlib
+    return {n: hashlib.blake2b(state[n].contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
+                               digest_size=16).hexdigest() for n in names}
+
+
+def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict) -> Path:
+    """Write a from_pretrained-loadable pipeline: the base folder's other parts plus the new UNet.
+    Written beside the target and renamed into place, so a kill leaves no half-written folder."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(base_dir, tmp, ignore=lambda d, names: ["unet"] if Path(d) == Path(base_dir) else [])
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    scheme: str
+    frozen_tensors: int
+    frozen_param_fraction: float
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = None, seed: int = 0,
+                   full: bool = False, budget: str = "tensors", base_fp: dict | None = None) -> tuple[str, Mask]:
+    """Exactly one of: a learned mask, a random ratio, or full fine-tuning."""
+    chosen = sum([mask is not None, random_ratio is not None, bool(full)])
+    if chosen != 1:
+        raise ValueError("choose exactly one freezing scheme: --mask FILE, --random-ratio R, or --full")
+    named = list(unet.named_parameters())
+    if mask is not None:
+        mask.check_matches(named, base_fp, what="the base model")
+        return "mask", mask
+    if random_ratio is not None:
+        return "random", Mask.random(named, random_ratio, seed, budget, base_fingerprint=base_fp)
+    return "full", Mask.none(named, base_fingerprint=base_fp)
+
+
+def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Mask | None = None,
+                     random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
+                     subject: str | None = None, caption_column: str = "text", resume: bool = False,
+                     work_dir=None) -> FinetuneResult:
+    t0 = time.time()
+    dist.init_from_env()
+    # --- setup
+    device = resolve_device(cfg.device)
+    components = load_sd(model_dir).to(device)
+    base_state = load_unet_state(model_dir)
+    base_fp = fingerprint(base_state.items()) if mask is not None else None
+    scheme, active = resolve_scheme(components.unet, mask, random_ratio, cfg.seed, full, budget, base_fp)
+    frozen = active.apply(components.unet)
+    logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
+                len(active.names), 100 * active.param_fraction)
+    data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
+    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    micro = cfg.batch_size // cfg.grad_accum
+    mix = DomainMix([Domain("data", EncodedData(data, components, device), micro, 1.0)], schedule, cfg.seed)
+    work_dir = Path(work_dir) if work_dir else Path(str(out_dir) + ".work")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # --- train
+    history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})")
+    # --- check_frozen_unchanged
+    check_frozen_unchanged(components.unet, base_state, frozen)
+    # --- save_pipeline
+    manifest = {
+        "scheme": scheme, "frozen_tensors": len(frozen), "tensors": len(active.names),
+        "tensor_ratio": active.tensor_ratio, "frozen_param_fraction": active.param_fraction,
+        "mask_fingerprint": active.base_fingerprint if scheme == "mask" else None,
+        "mask_meta": active.meta, "frozen_names": frozen,
+        "frozen_tensor_hashes": frozen_tensor_hashes(base_state, frozen),
+        "base_model": str(Path(model_dir).resolve()), "data": str(Path(data_dir).resolve()), "subject": subject,
+        "config": asdict(cfg), "final_loss": history[-1] if history else None,
+    }
+    if dist.is_main():
+        save_pipeline(Path(model_dir), components.unet, Path(out_dir), manifest)
+        atomic_write_json(work_dir / "history.json", history)
+    dist.barrier()
+    seconds = time.time() - t0
+    logger.info("fine-tuned %d steps in %.1fs; wrote %s", cfg.steps, seconds, out_dir)
+    return FinetuneResult(Path(out_dir), scheme, len(frozen), active.param_fraction, history, seconds)

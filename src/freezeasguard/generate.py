@@ -1,0 +1,92 @@
+"""Image generation from a (fine-tuned) pipeline folder, with PNDM as the paper (50 steps)."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .io import atomic_write_json
+from .models import require_pipeline_dir
+
+logger = logging.getLogger(__name__)
+
+
+def load_pipeline(path, device="cpu"):
+    from diffusers import StableDiffusionPipeline
+
+    path = require_pipeline_dir(path)
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
+                                                   dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_from_components(components):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+                                   tokenizer=components.tokenizer, unet=components.unet,
+                                   scheduler=PNDMScheduler.from_config(components.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, guidance: float = 7.5,
+                    per_prompt: int = 1, batch_size: int = 8, progress: bool = False):
+    """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of a prompt
+    uses seed + j, so a prompt's images do not depend on what else is in the batch."""
+    was_training = pipe.unet.training
+    pipe.unet.eval()
+    jobs = [(p, seed + j) for p in prompts for j in range(per_prompt)]
+    images = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
+        chunk = jobs[start:start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens)
+        images += out.images
+    pipe.unet.train(was_training)
+    return images
+
+
+def save_grid(images, path, columns: int | None = None) -> Path:
+    from PIL import Image
+
+    columns = columns or min(len(images), 8)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, img in enumerate(images):
+        grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def slug(text: str, limit: int = 60) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def generate_to_folder(model_dir, prompts: list[str], out_dir, steps=50, seed=0, guidance=7.5, per_prompt=1,
+                       device="cpu") -> list[Path]:
+    """Write PNGs named <index>_<prompt>_<seed>.png, a grid.png, and prompts.json mapping files to prompts."""
+    pipe = load_pipeline(model_dir, device)
+    images = generate_images(pipe, prompts, steps, seed, guidance, per_prompt, progress=True)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, index = [], []
+    for k, img in enumerate(images):
+        prompt, j = prompts[k // per_prompt], k % per_prompt
+        f = out_dir / f"{k:04d}_{slug(prompt)}_s{seed + j}.png"
+        img.save(f)
+        files.append(f)
+        index.append({"file": f.name, "prompt": prompt, "seed": seed + j})
+    save_grid(images, out_dir / "grid.png", columns=per_prompt if per_prompt > 1 else None)
+    atomic_write_json(out_dir / "prompts.json", index)
+    logger.info("wrote %d images to %s", len(files), out_dir)
+    return files

@@ -1,0 +1,385 @@
+"""Algorithm 1 of FreezeAsGuard, corrected (see DESIGN.md): learn which UNet tensors to freeze.
+
+Per tensor i: logit w_i, soft mask m_i = sigmoid(w_i / T) (1 = frozen). Only two copies of the
+weights live in memory: theta(m), the UNet's own parameters, and theta_d = theta_pre - theta_ft.
+
+  lower (simulated user):  g = dL_lower/dtheta(m);  theta_d += lr (1-m) g;  theta(m) -= lr (1-m)^2 g
+  upper (publisher):       dL/dw_i = [<dL_up/dtheta(m)_i, theta_d_i> * s + c 2 (mean(m) - rho) / N] m_i(1-m_i)/T
+                           then theta(m) += (m_new - m_old) theta_d, so theta(m) = m theta_pre + (1-m) theta_ft.
+
+s rescales the data term. The paper's raw term scales with how far the warm start moved and
+with the loss, and is ~1e5 times smaller than its sparsity term at the official weight, so the
+mask ends up as the top-k of its random start. With ``normalize_mask_grad`` (default) the data
+term is divided by N * rms_i(<.,.>), giving it per-tensor RMS 1/N: the same scale as the
+gradient of the paper's sparsity loss (mean(m) - rho)^2, so the paper's mask step (10) and a
+sparsity weight of order 1 let both terms matter, whatever the model or the warm start.
+
+Named steps: setup -> warm_start -> init_state -> (lower_step x L, upper_step) x K -> final mask.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
+from .data import EncodedData, load_image_captions
+from .diffusion import NoiseSchedule
+from .finetune import FinetuneConfig, autocast_dtype, resolve_device, save_pipeline, train_unet
+from .io import atomic_save_safetensors, atomic_write_json
+from .mask import BUDGETS, Mask, check_ratio
+from .models import fingerprint, load_sd, load_unet_state, resolve_unet_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnConfig:
+    """Settings of mask learning. Defaults are the paper's (Appendix F) unless noted."""
+    ratio: float = 0.3                # rho: share of tensors (or parameters, see budget) to freeze
+    budget: str = "tensors"           # tensors (as the paper) | params (what memory savings follow)
+    steps: int = 100                  # K: mask updates
+    inner_steps: int = 10             # L: simulated-user steps per mask update (Appendix B)
+    batch_size: int = 16              # samples per step and per domain group (illegal; innocent, split over domains)
+    temperature: float = 0.2          # T in m = sigmoid(w / T)
+    mask_lr: float = 10.0             # eta_1: logit step
+    user_lr: float = 1e-5             # eta_2: simulated user's SGD step on theta_ft
+    lambda_illegal: float = 1.0       # lambda_1
+    lambda_innocent: float = 1.0      # lambda_2
+    sparsity_weight: float = 4.0      # c on (mean(m) - rho)^2; ours, see README "Choosing the sparsity weight"
+    normalize_mask_grad: bool = True  # rescale the data term to per-tensor RMS 1/N (see module doc)
+    init_logit_low: float = -3.0      # initial w/T ~ U(low, high): m starts near 0 (paper: random negative)
+    init_logit_high: float = -1.0
+    warm_start_steps: int = 200       # full fine-tuning steps giving theta_ft (AdamW)
+    warm_start_lr: float = 1e-5       # AdamW learning rate of the warm start
+    warm_start_batch_size: int = 4    # samples per warm-start step, per domain group
+    seed: int = 0                     # logits init, data order, noise
+    checkpoint_every: int = 10        # mask updates between atomic checkpoints (0: never)
+    mixed_precision: str = "no"       # bf16 | fp16 autocast on GPU; logits and theta_d stay fp32
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+
+    def __post_init__(self):
+        check_ratio(self.ratio)
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.init_logit_low > self.init_logit_high:
+            raise ValueError("init_logit_low must be <= init_logit_high")
+
+    def resume_key(self) -> dict:
+        """Settings that must not change between a run and its resume."""
+        d = asdict(self)
+        for k in ("checkpoint_every", "device", "steps"):
+            d.pop(k)
+        return d
+
+
+# ------------------------------------------------------------------------------------------
+# The maths: small pure functions, each tested against autograd
+# ------------------------------------------------------------------------------------------
+
+def soft_mask(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.sigmoid(logits / temperature)
+
+
+def sparsity_loss(m: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Eq. 6: (sum(m)/N - rho)^2."""
+    return (m.mean() - ratio) ** 2
+
+
+def logit_gradient(dots: torch.Tensor, m: torch.Tensor, temperature: float, ratio: float,
+                   sparsity_weight: float, normalize: bool) -> tuple[torch.Tensor, dict]:
+    """d(L_upper * s + c * L_sparsity)/dw for every tensor (Eq. 8/11 with the true sigmoid
+    derivative m(1-m)/T; the paper's sigma(w/T) sigma(1-w/T) is a typo).
+
+    ``dots[i]`` = <dL_upper/dtheta(m)_i, theta_d_i> = dL_upper/dm_i."""
+    n = m.numel()
+    scale = 1.0
+    if normalize:
+        rms = dots.pow(2).mean().sqrt()
+        scale = float(1.0 / (n * rms)) if rms > 0 else 0.0
+    data = dots * scale
+    sparse = torch.full_like(m, sparsity_weight * 2.0 * float(m.mean() - ratio) / n)
+    dsig = m * (1 - m) / temperature
+    stats = {"data_grad_rms": float((data * dsig).pow(2).mean().sqrt()),
+             "sparsity_grad_rms": float((sparse * dsig).pow(2).mean().sqrt()), "data_scale": scale}
+    return (data + sparse) * dsig, stats
+
+
+def lower_update_(params: list[torch.Tensor], theta_d: list[torch.Tensor], grads: list[torch.Tensor],
+                  m: torch.Tensor, lr: float):
+    """Eq. 9-10, in place and fused over tensors; ``grads`` is consumed (scaled in place)."""
+    keep = (1.0 - m.double()).tolist()
+    torch._foreach_mul_(grads, [lr * k for k in keep])         # lr (1-m) g
+    torch._foreach_add_(theta_d, grads)                        # theta_d += lr (1-m) g
+    torch._foreach_mul_(grads, keep)                           # lr (1-m)^2 g
+    torch._foreach_sub_(params, grads)                         # theta(m) -= lr (1-m)^2 g
+
+
+def remask_(params: list[torch.Tensor], theta_d: list[torch.Tensor], m_old: torch.Tensor, m_new: torch.Tensor):
+    """theta(m) += (m_new - m_old) theta_d: keeps theta(m) = m theta_pre + (1-m) theta_ft."""
+    torch._foreach_add_(params, torch._foreach_mul(theta_d, (m_new.double() - m_old.double()).tolist()))
+
+
+def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """<a_i, b_i> for every tensor i of two flat buffers, in one fused reduction. Overwrites flat_a."""
+    flat_a.mul_(flat_b)
+    return torch.segment_reduce(flat_a, "sum", lengths=lengths.to(flat_a.device)).float()
+
+
+# ------------------------------------------------------------------------------------------
+# The bilevel state: theta(m) are the UNet's own parameters; grads and theta_d are flat buffers
+# (one fused all-reduce and one segment reduction per step) viewed per tensor.
+# ------------------------------------------------------------------------------------------
+
+class BilevelState:
+    def __init__(self, unet, theta_pre: dict[str, torch.Tensor], temperature: float):
+        self.unet = unet
+        self.named = list(unet.named_parameters())
+        self.params = [p for _, p in self.named]
+        device = self.params[0].device
+        numel = [p.numel() for p in self.params]
+        self.lengths = torch.tensor(numel)
+        total = sum(numel)
+        self.flat_grad = torch.zeros(total, device=device, dtype=torch.float32)
+        self.flat_theta_d = torch.zeros(total, device=device, dtype=torch.float32)
+        self.grad_views = self._views(self.flat_grad)
+        self.theta_d = self._views(self.flat_theta_d)
+        with torch.no_grad():
+            for (name, p), d in zip(self.named, self.theta_d):
+                d.copy_(theta_pre[name].to(device, torch.float32) - p.float())   # theta_pre - theta_ft
+        for p, g in zip(self.params, self.grad_views):
+            p.requires_grad_(True)
+            p.grad = g
+        self.temperature = temperature
+        self.logits = torch.zeros(len(self.params), dtype=torch.float32)
+
+    def _views(self, flat):
+        out, offset = [], 0
+        for p in self.params:
+            out.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
+
+    @property
+    def m(self) -> torch.Tensor:
+        return soft_mask(self.logits, self.temperature)
+
+    def zero_grad(self):
+        self.flat_grad.zero_()
+        for p, g in zip(self.params, self.grad_views):   # autograd may replace .grad; restore the views
+            if p.grad is not g:
+                p.grad = g
+
+    def sync_grads(self):
+        dist.all_reduce_sum_(self.flat_grad)
+
+
+@dataclass
+class LearnResult:
+    mask: Mask
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _domains(components, device, illegal, innocent, batch_size, cfg: LearnConfig):
+    inn_sizes = split_batch(batch_size, len(innocent))
+    domains = [Domain("illegal", EncodedData(illegal, components, device), batch_size, cfg.lambda_illegal)]
+    for j, (data, size) in enumerate(zip(innocent, inn_sizes)):
+        if size:
+            # innocent domains share lambda_2 in proportion to their batch share
+            domains.append(Domain(f"innocent{j}", EncodedData(data, components, device), size,
+                                  cfg.lambda_innocent * size / batch_size))
+    return domains
+
+
+def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: LearnConfig,
+               illegal_subject: str | None = None, finetuned_dir=None, work_dir=None,
+               resume: bool = False, caption_column: str = "text", tensorboard_dir=None) -> LearnResult:
+    t0 = time.time()
+    dist.init_from_env()
+    device = resolve_device(cfg.device)
+    out_path = Path(out_path)
+    work_dir = Path(work_dir) if work_dir else out_path.with_name(out_path.name + ".work")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if not innocent_dirs:
+        raise ValueError("mask learning needs at least one --innocent domain")
+
+    # --- setup
+    illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column)
+    innocent = [load_image_captions(d, caption_column=caption_column) for d in innocent_dirs]
+    theta_pre = load_unet_state(model_dir)
+    base_fp = fingerprint(theta_pre.items())
+
+    # --- warm_start: theta_ft by full fine-tuning on illegal + innocent (or a given checkpoint)
+    if finetuned_dir is None:
+        finetuned_dir = work_dir / "warm_start"
+        if not (finetuned_dir / "unet" / "config.json").exists():
+            _warm_start(model_dir, illegal, innocent, cfg, device, finetuned_dir, work_dir, resume)
+        else:
+            logger.info("reusing warm start %s", finetuned_dir)
+    components = load_sd(model_dir, unet_from=finetuned_dir).to(device)
+    if {n for n, _ in components.unet.named_parameters()} != set(theta_pre):
+        raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
+
+    # --- init_state
+    state = BilevelState(components.unet, theta_pre, cfg.temperature)
+    g = torch.Generator().manual_seed(cfg.seed)
+    u = torch.rand(len(state.params), generator=g)
+    state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
+    with torch.no_grad():
+        remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
+    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.batch_size, cfg), schedule, cfg.seed + 1)
+    amp = autocast_dtype(cfg.mixed_precision, device)
+    if cfg.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    components.unet.train()
+
+    ckpt = work_dir / "learn_checkpoint.safetensors"
+    start, history = 0, []
+    if ckpt.exists():
+        if not resume:
+            raise FileExistsError(f"{ckpt} exists from an earlier run: pass --resume to continue it, "
+                                  f"or remove {work_dir} to start over.")
+        start, history = _load_learn_checkpoint(ckpt, state, mix, cfg)
+        logger.info("resumed mask learning at update %d/%d", start, cfg.steps)
+    writer = _tensorboard(tensorboard_dir)
+    num_innocent = len(mix.domains) - 1
+    upper_sign = [-1.0] + [1.0] * num_innocent
+
+    bar = tqdm(range(start, cfg.steps), desc="learn mask", disable=not dist.is_main(), initial=start,
+               total=cfg.steps)
+    for k in bar:
+        lower_losses = []
+        for _ in range(cfg.inner_steps):
+            lower_losses.append(_lower_step(state, mix, schedule, cfg, device, amp))
+        record = _upper_step(state, mix, schedule, cfg, device, amp, upper_sign)
+        record.update(update=k + 1,
+                      lower_illegal=sum(x[0] for x in lower_losses) / max(1, len(lower_losses)),
+                      lower_innocent=sum(sum(x[1:]) / max(1, len(x) - 1) for x in lower_losses)
+                      / max(1, len(lower_losses)))
+        history.append(record)
+        bar.set_postfix(ill=f"{record['upper_illegal']:.4f}", inn=f"{record['upper_innocent']:.4f}",
+                        soft=f"{record['soft_ratio']:.3f}", hard=f"{record['hard_ratio']:.3f}")
+        if writer is not None:
+            for key, v in record.items():
+                writer.add_scalar(f"learn/{key}", v, k + 1)
+        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.steps and dist.is_main():
+            _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history)
+    if writer is not None:
+        writer.close()
+
+    # --- final mask: exact top-k of the learned logits
+    meta = {"method": "learned", "hyperparameters": asdict(cfg), "seed": cfg.seed, "temperature": cfg.temperature,
+            "illegal": str(illegal_dir), "illegal_subject": illegal_subject,
+            "innocent": [str(d) for d in innocent_dirs], "final_soft_ratio": float(state.m.mean()),
+            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.steps}
+    mask = Mask.from_scores([(n, theta_pre[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
+                            cfg.budget, base_fingerprint=base_fp, meta=meta)
+    if dist.is_main():
+        mask.save(out_path)
+        atomic_write_json(work_dir / "learn_history.json", history)
+    dist.barrier()
+    seconds = time.time() - t0
+    logger.info("mask: %d/%d tensors frozen (%.1f%% of tensors, %.1f%% of parameters), %d updates in %.1fs -> %s",
+                int(mask.frozen.sum()), len(mask.names), 100 * mask.tensor_ratio, 100 * mask.param_fraction,
+                cfg.steps, seconds, out_path)
+    return LearnResult(mask, history, seconds)
+
+
+def _lower_step(state: BilevelState, mix, schedule, cfg, device, amp) -> list[float]:
+    state.zero_grad()
+    batch = mix.draw(device)
+    loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+    loss.backward()
+    state.sync_grads()
+    with torch.no_grad():
+        lower_update_(state.params, state.theta_d, state.grad_views, state.m, cfg.user_lr)
+    return domain_means(per_sample, batch, len(mix.domains))
+
+
+def _upper_step(state: BilevelState, mix, schedule, cfg, device, amp, sign) -> dict:
+    state.zero_grad()
+    batch = mix.draw(device, sign=sign)
+    loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+    loss.backward()
+    state.sync_grads()
+    with torch.no_grad():
+        dots = per_tensor_dots(state.flat_grad, state.flat_theta_d, state.lengths).cpu()
+        m_old = state.m
+        grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
+                                     cfg.normalize_mask_grad)
+        state.logits = dist.broadcast_((state.logits - cfg.mask_lr * grad).to(device)).cpu()
+        remask_(state.params, state.theta_d, m_old, state.m)
+    means = domain_means(per_sample, batch, len(mix.domains))
+    m = state.m
+    return {"upper_illegal": means[0], "upper_innocent": sum(means[1:]) / max(1, len(means) - 1),
+            "soft_ratio": float(m.mean()), "hard_ratio": float((m > 0.5).float().mean()), **stats}
+
+
+def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir: Path, work_dir: Path, resume):
+    logger.info("warm start: %d full fine-tuning steps on illegal + innocent data", cfg.warm_start_steps)
+    components = load_sd(model_dir).to(device)
+    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch_size, lr=cfg.warm_start_lr,
+                            seed=cfg.seed, mixed_precision=cfg.mixed_precision, device=str(device),
+                            gradient_checkpointing=cfg.gradient_checkpointing,
+                            checkpoint_every=max(1, cfg.checkpoint_every * cfg.inner_steps))
+    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.warm_start_batch_size, cfg), schedule,
+                    cfg.seed)
+    ws_dir = work_dir / "warm_start.work"
+    ws_dir.mkdir(parents=True, exist_ok=True)
+    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
+    if dist.is_main():
+        save_pipeline(Path(model_dir), components.unet, out_dir,
+                      {"scheme": "full", "purpose": "FreezeAsGuard warm start (theta_ft)", "config": asdict(ft_cfg),
+                       "final_loss": history[-1] if history else None})
+    dist.barrier()
+
+
+def _save_learn_checkpoint(path, state: BilevelState, mix, cfg, update: int, history):
+    tensors = {"logits": state.logits, "theta_d": state.flat_theta_d, "update": torch.tensor([update])}
+    tensors.update({f"param/{n}": p.detach() for n, p in state.named})
+    tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
+    meta = {"config": json.dumps(cfg.resume_key()), "history": json.dumps(history)}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def _load_learn_checkpoint(path, state: BilevelState, mix, cfg) -> tuple[int, list]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        saved_cfg = json.loads(meta["config"])
+        if saved_cfg != cfg.resume_key():
+            diff = {k: (saved_cfg.get(k), v) for k, v in cfg.resume_key().items() if saved_cfg.get(k) != v}
+            raise ValueError(f"cannot resume {path}: settings differ from the interrupted run {diff} "
+                             f"(checkpoint value, now).")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        state.logits = tensors["logits"].clone()
+        state.flat_theta_d.copy_(tensors["theta_d"])
+        for n, p in state.named:
+            p.copy_(tensors[f"param/{n}"])
+    mix.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mix/")})
+    return int(tensors["update"][0]), json.loads(meta["history"])
+
+
+def _tensorboard(log_dir):
+    if log_dir is None or not dist.is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install 'freezeasguard[tensorboard]'") from exc
+    return SummaryWriter(str(log_dir))

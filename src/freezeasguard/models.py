@@ -1,0 +1,257 @@
+"""Loading Stable Diffusion folders from local paths, and the tiny pipelines built in code.
+
+Nothing here reaches a model hub: every loader takes a local folder and fails with a message
+naming the flag to pass when it is missing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+class ModelError(ValueError):
+    """A model folder is missing, incomplete or does not match what was asked."""
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion pipeline that training needs."""
+
+    path: Path
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Image side the UNet was built for (sample_size is in latent pixels)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler_config.get("prediction_type", "epsilon")
+
+    def to(self, device) -> "SDComponents":
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device)
+        return self
+
+
+def require_pipeline_dir(path, flag: str = "--model") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{flag} {path}: no such folder. Pass a local diffusers Stable Diffusion folder "
+                         f"(one with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/); "
+                         f"nothing is downloaded.")
+    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+    if missing:
+        raise ModelError(f"{flag} {path}: not a diffusers Stable Diffusion folder, missing {', '.join(missing)}/. "
+                         f"Save one with StableDiffusionPipeline.save_pretrained(path).")
+    return path
+
+
+def load_sd(path, flag: str = "--model", unet_from=None) -> SDComponents:
+    """Load the trainable parts of a local SD folder in fp32 (frozen parts in eval mode).
+
+    ``unet_from`` loads the UNet from another folder (a fine-tuned pipeline or a bare unet folder)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = require_pipeline_dir(path, flag)
+    unet_dir = resolve_unet_dir(unet_from) if unet_from is not None else path / "unet"
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32)
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    if len(tokenizer) <= 2:
+        raise ModelError(f"{path}/tokenizer loaded as a {len(tokenizer)}-token tokenizer; the folder is incomplete "
+                         f"(needs vocab.json and merges.txt).")
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    for module in (vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return SDComponents(path, unet, vae, text_encoder, tokenizer, scheduler_config)
+
+
+def resolve_unet_dir(path) -> Path:
+    """Accept a pipeline folder (with unet/) or a bare UNet folder."""
+    path = Path(path)
+    if (path / "unet" / "config.json").exists():
+        return path / "unet"
+    if (path / "config.json").exists():
+        return path
+    raise ModelError(f"{path}: neither a pipeline folder with unet/ nor a UNet folder with config.json.")
+
+
+def unet_weight_files(path) -> list[Path]:
+    """The safetensors files holding a UNet's weights: a file, a UNet folder or a pipeline folder."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ModelError(f"{path}: only .safetensors checkpoints are read (pickled files can run code).")
+        return [path]
+    unet_dir = resolve_unet_dir(path)
+    index = unet_dir / (UNET_WEIGHTS + ".index.json")
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [unet_dir / s for s in shards]
+    single = unet_dir / UNET_WEIGHTS
+    if single.exists():
+        return [single]
+    if any(unet_dir.glob("*.bin")):
+        raise ModelError(f"{unet_dir}: holds only pickled .bin weights, which are never loaded (they can run code). "
+                         f"Convert them to safetensors first.")
+    raise ModelError(f"{unet_dir}: no {UNET_WEIGHTS} found.")
+
+
+def load_unet_state(path) -> dict[str, torch.Tensor]:
+    """Read UNet weights from safetensors without building the model."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in unet_weight_files(path):
+        state.update(load_file(str(f)))
+    return state
+
+
+def fingerprint(named_tensors) -> dict:
+    """Identify a model by its parameter names, shapes and a hash of the weight bytes."""
+    names, shapes = [], []
+    weights = hashlib.blake2b(digest_size=16)
+    # sorted by name: a model's parameter order and a safetensors file's key order differ
+    for name, t in sorted(named_tensors, key=lambda kv: kv[0]):
+        t = t.detach().to("cpu").contiguous()
+        names.append(name)
+        shapes.append(list(t.shape))
+        weights.update(str(t.dtype).encode())
+        weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return {
+        "num_tensors": len(names),
+        "names_hash": hashlib.blake2b("\n".join(names).encode(), digest_size=16).hexdigest(),
+        "shapes_hash": hashlib.blake2b(json.dumps(shapes).encode(), digest_size=16).hexdigest(),
+        "weights_hash": weights.hexdigest(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny pipelines built in code (tests, the walk-through, benchmarks)
+# --------------------------------------------------------------------------------------------
+
+_CAPTION_WORDS = """a an the of in on with and photo portrait person man woman wearing smiling front wall
+logo minimalist shape above below left right beside circle square triangle star red green blue yellow
+black white orange purple pink brown gray grey striped dotted plain checked scarf shirt dress hat coat
+sweater jacket background brick wooden garden sky sea room hair glasses beard mole eyes looking at
+frowning laughing neutral surprised is dog cat tree car house""".split()
+
+
+def build_offline_tokenizer(extra_words=(), model_max_length: int = 77):
+    """A real byte-pair CLIPTokenizer whose vocabulary is made here: every character plus whole-word
+    merges for common caption words. Unknown words fall back to characters, so any text tokenises."""
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    seen_merges = set()
+    for word in dict.fromkeys(list(_CAPTION_WORDS) + [w.lower() for w in extra_words]):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in seen_merges:
+                seen_merges.add(pair)
+                merges.append(pair)
+            tokens.append(pair[0] + pair[1])
+            pieces = [pair[0] + pair[1]] + pieces[2:]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    assert len(tok) > 2, "transformers built a degenerate tokenizer"
+    return tok
+
+
+def tiny_unet_config(layout: str = "sd15", sample_size: int = 8, cross_attention_dim: int = 32,
+                     block_out_channels=None) -> dict:
+    """UNet configs. ``sd15``: the SD v1.5 block layout (686 parameter names, same order) with small
+    widths. ``mini``: two blocks, for the fastest tests. ``sd15-shapes``: the real SD v1.5 UNet."""
+    if layout in ("sd15", "sd15-shapes"):
+        real = layout == "sd15-shapes"
+        return dict(
+            sample_size=64 if real else sample_size,
+            in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=list(block_out_channels or ((320, 640, 1280, 1280) if real else (32, 64, 128, 128))),
+            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            cross_attention_dim=768 if real else cross_attention_dim,
+            attention_head_dim=8, norm_num_groups=32,
+        )
+    if layout == "mini":
+        return dict(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=list(block_out_channels or (32, 64)),
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+        )
+    raise ValueError(f"unknown UNet layout {layout!r}; use sd15, mini or sd15-shapes")
+
+
+def scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {prediction_type!r}: use epsilon or v_prediction")
+    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def build_tiny_pipeline(layout: str = "sd15", image_size: int = 16, prediction_type: str = "epsilon",
+                        seed: int = 0, extra_words=(), unet_channels=None):
+    """A randomly initialised Stable-Diffusion-shaped pipeline small enough for a CPU."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_offline_tokenizer(extra_words)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=32,
+                        sample_size=image_size)
+    latent = image_size // 2
+    if layout == "sd15" and latent % 8:
+        raise ValueError(f"image_size {image_size}: the sd15 layout needs a latent side divisible by 8 "
+                         f"(image_size a multiple of 16)")
+    unet = UNet2DConditionModel(**tiny_unet_config(layout, sample_size=latent, block_out_channels=unet_channels))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler(**scheduler_config(prediction_type))
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_tiny_pipeline(out_dir, **kwargs) -> Path:
+    pipe = build_tiny_pipeline(**kwargs)
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    logger.info("saved a tiny %s pipeline to %s", kwargs.get("layout", "sd15"), out_dir)
+    return out_dir
+
+
+def named_unet_parameters(unet) -> list[tuple[str, torch.nn.Parameter]]:
+    return list(unet.named_parameters())
