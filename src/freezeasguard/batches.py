@@ -35,6 +35,16 @@ class LocalBatch:
     domain_ids: torch.Tensor   # index into the domain list
     domain_counts: list[int]   # global batch size per domain
 
+    def chunks(self, n: int) -> list["LocalBatch"]:
+        """Split into at most n micro-batches (gradient accumulation); weights are kept as they are."""
+        size = max(1, -(-len(self.weights) // n))
+        out = []
+        for s in range(0, len(self.weights), size):
+            sl = slice(s, s + size)
+            out.append(LocalBatch(self.latents[sl], self.text[sl], self.noise[sl], self.timesteps[sl],
+                                  self.weights[sl], self.domain_ids[sl], self.domain_counts))
+        return out
+
 
 def split_batch(total: int, parts: int) -> list[int]:
     """Split ``total`` samples over ``parts`` domains as evenly as possible (earlier ones get more)."""

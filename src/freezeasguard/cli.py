@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -65,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start-lr", type=float, default=1e-5, help="warm-start AdamW lr (default 1e-5)")
     p.add_argument("--steps", type=int, default=100, help="mask updates K (default 100)")
     p.add_argument("--inner-steps", type=int, default=10, help="simulated-user steps per mask update (default 10)")
-    p.add_argument("--mask-lr", type=float, default=10.0, help="logit step eta_1 (default 10, the paper's)")
+    p.add_argument("--mask-lr", type=float, default=None,
+                   help="logit step eta_1 (default 0.05 on the normalised gradient; 10, the paper's, with "
+                        "--no-normalize)")
     p.add_argument("--user-lr", type=float, default=1e-5, help="simulated user's lr eta_2 (default 1e-5)")
     p.add_argument("--temperature", type=float, default=0.2, help="T of the soft mask (default 0.2)")
-    p.add_argument("--sparsity-weight", type=float, default=4.0, help="weight of (mean(m)-ratio)^2 (default 4)")
+    p.add_argument("--sparsity-weight", type=float, default=5.0,
+                   help="weight c of the sparsity term (mean(m)-ratio)^2, per tensor when normalised (default 5)")
     p.add_argument("--lambda-illegal", type=float, default=1.0, help="lambda_1 (default 1)")
     p.add_argument("--lambda-innocent", type=float, default=1.0, help="lambda_2 (default 1)")
     p.add_argument("--no-normalize", action="store_true",
@@ -288,6 +292,11 @@ COMMANDS = {"learn": cmd_learn, "finetune": cmd_finetune, "verify": cmd_verify, 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:
+        # under accelerate launch only rank 0 reports; the others stay quiet unless something fails
+        sys.stdout = open(os.devnull, "w")
+        args.verbose = False
+        logging.getLogger().setLevel(logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .data import DataError

@@ -41,7 +41,7 @@ class FinetuneConfig:
     """Settings of one guarded fine-tuning run."""
     steps: int = 2000                 # optimizer steps (the paper's illegal user: 2,000)
     batch_size: int = 4               # samples per optimizer step, over all processes (paper: 4)
-    grad_accum: int = 1               # micro-batches per optimizer step; batch_size is split over them
+    grad_accum: int = 1               # micro-batches per optimizer step (each rank's share is split)
     lr: float = 1e-5                  # AdamW learning rate (paper: 1e-5)
     weight_decay: float = 1e-2        # AdamW weight decay (diffusers' default)
     max_grad_norm: float = 1.0        # gradient clipping; 0 turns it off
@@ -58,8 +58,6 @@ class FinetuneConfig:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: use one of {MIXED_PRECISION}")
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps must be >= 0, batch_size and grad_accum >= 1")
-        if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,8 +113,9 @@ def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
 
 def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
                resume: bool = False, desc: str = "fine-tune") -> list[dict]:
-    """AdamW on the UNet's trainable tensors with correct gradient accumulation: each micro-batch
-    carries weight 1/batch_size per sample, so accumulated gradients equal one big batch's."""
+    """AdamW on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
+    (data and noise) once and backpropagates it in grad_accum chunks; every sample carries weight
+    1/batch_size, so the accumulated gradient equals the one-batch gradient."""
     device = next(components.unet.parameters()).device
     unet = components.unet
     unet.train()
@@ -136,12 +135,13 @@ def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, wo
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         totals = [0.0] * len(mix.domains)
-        for _ in range(cfg.grad_accum):
-            batch = mix.draw(device)
-            batch.weights /= cfg.grad_accum
-            loss, per_sample = weighted_loss(unet, batch, mix.schedule, amp)
+        batch = mix.draw(device)
+        per_sample = []
+        for micro in batch.chunks(cfg.grad_accum):
+            loss, losses = weighted_loss(unet, micro, mix.schedule, amp)
             (scaler.scale(loss) if scaler else loss).backward()
-            totals = [t + m / cfg.grad_accum for t, m in zip(totals, domain_means(per_sample, batch, len(totals)))]
+            per_sample.append(losses)
+        totals = domain_means(torch.cat(per_sample), batch, len(mix.domains))
         for p in trainable:
             if p.grad is not None:
                 dist.all_reduce_sum_(p.grad)
@@ -248,8 +248,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                 len(active.names), 100 * active.param_fraction)
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
     schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
-    micro = cfg.batch_size // cfg.grad_accum
-    mix = DomainMix([Domain("data", EncodedData(data, components, device), micro, 1.0)], schedule, cfg.seed)
+    mix = DomainMix([Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)], schedule, cfg.seed)
     work_dir = Path(work_dir) if work_dir else Path(str(out_dir) + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     # --- train

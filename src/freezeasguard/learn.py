@@ -4,15 +4,14 @@ Per tensor i: logit w_i, soft mask m_i = sigmoid(w_i / T) (1 = frozen). Only two
 weights live in memory: theta(m), the UNet's own parameters, and theta_d = theta_pre - theta_ft.
 
   lower (simulated user):  g = dL_lower/dtheta(m);  theta_d += lr (1-m) g;  theta(m) -= lr (1-m)^2 g
-  upper (publisher):       dL/dw_i = [<dL_up/dtheta(m)_i, theta_d_i> * s + c 2 (mean(m) - rho) / N] m_i(1-m_i)/T
+  upper (publisher):       dL/dw_i = [<dL_up/dtheta(m)_i, theta_d_i> + c 2 (mean(m) - rho) / N] m_i(1-m_i)/T
                            then theta(m) += (m_new - m_old) theta_d, so theta(m) = m theta_pre + (1-m) theta_ft.
 
-s rescales the data term. The paper's raw term scales with how far the warm start moved and
-with the loss, and is ~1e5 times smaller than its sparsity term at the official weight, so the
-mask ends up as the top-k of its random start. With ``normalize_mask_grad`` (default) the data
-term is divided by N * rms_i(<.,.>), giving it per-tensor RMS 1/N: the same scale as the
-gradient of the paper's sparsity loss (mean(m) - rho)^2, so the paper's mask step (10) and a
-sparsity weight of order 1 let both terms matter, whatever the model or the warm start.
+The paper's raw data term scales with how far the warm start moved and with the loss, and is
+~1e5 times smaller than its sparsity term at the official weight, so the official mask ends up
+as the top-k of its random start. By default we divide the data term by its RMS over tensors and
+count the sparsity weight per tensor, so both terms are O(1) per tensor whatever the model, and
+the logit step (eta_1) means the same thing on a 10-tensor test model and on SD (686 tensors).
 
 Named steps: setup -> warm_start -> init_state -> (lower_step x L, upper_step) x K -> final mask.
 """
@@ -49,12 +48,13 @@ class LearnConfig:
     inner_steps: int = 10             # L: simulated-user steps per mask update (Appendix B)
     batch_size: int = 16              # samples per step and per domain group (illegal; innocent, split over domains)
     temperature: float = 0.2          # T in m = sigmoid(w / T)
-    mask_lr: float = 10.0             # eta_1: logit step
+    mask_lr: float | None = None      # eta_1: logit step; None: 10 (the paper's) for the raw gradient,
+                                      # 0.05 for the normalised one (see README "Mask step and sparsity")
     user_lr: float = 1e-5             # eta_2: simulated user's SGD step on theta_ft
     lambda_illegal: float = 1.0       # lambda_1
     lambda_innocent: float = 1.0      # lambda_2
-    sparsity_weight: float = 4.0      # c on (mean(m) - rho)^2; ours, see README "Choosing the sparsity weight"
-    normalize_mask_grad: bool = True  # rescale the data term to per-tensor RMS 1/N (see module doc)
+    sparsity_weight: float = 5.0      # c of the sparsity term; ours (measured, README "Mask step and sparsity")
+    normalize_mask_grad: bool = True  # data term rescaled to per-tensor RMS 1 (see logit_gradient)
     init_logit_low: float = -3.0      # initial w/T ~ U(low, high): m starts near 0 (paper: random negative)
     init_logit_high: float = -1.0
     warm_start_steps: int = 200       # full fine-tuning steps giving theta_ft (AdamW)
@@ -74,6 +74,8 @@ class LearnConfig:
             raise ValueError("temperature must be > 0")
         if self.init_logit_low > self.init_logit_high:
             raise ValueError("init_logit_low must be <= init_logit_high")
+        if self.mask_lr is None:
+            self.mask_lr = 0.05 if self.normalize_mask_grad else 10.0
 
     def resume_key(self) -> dict:
         """Settings that must not change between a run and its resume."""
@@ -98,17 +100,24 @@ def sparsity_loss(m: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def logit_gradient(dots: torch.Tensor, m: torch.Tensor, temperature: float, ratio: float,
                    sparsity_weight: float, normalize: bool) -> tuple[torch.Tensor, dict]:
-    """d(L_upper * s + c * L_sparsity)/dw for every tensor (Eq. 8/11 with the true sigmoid
-    derivative m(1-m)/T; the paper's sigma(w/T) sigma(1-w/T) is a typo).
+    """dL/dw for every tensor, with the true sigmoid derivative m(1-m)/T (the paper's
+    sigma(w/T) sigma(1-w/T) in Eq. 8/11 is a typo). ``dots[i]`` = <dL_upper/dtheta(m)_i, theta_d_i>
+    = dL_upper/dm_i.
 
-    ``dots[i]`` = <dL_upper/dtheta(m)_i, theta_d_i> = dL_upper/dm_i."""
+    normalize=False, the paper's objective:  L = L_upper + c * (mean(m) - rho)^2.
+    normalize=True, ours:                    L = L_upper / rms(dots) + c * N * (mean(m) - rho)^2,
+    i.e. a data term with per-tensor RMS 1 whatever the loss scale, model size or warm-start
+    distance, and a sparsity term of the same per-tensor scale (c counts per tensor)."""
     n = m.numel()
-    scale = 1.0
     if normalize:
-        rms = dots.pow(2).mean().sqrt()
-        scale = float(1.0 / (n * rms)) if rms > 0 else 0.0
+        rms = float(dots.pow(2).mean().sqrt())
+        scale = 1.0 / rms if rms > 0 else 0.0
+        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio)
+    else:
+        scale = 1.0
+        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio) / n
     data = dots * scale
-    sparse = torch.full_like(m, sparsity_weight * 2.0 * float(m.mean() - ratio) / n)
+    sparse = torch.full_like(m, sparse_per_tensor)
     dsig = m * (1 - m) / temperature
     stats = {"data_grad_rms": float((data * dsig).pow(2).mean().sqrt()),
              "sparsity_grad_rms": float((sparse * dsig).pow(2).mean().sqrt()), "data_scale": scale}
@@ -254,20 +263,20 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
         start, history = _load_learn_checkpoint(ckpt, state, mix, cfg)
         logger.info("resumed mask learning at update %d/%d", start, cfg.steps)
     writer = _tensorboard(tensorboard_dir)
-    num_innocent = len(mix.domains) - 1
-    upper_sign = [-1.0] + [1.0] * num_innocent
+    upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
 
+    lower_closure = _diffusion_closure(state, mix, schedule, device, amp)
+    upper_closure = _diffusion_closure(state, mix, schedule, device, amp, sign=upper_sign)
+    nd = len(mix.domains)
     bar = tqdm(range(start, cfg.steps), desc="learn mask", disable=not dist.is_main(), initial=start,
                total=cfg.steps)
     for k in bar:
-        lower_losses = []
-        for _ in range(cfg.inner_steps):
-            lower_losses.append(_lower_step(state, mix, schedule, cfg, device, amp))
-        record = _upper_step(state, mix, schedule, cfg, device, amp, upper_sign)
-        record.update(update=k + 1,
-                      lower_illegal=sum(x[0] for x in lower_losses) / max(1, len(lower_losses)),
-                      lower_innocent=sum(sum(x[1:]) / max(1, len(x) - 1) for x in lower_losses)
-                      / max(1, len(lower_losses)))
+        stats, lower_infos, upper_info = mask_update(state, lower_closure, upper_closure, cfg)
+        lower = [_domain_losses(i, nd) for i in lower_infos]
+        upper = _domain_losses(upper_info, nd)
+        record = {"update": k + 1, "upper_illegal": upper[0], "upper_innocent": sum(upper[1:]) / (nd - 1),
+                  "lower_illegal": sum(x[0] for x in lower) / max(1, len(lower)),
+                  "lower_innocent": sum(sum(x[1:]) / (nd - 1) for x in lower) / max(1, len(lower)), **stats}
         history.append(record)
         bar.set_postfix(ill=f"{record['upper_illegal']:.4f}", inn=f"{record['upper_innocent']:.4f}",
                         soft=f"{record['soft_ratio']:.3f}", hard=f"{record['hard_ratio']:.3f}")
@@ -297,21 +306,23 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     return LearnResult(mask, history, seconds)
 
 
-def _lower_step(state: BilevelState, mix, schedule, cfg, device, amp) -> list[float]:
+def lower_step(state: BilevelState, closure, user_lr: float):
+    """One simulated-user step: backprop the lower loss at theta(m), then Eq. 9-10.
+    ``closure()`` runs the forward pass and returns (this rank's loss, logging info)."""
     state.zero_grad()
-    batch = mix.draw(device)
-    loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+    loss, info = closure()
     loss.backward()
     state.sync_grads()
     with torch.no_grad():
-        lower_update_(state.params, state.theta_d, state.grad_views, state.m, cfg.user_lr)
-    return domain_means(per_sample, batch, len(mix.domains))
+        lower_update_(state.params, state.theta_d, state.grad_views, state.m, user_lr)
+    return info
 
 
-def _upper_step(state: BilevelState, mix, schedule, cfg, device, amp, sign) -> dict:
+def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, object]:
+    """One mask update on a fresh sample: logits step (Eq. 8, corrected), then re-mask theta(m).
+    ``closure()`` returns this rank's share of L_upper = -lambda_1 L_ill + lambda_2 L_inn."""
     state.zero_grad()
-    batch = mix.draw(device, sign=sign)
-    loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+    loss, info = closure()
     loss.backward()
     state.sync_grads()
     with torch.no_grad():
@@ -319,12 +330,32 @@ def _upper_step(state: BilevelState, mix, schedule, cfg, device, amp, sign) -> d
         m_old = state.m
         grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
                                      cfg.normalize_mask_grad)
+        device = state.flat_grad.device
         state.logits = dist.broadcast_((state.logits - cfg.mask_lr * grad).to(device)).cpu()
         remask_(state.params, state.theta_d, m_old, state.m)
-    means = domain_means(per_sample, batch, len(mix.domains))
     m = state.m
-    return {"upper_illegal": means[0], "upper_innocent": sum(means[1:]) / max(1, len(means) - 1),
-            "soft_ratio": float(m.mean()), "hard_ratio": float((m > 0.5).float().mean()), **stats}
+    stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()))
+    return stats, info
+
+
+def mask_update(state: BilevelState, lower_closure, upper_closure, cfg: LearnConfig) -> tuple[dict, list, object]:
+    """L lower steps then one upper step: one iteration k of Algorithm 1."""
+    lower_infos = [lower_step(state, lower_closure, cfg.user_lr) for _ in range(cfg.inner_steps)]
+    stats, upper_info = upper_step(state, upper_closure, cfg)
+    return stats, lower_infos, upper_info
+
+
+def _diffusion_closure(state, mix, schedule, device, amp, sign=None):
+    def closure():
+        batch = mix.draw(device, sign=sign)
+        loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+        return loss, (per_sample, batch)
+    return closure
+
+
+def _domain_losses(info, num_domains) -> list[float]:
+    per_sample, batch = info
+    return domain_means(per_sample, batch, num_domains)
 
 
 def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir: Path, work_dir: Path, resume):

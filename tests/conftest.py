@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny SD pipeline with the SD v1.5 UNet layout (686 tensors) and small
+procedurally drawn datasets, built once per test session in a temp folder (no downloads)."""
+import logging
+import warnings
+
+import pytest
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+logging.getLogger("freezeasguard").setLevel(logging.WARNING)
+
+PERSON = {"skin": (200, 150, 110), "hair": (240, 130, 30), "eyes": (30, 30, 120), "mark": "glasses"}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    from freezeasguard.models import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", layout="sd15", image_size=16,
+                              seed=0, extra_words=["mara", "quell"])
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory):
+    from freezeasguard.models import save_tiny_pipeline
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", layout="mini", image_size=16,
+                              seed=1, prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def people(tmp_path_factory):
+    from freezeasguard.walkthrough import make_people
+    return make_people(tmp_path_factory.mktemp("data") / "mara", "Mara Quell", 8, 16, 0, traits=PERSON)
+
+
+@pytest.fixture(scope="session")
+def logos(tmp_path_factory):
+    from freezeasguard.walkthrough import make_logos
+    return make_logos(tmp_path_factory.mktemp("data") / "logos", 8, 16, 1)
+
+
+@pytest.fixture(scope="session")
+def warm_start(tiny_sd, people, logos, tmp_path_factory):
+    """A short full fine-tune of the tiny model on both domains: theta_ft for mask-learning tests."""
+    from freezeasguard import FinetuneConfig, guarded_finetune
+    out = tmp_path_factory.mktemp("ws") / "ft"
+    guarded_finetune(tiny_sd, people, out, FinetuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu",
+                                                          checkpoint_every=0), full=True)
+    return out

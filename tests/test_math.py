@@ -1,0 +1,132 @@
+"""The mask-learning maths against independent computations (autograd in float64, loops)."""
+import torch
+
+from freezeasguard.learn import (BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_,
+                                 soft_mask, sparsity_loss)
+from freezeasguard.mask import select_frozen
+
+
+def _mlp(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)).to(dtype)
+
+
+def test_logit_gradient_equals_autograd_through_theta_of_m():
+    torch.manual_seed(0)
+    model = _mlp()
+    names = [n for n, _ in model.named_parameters()]
+    theta_pre = {n: p.detach().clone() for n, p in model.named_parameters()}
+    theta_ft = {n: p + 0.1 * torch.randn_like(p) for n, p in theta_pre.items()}
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    T, rho, c = 0.2, 0.3, 3.0
+    w = (torch.randn(len(names), dtype=torch.float64) * 0.3).requires_grad_(True)
+
+    # autograd: L(theta(m)) + c * sparsity with theta(m) = m theta_pre + (1 - m) theta_ft
+    m = soft_mask(w, T)
+    theta = {n: m[i] * theta_pre[n] + (1 - m[i]) * theta_ft[n] for i, n in enumerate(names)}
+    loss = torch.nn.functional.mse_loss(torch.func.functional_call(model, theta, (x,)), y)
+    (loss + c * sparsity_loss(m, rho)).backward()
+
+    # ours: dots from a plain backward at theta(m), theta_d = theta_pre - theta_ft
+    with torch.no_grad():
+        m0 = soft_mask(w.detach(), T)
+        for i, (n, p) in enumerate(model.named_parameters()):
+            p.copy_(m0[i] * theta_pre[n] + (1 - m0[i]) * theta_ft[n])
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    dots = torch.stack([(p.grad * (theta_pre[n] - theta_ft[n])).sum() for n, p in model.named_parameters()])
+    ours, _ = logit_gradient(dots, m0, T, rho, c, normalize=False)
+    torch.testing.assert_close(ours, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_normalized_gradient_is_a_positive_rescaling_of_the_data_term():
+    dots = torch.tensor([1e-6, -3e-6, 2e-6, 0.0])
+    m = torch.full((4,), 0.3)  # at the target ratio, so the sparsity term vanishes
+    raw, _ = logit_gradient(dots, m, 0.2, 0.3, 5.0, normalize=False)
+    norm, stats = logit_gradient(dots, m, 0.2, 0.3, 5.0, normalize=True)
+    ratio = norm / raw.where(raw != 0, torch.ones(1))
+    assert torch.allclose(ratio[:3], ratio[0].expand(3))
+    assert ratio[0] > 0
+    rms = (dots * stats["data_scale"]).pow(2).mean().sqrt()
+    torch.testing.assert_close(rms, torch.tensor(1.0))   # data term per-tensor RMS = 1
+
+
+def test_lower_step_is_sgd_on_theta_ft_and_keeps_theta_pre():
+    torch.manual_seed(1)
+    shapes = [(4, 3), (3,), (2, 2, 2)]
+    theta_pre = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    theta_ft = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    m = torch.tensor([0.1, 0.7, 0.4], dtype=torch.float64)
+    params = [mi * a + (1 - mi) * b for mi, a, b in zip(m, theta_pre, theta_ft)]
+    theta_d = [a - b for a, b in zip(theta_pre, theta_ft)]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]   # dL/dtheta(m)
+    lr = 0.05
+    expected_ft = [b - lr * (1 - mi) * g for b, mi, g in zip(theta_ft, m, grads)]   # SGD, dL/dtheta_ft = (1-m) g
+    lower_update_(params, theta_d, [g.clone() for g in grads], m, lr)
+    for p, d, pre, ft, mi in zip(params, theta_d, theta_pre, expected_ft, m):
+        torch.testing.assert_close(pre - d, ft)                              # theta_ft = theta_pre - theta_d
+        torch.testing.assert_close(p, mi * pre + (1 - mi) * ft)             # theta(m) consistent
+
+
+def test_theta_of_m_stays_consistent_over_many_updates():
+    torch.manual_seed(2)
+    shapes = [(5,), (3, 3), (2,)]
+    theta_pre = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    ft = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    w = torch.randn(3, dtype=torch.float64)
+    m = soft_mask(w, 0.2)
+    params = [mi * a + (1 - mi) * b for mi, a, b in zip(m, theta_pre, ft)]
+    theta_d = [a - b for a, b in zip(theta_pre, ft)]
+    for _ in range(20):
+        lower_update_(params, theta_d, [torch.randn(s, dtype=torch.float64) for s in shapes], m, 0.01)
+        w_new = w + 0.3 * torch.randn(3, dtype=torch.float64)
+        m_new = soft_mask(w_new, 0.2)
+        remask_(params, theta_d, m, m_new)
+        w, m = w_new, m_new
+        for p, d, pre, mi in zip(params, theta_d, theta_pre, m):
+            theta_ft = pre - d
+            torch.testing.assert_close(p, mi * pre + (1 - mi) * theta_ft, rtol=1e-12, atol=1e-12)
+
+
+def test_per_tensor_dots_match_a_loop():
+    torch.manual_seed(3)
+    a, b = [torch.randn(n) for n in (5, 1, 17)], [torch.randn(n) for n in (5, 1, 17)]
+    flat_a, flat_b = torch.cat(a), torch.cat(b)
+    dots = per_tensor_dots(flat_a.clone(), flat_b, torch.tensor([5, 1, 17]))
+    torch.testing.assert_close(dots, torch.stack([(x * y).sum() for x, y in zip(a, b)]))
+
+
+def test_sparsity_alone_drives_the_soft_ratio_to_rho():
+    torch.manual_seed(4)
+    n, T, rho = 200, 0.2, 0.3
+    w = T * (-3 + 2 * torch.rand(n))        # the learner's initialisation: m well below rho
+    for _ in range(3000):
+        m = soft_mask(w, T)
+        grad, _ = logit_gradient(torch.zeros(n), m, T, rho, 5.0, normalize=True)
+        w = w - 0.05 * grad
+    assert abs(float(soft_mask(w, T).mean()) - rho) < 0.01
+
+
+def test_select_frozen_hits_the_ratio_exactly_under_both_budgets():
+    torch.manual_seed(5)
+    numel = [int(x) for x in torch.randint(1, 5000, (101,))] + [1, 1, 2, 3]   # small tensors like biases
+    scores = torch.randn(len(numel))
+    for ratio in (0.0, 0.1, 0.3, 0.8, 1.0):
+        frozen = select_frozen(scores, numel, ratio, "tensors")
+        assert int(frozen.sum()) == round(ratio * len(numel))
+        assert scores[frozen].min() >= scores[~frozen].max() if 0 < ratio < 1 else True
+        frozen = select_frozen(scores, numel, ratio, "params")
+        target, got = round(ratio * sum(numel)), sum(n for n, f in zip(numel, frozen.tolist()) if f)
+        assert got <= target
+        left = [n for n, f in zip(numel, frozen.tolist()) if not f]
+        assert target - got < min(left) if left else got == target
+
+
+def test_bilevel_state_views_share_memory_with_flat_buffers():
+    model = _mlp(dtype=torch.float32)
+    pre = {n: p.detach() + 1.0 for n, p in model.named_parameters()}
+    state = BilevelState(model, pre, 0.2)
+    for (n, p), d in zip(model.named_parameters(), state.theta_d):
+        torch.testing.assert_close(d, torch.ones_like(p))
+    model(torch.randn(2, 3)).sum().backward()
+    assert state.flat_grad.abs().sum() > 0                     # autograd wrote into the flat buffer
+    assert all(p.grad.data_ptr() == g.data_ptr() for p, g in zip(model.parameters(), state.grad_views))
