@@ -174,11 +174,15 @@ class EncodedData:
         side = self.components.resolution // self.components.vae_scale_factor
         return (self.components.vae.config.latent_channels, side, side)
 
+    ENCODE_CHUNK = 16
+
     @torch.no_grad()
     def _encode(self, indices: list[int]):
+        """Encode in fixed chunks of consecutive records: batched convolutions round differently
+        for different batch compositions, so a fixed grouping keeps a resumed run bit-exact."""
         c = self.components
-        todo = [i for i in indices if i not in self._cache]
-        if todo:
+        for chunk in sorted({i // self.ENCODE_CHUNK for i in indices if i not in self._cache}):
+            todo = list(range(chunk * self.ENCODE_CHUNK, min(len(self.data), (chunk + 1) * self.ENCODE_CHUNK)))
             pixels = torch.stack([preprocess(self.data.records[i].load(), c.resolution) for i in todo])
             dist = c.vae.encode(pixels.to(self.device, c.vae.dtype)).latent_dist
             ids = c.tokenizer([self.data.records[i].caption for i in todo], padding="max_length",

@@ -1,0 +1,80 @@
+"""Mask learning on the tiny SD-layout pipeline: exact ratio, resume, multi-process."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from freezeasguard import LearnConfig, Mask, learn_mask
+
+
+def _cfg(**kw):
+    base = dict(ratio=0.3, steps=4, inner_steps=2, batch_size=2, user_lr=1e-3, seed=0, device="cpu",
+                checkpoint_every=1)
+    base.update(kw)
+    return LearnConfig(**base)
+
+
+def test_learned_mask_hits_the_ratio_and_records_its_settings(tiny_sd, people, logos, warm_start, tmp_path):
+    r = learn_mask(tiny_sd, people, [logos], tmp_path / "m.safetensors", _cfg(steps=2), finetuned_dir=warm_start)
+    mask = Mask.load(tmp_path / "m.safetensors")
+    assert int(mask.frozen.sum()) == round(0.3 * 686)
+    assert mask.meta["hyperparameters"]["temperature"] == 0.2 and mask.meta["method"] == "learned"
+    assert torch.equal(mask.logits, r.mask.logits)
+    assert len(r.history) == 2 and {"upper_illegal", "upper_innocent", "soft_ratio", "hard_ratio",
+                                    "data_grad_rms", "sparsity_grad_rms"} <= set(r.history[0])
+    # the logits moved away from their initialisation in a data-dependent way
+    init = 0.2 * (-3 + 2 * torch.rand(686, generator=torch.Generator().manual_seed(0)))
+    assert not torch.allclose(mask.logits, init)
+    p = learn_mask(tiny_sd, people, [logos], tmp_path / "p.safetensors", _cfg(steps=1, budget="params"),
+                   finetuned_dir=warm_start, work_dir=tmp_path / "pw")
+    assert 0.29 < p.mask.param_fraction <= 0.3
+
+
+def test_resume_after_a_kill_gives_the_same_mask_bit_exactly(tiny_sd, people, logos, warm_start, tmp_path,
+                                                            monkeypatch):
+    import freezeasguard.learn as learn
+    whole = learn_mask(tiny_sd, people, [logos], tmp_path / "a.safetensors", _cfg(), finetuned_dir=warm_start)
+    real, calls = learn.mask_update, {"n": 0}
+
+    def dies_after_two(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(learn, "mask_update", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start)
+    assert not (tmp_path / "b.safetensors").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start)
+    with pytest.raises(ValueError, match="settings differ"):
+        learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(user_lr=1e-2),
+                   finetuned_dir=warm_start, resume=True)
+    resumed = learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start,
+                         resume=True)
+    assert calls["n"] == 3 + 2                      # updates 3 and 4 only
+    assert torch.equal(resumed.mask.logits, whole.mask.logits)
+    assert torch.equal(resumed.mask.frozen, whole.mask.frozen)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_mask_of_one_with_the_same_global_batch(tiny_sd, people, logos, warm_start,
+                                                                      tmp_path):
+    args = ["learn", "--model", str(tiny_sd), "--illegal", str(people), "--innocent", str(logos),
+            "--finetuned", str(warm_start), "--steps", "3", "--inner-steps", "2", "--batch-size", "4",
+            "--user-lr", "1e-3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = Mask.load(tmp_path / "one.safetensors"), Mask.load(tmp_path / "two.safetensors")
+    assert torch.equal(a.frozen, b.frozen)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a.logits, Mask.load(tmp_path / "one.safetensors").logits * 0)  # sanity: non-trivial
