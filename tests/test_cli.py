@@ -1,0 +1,98 @@
+"""Every CLI command end to end on a tiny pipeline in a temp folder, as a user would run them."""
+import json
+
+import pytest
+
+from freezeasguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd, people, logos, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    mask = tmp / "mask.safetensors"
+    assert main(["learn", "--model", str(tiny_sd), "--illegal", str(people), "--innocent", str(logos),
+                 "--innocent", str(logos), "--ratio", "0.3", "--out", str(mask), "--warm-start-steps", "2",
+                 "--steps", "2", "--inner-steps", "2", "--batch-size", "2", "--user-lr", "1e-3",
+                 "--device", "cpu"]) == 0
+    return tmp, mask
+
+
+def test_learn_writes_a_mask_and_prints_both_ratios(trained, capsys):
+    tmp, mask = trained
+    assert mask.exists() and (tmp / "mask.safetensors.work" / "learn_history.json").exists()
+    assert main(["mask", "show", str(mask), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["frozen_tensors"] == 206 and 0 < summary["param_fraction"] < 1
+
+
+def test_mask_show_plot_and_exports(trained, capsys):
+    tmp, mask = trained
+    assert main(["mask", "show", str(mask), "--plot", str(tmp / "mask.png")]) == 0
+    out = capsys.readouterr().out
+    assert "206/686 tensors frozen" in out and "down_blocks.0" in out
+    assert (tmp / "mask.png").stat().st_size > 1000
+    assert main(["mask", "show", str(mask), "--export", "names"]) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 206
+    assert main(["mask", "show", str(mask), "--export", "regex"]) == 0
+    import re
+    rx = re.compile(capsys.readouterr().out.strip())
+    assert all(rx.fullmatch(n) for n in names)
+
+
+@pytest.mark.parametrize("scheme", [["--mask", "MASK"], ["--random-ratio", "0.3", "--seed", "1"], ["--full"]])
+def test_finetune_then_verify(trained, tiny_sd, people, scheme, capsys):
+    tmp, mask = trained
+    scheme = [str(mask) if a == "MASK" else a for a in scheme]
+    out = tmp / f"ft{len(scheme)}"
+    assert main(["finetune", "--model", str(tiny_sd), "--data", str(people), "--out", str(out), *scheme,
+                 "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]) == 0
+    assert (out / "model_index.json").exists() and (out / "freezeasguard_manifest.json").exists()
+    code = main(["verify", "--model", str(tiny_sd), "--mask", str(mask), "--candidate", str(out),
+                 "--report", str(tmp / "report.json")])
+    report = json.loads((tmp / "report.json").read_text())
+    if scheme[0] == "--mask":
+        assert code == 0 and report["compliant"]
+    else:   # other schemes train tensors this mask freezes: the audit must catch it
+        assert code == 1 and len(report["violations"]) > 0
+
+
+def test_verify_unusable_input_exits_2(trained, tiny_sd, tmp_path):
+    tmp, mask = trained
+    assert main(["verify", "--model", str(tiny_sd), "--mask", str(tmp_path / "none.safetensors"),
+                 "--candidate", str(tiny_sd)]) == 2
+    assert main(["verify", "--model", str(tmp_path / "no-model"), "--mask", str(mask),
+                 "--candidate", str(tiny_sd)]) == 2
+
+
+def test_bad_ratio_and_bad_data_are_clear_errors(tiny_sd, people, tmp_path, capsys):
+    assert main(["finetune", "--model", str(tiny_sd), "--data", str(people), "--out", str(tmp_path / "x"),
+                 "--random-ratio", "30", "--steps", "1", "--device", "cpu"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tiny_sd), "--data", str(tmp_path), "--out", str(tmp_path / "x"),
+                 "--full", "--steps", "1", "--device", "cpu"]) == 2
+    assert "metadata.jsonl" in capsys.readouterr().err
+
+
+def test_generate_writes_images_and_a_grid(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of Mara Quell\na red circle logo\n")
+    out = tmp_path / "imgs"
+    assert main(["generate", "--model", str(tiny_sd), "--prompts", str(prompts), "--out", str(out),
+                 "--steps", "2", "--num-images", "2", "--device", "cpu"]) == 0
+    index = json.loads((out / "prompts.json").read_text())
+    assert [e["prompt"] for e in index] == ["a photo of Mara Quell"] * 2 + ["a red circle logo"] * 2
+    from PIL import Image
+    assert Image.open(out / "grid.png").size == (2 * 16, 2 * 16)
+
+
+def test_tiny_pipeline_and_help(tmp_path, capsys):
+    assert main(["tiny-pipeline", "--out", str(tmp_path / "p"), "--layout", "mini"]) == 0
+    from freezeasguard.models import load_sd
+    c = load_sd(tmp_path / "p")
+    assert len(c.tokenizer) > 2 and c.resolution == 32
+    for cmd in (["learn"], ["finetune"], ["verify"], ["generate"], ["mask", "show"], []):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0
+    assert "freezing" in capsys.readouterr().out
