@@ -151,7 +151,8 @@ def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.T
 # ------------------------------------------------------------------------------------------
 
 class BilevelState:
-    def __init__(self, unet, theta_pre: dict[str, torch.Tensor], temperature: float):
+    def __init__(self, unet, theta_pre, temperature: float):
+        """``theta_pre`` maps parameter names to the base model's tensors (any Mapping; read once)."""
         self.unet = unet
         self.named = list(unet.named_parameters())
         self.params = [p for _, p in self.named]
@@ -240,8 +241,10 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     if {n for n, _ in components.unet.named_parameters()} != set(theta_pre):
         raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
 
-    # --- init_state
+    # --- init_state: theta_d = theta_pre - theta_ft; theta_pre itself is not kept (two copies only)
     state = BilevelState(components.unet, theta_pre, cfg.temperature)
+    shapes = {n: torch.empty(t.shape, device="meta") for n, t in theta_pre.items()}
+    del theta_pre
     g = torch.Generator().manual_seed(cfg.seed)
     u = torch.rand(len(state.params), generator=g)
     state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
@@ -293,7 +296,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
             "illegal": str(illegal_dir), "illegal_subject": illegal_subject,
             "innocent": [str(d) for d in innocent_dirs], "final_soft_ratio": float(state.m.mean()),
             "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.steps}
-    mask = Mask.from_scores([(n, theta_pre[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
+    mask = Mask.from_scores([(n, shapes[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
                             cfg.budget, base_fingerprint=base_fp, meta=meta)
     if dist.is_main():
         mask.save(out_path)

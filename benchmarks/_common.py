@@ -1,0 +1,112 @@
+"""Shared set-up for the benchmarks: a UNet, random latents, peak memory, timing.
+
+Memory on CPU is the peak resident set of a fresh subprocess during the measured loop (the peak
+is reset after set-up) minus its resident set after the imports, so it counts the model, the
+training state and activations; on CUDA it is torch.cuda.max_memory_allocated. Times are medians over repeated steps after warm-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+PRESETS = {
+    # tens of millions of parameters: differences stand above CPU noise, a step takes ~1-2 s
+    "cpu-34m": dict(layout="sd15", block_out_channels=(64, 128, 256, 256), cross_attention_dim=64, latent=16),
+    # the real SD v1.5 UNet shapes (859.5 M parameters), random init, 64x64 latents (512 px)
+    "sd15-shapes": dict(layout="sd15-shapes", latent=64),
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so the peak of the
+    measured loop is not hidden by a larger transient during model construction."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build_unet(preset: str, device):
+    from diffusers import UNet2DConditionModel
+    from freezeasguard.models import tiny_unet_config
+
+    p = PRESETS[preset]
+    if p["layout"] == "sd15-shapes":
+        cfg = tiny_unet_config("sd15-shapes")
+    else:
+        cfg = tiny_unet_config("sd15", sample_size=p["latent"], block_out_channels=p["block_out_channels"],
+                               cross_attention_dim=p["cross_attention_dim"])
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**cfg).to(device)
+    return unet, p["latent"], unet.config.cross_attention_dim
+
+
+def random_batch(batch: int, latent: int, text_dim: int, device, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, latent, latent, generator=g).to(device),
+            torch.randn(batch, 77, text_dim, generator=g).to(device),
+            torch.randn(batch, 4, latent, latent, generator=g).to(device),
+            torch.randint(0, 1000, (batch,), generator=g).to(device))
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_isolated(script: str, args: list[str]) -> dict:
+    """Run ``script --worker ...`` in a fresh process and return the JSON it prints last."""
+    # a fixed mmap threshold makes glibc return every large freed tensor to the OS at once, so the
+    # resident set tracks live tensors instead of the allocator's high-water mark
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, script, "--worker", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-4000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], keys: list[str]):
+    widths = [max(len(k), *(len(fmt(r.get(k))) for r in rows)) for k in keys]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(k)).ljust(w) for k, w in zip(keys, widths)))
+
+
+def fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

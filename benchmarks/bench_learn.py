@@ -1,0 +1,122 @@
+"""Cost of mask learning vs plain full fine-tuning on the same UNet and batch.
+
+One mask-learning iteration = inner_steps lower steps + 1 upper step (Algorithm 1). We report
+  time_ratio     = iteration time / (inner_steps x full-FT AdamW step time)   (amortised over its inner steps)
+  per_pass_ratio = iteration time / ((inner_steps + 1) x full-FT step time)   (same number of forward/backward passes)
+  memory_ratio   = peak memory of mask learning / peak memory of full FT with AdamW
+Targets (issue): time_ratio <= 1.10, memory_ratio <= 1.0.
+
+    python benchmarks/bench_learn.py --out bench_learn.json
+    python benchmarks/bench_learn.py --device cuda --preset sd15-shapes --out bench_learn_gpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from _common import PRESETS, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
+
+
+def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
+    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.finetune import FinetuneConfig, build_optimizer
+    from freezeasguard.learn import BilevelState, LearnConfig, mask_update, remask_
+    from freezeasguard.models import scheduler_config
+
+    base_rss = rss_bytes()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    unet, latent, text_dim = build_unet(preset, device)
+    unet.train()
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.startswith("cuda") else None
+    # the same global batch for both: half illegal, half innocent in mask learning
+    x, text, noise, t = random_batch(batch, latent, text_dim, device, 0)
+    half = batch // 2
+
+    def loss_fn(sign_ill=1.0):
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            per = diffusion_loss(unet, x, text, noise, t, schedule)
+        return sign_ill * per[:half].mean() + per[half:].mean(), None
+
+    if mode == "full_ft":
+        opt = build_optimizer(unet, FinetuneConfig(lr=1e-5))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn()[0].backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+        reset_peak_rss()
+        seconds = timed(step, device, repeats)
+    else:
+        params = dict(unet.named_parameters())
+
+        class NearbyBase(dict):
+            """theta_pre made one tensor at a time, so no third full copy inflates the peak."""
+            def __getitem__(self, name):
+                return params[name].detach() + 1e-3 * torch.randn_like(params[name])
+
+        cfg = LearnConfig(inner_steps=inner, user_lr=1e-5, device=device)
+        state = BilevelState(unet, NearbyBase(), cfg.temperature)
+        state.logits = cfg.temperature * (-3 + 2 * torch.rand(len(state.params)))
+        with torch.no_grad():
+            remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
+        reset_peak_rss()
+        seconds = timed(lambda: mask_update(state, loss_fn, lambda: loss_fn(-1.0), cfg), device,
+                        max(1, repeats // inner))
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = peak_rss_bytes() - base_rss
+    return {"mode": mode, "seconds": seconds, "peak_bytes": peak,
+            "params": sum(p.numel() for p in unet.parameters()), "tensors": len(list(unet.parameters()))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_learn.json")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default=None, choices=list(PRESETS), help="default: cpu-34m on CPU, sd15-shapes on CUDA")
+    ap.add_argument("--batch-size", type=int, default=None, help="global batch (default 4 on CPU, 4 on CUDA)")
+    ap.add_argument("--inner-steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=10, help="full-FT steps timed (mask iterations: repeats/inner)")
+    ap.add_argument("--mixed-precision", default="bf16", help="autocast dtype on CUDA (ignored on CPU)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    preset = a.preset or ("sd15-shapes" if a.device.startswith("cuda") else "cpu-34m")
+    batch = a.batch_size or 4
+    if a.worker:
+        print(json.dumps(worker(a.mode, preset, a.device, batch, a.inner_steps, a.repeats, a.mixed_precision)))
+        return
+    common = ["--preset", preset, "--device", a.device, "--batch-size", str(batch), "--inner-steps",
+              str(a.inner_steps), "--repeats", str(a.repeats), "--mixed-precision", a.mixed_precision]
+    ft = run_isolated(__file__, ["--mode", "full_ft", *common])
+    ml = run_isolated(__file__, ["--mode", "mask_learning", *common])
+    result = {
+        "time_ratio": ml["seconds"] / (a.inner_steps * ft["seconds"]),
+        "per_pass_ratio": ml["seconds"] / ((a.inner_steps + 1) * ft["seconds"]),
+        "memory_ratio": ml["peak_bytes"] / ft["peak_bytes"],
+        "full_ft_step_s": ft["seconds"], "mask_iteration_s": ml["seconds"],
+        "full_ft_peak_bytes": ft["peak_bytes"], "mask_learning_peak_bytes": ml["peak_bytes"],
+        "inner_steps": a.inner_steps, "batch_size": batch, "preset": preset, "device": a.device,
+        "params": ft["params"], "tensors": ft["tensors"],
+        "device_name": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+        "targets": {"time_ratio": 1.10, "memory_ratio": 1.0},
+    }
+    print_table([{"what": "full FT step", "seconds": ft["seconds"], "peak_MB": ft["peak_bytes"] / 2**20},
+                 {"what": f"mask iteration ({a.inner_steps}+1 passes)", "seconds": ml["seconds"],
+                  "peak_MB": ml["peak_bytes"] / 2**20}], ["what", "seconds", "peak_MB"])
+    print(f"time_ratio {result['time_ratio']:.3f} (target <= 1.10), per_pass_ratio {result['per_pass_ratio']:.3f}, "
+          f"memory_ratio {result['memory_ratio']:.3f} (target <= 1.0)")
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
