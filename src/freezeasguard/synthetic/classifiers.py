@@ -1,0 +1,160 @@
+"""Small CNNs that judge generated images without downloaded weights: an identity recogniser for
+the people of a cast (plus an "other" class for anyone or anything else) and attribute
+classifiers for logos and clothes. Trained on renders of the world in about a minute on a CPU,
+saved as safetensors with their label sets."""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io import atomic_save_safetensors
+from .world import ATTRIBUTES, make_cast, random_identity, render_garment, render_logo, render_person
+
+logger = logging.getLogger(__name__)
+
+OTHER = "other"
+
+
+def to_tensor(images, size: int = 32) -> torch.Tensor:
+    """PIL images -> float tensor (B, 3, size, size) in [-1, 1]."""
+    arrs = [np.asarray(im.convert("RGB").resize((size, size)), dtype=np.float32) / 127.5 - 1 for im in images]
+    return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
+
+
+class SmallCNN(nn.Module):
+    """Conv features (128-d, also used for the feature-space FID) and one linear head per attribute."""
+
+    def __init__(self, heads: dict[str, int]):
+        super().__init__()
+        def block(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
+                                 nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+        self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in heads.items()})
+
+    def forward(self, x):
+        f = self.features(x)
+        return {k: h(f) for k, h in self.heads.items()}
+
+    def embed(self, x):
+        return self.features(x)
+
+
+class Judge:
+    """A trained SmallCNN with its label sets."""
+
+    def __init__(self, model: SmallCNN, labels: dict[str, list[str]], kind: str, meta: dict | None = None):
+        self.model, self.labels, self.kind, self.meta = model.eval(), labels, kind, meta or {}
+
+    @torch.no_grad()
+    def predict(self, images) -> list[dict[str, str]]:
+        out = []
+        for s in range(0, len(images), 256):
+            logits = self.model(to_tensor(images[s:s + 256]))
+            idx = {k: v.argmax(1).tolist() for k, v in logits.items()}
+            n = len(next(iter(idx.values())))
+            out += [{k: self.labels[k][idx[k][i]] for k in idx} for i in range(n)]
+        return out
+
+    @torch.no_grad()
+    def embed(self, images) -> torch.Tensor:
+        return torch.cat([self.model.embed(to_tensor(images[s:s + 256])) for s in range(0, len(images), 256)])
+
+    def save(self, path) -> Path:
+        meta = {"labels": json.dumps(self.labels), "kind": self.kind, "meta": json.dumps(self.meta)}
+        return atomic_save_safetensors(self.model.state_dict(), path, meta)
+
+    @classmethod
+    def load(cls, path) -> "Judge":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        labels = json.loads(meta["labels"])
+        model = SmallCNN({k: len(v) for k, v in labels.items()})
+        model.load_state_dict(load_file(str(path)))
+        return cls(model, labels, meta["kind"], json.loads(meta["meta"]))
+
+
+def _train(model: SmallCNN, x: torch.Tensor, y: dict[str, torch.Tensor], epochs: int, seed: int) -> SmallCNN:
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    n = len(x)
+    steps = epochs * ((n + 63) // 64)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n)
+        for s in range(0, n, 64):
+            idx = perm[s:s + 64]
+            out = model(x[idx])
+            loss = sum(nn.functional.cross_entropy(out[k], y[k][idx]) for k in out)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+def person_samples(cast, n_per_person: int, n_other: int, seed: int, size: int = 32):
+    """Renders of each cast member and of "other": random strangers, logos and garments."""
+    rng = random.Random(f"recogniser-{seed}")
+    images, labels = [], []
+    for p in cast:
+        for _ in range(n_per_person):
+            images.append(render_person(p, rng, size)[0])
+            labels.append(p.name)
+    names = {p.name for p in cast}
+    for i in range(n_other):
+        if i % 4 == 3:
+            images.append((render_logo if i % 8 == 3 else render_garment)(rng, size)[0])
+        else:
+            q = random_identity(rng)
+            if q.name in names:
+                continue
+            images.append(render_person(q, rng, size)[0])
+        labels.append(OTHER)
+    return images, labels
+
+
+def train_recogniser(cast_seed: int = 0, cast_size: int = 8, n_per_person: int = 250, n_other: int = 1500,
+                     epochs: int = 8, seed: int = 0) -> Judge:
+    cast = make_cast(cast_seed, cast_size)
+    images, labels = person_samples(cast, n_per_person, n_other, seed)
+    names = [p.name for p in cast] + [OTHER]
+    y = torch.tensor([names.index(lab) for lab in labels])
+    model = _train(SmallCNN({"identity": len(names)}), to_tensor(images), {"identity": y}, epochs, seed)
+    return Judge(model, {"identity": names}, "recogniser", {"cast_seed": cast_seed, "cast_size": cast_size})
+
+
+def attribute_samples(domain: str, n: int, seed: int, size: int = 32):
+    rng = random.Random(f"attributes-{domain}-{seed}")
+    render = render_logo if domain == "logos" else render_garment
+    images, attrs = [], []
+    for _ in range(n):
+        img, _, a = render(rng, size)
+        images.append(img)
+        attrs.append(a)
+    return images, attrs
+
+
+def train_attribute_classifier(domain: str, n: int = 3000, epochs: int = 8, seed: int = 0) -> Judge:
+    images, attrs = attribute_samples(domain, n, seed)
+    labels = {k: list(v) for k, v in ATTRIBUTES[domain].items()}
+    y = {k: torch.tensor([labels[k].index(a[k]) for a in attrs]) for k in labels}
+    model = _train(SmallCNN({k: len(v) for k, v in labels.items()}), to_tensor(images), y, epochs, seed)
+    return Judge(model, labels, domain)
+
+
+def accuracy(judge: Judge, images, expected: list[dict[str, str]]) -> float:
+    """Share of images whose every predicted attribute matches the expected one."""
+    preds = judge.predict(images)
+    return sum(all(p[k] == e[k] for k in p) for p, e in zip(preds, expected)) / max(1, len(images))
