@@ -32,7 +32,7 @@ def main():
     import torch
     from freezeasguard import FinetuneConfig, LearnConfig, guarded_finetune, learn_mask
     from freezeasguard.models import save_tiny_pipeline
-    from freezeasguard.walkthrough import COLORS, make_logos, make_people
+    from freezeasguard.toydata import COLORS, make_logos, make_people
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="mask_agreement.json")

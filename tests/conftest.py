@@ -27,13 +27,13 @@ def tiny_sd_v(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def people(tmp_path_factory):
-    from freezeasguard.walkthrough import make_people
+    from freezeasguard.toydata import make_people
     return make_people(tmp_path_factory.mktemp("data") / "mara", "Mara Quell", 8, 16, 0, traits=PERSON)
 
 
 @pytest.fixture(scope="session")
 def logos(tmp_path_factory):
-    from freezeasguard.walkthrough import make_logos
+    from freezeasguard.toydata import make_logos
     return make_logos(tmp_path_factory.mktemp("data") / "logos", 8, 16, 1)
 
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start-lr", type=float, default=1e-5, help="warm-start AdamW lr (default 1e-5)")
     p.add_argument("--steps", type=int, default=100, help="mask updates K (default 100)")
     p.add_argument("--inner-steps", type=int, default=10, help="simulated-user steps per mask update (default 10)")
+    p.add_argument("--upper-batches", type=int, default=1,
+                   help="batches averaged into each mask gradient (default 1, the paper's; more = less noise)")
     p.add_argument("--mask-lr", type=float, default=None,
                    help="logit step eta_1 (default 0.05 on the normalised gradient; 10, the paper's, with "
                         "--no-normalize)")
@@ -150,11 +152,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--seed", type=int, default=0)
 
+    # world export
+    p = sub.add_parser("world", help="the built-in synthetic world: export people, logos or clothes as image folders")
+    wsub = p.add_subparsers(dest="world_command", required=True, metavar="ACTION")
+    w = wsub.add_parser("export", help="write a domain as an image folder with metadata.jsonl")
+    w.add_argument("domain", choices=["people", "logos", "clothes"])
+    w.add_argument("--out", required=True)
+    w.add_argument("-n", type=int, default=100, help="images (per subject for people; default 100)")
+    w.add_argument("--seed", type=int, default=0, help="render seed (default 0)")
+    w.add_argument("--cast-seed", type=int, default=0, help="which cast of people (default 0)")
+    w.add_argument("--subject", action="append", help="people only: a cast member's name (repeatable; default all)")
+    w.add_argument("--generic", action="store_true", help="people only: random unnamed people, captioned 'a person'")
+    w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    wsub.add_parser("cast", help="list the people of a cast").add_argument("--cast-seed", type=int, default=0)
+
+    # experiment
+    p = sub.add_parser("experiment", help="run an experiment from a YAML config (resumable)",
+                       description="Methods x ratios x subjects x seeds: mask learning, fine-tunes, generation, "
+                                   "metrics, report. Every stage writes a done-marker; rerunning resumes.")
+    p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
+    p.add_argument("--out", help="override the output folder")
+
     # demo
-    p = sub.add_parser("demo", help="run learn -> finetune -> verify -> generate end to end on built-in data")
+    p = sub.add_parser("demo", help="the built-in experiment: FreezeAsGuard vs Random vs Full FT on synthetic people",
+                       description="Warm start, mask learning at the ratio, illegal-user fine-tunes of the target "
+                                   "person under Full FT / Random / FreezeAsGuard, innocent-user fine-tunes, "
+                                   "generation, metrics and a report, on the shipped tiny pipeline.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--quick", action="store_true", help="a few steps only (seconds to a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed (CI)")
+    p.add_argument("--cast-seed", type=int, default=0, help="another cast of people (the recogniser is trained for it)")
+    p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
     return parser
 
 
@@ -174,6 +203,7 @@ def cmd_learn(args) -> int:
     from .learn import LearnConfig, learn_mask
 
     cfg = LearnConfig(ratio=args.ratio, budget=args.budget, steps=args.steps, inner_steps=args.inner_steps,
+                      upper_batches=args.upper_batches,
                       batch_size=args.batch_size or 16, temperature=args.temperature, mask_lr=args.mask_lr,
                       user_lr=args.user_lr, lambda_illegal=args.lambda_illegal, lambda_innocent=args.lambda_innocent,
                       sparsity_weight=args.sparsity_weight, normalize_mask_grad=not args.no_normalize,
@@ -277,17 +307,62 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    from .walkthrough import run_walkthrough
+def cmd_world(args) -> int:
+    from .synthetic.world import export_imagefolder, make_cast
 
-    summary = run_walkthrough(args.out, quick=args.quick, seed=args.seed)
-    print(json.dumps(summary, indent=2))
-    print(f"demo outputs in {args.out}/ (mask.png, images/grid.png, summary.json)")
+    if args.world_command == "cast":
+        for p in make_cast(args.cast_seed):
+            print(f"{p.name:<18} {p.face_shape} face, {p.skin} skin, {p.hair_colour} {p.hair_style} hair, "
+                  f"{p.eye_colour} eyes, {p.mark}")
+        return 0
+    if args.domain == "people" and args.subject:
+        from .evaluate.world import SyntheticWorld
+        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, "people", args.n, "export", args.subject)
+    else:
+        out = export_imagefolder(args.out, args.domain, args.n, args.seed, args.size, args.cast_seed,
+                                 generic=args.generic)
+    print(f"wrote {args.domain} to {out} (metadata.jsonl)")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .evaluate.experiment import ExperimentConfig, Runner
+
+    cfg = ExperimentConfig.from_yaml(args.config, out=args.out)
+    Runner(cfg).run()
+    print((Path(cfg.out) / "results.md").read_text())
+    print(f"report: {cfg.out}/results.md, results.json, results.csv, tradeoff.png, images/")
+    return 0
+
+
+def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3):
+    from .evaluate.experiment import ExperimentConfig
+    from .mask import check_ratio
+
+    check_ratio(ratio)
+    n_seeds = seeds or (1 if quick else 3)
+    cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
+                           ratios=[ratio])
+    if quick:
+        cfg.mask_images, cfg.finetune_images, cfg.eval_images = 8, 8, 4
+        cfg.warm_start_steps, cfg.mask_steps, cfg.inner_steps = 4, 2, 2
+        cfg.finetune_steps, cfg.generate_steps = 4, 5
+    return cfg
+
+
+def cmd_demo(args) -> int:
+    from .evaluate.experiment import Runner
+
+    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio)
+    Runner(cfg).run()
+    print((Path(cfg.out) / "results.md").read_text())
+    print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, masks/)")
     return 0
 
 
 COMMANDS = {"learn": cmd_learn, "finetune": cmd_finetune, "verify": cmd_verify, "generate": cmd_generate,
-            "mask": cmd_mask, "tiny-pipeline": cmd_tiny, "demo": cmd_demo}
+            "mask": cmd_mask, "tiny-pipeline": cmd_tiny, "world": cmd_world, "experiment": cmd_experiment,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

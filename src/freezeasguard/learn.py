@@ -46,6 +46,7 @@ class LearnConfig:
     budget: str = "tensors"           # tensors (as the paper) | params (what memory savings follow)
     steps: int = 100                  # K: mask updates
     inner_steps: int = 10             # L: simulated-user steps per mask update (Appendix B)
+    upper_batches: int = 1            # batches averaged into each mask gradient (ours; 1 = the paper's)
     batch_size: int = 16              # samples per step and per domain group (illegal; innocent, split over domains)
     temperature: float = 0.2          # T in m = sigmoid(w / T)
     mask_lr: float | None = None      # eta_1: logit step; None: 10 (the paper's) for the raw gradient,
@@ -71,6 +72,8 @@ class LearnConfig:
         check_ratio(self.ratio)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
+        if self.upper_batches < 1 or self.inner_steps < 0:
+            raise ValueError("upper_batches must be >= 1 and inner_steps >= 0")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
         if self.init_logit_low > self.init_logit_high:
@@ -326,8 +329,12 @@ def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, ob
     """One mask update on a fresh sample: logits step (Eq. 8, corrected), then re-mask theta(m).
     ``closure()`` returns this rank's share of L_upper = -lambda_1 L_ill + lambda_2 L_inn."""
     state.zero_grad()
-    loss, info = closure()
-    loss.backward()
+    infos = []
+    for _ in range(cfg.upper_batches):   # averaging batches lowers the noise of the mask gradient
+        loss, info = closure()
+        (loss / cfg.upper_batches).backward()
+        infos.append(info)
+    info = infos[-1]
     state.sync_grads()
     with torch.no_grad():
         dots = per_tensor_dots(state.flat_grad, state.flat_theta_d, state.lengths).cpu()

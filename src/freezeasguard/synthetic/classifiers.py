@@ -28,16 +28,16 @@ def to_tensor(images, size: int = 32) -> torch.Tensor:
 
 
 class SmallCNN(nn.Module):
-    """Conv features (128-d, also used for the feature-space FID) and one linear head per attribute."""
+    """Conv features (64-d, also used for the feature-space FID) and one linear head per attribute."""
 
     def __init__(self, heads: dict[str, int]):
         super().__init__()
         def block(i, o):
             return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(),
                                  nn.Conv2d(o, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
-        self.features = nn.Sequential(block(3, 32), block(32, 64), block(64, 128), nn.AdaptiveAvgPool2d(1),
+        self.features = nn.Sequential(block(3, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1),
                                       nn.Flatten())
-        self.heads = nn.ModuleDict({k: nn.Linear(128, n) for k, n in heads.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(64, n) for k, n in heads.items()})
 
     def forward(self, x):
         f = self.features(x)
@@ -125,8 +125,8 @@ def person_samples(cast, n_per_person: int, n_other: int, seed: int, size: int =
     return images, labels
 
 
-def train_recogniser(cast_seed: int = 0, cast_size: int = 8, n_per_person: int = 250, n_other: int = 1500,
-                     epochs: int = 8, seed: int = 0) -> Judge:
+def train_recogniser(cast_seed: int = 0, cast_size: int = 8, n_per_person: int = 200, n_other: int = 1200,
+                     epochs: int = 6, seed: int = 0) -> Judge:
     cast = make_cast(cast_seed, cast_size)
     images, labels = person_samples(cast, n_per_person, n_other, seed)
     names = [p.name for p in cast] + [OTHER]
@@ -146,7 +146,7 @@ def attribute_samples(domain: str, n: int, seed: int, size: int = 32):
     return images, attrs
 
 
-def train_attribute_classifier(domain: str, n: int = 3000, epochs: int = 8, seed: int = 0) -> Judge:
+def train_attribute_classifier(domain: str, n: int = 2500, epochs: int = 6, seed: int = 0) -> Judge:
     images, attrs = attribute_samples(domain, n, seed)
     labels = {k: list(v) for k, v in ATTRIBUTES[domain].items()}
     y = {k: torch.tensor([labels[k].index(a[k]) for a in attrs]) for k in labels}

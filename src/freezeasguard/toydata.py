@@ -1,5 +1,5 @@
-"""A self-contained run of learn -> finetune -> verify -> generate on a tiny pipeline and
-procedurally drawn data that the package makes itself (no downloads, a few minutes on a CPU)."""
+"""Minimal procedurally drawn datasets (one person's portraits; logos) for tests and the
+mask-agreement benchmark: fast to draw at any size. The full synthetic world is in synthetic/."""
 from __future__ import annotations
 
 import json
@@ -71,43 +71,3 @@ def make_logos(out_dir, n: int, size: int, seed: int) -> Path:
         rows.append({"file_name": f, "text": f"a minimalist logo with a {color} {shape} on a white background"})
     (out_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out_dir
-
-
-def run_walkthrough(out_dir, quick: bool = False, seed: int = 0) -> dict:
-    from .finetune import FinetuneConfig, guarded_finetune
-    from .generate import generate_to_folder
-    from .learn import LearnConfig, learn_mask
-    from .models import save_tiny_pipeline
-    from .verify import verify_checkpoint
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    size = 32
-    model = out / "tiny-sd"
-    if not (model / "model_index.json").exists():
-        save_tiny_pipeline(model, layout="sd15", image_size=size, seed=seed, extra_words=["mara", "quell"])
-    person = {"skin": (200, 150, 110), "hair": COLORS["orange"], "eyes": (30, 30, 120), "mark": "glasses"}
-    n = 16 if quick else 48
-    illegal = make_people(out / "data" / "mara-quell", "Mara Quell", n, size, seed, traits=person)
-    logos = make_logos(out / "data" / "logos", n, size, seed + 1)
-    lcfg = LearnConfig(ratio=0.3, steps=3 if quick else 20, inner_steps=3 if quick else 10,
-                       batch_size=4, warm_start_steps=5 if quick else 60, warm_start_lr=1e-4, user_lr=1e-4,
-                       seed=seed, device="cpu")
-    mask_path = out / "mask.safetensors"
-    learn = learn_mask(model, illegal, [logos], mask_path, lcfg, resume=True)
-    learn.mask.plot(out / "mask.png")
-    fcfg = FinetuneConfig(steps=5 if quick else 60, batch_size=4, lr=1e-4, seed=seed, device="cpu")
-    results = {}
-    for scheme, kw in {"learned": {"mask": learn.mask}, "random": {"random_ratio": 0.3},
-                       "full": {"full": True}}.items():
-        ft = guarded_finetune(model, illegal, out / f"ft-{scheme}", fcfg, resume=True, **kw)
-        report = verify_checkpoint(model, mask_path, ft.out_dir) if scheme == "learned" else None
-        results[scheme] = {"frozen_tensors": ft.frozen_tensors, "frozen_param_fraction": ft.frozen_param_fraction,
-                           "final_loss": ft.history[-1]["loss_data"] if ft.history else None,
-                           "verify": report.to_dict()["compliant"] if report else None}
-    generate_to_folder(out / "ft-learned", ["a photo of Mara Quell in front of a blue wall"], out / "images",
-                       steps=10 if quick else 25, per_prompt=4)
-    summary = {"model": str(model), "mask": str(mask_path), "mask_tensor_ratio": learn.mask.tensor_ratio,
-               "mask_param_fraction": learn.mask.param_fraction, "finetunes": results}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary

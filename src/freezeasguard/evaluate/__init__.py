@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the experiment runner and its reports."""

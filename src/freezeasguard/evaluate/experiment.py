@@ -1,0 +1,349 @@
+"""The experiment runner: methods x ratios x subjects x seeds, every stage resumable.
+
+Each stage writes its outputs and then a done-marker (``.done.json`` holding its result); a
+stage whose marker exists is never redone, and a killed stage restarts (fine-tunes and mask
+learning resume from their own checkpoints). Results: results.json (long format, one number per
+row), results.csv, results.md (laid out like the paper's Table 2: mean ± std over seeds),
+image grids per method, the mask plot and a trade-off plot.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_json, atomic_write_text
+from .metrics import frechet_distance, identity_recognition, prompt_accuracy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment; every field can be set in the YAML file."""
+    out: str = "experiment-out"            # output folder
+    model: str | None = None               # base pipeline folder; None: the shipped tiny pipeline
+    methods: list[str] = field(default_factory=lambda: ["full", "random", "learned"])
+    ratios: list[float] = field(default_factory=lambda: [0.3])   # for methods that freeze
+    subjects: list[str] | None = None      # illegal subjects; None: the first n_subjects of the cast
+    n_subjects: int = 1
+    innocent: list[str] = field(default_factory=lambda: ["logos"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning / generation seeds
+    cast_seed: int = 0
+    mask_images: int = 48                  # per subject and per innocent domain, for mask learning
+    finetune_images: int = 48              # per subject / innocent domain, for the users' fine-tunes
+    eval_images: int = 16                  # generated per subject / domain and seed
+    warm_start_steps: int = 100
+    warm_start_lr: float = 1e-4
+    mask_steps: int = 30
+    inner_steps: int = 5
+    upper_batches: int = 1
+    mask_batch: int = 4
+    user_lr: float = 1e-4
+    mask_lr: float | None = None
+    sparsity_weight: float = 5.0
+    finetune_steps: int = 100
+    finetune_batch: int = 4
+    finetune_lr: float = 1e-4
+    generate_steps: int = 20
+    guidance: float = 7.5
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> "ExperimentConfig":
+        import yaml
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**raw)
+
+
+# ---- methods ---------------------------------------------------------------------------------
+METHODS: dict[str, callable] = {}
+
+
+def register(name: str):
+    """Register a method: fn(runner, ratio, seed) -> keyword arguments for guarded_finetune
+    (``full=True``, ``random_ratio=r`` or ``mask=Mask``) plus an optional ``model`` override."""
+    def deco(fn):
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+@register("full")
+def _full(runner, ratio, seed):
+    return {"full": True}
+
+
+@register("random")
+def _random(runner, ratio, seed):
+    return {"random_ratio": ratio}
+
+
+@register("learned")
+def _learned(runner, ratio, seed):
+    return {"mask": runner.learned_mask(ratio)}
+
+
+FREEZING = {"random", "learned"}
+
+
+# ---- the runner ------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, cfg: ExperimentConfig, world=None):
+        from .world import SyntheticWorld
+        self.cfg = cfg
+        self.root = Path(cfg.out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.world = world or SyntheticWorld(cfg.cast_seed)
+        self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
+        for s in self.subjects:
+            self.world.check_subject(s)
+        unknown = [m for m in cfg.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+        if cfg.model is None:
+            from ..synthetic import TINY_SD
+            self.model = TINY_SD
+        else:
+            self.model = Path(cfg.model)
+        self.timings: dict[str, float] = {}
+
+    # stage bookkeeping
+    def stage(self, name: str, fn):
+        marker = self.root / "stages" / f"{name}.done.json"
+        if marker.exists():
+            return json.loads(marker.read_text())["result"]
+        t = time.time()
+        result = fn()
+        self.timings[name] = time.time() - t
+        atomic_write_json(marker, {"result": result, "seconds": time.time() - t})
+        return result
+
+    def data(self, domain: str, split: str, subject: str | None = None) -> Path:
+        name = f"{domain}-{subject or 'all'}-{split}".replace(" ", "_")
+        path = self.root / "data" / name
+        n = self.cfg.mask_images if split == "mask" else self.cfg.finetune_images
+        subjects = [subject] if subject else self.subjects
+        self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, subjects)))
+        return path
+
+    def learned_mask(self, ratio: float):
+        from ..learn import LearnConfig, learn_mask
+        from ..mask import Mask
+        path = self.root / "masks" / f"learned-{ratio:g}.safetensors"
+
+        def run():
+            cfg = LearnConfig(ratio=ratio, steps=self.cfg.mask_steps, inner_steps=self.cfg.inner_steps,
+                              upper_batches=self.cfg.upper_batches,
+                              batch_size=self.cfg.mask_batch, user_lr=self.cfg.user_lr, mask_lr=self.cfg.mask_lr,
+                              sparsity_weight=self.cfg.sparsity_weight, warm_start_steps=self.cfg.warm_start_steps,
+                              warm_start_lr=self.cfg.warm_start_lr, warm_start_batch_size=self.cfg.mask_batch,
+                              seed=0, device="cpu" if not torch.cuda.is_available() else "auto")
+            ws = self.root / "masks" / "warm-start"
+            finetuned = ws if (ws / "unet" / "config.json").exists() else None
+            r = learn_mask(self.model, self.data("people", "mask"),
+                           [self.data(d, "mask") for d in self.cfg.innocent], path, cfg, finetuned_dir=finetuned,
+                           resume=True)
+            if finetuned is None:
+                import shutil
+                shutil.copytree(path.with_name(path.name + ".work") / "warm_start", ws, dirs_exist_ok=True)
+            r.mask.plot(self.root / "masks" / f"learned-{ratio:g}.png")
+            return {"path": str(path), "tensor_ratio": r.mask.tensor_ratio, "param_fraction": r.mask.param_fraction}
+        self.stage(f"mask-learned-{ratio:g}", run)
+        return Mask.load(path)
+
+    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> Path:
+        from ..finetune import FinetuneConfig, guarded_finetune
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
+        out = self.root / "finetunes" / tag
+
+        def run():
+            kwargs = METHODS[method](self, ratio, seed)
+            model = kwargs.pop("model", self.model)
+            cfg = FinetuneConfig(steps=self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
+                                 lr=self.cfg.finetune_lr, seed=seed, checkpoint_every=25)
+            data = self.data(domain, "finetune", subject)
+            r = guarded_finetune(model, data, out, cfg, resume=True, **kwargs)
+            return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
+                    "final_loss": r.history[-1]["loss_data"] if r.history else None}
+        self.stage(f"finetune-{tag}", run)
+        return out
+
+    def generate(self, model_dir: Path, prompts: list[str], seed: int, out: Path):
+        from ..generate import generate_images, load_pipeline, save_grid
+
+        def run():
+            pipe = load_pipeline(model_dir)
+            images = generate_images(pipe, prompts, steps=self.cfg.generate_steps, seed=seed * 1000,
+                                     guidance=self.cfg.guidance)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(images):
+                im.save(out / f"{i:03d}.png")
+            save_grid(images, out / "grid.png")
+            return len(images)
+        self.stage(f"generate-{out.relative_to(self.root)}".replace("/", "_"), run)
+        from PIL import Image
+        return [Image.open(out / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))]
+
+    # ---- evaluation of one fine-tuned model -------------------------------------------------
+    def eval_people(self, model_dir, method, ratio, seed, subject) -> list[dict]:
+        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_")
+
+        def run():
+            prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
+            images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
+            rec = self.world.recogniser()
+            names = [p["identity"] for p in rec.predict(images)]
+            fid = frechet_distance(rec.embed(images), rec.embed(real))
+            loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data")
+            return [{"metric": "identity_recognition", "value": identity_recognition(names, subject)},
+                    {"metric": "feature_fid", "value": fid}, {"metric": "heldout_loss", "value": loss}]
+        rows = self.stage(f"eval-{tag}", run)
+        return [{"method": method, "ratio": ratio, "seed": seed, "subject": subject, "domain": "people", **r}
+                for r in rows]
+
+    def eval_innocent(self, model_dir, method, ratio, seed, domain) -> list[dict]:
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}"
+
+        def run():
+            prompts, attrs, _ = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
+            images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
+            preds = self.world.attribute_judge(domain).predict(images)
+            return [{"metric": "prompt_accuracy", "value": prompt_accuracy(preds, attrs)}]
+        rows = self.stage(f"eval-{tag}", run)
+        return [{"method": method, "ratio": ratio, "seed": seed, "subject": None, "domain": domain, **r} for r in rows]
+
+    def sanity(self) -> dict:
+        def run():
+            rec = self.world.recogniser()
+            out = {}
+            for subject in self.subjects:
+                _, real = self.world.people_prompts(subject, 32, 999)
+                out[f"recogniser_accuracy_real/{subject}"] = identity_recognition(
+                    [p["identity"] for p in rec.predict(real)], subject)
+            for domain in self.cfg.innocent:
+                _, attrs, real = self.world.innocent_prompts(domain, 32, 999)
+                out[f"attribute_accuracy_real/{domain}"] = prompt_accuracy(
+                    self.world.attribute_judge(domain).predict(real), attrs)
+            return out
+        return self.stage("sanity", run)
+
+    # ---- the whole experiment ---------------------------------------------------------------
+    def run(self) -> list[dict]:
+        t0 = time.time()
+        cfg = self.cfg
+        atomic_write_json(self.root / "config.json", asdict(cfg))
+        sanity = self.sanity()
+        rows: list[dict] = []
+        for seed in cfg.seeds:       # the untouched model: recognition should be near zero
+            for subject in self.subjects:
+                rows += self.eval_people(self.model, "pretrained", 0.0, seed, subject)
+        for method in cfg.methods:
+            for ratio in (cfg.ratios if method in FREEZING else [0.0]):
+                for seed in cfg.seeds:
+                    for subject in self.subjects:
+                        ft = self.finetune(method, ratio, seed, "people", subject)
+                        rows += self.eval_people(ft, method, ratio, seed, subject)
+                    for domain in cfg.innocent:
+                        ft = self.finetune(method, ratio, seed, domain, None)
+                        rows += self.eval_innocent(ft, method, ratio, seed, domain)
+        write_report(self.root, rows, sanity, self.subjects, cfg, time.time() - t0)
+        return rows
+
+
+def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
+    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
+    from ..batches import Domain, DomainMix, weighted_loss
+    from ..data import EncodedData, load_image_captions
+    from ..diffusion import NoiseSchedule
+    from ..models import load_sd
+
+    path = Path(data_root) / f"heldout-{subject}".replace(" ", "_")
+    if not (path / "metadata.jsonl").exists():
+        world.export(path, "people", 16, "eval", [subject])
+    comps = load_sd(model_dir)
+    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
+    data = load_image_captions(path)
+    mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
+    comps.unet.eval()
+    with torch.no_grad():
+        return sum(float(weighted_loss(comps.unet, mix.draw("cpu"), schedule)[0]) for _ in range(draws)) / draws
+
+
+# ---- reports -------------------------------------------------------------------------------
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds (and subjects) per method, ratio, domain and metric."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["ratio"], r["domain"], r["metric"]), []).append(r["value"])
+    return [{"method": m, "ratio": ra, "domain": d, "metric": me, "mean": statistics.fmean(v),
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for (m, ra, d, me), v in groups.items()]
+
+
+def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
+    atomic_write_json(root / "results.json", rows)
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "ratio", "seed", "subject", "domain", "metric", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarise(rows)
+    atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds})
+    cell = {(s["method"], s["ratio"], s["domain"], s["metric"]): s for s in summary}
+    cols = [("people", "identity_recognition", "Recognised ↓"), ("people", "feature_fid", "Feature FID ↑"),
+            ("people", "heldout_loss", "Held-out loss ↑")] + \
+           [(d, "prompt_accuracy", f"{d.capitalize()} accuracy ↑") for d in cfg.innocent]
+    keys = sorted({(s["method"], s["ratio"]) for s in summary}, key=lambda k: (k[0] != "pretrained", k[0] != "full", k))
+    lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
+             f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
+             "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, ratio in keys:
+        label = {"pretrained": "Pre-trained (no FT)", "full": "Full FT", "random": f"Random-{ratio:.0%}",
+                 "learned": f"FreezeAsGuard-{ratio:.0%}"}.get(method, f"{method}-{ratio:.0%}")
+        vals = []
+        for d, m, _ in cols:
+            s = cell.get((method, ratio, d, m))
+            vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    lines += ["", "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
+              f"Total time {seconds:.0f}s."]
+    atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
+    _tradeoff_plot(root, summary, cfg)
+    return "\n".join(lines)
+
+
+def _tradeoff_plot(root, summary, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not cfg.innocent:
+        return
+    domain = cfg.innocent[0]
+    pts = {}
+    for s in summary:
+        key = (s["method"], s["ratio"])
+        if s["metric"] == "identity_recognition":
+            pts.setdefault(key, {})["x"] = (s["mean"], s["std"])
+        if s["metric"] == "prompt_accuracy" and s["domain"] == domain:
+            pts.setdefault(key, {})["y"] = (s["mean"], s["std"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (method, ratio), p in sorted(pts.items()):
+        if "x" in p and "y" in p:
+            ax.errorbar(p["x"][0], p["y"][0], xerr=p["x"][1], yerr=p["y"][1], fmt="o", capsize=3,
+                        label=f"{method} {ratio:g}" if method in FREEZING else method)
+    ax.set_xlabel("illegal: share recognised as the target (lower is better)")
+    ax.set_ylabel(f"innocent ({domain}): prompt accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "tradeoff.png", dpi=120)
+    plt.close(fig)
