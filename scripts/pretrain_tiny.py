@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--unet-lr", type=float, default=5e-4)
     ap.add_argument("--max-minutes", type=float, default=0, help="stop UNet training after this long (0: no limit)")
+    ap.add_argument("--continue-from", help="a pipeline this script made: keep its VAE, text encoder and tokenizer "
+                                            "and continue training its UNet (a new warm-up + cosine schedule)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -92,10 +94,15 @@ def main():
     info["stages"]["render_s"] = time.time() - t_start
 
     t = time.time()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
+    previous = json.loads((Path(a.continue_from) / "pretrain_info.json").read_text()) if a.continue_from else None
+    if previous:
+        info["previous_runs"] = previous.get("previous_runs", []) + [previous]
+        vae = AutoencoderKL.from_pretrained(Path(a.continue_from) / "vae")
+    else:
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[16, 32], layers_per_block=1,
                         norm_num_groups=8, sample_size=32)
-    vae_loss = train_vae(vae, pixels, a.vae_steps, a.vae_batch, 1e-3, 1e-3, a.seed)
+    vae_loss = train_vae(vae, pixels, a.vae_steps, a.vae_batch, 1e-3, 1e-3, a.seed) if not previous else None
     with torch.no_grad():
         dists = [vae.encode(pixels[s:s + 256]).latent_dist for s in range(0, len(pixels), 256)]
         mean = torch.cat([d.mean for d in dists])
@@ -103,16 +110,24 @@ def main():
         scaling = float(1.0 / mean.std())
         rec = vae.decode(mean[:256]).sample
         rec_mse = float(torch.nn.functional.mse_loss(rec, pixels[:256]))
+    if previous:
+        scaling = float(vae.config.scaling_factor)
     vae.register_to_config(scaling_factor=scaling)
     info["stages"].update(vae_s=time.time() - t, vae_final_loss=vae_loss, vae_reconstruction_mse=rec_mse,
                           vae_scaling_factor=scaling)
-    logger.info("VAE: loss %.4f, reconstruction MSE %.4f, scaling %.3f", vae_loss, rec_mse, scaling)
+    logger.info("VAE: loss %s, reconstruction MSE %.4f, scaling %.3f", vae_loss, rec_mse, scaling)
 
-    tokenizer = build_offline_tokenizer(world_vocabulary(), model_max_length=40)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=40, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    if previous:
+        from transformers import CLIPTokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(Path(a.continue_from) / "tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(Path(a.continue_from) / "text_encoder").eval()
+    else:
+        tokenizer = build_offline_tokenizer(world_vocabulary(), model_max_length=40)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=40, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    torch.manual_seed(a.seed + len(info.get("previous_runs", [])))
     with torch.no_grad():
         def embed(texts):
             ids = tokenizer(texts, padding="max_length", max_length=40, truncation=True, return_tensors="pt").input_ids
@@ -121,12 +136,15 @@ def main():
         empty = embed([""])[0]
 
     t = time.time()
-    unet = UNet2DConditionModel(**tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64),
-                                                   cross_attention_dim=64))
+    if previous:
+        unet = UNet2DConditionModel.from_pretrained(Path(a.continue_from) / "unet")
+    else:
+        unet = UNet2DConditionModel(**tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64),
+                                                       cross_attention_dim=64))
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config("epsilon"))
     opt = torch.optim.AdamW(unet.parameters(), lr=a.unet_lr, weight_decay=1e-2)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.unet_lr, total_steps=a.unet_steps, pct_start=0.05)
-    g = torch.Generator().manual_seed(a.seed)
+    g = torch.Generator().manual_seed(a.seed + len(info.get("previous_runs", [])))
     unet.train()
     losses, steps_done = [], 0
     for step in tqdm(range(a.unet_steps), desc="UNet"):

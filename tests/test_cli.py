@@ -96,3 +96,16 @@ def test_tiny_pipeline_and_help(tmp_path, capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
     assert "freezing" in capsys.readouterr().out
+
+
+def test_world_export_feeds_the_loaders(tmp_path, capsys):
+    from freezeasguard.data import load_image_captions
+    from freezeasguard.synthetic.world import make_cast
+    name = make_cast(0)[1].name
+    assert main(["world", "export", "people", "--out", str(tmp_path / "p"), "-n", "3", "--subject", name]) == 0
+    data = load_image_captions(tmp_path / "p", subject=name)
+    assert len(data) == 3 and all(c.startswith(f"a photo of {name}") for c in data.captions)
+    assert main(["world", "export", "clothes", "--out", str(tmp_path / "c"), "-n", "4"]) == 0
+    assert len(load_image_captions(tmp_path / "c")) == 4
+    assert main(["world", "cast"]) == 0
+    assert name in capsys.readouterr().out

@@ -146,7 +146,7 @@ def attribute_samples(domain: str, n: int, seed: int, size: int = 32):
     return images, attrs
 
 
-def train_attribute_classifier(domain: str, n: int = 2500, epochs: int = 6, seed: int = 0) -> Judge:
+def train_attribute_classifier(domain: str, n: int = 5000, epochs: int = 10, seed: int = 0) -> Judge:
     images, attrs = attribute_samples(domain, n, seed)
     labels = {k: list(v) for k, v in ATTRIBUTES[domain].items()}
     y = {k: torch.tensor([labels[k].index(a[k]) for a in attrs]) for k in labels}
