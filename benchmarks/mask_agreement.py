@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--inner-steps", type=int, default=4)
     ap.add_argument("--ratio", type=float, default=0.3)
     ap.add_argument("--seeds", type=int, nargs=2, default=(1, 2))
+    ap.add_argument("--only", type=int, nargs="*", help="run only these settings (indices into the list)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     wide = dict(init_logit_low=-3.0, init_logit_high=-1.0)
@@ -47,6 +48,8 @@ def main():
                 ("ours c=0.5", dict(sparsity_weight=0.5)), ("ours c=5 (default)", dict(sparsity_weight=5.0)),
                 ("paper raw, c=5e3, step 10, wide init", dict(normalize_mask_grad=False, sparsity_weight=5e3,
                                                               mask_lr=10.0, **wide))]
+    if a.only:
+        settings = [settings[i] for i in a.only]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
