@@ -110,3 +110,15 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+class NearbyBase(dict):
+    """A theta_pre close to the model's weights, made one tensor at a time when BilevelState reads
+    it, so no third full copy of the weights inflates the measured peak."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.params = dict(unet.named_parameters())
+
+    def __getitem__(self, name):
+        return self.params[name].detach() + 1e-3 * torch.randn_like(self.params[name])

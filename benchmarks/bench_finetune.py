@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from _common import PRESETS, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
+from _common import PRESETS, NearbyBase, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 
@@ -29,19 +29,14 @@ RATIOS = (0.0, 0.1, 0.3, 0.8)
 def learn_scores(preset, device, path):
     """A few mask updates on random latents: logits with a learned (not uniform) structure."""
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.learn import BilevelState, LearnConfig, mask_update
+    from freezeasguard.bilevel import BilevelState
+    from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 
     unet, latent, text_dim = build_unet(preset, device)
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
-    params = dict(unet.named_parameters())
-
-    class NearbyBase(dict):
-        def __getitem__(self, name):
-            return params[name].detach() + 1e-3 * torch.randn_like(params[name])
-
     cfg = LearnConfig(inner_steps=1, user_lr=1e-4, device=device)
-    state = BilevelState(unet, NearbyBase(), cfg.temperature)
+    state = BilevelState(unet, NearbyBase(unet), cfg.temperature)
     state.logits = cfg.temperature * (-3 + 2 * torch.rand(len(state.params)))
     step = {"i": 0}
 

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from _common import PRESETS, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
+from _common import PRESETS, NearbyBase, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
 
 
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.finetune import FinetuneConfig, build_optimizer
-    from freezeasguard.learn import BilevelState, LearnConfig, mask_update, remask_
+    from freezeasguard.bilevel import BilevelState, remask_
+    from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 
     base_rss = rss_bytes()
@@ -54,15 +55,8 @@ def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats:
         reset_peak_rss()
         seconds = timed(step, device, repeats)
     else:
-        params = dict(unet.named_parameters())
-
-        class NearbyBase(dict):
-            """theta_pre made one tensor at a time, so no third full copy inflates the peak."""
-            def __getitem__(self, name):
-                return params[name].detach() + 1e-3 * torch.randn_like(params[name])
-
         cfg = LearnConfig(inner_steps=inner, user_lr=1e-5, device=device)
-        state = BilevelState(unet, NearbyBase(), cfg.temperature)
+        state = BilevelState(unet, NearbyBase(unet), cfg.temperature)
         state.logits = cfg.temperature * (-3 + 2 * torch.rand(len(state.params)))
         with torch.no_grad():
             remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)

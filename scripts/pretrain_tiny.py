@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from freezeasguard.data import DataError, DomainSampler, load_image_captions, preprocess

@@ -4,7 +4,8 @@ exactly the illegal-only tensors, from any seed (a mask that followed its random
 import torch
 from torch import nn
 
-from freezeasguard.learn import BilevelState, LearnConfig, mask_update, remask_
+from freezeasguard.bilevel import BilevelState, remask_
+from freezeasguard.learn import LearnConfig, mask_update
 from freezeasguard.mask import select_frozen
 
 

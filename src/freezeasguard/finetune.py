@@ -8,9 +8,7 @@ Named steps, as a recipe: setup -> train -> check_frozen_unchanged -> save_pipel
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,7 +22,7 @@ from .batches import Domain, DomainMix, domain_means, weighted_loss
 from .data import EncodedData, load_image_captions
 from .diffusion import NoiseSchedule
 from .io import atomic_save_safetensors, atomic_write_json
-from .mask import Mask, MaskError
+from .mask import Mask
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,12 +28,13 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
+from .bilevel import BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_
 from .data import EncodedData, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, resolve_device, save_pipeline, train_unet
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
-from .models import fingerprint, load_sd, load_unet_state, resolve_unet_dir
+from .models import fingerprint, load_sd, load_unet_state
 
 logger = logging.getLogger(__name__)
 
@@ -87,115 +87,6 @@ class LearnConfig:
         for k in ("checkpoint_every", "device", "steps"):
             d.pop(k)
         return d
-
-
-# ------------------------------------------------------------------------------------------
-# The maths: small pure functions, each tested against autograd
-# ------------------------------------------------------------------------------------------
-
-def soft_mask(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return torch.sigmoid(logits / temperature)
-
-
-def sparsity_loss(m: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Eq. 6: (sum(m)/N - rho)^2."""
-    return (m.mean() - ratio) ** 2
-
-
-def logit_gradient(dots: torch.Tensor, m: torch.Tensor, temperature: float, ratio: float,
-                   sparsity_weight: float, normalize: bool) -> tuple[torch.Tensor, dict]:
-    """dL/dw for every tensor, with the true sigmoid derivative m(1-m)/T (the paper's
-    sigma(w/T) sigma(1-w/T) in Eq. 8/11 is a typo). ``dots[i]`` = <dL_upper/dtheta(m)_i, theta_d_i>
-    = dL_upper/dm_i.
-
-    normalize=False, the paper's objective:  L = L_upper + c * (mean(m) - rho)^2.
-    normalize=True, ours:                    L = L_upper / rms(dots) + c * N * (mean(m) - rho)^2,
-    i.e. a data term with per-tensor RMS 1 whatever the loss scale, model size or warm-start
-    distance, and a sparsity term of the same per-tensor scale (c counts per tensor)."""
-    n = m.numel()
-    if normalize:
-        rms = float(dots.pow(2).mean().sqrt())
-        scale = 1.0 / rms if rms > 0 else 0.0
-        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio)
-    else:
-        scale = 1.0
-        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio) / n
-    data = dots * scale
-    sparse = torch.full_like(m, sparse_per_tensor)
-    dsig = m * (1 - m) / temperature
-    stats = {"data_grad_rms": float((data * dsig).pow(2).mean().sqrt()),
-             "sparsity_grad_rms": float((sparse * dsig).pow(2).mean().sqrt()), "data_scale": scale}
-    return (data + sparse) * dsig, stats
-
-
-def lower_update_(params: list[torch.Tensor], theta_d: list[torch.Tensor], grads: list[torch.Tensor],
-                  m: torch.Tensor, lr: float):
-    """Eq. 9-10, in place and fused over tensors; ``grads`` is consumed (scaled in place)."""
-    keep = (1.0 - m.double()).tolist()
-    torch._foreach_mul_(grads, [lr * k for k in keep])         # lr (1-m) g
-    torch._foreach_add_(theta_d, grads)                        # theta_d += lr (1-m) g
-    torch._foreach_mul_(grads, keep)                           # lr (1-m)^2 g
-    torch._foreach_sub_(params, grads)                         # theta(m) -= lr (1-m)^2 g
-
-
-def remask_(params: list[torch.Tensor], theta_d: list[torch.Tensor], m_old: torch.Tensor, m_new: torch.Tensor):
-    """theta(m) += (m_new - m_old) theta_d: keeps theta(m) = m theta_pre + (1-m) theta_ft."""
-    torch._foreach_add_(params, torch._foreach_mul(theta_d, (m_new.double() - m_old.double()).tolist()))
-
-
-def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """<a_i, b_i> for every tensor i of two flat buffers, in one fused reduction. Overwrites flat_a."""
-    flat_a.mul_(flat_b)
-    return torch.segment_reduce(flat_a, "sum", lengths=lengths.to(flat_a.device)).float()
-
-
-# ------------------------------------------------------------------------------------------
-# The bilevel state: theta(m) are the UNet's own parameters; grads and theta_d are flat buffers
-# (one fused all-reduce and one segment reduction per step) viewed per tensor.
-# ------------------------------------------------------------------------------------------
-
-class BilevelState:
-    def __init__(self, unet, theta_pre, temperature: float):
-        """``theta_pre`` maps parameter names to the base model's tensors (any Mapping; read once)."""
-        self.unet = unet
-        self.named = list(unet.named_parameters())
-        self.params = [p for _, p in self.named]
-        device = self.params[0].device
-        numel = [p.numel() for p in self.params]
-        self.lengths = torch.tensor(numel)
-        total = sum(numel)
-        self.flat_grad = torch.zeros(total, device=device, dtype=torch.float32)
-        self.flat_theta_d = torch.zeros(total, device=device, dtype=torch.float32)
-        self.grad_views = self._views(self.flat_grad)
-        self.theta_d = self._views(self.flat_theta_d)
-        with torch.no_grad():
-            for (name, p), d in zip(self.named, self.theta_d):
-                d.copy_(theta_pre[name].to(device, torch.float32) - p.float())   # theta_pre - theta_ft
-        for p, g in zip(self.params, self.grad_views):
-            p.requires_grad_(True)
-            p.grad = g
-        self.temperature = temperature
-        self.logits = torch.zeros(len(self.params), dtype=torch.float32)
-
-    def _views(self, flat):
-        out, offset = [], 0
-        for p in self.params:
-            out.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
-        return out
-
-    @property
-    def m(self) -> torch.Tensor:
-        return soft_mask(self.logits, self.temperature)
-
-    def zero_grad(self):
-        self.flat_grad.zero_()
-        for p, g in zip(self.params, self.grad_views):   # autograd may replace .grad; restore the views
-            if p.grad is not g:
-                p.grad = g
-
-    def sync_grads(self):
-        dist.all_reduce_sum_(self.flat_grad)
 
 
 @dataclass
