@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 PRESETS = {
     # tens of millions of parameters: differences stand above CPU noise, a step takes ~1-2 s
     "cpu-34m": dict(layout="sd15", block_out_channels=(64, 128, 256, 256), cross_attention_dim=64, latent=16),
+    # the shipped tiny pipeline's widths: smoke tests of the benchmarks' code paths
+    "tiny": dict(layout="sd15", block_out_channels=(32, 32, 64, 64), cross_attention_dim=64, latent=8),
     # the real SD v1.5 UNet shapes (859.5 M parameters), random init, 64x64 latents (512 px)
     "sd15-shapes": dict(layout="sd15-shapes", latent=64),
 }

@@ -75,7 +75,9 @@ def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("every UNet tensor is frozen; nothing to fine-tune")
-    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused AdamW updates every tensor in one CUDA kernel; it needs floating-point CUDA params
+    fused = all(p.is_cuda and p.dtype.is_floating_point for p in trainable)
+    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def _checkpoint_tensors(unet, optimizer, mix: DomainMix, step: int, scaler=None) -> dict:
