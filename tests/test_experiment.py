@@ -28,7 +28,7 @@ def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg).run()
     done_before = {p.name for p in (tmp_path / "exp" / "stages").iterdir()}
-    assert any(n.startswith("mask-learned") for n in done_before) is False   # learned comes last
+    assert not (tmp_path / "exp" / "protect" / "learned").exists()   # learned comes last
     monkeypatch.setattr(Runner, "finetune", real)
     trained = []
     real_ft = experiment.Runner.stage
@@ -58,5 +58,28 @@ def test_unknown_settings_and_methods_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("methods: [full]\nfinetune_stepz: 3\n")
     with pytest.raises(ValueError, match="finetune_stepz"):
         ExperimentConfig.from_yaml(tmp_path / "c.yaml")
-    with pytest.raises(ValueError, match="unknown methods"):
+    with pytest.raises(ValueError, match="unknown method"):
         Runner(ExperimentConfig(out=str(tmp_path / "x"), methods=["magic"]))
+
+
+def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
+    """UCE, IMMA, saliency and uce+learned run through the same runner; the chain's fine-tune
+    starts from the UCE-edited model and keeps its frozen tensors byte-identical to it."""
+    from freezeasguard.mask import Mask
+    from freezeasguard.models import load_unet_state
+    cfg = _cfg(tmp_path / "exp", tiny_sd)
+    cfg.methods = ["uce", "imma", "saliency", "uce+learned"]
+    cfg.imma_steps, cfg.imma_inner_steps, cfg.saliency_batches = 2, 1, 1
+    rows = Runner(cfg).run()
+    assert {r["method"] for r in rows} == {"pretrained", "uce", "imma", "saliency", "uce+learned"}
+    table = (tmp_path / "exp" / "results.md").read_text()
+    for label in ("| UCE |", "| IMMA |", "| Saliency-30% |", "| UCE+FreezeAsGuard-30% |"):
+        assert label in table
+    uce_model = tmp_path / "exp" / "protect" / "uce" / "model"
+    mask = Mask.load(tmp_path / "exp" / "protect" / "uce+learned" / "mask-0.3.safetensors")
+    edited, base = load_unet_state(uce_model), load_unet_state(tiny_sd)
+    ft = next((tmp_path / "exp" / "finetunes").glob("uce+learned-0.3-s0-people-*"))
+    tuned = load_unet_state(ft)
+    frozen = set(mask.frozen_names)
+    assert frozen and all(tuned[n].equal(edited[n]) for n in frozen)
+    assert any(not edited[n].equal(base[n]) for n in edited if "attn2.to_k" in n)

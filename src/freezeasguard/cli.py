@@ -356,7 +356,7 @@ def cmd_demo(args) -> int:
     cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
-    print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, masks/)")
+    print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, edited models))")
     return 0
 
 

@@ -19,35 +19,28 @@ from pathlib import Path
 import torch
 
 from ..io import atomic_write_json, atomic_write_text
+from ..methods import ProtectSettings, chain_uses_ratio, parse_chain, protect
 from .metrics import frechet_distance, identity_recognition, prompt_accuracy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ExperimentConfig:
-    """One experiment; every field can be set in the YAML file."""
+class ExperimentConfig(ProtectSettings):
+    """One experiment; every field (these and the methods' settings, ProtectSettings) can be set
+    in the YAML file."""
     out: str = "experiment-out"            # output folder
     model: str | None = None               # base pipeline folder; None: the shipped tiny pipeline
-    methods: list[str] = field(default_factory=lambda: ["full", "random", "learned"])
+    methods: list[str] = field(default_factory=lambda: ["full", "random", "learned"])  # or chains: uce+learned
     ratios: list[float] = field(default_factory=lambda: [0.3])   # for methods that freeze
     subjects: list[str] | None = None      # illegal subjects; None: the first n_subjects of the cast
     n_subjects: int = 1
     innocent: list[str] = field(default_factory=lambda: ["logos"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning / generation seeds
     cast_seed: int = 0
-    mask_images: int = 48                  # per subject and per innocent domain, for mask learning
+    mask_images: int = 48                  # per subject and per innocent domain, for protection methods
     finetune_images: int = 48              # per subject / innocent domain, for the users' fine-tunes
     eval_images: int = 16                  # generated per subject / domain and seed
-    warm_start_steps: int = 100
-    warm_start_lr: float = 1e-4
-    mask_steps: int = 30
-    inner_steps: int = 5
-    upper_batches: int = 1
-    mask_batch: int = 4
-    user_lr: float = 1e-4
-    mask_lr: float | None = None
-    sparsity_weight: float = 5.0
     finetune_steps: int = 100
     finetune_batch: int = 4
     finetune_lr: float = 1e-4
@@ -66,37 +59,6 @@ class ExperimentConfig:
         return cls(**raw)
 
 
-# ---- methods ---------------------------------------------------------------------------------
-METHODS: dict[str, callable] = {}
-
-
-def register(name: str):
-    """Register a method: fn(runner, ratio, seed) -> keyword arguments for guarded_finetune
-    (``full=True``, ``random_ratio=r`` or ``mask=Mask``) plus an optional ``model`` override."""
-    def deco(fn):
-        METHODS[name] = fn
-        return fn
-    return deco
-
-
-@register("full")
-def _full(runner, ratio, seed):
-    return {"full": True}
-
-
-@register("random")
-def _random(runner, ratio, seed):
-    return {"random_ratio": ratio}
-
-
-@register("learned")
-def _learned(runner, ratio, seed):
-    return {"mask": runner.learned_mask(ratio)}
-
-
-FREEZING = {"random", "learned"}
-
-
 # ---- the runner ------------------------------------------------------------------------------
 class Runner:
     def __init__(self, cfg: ExperimentConfig, world=None):
@@ -108,9 +70,8 @@ class Runner:
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
         for s in self.subjects:
             self.world.check_subject(s)
-        unknown = [m for m in cfg.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; registered: {sorted(METHODS)}")
+        for m in cfg.methods:
+            parse_chain(m)       # unknown names and impossible chains fail before any work
         if cfg.model is None:
             from ..synthetic import TINY_SD
             self.model = TINY_SD
@@ -137,30 +98,11 @@ class Runner:
         self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, subjects)))
         return path
 
-    def learned_mask(self, ratio: float):
-        from ..learn import LearnConfig, learn_mask
-        from ..mask import Mask
-        path = self.root / "masks" / f"learned-{ratio:g}.safetensors"
-
-        def run():
-            cfg = LearnConfig(ratio=ratio, steps=self.cfg.mask_steps, inner_steps=self.cfg.inner_steps,
-                              upper_batches=self.cfg.upper_batches,
-                              batch_size=self.cfg.mask_batch, user_lr=self.cfg.user_lr, mask_lr=self.cfg.mask_lr,
-                              sparsity_weight=self.cfg.sparsity_weight, warm_start_steps=self.cfg.warm_start_steps,
-                              warm_start_lr=self.cfg.warm_start_lr, warm_start_batch_size=self.cfg.mask_batch,
-                              seed=0, device="cpu" if not torch.cuda.is_available() else "auto")
-            ws = self.root / "masks" / "warm-start"
-            finetuned = ws if (ws / "unet" / "config.json").exists() else None
-            r = learn_mask(self.model, self.data("people", "mask"),
-                           [self.data(d, "mask") for d in self.cfg.innocent], path, cfg, finetuned_dir=finetuned,
-                           resume=True)
-            if finetuned is None:
-                import shutil
-                shutil.copytree(path.with_name(path.name + ".work") / "warm_start", ws, dirs_exist_ok=True)
-            r.mask.plot(self.root / "masks" / f"learned-{ratio:g}.png")
-            return {"path": str(path), "tensor_ratio": r.mask.tensor_ratio, "param_fraction": r.mask.param_fraction}
-        self.stage(f"mask-learned-{ratio:g}", run)
-        return Mask.load(path)
+    def protection(self, method: str, ratio: float):
+        """The method's output for this ratio (cached under protect/ by the registry)."""
+        return protect(method, self.model, self.data("people", "mask"),
+                       [self.data(d, "mask") for d in self.cfg.innocent], self.subjects, ratio,
+                       self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
 
     def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> Path:
         from ..finetune import FinetuneConfig, guarded_finetune
@@ -168,8 +110,8 @@ class Runner:
         out = self.root / "finetunes" / tag
 
         def run():
-            kwargs = METHODS[method](self, ratio, seed)
-            model = kwargs.pop("model", self.model)
+            chosen = self.protection(method, ratio)
+            model, kwargs = chosen.model or self.model, chosen.finetune_kwargs()
             cfg = FinetuneConfig(steps=self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
                                  lr=self.cfg.finetune_lr, seed=seed, checkpoint_every=25)
             data = self.data(domain, "finetune", subject)
@@ -249,7 +191,7 @@ class Runner:
             for subject in self.subjects:
                 rows += self.eval_people(self.model, "pretrained", 0.0, seed, subject)
         for method in cfg.methods:
-            for ratio in (cfg.ratios if method in FREEZING else [0.0]):
+            for ratio in (cfg.ratios if chain_uses_ratio(method) else [0.0]):
                 for seed in cfg.seeds:
                     for subject in self.subjects:
                         ft = self.finetune(method, ratio, seed, "people", subject)
@@ -291,6 +233,17 @@ def summarise(rows: list[dict]) -> list[dict]:
             for (m, ra, d, me), v in groups.items()]
 
 
+def method_label(method: str, ratio: float) -> str:
+    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%."""
+    if method == "pretrained":
+        return "Pre-trained (no FT)"
+    names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
+             "uce": "UCE", "imma": "IMMA"}
+    parts = method.split("+")
+    label = "+".join(names.get(p, p) for p in parts)
+    return f"{label}-{ratio:.0%}" if chain_uses_ratio(method) else label
+
+
 def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     atomic_write_json(root / "results.json", rows)
     with open(root / "results.csv", "w", newline="") as f:
@@ -308,8 +261,7 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, ratio in keys:
-        label = {"pretrained": "Pre-trained (no FT)", "full": "Full FT", "random": f"Random-{ratio:.0%}",
-                 "learned": f"FreezeAsGuard-{ratio:.0%}"}.get(method, f"{method}-{ratio:.0%}")
+        label = method_label(method, ratio)
         vals = []
         for d, m, _ in cols:
             s = cell.get((method, ratio, d, m))
@@ -340,7 +292,7 @@ def _tradeoff_plot(root, summary, cfg):
     for (method, ratio), p in sorted(pts.items()):
         if "x" in p and "y" in p:
             ax.errorbar(p["x"][0], p["y"][0], xerr=p["x"][1], yerr=p["y"][1], fmt="o", capsize=3,
-                        label=f"{method} {ratio:g}" if method in FREEZING else method)
+                        label=method_label(method, ratio))
     ax.set_xlabel("illegal: share recognised as the target (lower is better)")
     ax.set_ylabel(f"innocent ({domain}): prompt accuracy")
     ax.legend(fontsize=8)

@@ -1,0 +1,168 @@
+"""IMMA: immunising a text-to-image model against malicious adaptation (Zheng & Yeh, ECCV 2024).
+
+Written from the paper's formulation only (the authors' code is licensed for review and was not
+read). IMMA is a bilevel problem: the base weights theta are chosen so that the loss on the
+illegal data *after* an attacker adapts the model stays high,
+
+    max_theta  L_illegal(theta, phi*(theta)),   phi*(theta) = argmin_phi L_illegal(theta, phi),
+
+where phi is the attacker's adaptation (LoRA or a full update of the same layers). Each outer
+update here: a fresh adapter phi = 0 (LoRA: B = 0), ``inner_steps`` Adam steps on phi against
+the illegal loss (the simulated attack), then one Adam *ascent* step on theta of the illegal
+loss at the adapted point. The gradient is first-order: phi* is held fixed when differentiating
+in theta (no unrolling through the inner steps). theta = the cross-attention key and value
+projections by default, the layers the paper immunises. ``imma_preserve_weight`` > 0 adds the
+innocent loss at theta (without adapter) to the outer objective; the paper has no such term (0).
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import MethodInputs, Protection, register
+
+logger = logging.getLogger(__name__)
+
+
+class Adapter:
+    """An additive update of each target Linear: delta = B @ A (LoRA) or a full matrix, applied
+    by forward hooks so the base weight stays a leaf that the outer step can differentiate."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear], kind: str = "lora", rank: int = 4,
+                 generator: torch.Generator | None = None):
+        if kind not in ("lora", "full"):
+            raise ValueError(f"imma_adapter {kind!r}: use lora or full")
+        self.kind, self.factors, self.handles = kind, {}, []
+        for name, m in modules.items():
+            out_f, in_f = m.weight.shape
+            dev = m.weight.device
+            if kind == "full":
+                self.factors[name] = [torch.zeros(out_f, in_f, device=dev, requires_grad=True)]
+            else:
+                a = (torch.randn(rank, in_f, generator=generator) / in_f ** 0.5).to(dev).requires_grad_(True)
+                self.factors[name] = [a, torch.zeros(out_f, rank, device=dev, requires_grad=True)]
+            self.handles.append(m.register_forward_hook(self._hook(name)))
+
+    def delta(self, name) -> torch.Tensor:
+        f = self.factors[name]
+        return f[0] if self.kind == "full" else f[1] @ f[0]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            return output + F.linear(args[0], self.delta(name).to(args[0].dtype))
+        return hook
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [t for f in self.factors.values() for t in f]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def target_modules(unet, pattern: str) -> dict[str, torch.nn.Linear]:
+    regex = re.compile(pattern)
+    found = {n: m for n, m in unet.named_modules() if regex.search(n) and isinstance(m, torch.nn.Linear)}
+    if not found:
+        raise ValueError(f"imma_targets {pattern!r} matches no Linear module of the UNet")
+    return found
+
+
+def adapt(unet, modules, draw_loss, steps: int, lr: float, kind: str, rank: int, seed: int) -> Adapter:
+    """The simulated attack: ``steps`` Adam steps on a fresh adapter; returns it still attached."""
+    adapter = Adapter(modules, kind, rank, torch.Generator().manual_seed(seed))
+    opt = torch.optim.Adam(adapter.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = draw_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return adapter
+
+
+def adapted_loss(unet, modules, draw_loss, eval_loss, steps: int, lr: float, kind: str = "lora", rank: int = 4,
+                 seed: int = 0) -> float:
+    """Illegal loss after an attacker's ``steps`` adaptation steps (the quantity IMMA raises)."""
+    requires = [p.requires_grad for p in unet.parameters()]
+    unet.requires_grad_(False)
+    adapter = adapt(unet, modules, draw_loss, steps, lr, kind, rank, seed)
+    with torch.no_grad():
+        value = float(eval_loss())
+    adapter.remove()
+    for p, r in zip(unet.parameters(), requires):
+        p.requires_grad_(r)
+    return value
+
+
+def immunize(unet, modules, draw_illegal, draw_innocent, steps: int, inner_steps: int, inner_lr: float, lr: float,
+             kind: str = "lora", rank: int = 4, preserve_weight: float = 0.0, seed: int = 0) -> list[dict]:
+    """IMMA's outer loop, in place on the target modules' weights; returns the per-step history."""
+    if preserve_weight and draw_innocent is None:
+        raise ValueError("imma_preserve_weight > 0 needs innocent data")
+    unet.requires_grad_(False)
+    theta = [m.weight for m in modules.values()]
+    opt = torch.optim.Adam(theta, lr=lr)
+    history = []
+    for step in tqdm(range(steps), desc="IMMA"):
+        for w in theta:
+            w.requires_grad_(False)        # the attack trains the adapter only
+        adapter = adapt(unet, modules, draw_illegal, inner_steps, inner_lr, kind, rank, seed * 100003 + step)
+        for w in theta:
+            w.requires_grad_(True)
+        for t in adapter.parameters():
+            t.requires_grad_(False)        # first-order: phi* held fixed in the outer gradient
+        ill = draw_illegal()
+        adapter.remove()
+        objective = -ill
+        inn = None
+        if preserve_weight:
+            inn = draw_innocent()
+            objective = objective + preserve_weight * inn
+        opt.zero_grad(set_to_none=True)
+        objective.backward()
+        opt.step()
+        history.append({"step": step + 1, "adapted_illegal_loss": float(ill.detach()),
+                        "innocent_loss": None if inn is None else float(inn)})
+    for w in theta:
+        w.requires_grad_(False)
+    return history
+
+
+@register("imma", uses_ratio=False, summary="IMMA: cross-attention immunised against adaptation to the illegal data")
+def imma(inputs: MethodInputs) -> Protection:
+    from ..batches import Domain, DomainMix, weighted_loss
+    from ..data import EncodedData, load_image_captions
+    from ..diffusion import NoiseSchedule
+    from ..finetune import resolve_device, save_pipeline
+    from ..io import atomic_write_json
+    from ..models import load_sd
+
+    s = inputs.settings
+    device = resolve_device(inputs.device)
+    comps = load_sd(inputs.model).to(device)
+    comps.unet.train()
+    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
+
+    def loss_of(paths, seed):
+        domains = [Domain(str(p), EncodedData(load_image_captions(p), comps, device), s.imma_batch, 1.0 / len(paths))
+                   for p in paths]
+        mix = DomainMix(domains, schedule, seed)
+        return lambda: weighted_loss(comps.unet, mix.draw(device), schedule)[0]
+
+    modules = target_modules(comps.unet, s.imma_targets)
+    history = immunize(comps.unet, modules, loss_of([inputs.illegal], 0),
+                       loss_of(inputs.innocent, 1) if inputs.innocent else None,
+                       s.imma_steps, s.imma_inner_steps, s.imma_inner_lr, s.imma_lr, s.imma_adapter, s.imma_rank,
+                       s.imma_preserve_weight)
+    out = inputs.work_dir / "model"
+    atomic_write_json(inputs.work_dir / "imma_history.json", history)
+    save_pipeline(inputs.model, comps.unet.cpu(), out,
+                  {"scheme": "imma", "targets": s.imma_targets, "immunised_modules": len(modules),
+                   "steps": s.imma_steps, "inner_steps": s.imma_inner_steps, "adapter": s.imma_adapter,
+                   "final_adapted_illegal_loss": history[-1]["adapted_illegal_loss"] if history else None})
+    return Protection(model=out)

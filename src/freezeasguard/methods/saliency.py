@@ -1,0 +1,72 @@
+"""Gradient-saliency freezing: a cheap baseline between Random-rho and FreezeAsGuard.
+
+In the spirit of SalUn (Fan et al., ICLR 2024), but per tensor: freeze the rho tensors whose
+illegal-domain loss gradient is largest (summed over a few batches at the base weights),
+optionally minus a weight times the innocent gradient, so tensors that innocent users need are
+spared. One look at the gradient, no bilevel simulation of the user: what it cannot see is
+which tensors the user's *fine-tuning* would move, which is what the learned mask measures.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import MethodInputs, Protection, register
+
+
+def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | None, numel: list[int],
+                  innocent_weight: float, normalize: bool) -> torch.Tensor:
+    """score_i = |g_ill,i| - w |g_inn,i|, each norm divided by sqrt(numel_i) when ``normalize``."""
+    scale = torch.tensor(numel, dtype=torch.float64).sqrt() if normalize else torch.ones(len(numel), dtype=torch.float64)
+    scores = illegal_norms.double() / scale
+    if innocent_norms is not None and innocent_weight:
+        scores = scores - innocent_weight * innocent_norms.double() / scale
+    return scores
+
+
+def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
+    """Per-tensor norm of the loss gradient summed over ``batches`` draws of ``mix``."""
+    from ..batches import weighted_loss
+
+    params = [p for _, p in unet.named_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    for _ in range(batches):
+        loss, _ = weighted_loss(unet, mix.draw(device), schedule)
+        (loss / batches).backward()
+    norms = torch.stack([p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=p.device)
+                         for p in params]).cpu()
+    for p in params:
+        p.grad = None
+    return norms
+
+
+@register("saliency", uses_ratio=True, summary="freeze the tensors with the largest illegal-loss gradient")
+def saliency(inputs: MethodInputs) -> Protection:
+    from ..batches import Domain, DomainMix
+    from ..data import EncodedData, load_image_captions
+    from ..diffusion import NoiseSchedule
+    from ..finetune import resolve_device
+    from ..mask import Mask
+    from ..models import fingerprint, load_sd, load_unet_state
+
+    s = inputs.settings
+    device = resolve_device(inputs.device)
+    comps = load_sd(inputs.model).to(device)
+    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
+    named = list(comps.unet.named_parameters())
+    base_fp = fingerprint(load_unet_state(inputs.model).items())
+
+    def norms(paths, seed):
+        domains = [Domain(str(p), EncodedData(load_image_captions(p), comps, device), s.mask_batch, 1.0 / len(paths))
+                   for p in paths]
+        return gradient_norms(comps.unet, DomainMix(domains, schedule, seed), schedule, s.saliency_batches, device)
+
+    ill = norms([inputs.illegal], 0)
+    inn = norms(inputs.innocent, 1) if s.saliency_innocent_weight and inputs.innocent else None
+    scores = tensor_scores(ill, inn, [p.numel() for _, p in named], s.saliency_innocent_weight, s.saliency_normalize)
+    mask = Mask.from_scores(named, scores.float(), inputs.ratio, s.budget, base_fingerprint=base_fp,
+                            meta={"method": "saliency", "batches": s.saliency_batches,
+                                  "innocent_weight": s.saliency_innocent_weight, "normalize": s.saliency_normalize})
+    mask.plot(inputs.work_dir / f"saliency-{inputs.ratio:g}.png")
+    return Protection(mask=mask)
