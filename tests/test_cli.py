@@ -109,3 +109,23 @@ def test_world_export_feeds_the_loaders(tmp_path, capsys):
     assert len(load_image_captions(tmp_path / "c")) == 4
     assert main(["world", "cast"]) == 0
     assert name in capsys.readouterr().out
+
+
+def test_protect_uce_then_saliency_and_finetune_under_it(tiny_sd, people, logos, tmp_path, capsys):
+    """A user's path for a baseline chain: protect prints the model and mask to fine-tune; the
+    guarded fine-tune of that model under that mask passes verify against the edited model."""
+    out = tmp_path / "prot"
+    assert main(["protect", "uce+saliency", "--model", str(tiny_sd), "--illegal", str(people), "--innocent", str(logos),
+                 "--ratio", "0.2", "--out", str(out), "--saliency-batches", "1", "--mask-batch", "2",
+                 "--device", "cpu"]) == 0
+    summary = json.loads((out / "protection.json").read_text())
+    assert summary["subjects"] == ["Mara Quell"]          # read from the data's name column
+    assert summary["model"].endswith("uce/model") and summary["mask"] == str(out / "mask.safetensors")
+    assert "mask" in capsys.readouterr().out
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--model", summary["model"], "--data", str(people), "--mask", summary["mask"],
+                 "--out", str(ft), "--steps", "2", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]) == 0
+    assert main(["verify", "--model", summary["model"], "--mask", summary["mask"], "--candidate", str(ft)]) == 0
+    # the mask was made for the edited model: against the original base it is refused
+    assert main(["finetune", "--model", str(tiny_sd), "--data", str(people), "--mask", summary["mask"],
+                 "--out", str(tmp_path / "ft2"), "--steps", "1", "--device", "cpu"]) != 0

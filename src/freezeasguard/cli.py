@@ -1,4 +1,4 @@
-"""The freezeasguard command: learn | finetune | verify | generate | mask show | tiny-pipeline | demo."""
+"""The freezeasguard command: learn | finetune | verify | generate | mask show | protect | world | experiment | demo."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +21,7 @@ Typical use (publisher):
   freezeasguard verify   --model SD_DIR --mask mask.safetensors --candidate FT_DIR
   freezeasguard generate --model FT_DIR --prompt "a photo of ..." --out IMAGES
   freezeasguard mask show mask.safetensors --plot mask.png
+Baselines: freezeasguard protect uce|imma|saliency|uce+learned --model SD_DIR --illegal PEOPLE ...
 
 Models are local diffusers folders (nothing is downloaded); data are image folders with a
 metadata.jsonl or metadata.csv (file_name, text[, name]) or datasets saved with save_to_disk.
@@ -166,6 +167,34 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     wsub.add_parser("cast", help="list the people of a cast").add_argument("--cast-seed", type=int, default=0)
 
+    # protect
+    from .methods import METHODS, ProtectSettings
+    from dataclasses import fields as dc_fields
+    table = "\n".join(f"  {m.name:<9} {m.summary}" for m in METHODS.values())
+    p = sub.add_parser("protect", help="run a protection method or baseline (uce, imma, saliency, learned; chains)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Turn a base model into what an illegal user will fine-tune: an edited base "
+                                   "model, a mask to enforce, or both. Methods:\n" + table + "\n\nChain with '+', "
+                                   "e.g. uce+learned (learn the mask on the UCE-edited model). Finished links are "
+                                   "cached in OUT/work and reused when the command is run again.",
+                       epilog="then: freezeasguard finetune --model <printed model> --mask <printed mask> ...")
+    p.add_argument("method", help="a method name or a chain such as uce+learned")
+    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
+    p.add_argument("--illegal", required=True, help="data of the illegal domain")
+    p.add_argument("--innocent", action="append", default=[], help="data of an innocent domain (repeatable)")
+    p.add_argument("--subject", action="append",
+                   help="a name to erase (uce; repeatable; default: the distinct 'name' values of --illegal)")
+    p.add_argument("--ratio", type=float, default=0.3, help="share to freeze for random/learned/saliency (default 0.3)")
+    p.add_argument("--out", required=True, help="output folder: protection.json (what to fine-tune), mask.safetensors, work/ (edited models, caches)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
+    for f in dc_fields(ProtectSettings):
+        kind = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type))
+        flag = "--" + f.name.replace("_", "-")
+        if str(f.type) == "bool":
+            p.add_argument(flag, action="store_true", help=f"{f.metadata['help']}")
+        else:
+            p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+
     # experiment
     p = sub.add_parser("experiment", help="run an experiment from a YAML config (resumable)",
                        description="Methods x ratios x subjects x seeds: mask learning, fine-tunes, generation, "
@@ -184,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
+    p.add_argument("--baselines", action="store_true",
+                   help="also run Saliency-rho, UCE and IMMA (about twice as long)")
     return parser
 
 
@@ -325,6 +356,41 @@ def cmd_world(args) -> int:
     return 0
 
 
+def cmd_protect(args) -> int:
+    from dataclasses import fields as dc_fields
+
+    from .data import load_image_captions
+    from .io import atomic_write_json
+    from .mask import check_ratio
+    from .methods import ProtectSettings, chain_uses_ratio, protect
+
+    if chain_uses_ratio(args.method):
+        check_ratio(args.ratio)
+    settings = ProtectSettings(**{f.name: getattr(args, f.name) for f in dc_fields(ProtectSettings)})
+    subjects = args.subject or sorted({r.subject for r in load_image_captions(args.illegal, check_images=False).records
+                                       if r.subject})
+    if "uce" in args.method.split("+") and not subjects:
+        raise ValueError(f"--illegal {args.illegal} has no 'name' column: pass the names to erase with --subject")
+    if not args.innocent and any(m in args.method.split("+") for m in ("learned", "uce")):
+        raise ValueError(f"{args.method} needs innocent data: pass --innocent DIR")
+    out = Path(args.out)
+    result = protect(args.method, Path(args.model), Path(args.illegal), [Path(p) for p in args.innocent], subjects,
+                     args.ratio, out / "work", settings, args.device)
+    mask_path = None
+    if result.mask is not None:
+        mask_path = result.mask.save(out / "mask.safetensors")
+    summary = {"method": args.method, "ratio": args.ratio, "subjects": subjects,
+               "model": str(result.model or args.model), "mask": str(mask_path) if mask_path else None,
+               "random_ratio": result.random_ratio}
+    atomic_write_json(out / "protection.json", summary)
+    print(f"{args.method}: model to fine-tune {summary['model']}" +
+          (f", mask {mask_path} ({result.mask.tensor_ratio:.1%} of tensors, {result.mask.param_fraction:.1%} of "
+           f"parameters frozen)" if mask_path else "") +
+          (f", random mask of {result.random_ratio:.0%} drawn at fine-tuning" if result.random_ratio else "") +
+          f"\nsummary: {out / 'protection.json'}")
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from .evaluate.experiment import ExperimentConfig, Runner
 
@@ -335,7 +401,7 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3):
+def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False):
     from .evaluate.experiment import ExperimentConfig
     from .mask import check_ratio
 
@@ -343,17 +409,21 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
     n_seeds = seeds or (1 if quick else 3)
     cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
                            ratios=[ratio])
+    if baselines:
+        cfg.methods = cfg.methods + ["saliency", "uce", "imma"]
+        cfg.imma_lr = 1e-4      # the tiny model's weights are ~10x larger than SD's relative to 1e-5 steps
     if quick:
         cfg.mask_images, cfg.finetune_images, cfg.eval_images = 8, 8, 4
         cfg.warm_start_steps, cfg.mask_steps, cfg.inner_steps = 4, 2, 2
         cfg.finetune_steps, cfg.generate_steps = 4, 5
+        cfg.saliency_batches, cfg.imma_steps, cfg.imma_inner_steps = 2, 2, 1
     return cfg
 
 
 def cmd_demo(args) -> int:
     from .evaluate.experiment import Runner
 
-    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio)
+    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio, args.baselines)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
     print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, edited models))")
@@ -361,7 +431,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"learn": cmd_learn, "finetune": cmd_finetune, "verify": cmd_verify, "generate": cmd_generate,
-            "mask": cmd_mask, "tiny-pipeline": cmd_tiny, "world": cmd_world, "experiment": cmd_experiment,
+            "mask": cmd_mask, "protect": cmd_protect, "tiny-pipeline": cmd_tiny, "world": cmd_world, "experiment": cmd_experiment,
             "demo": cmd_demo}
 
 

@@ -33,42 +33,45 @@ from ..mask import Mask
 logger = logging.getLogger(__name__)
 
 
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ProtectSettings:
     """Settings of the protection methods (the experiment config extends this; every field can be
     set in its YAML file and, for ``freezeasguard protect``, on the command line)."""
     # learned (FreezeAsGuard mask learning; see LearnConfig for their meaning)
-    warm_start_steps: int = 100
-    warm_start_lr: float = 1e-4
-    mask_steps: int = 30
-    inner_steps: int = 5
-    upper_batches: int = 1
-    mask_batch: int = 4
-    user_lr: float = 1e-4
-    mask_lr: float | None = None
-    sparsity_weight: float = 5.0
-    budget: str = "tensors"                 # what rho counts for random/learned/saliency: tensors | params
+    warm_start_steps: int = _setting(100, "learned: full fine-tuning steps giving theta_ft before mask learning")
+    warm_start_lr: float = _setting(1e-4, "learned: AdamW learning rate of the warm start")
+    mask_steps: int = _setting(30, "learned: mask updates (K)")
+    inner_steps: int = _setting(5, "learned: simulated-user steps per mask update (L)")
+    upper_batches: int = _setting(1, "learned: batches averaged into each mask gradient")
+    mask_batch: int = _setting(4, "learned, saliency: samples per step and domain group")
+    user_lr: float = _setting(1e-4, "learned: the simulated user's SGD step")
+    mask_lr: float | None = _setting(None, "learned: logit step (None: 0.05 for the normalised gradient)")
+    sparsity_weight: float = _setting(5.0, "learned: weight c of the sparsity term")
+    budget: str = _setting("tensors", "what rho counts for random/learned/saliency: tensors | params")
     # saliency
-    saliency_batches: int = 8               # illegal (and innocent) batches whose gradients are summed
-    saliency_innocent_weight: float = 0.0   # score = |g_illegal| - weight * |g_innocent|
-    saliency_normalize: bool = False        # rank by gradient RMS (norm / sqrt(numel)) instead of norm
+    saliency_batches: int = _setting(8, "illegal (and innocent) batches whose gradients are summed")
+    saliency_innocent_weight: float = _setting(0.0, "score = |g_illegal| - weight * |g_innocent|")
+    saliency_normalize: bool = _setting(False, "rank by gradient RMS (norm / sqrt(numel)) instead of norm")
     # uce
-    uce_guide: str = "a person"             # what the erased names are mapped onto
-    uce_erase_scale: float = 1.0
-    uce_preserve_scale: float = 1.0
-    uce_lambda: float = 0.5                 # pull towards the original weights
-    uce_preserve_prompts: int = 64          # innocent captions kept unchanged (the first N, deduplicated)
+    uce_guide: str = _setting("a person", "what the erased names are mapped onto")
+    uce_erase_scale: float = _setting(1.0, "weight of the erase terms (eta_e)")
+    uce_preserve_scale: float = _setting(1.0, "weight of the preserve terms (eta_p)")
+    uce_lambda: float = _setting(0.5, "pull towards the original weights")
+    uce_preserve_prompts: int = _setting(64, "innocent captions kept unchanged (the first N, deduplicated)")
     # imma
-    imma_steps: int = 50                    # outer (immunisation) updates
-    imma_inner_steps: int = 3               # simulated adaptation steps per outer update
-    imma_inner_lr: float = 1e-3             # adaptation step (Adam on the adapter)
-    imma_lr: float = 1e-5                   # outer step (Adam ascent on the base weights)
-    imma_adapter: str = "lora"              # lora | full: what the simulated attacker trains
-    imma_rank: int = 4                      # LoRA rank
-    imma_targets: str = r"attn2\.to_[kv]$"  # regex over module names: the immunised (and adapted) layers
-    imma_batch: int = 4
-    imma_preserve_weight: float = 0.0       # ours: + weight * innocent loss in the outer step (paper: 0)
-
+    imma_steps: int = _setting(50, "outer (immunisation) updates")
+    imma_inner_steps: int = _setting(3, "simulated adaptation steps per outer update")
+    imma_inner_lr: float = _setting(1e-3, "adaptation step (Adam on the adapter)")
+    imma_lr: float = _setting(1e-5, "outer step (Adam ascent on the base weights)")
+    imma_adapter: str = _setting("lora", "lora | full: what the simulated attacker trains")
+    imma_rank: int = _setting(4, "LoRA rank")
+    imma_targets: str = _setting(r"attn2\.to_[kv]$", "regex over module names: the immunised (and adapted) layers")
+    imma_batch: int = _setting(4, "samples per IMMA step")
+    imma_preserve_weight: float = _setting(0.0, "ours: + weight * innocent loss in the outer step (paper: 0)")
 
 @dataclass
 class MethodInputs:
