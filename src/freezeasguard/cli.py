@@ -411,7 +411,7 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
                            ratios=[ratio])
     if baselines:
         cfg.methods = cfg.methods + ["saliency", "uce", "imma"]
-        cfg.imma_lr = 1e-4      # the tiny model's weights are ~10x larger than SD's relative to 1e-5 steps
+        cfg.imma_lr = 1e-4      # Adam moves each weight ~lr per step: 50 steps of 1e-5 leave the tiny model as it was
     if quick:
         cfg.mask_images, cfg.finetune_images, cfg.eval_images = 8, 8, 4
         cfg.warm_start_steps, cfg.mask_steps, cfg.inner_steps = 4, 2, 2
