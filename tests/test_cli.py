@@ -129,3 +129,29 @@ def test_protect_uce_then_saliency_and_finetune_under_it(tiny_sd, people, logos,
     # the mask was made for the edited model: against the original base it is refused
     assert main(["finetune", "--model", str(tiny_sd), "--data", str(people), "--mask", summary["mask"],
                  "--out", str(tmp_path / "ft2"), "--steps", "1", "--device", "cpu"]) != 0
+
+
+def test_preset_checks_the_model_folder(tiny_sd, people, tmp_path, capsys):
+    """--preset sd15 on the tiny pipeline is refused before any work, naming what differs."""
+    code = main(["finetune", "--model", str(tiny_sd), "--preset", "sd15", "--data", str(people), "--full",
+                 "--out", str(tmp_path / "ft"), "--steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not sd15" in err and "resolution 16 (preset sd15: 512)" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_presets_match_real_configs(tmp_path):
+    """Configs shaped like the real SD v1.5 and v2.1 folders pass their presets and fail the other."""
+    import json as _json
+    from freezeasguard.presets import PRESETS, PresetError, check_model
+    for name, (sample, pred, width) in {"sd15": (64, "epsilon", 768), "sd21": (96, "v_prediction", 1024)}.items():
+        root = tmp_path / name
+        for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            (root / part).mkdir(parents=True)
+        (root / "unet" / "config.json").write_text(_json.dumps({"sample_size": sample, "cross_attention_dim": width}))
+        (root / "vae" / "config.json").write_text(_json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+        (root / "scheduler" / "scheduler_config.json").write_text(_json.dumps({"prediction_type": pred}))
+        check_model(PRESETS[name], root)
+        other = "sd21" if name == "sd15" else "sd15"
+        with pytest.raises(PresetError, match=f"it looks like .*{name}"):
+            check_model(PRESETS[other], root)

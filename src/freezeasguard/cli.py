@@ -29,8 +29,21 @@ Multi-process: prefix learn/finetune with `accelerate launch --num_processes N`.
 """
 
 
+def _add_preset(p):
+    p.add_argument("--preset", choices=["sd14", "sd15", "sd21", "sd21-base"],
+                   help="check that --model is this model (resolution, prediction type, text width) before "
+                        "starting; the paper's settings for it are the defaults of every other flag")
+
+
+def _check_preset(args):
+    if getattr(args, "preset", None):
+        from .presets import check_model, get_preset
+        check_model(get_preset(args.preset), args.model)
+
+
 def _add_common_train(p):
     p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
+    _add_preset(p)
     p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and initialisation (default 0)")
     p.add_argument("--batch-size", type=int, help="samples per step")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -124,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     # generate
     p = sub.add_parser("generate", help="generate images from a pipeline folder (PNDM, as the paper)")
     p.add_argument("--model", required=True, help="pipeline folder (base or fine-tuned)")
+    _add_preset(p)
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="a text file with one prompt per line")
@@ -231,6 +245,7 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_learn(args) -> int:
+    _check_preset(args)
     from .learn import LearnConfig, learn_mask
 
     cfg = LearnConfig(ratio=args.ratio, budget=args.budget, steps=args.steps, inner_steps=args.inner_steps,
@@ -254,6 +269,7 @@ def cmd_learn(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    _check_preset(args)
     from .finetune import FinetuneConfig, guarded_finetune
     from .mask import Mask
 
@@ -294,6 +310,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    _check_preset(args)
     from .finetune import resolve_device
     from .generate import generate_to_folder
 
