@@ -84,3 +84,42 @@ def test_clip_score_matches_the_full_forward(tmp_path):
 def test_missing_clip_folder_names_the_option(tmp_path):
     with pytest.raises(FileNotFoundError, match="--clip-weights .*nothing is downloaded"):
         load_clip(tmp_path / "nope")
+
+
+def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
+    """The runner on an FF25-style people folder and a saved HF dataset of logos, scored with a
+    local CLIP folder (CLIP score) and the same folder as FID feature space."""
+    import datasets
+    from PIL import Image
+    from freezeasguard.evaluate.experiment import ExperimentConfig, Runner
+    from freezeasguard.toydata import make_logos, make_people
+    ff = tmp_path / "ff25"
+    rows = []
+    for name, seed in (("Mara Quell", 0), ("Ode Varn", 1)):
+        folder = make_people(ff / name.replace(" ", "_"), name, 6, 16, seed)
+        for line in (folder / "metadata.jsonl").read_text().splitlines():
+            r = __import__("json").loads(line)
+            rows.append(f"{name.replace(' ', '_')}/{r['file_name']},{r['text']},{name}")
+        (folder / "metadata.jsonl").unlink()
+    (ff / "metadata.csv").write_text("file_name,text,name\n" + "\n".join(rows) + "\n")
+    logos = make_logos(tmp_path / "logo-folder", 8, 16, 1)
+    meta = [__import__("json").loads(line) for line in (logos / "metadata.jsonl").read_text().splitlines()]
+    ds = datasets.Dataset.from_dict({"image": [Image.open(logos / m["file_name"]) for m in meta],
+                                     "text": [m["text"] for m in meta]}).cast_column("image", datasets.Image())
+    ds.save_to_disk(str(tmp_path / "logo-ds"))
+    clip = _tiny_clip(tmp_path)
+    cfg = ExperimentConfig(out=str(tmp_path / "exp"), model=str(tiny_sd), methods=["full"], seeds=[0],
+                           people_data=str(ff), innocent_data={"logos": str(tmp_path / "logo-ds")},
+                           clip_weights=str(clip), fid_features=str(clip), mask_images=2, finetune_images=4,
+                           eval_images=4, finetune_steps=1, finetune_batch=2, generate_steps=2)
+    rows = Runner(cfg).run()
+    metrics = {(r["method"], r["domain"], r["metric"]) for r in rows}
+    assert {("full", "people", "fid"), ("full", "people", "kid"), ("full", "logos", "clip_score")} <= metrics
+    assert all(r["subject"] == "Mara Quell" for r in rows if r["domain"] == "people")
+    for r in rows:
+        if r["metric"] == "clip_score":
+            assert 0 <= r["value"] <= 100
+        if r["metric"] == "fid":
+            assert r["value"] > 0
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "FID ↑" in table and "Logos CLIP score ↑" in table and "clip_score_real/logos" in table

@@ -20,7 +20,6 @@ import torch
 
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import ProtectSettings, chain_uses_ratio, parse_chain, protect
-from .metrics import frechet_distance, identity_recognition, prompt_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +45,11 @@ class ExperimentConfig(ProtectSettings):
     finetune_lr: float = 1e-4
     generate_steps: int = 20
     guidance: float = 7.5
+    # real data instead of the synthetic world (see evaluate/folder_world.py)
+    people_data: str | None = None         # FF25-style folder: metadata with file_name, text, name
+    innocent_data: dict[str, str] = field(default_factory=dict)   # domain -> image folder or saved dataset
+    clip_weights: str | None = None        # local CLIP folder: CLIP score of innocent images
+    fid_features: str | None = None        # local vision model folder: FID/KID feature space
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "ExperimentConfig":
@@ -66,6 +70,13 @@ class Runner:
         self.cfg = cfg
         self.root = Path(cfg.out)
         self.root.mkdir(parents=True, exist_ok=True)
+        if world is None and cfg.people_data:
+            from .folder_world import FolderWorld
+            missing = [d for d in cfg.innocent if d not in cfg.innocent_data]
+            if missing:
+                raise ValueError(f"innocent domains {missing} have no folder in innocent_data")
+            world = FolderWorld(cfg.people_data, cfg.innocent_data, cfg.mask_images, cfg.clip_weights,
+                                cfg.fid_features)
         self.world = world or SyntheticWorld(cfg.cast_seed)
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
         for s in self.subjects:
@@ -144,12 +155,8 @@ class Runner:
         def run():
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
-            rec = self.world.recogniser()
-            names = [p["identity"] for p in rec.predict(images)]
-            fid = frechet_distance(rec.embed(images), rec.embed(real))
             loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data")
-            return [{"metric": "identity_recognition", "value": identity_recognition(names, subject)},
-                    {"metric": "feature_fid", "value": fid}, {"metric": "heldout_loss", "value": loss}]
+            return self.world.score_people(images, subject, real) + [{"metric": "heldout_loss", "value": loss}]
         rows = self.stage(f"eval-{tag}", run)
         return [{"method": method, "ratio": ratio, "seed": seed, "subject": subject, "domain": "people", **r}
                 for r in rows]
@@ -158,27 +165,14 @@ class Runner:
         tag = f"{method}-{ratio:g}-s{seed}-{domain}"
 
         def run():
-            prompts, attrs, _ = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
+            prompts, attrs, real = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
-            preds = self.world.attribute_judge(domain).predict(images)
-            return [{"metric": "prompt_accuracy", "value": prompt_accuracy(preds, attrs)}]
+            return self.world.score_innocent(domain, images, prompts, attrs, real)
         rows = self.stage(f"eval-{tag}", run)
         return [{"method": method, "ratio": ratio, "seed": seed, "subject": None, "domain": domain, **r} for r in rows]
 
     def sanity(self) -> dict:
-        def run():
-            rec = self.world.recogniser()
-            out = {}
-            for subject in self.subjects:
-                _, real = self.world.people_prompts(subject, 32, 999)
-                out[f"recogniser_accuracy_real/{subject}"] = identity_recognition(
-                    [p["identity"] for p in rec.predict(real)], subject)
-            for domain in self.cfg.innocent:
-                _, attrs, real = self.world.innocent_prompts(domain, 32, 999)
-                out[f"attribute_accuracy_real/{domain}"] = prompt_accuracy(
-                    self.world.attribute_judge(domain).predict(real), attrs)
-            return out
-        return self.stage("sanity", run)
+        return self.stage("sanity", lambda: self.world.sanity(self.subjects, self.cfg.innocent))
 
     # ---- the whole experiment ---------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -233,6 +227,12 @@ def summarise(rows: list[dict]) -> list[dict]:
             for (m, ra, d, me), v in groups.items()]
 
 
+# column titles of results.md; the arrow says which way is better for the publisher
+COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
+                "kid": "KID ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
+                "clip_score": "CLIP score ↑"}
+
+
 def method_label(method: str, ratio: float) -> str:
     """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%."""
     if method == "pretrained":
@@ -253,9 +253,12 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     summary = summarise(rows)
     atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds})
     cell = {(s["method"], s["ratio"], s["domain"], s["metric"]): s for s in summary}
-    cols = [("people", "identity_recognition", "Recognised ↓"), ("people", "feature_fid", "Feature FID ↑"),
-            ("people", "heldout_loss", "Held-out loss ↑")] + \
-           [(d, "prompt_accuracy", f"{d.capitalize()} accuracy ↑") for d in cfg.innocent]
+    cols = []
+    for domain in ["people"] + list(cfg.innocent):
+        metrics = list(dict.fromkeys(s["metric"] for s in summary if s["domain"] == domain))
+        for metric in sorted(metrics, key=lambda m: list(COLUMN_NAMES).index(m) if m in COLUMN_NAMES else 99):
+            name = COLUMN_NAMES.get(metric, metric)
+            cols.append((domain, metric, name if domain == "people" else f"{domain.capitalize()} {name}"))
     keys = sorted({(s["method"], s["ratio"]) for s in summary}, key=lambda k: (k[0] != "pretrained", k[0] != "full", k))
     lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
@@ -281,20 +284,27 @@ def _tradeoff_plot(root, summary, cfg):
     if not cfg.innocent:
         return
     domain = cfg.innocent[0]
+    people = {s["metric"] for s in summary if s["domain"] == "people"}
+    innocent = {s["metric"] for s in summary if s["domain"] == domain}
+    x_metric = next((m for m in ("identity_recognition", "fid", "feature_fid") if m in people), None)
+    y_metric = next((m for m in ("prompt_accuracy", "clip_score") if m in innocent), None)
+    if x_metric is None or y_metric is None:
+        return
     pts = {}
     for s in summary:
         key = (s["method"], s["ratio"])
-        if s["metric"] == "identity_recognition":
+        if s["metric"] == x_metric and s["domain"] == "people":
             pts.setdefault(key, {})["x"] = (s["mean"], s["std"])
-        if s["metric"] == "prompt_accuracy" and s["domain"] == domain:
+        if s["metric"] == y_metric and s["domain"] == domain:
             pts.setdefault(key, {})["y"] = (s["mean"], s["std"])
     fig, ax = plt.subplots(figsize=(5, 4))
     for (method, ratio), p in sorted(pts.items()):
         if "x" in p and "y" in p:
             ax.errorbar(p["x"][0], p["y"][0], xerr=p["x"][1], yerr=p["y"][1], fmt="o", capsize=3,
                         label=method_label(method, ratio))
-    ax.set_xlabel("illegal: share recognised as the target (lower is better)")
-    ax.set_ylabel(f"innocent ({domain}): prompt accuracy")
+    ax.set_xlabel("illegal: share recognised as the target (lower is better)" if x_metric == "identity_recognition"
+                  else f"illegal: {x_metric} (higher is better)")
+    ax.set_ylabel(f"innocent ({domain}): {y_metric.replace('_', ' ')}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(root / "tradeoff.png", dpi=120)

@@ -66,3 +66,29 @@ class SyntheticWorld:
 
     def attribute_judge(self, domain: str):
         return judges.attribute_judge(domain)
+
+    # ---- scoring: the same three methods in every world -------------------------------------
+    def score_people(self, images, subject: str, real) -> list[dict]:
+        from .metrics import frechet_distance, identity_recognition
+        rec = self.recogniser()
+        names = [p["identity"] for p in rec.predict(images)]
+        return [{"metric": "identity_recognition", "value": identity_recognition(names, subject)},
+                {"metric": "feature_fid", "value": frechet_distance(rec.embed(images), rec.embed(real))}]
+
+    def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
+        from .metrics import prompt_accuracy
+        return [{"metric": "prompt_accuracy", "value": prompt_accuracy(self.attribute_judge(domain).predict(images),
+                                                                        attrs)}]
+
+    def sanity(self, subjects: list[str], domains: list[str]) -> dict:
+        """The judges on real renders (should be near 1)."""
+        from .metrics import identity_recognition, prompt_accuracy
+        rec, out = self.recogniser(), {}
+        for subject in subjects:
+            _, real = self.people_prompts(subject, 32, 999)
+            out[f"recogniser_accuracy_real/{subject}"] = identity_recognition(
+                [p["identity"] for p in rec.predict(real)], subject)
+        for domain in domains:
+            _, attrs, real = self.innocent_prompts(domain, 32, 999)
+            out[f"attribute_accuracy_real/{domain}"] = prompt_accuracy(self.attribute_judge(domain).predict(real), attrs)
+        return out

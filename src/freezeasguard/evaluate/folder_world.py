@@ -1,0 +1,152 @@
+"""A world made of the user's own data folders, for real Stable Diffusion evaluation.
+
+The same interface as SyntheticWorld (subjects, export, prompts, score_people, score_innocent,
+sanity), so the experiment runner drives real models with real metrics:
+
+- people: an FF25-style folder, ``ROOT/metadata.csv`` (or .jsonl) with file_name (e.g.
+  ``Person_Name/img.png``), text and name. Per subject, rows are split in file order: the first
+  ``mask_images`` for mask learning, the rest for the illegal user's fine-tuning (the paper's
+  Appendix F: the two never overlap); evaluation prompts are captions of the fine-tuning rows
+  and FID compares generated images with those training images (as the paper does).
+- innocent domains: image folders or datasets saved with save_to_disk (Logo, Clothes); the
+  first ``mask_images`` rows for mask learning, the next for fine-tuning, the rest held out for
+  evaluation prompts.
+- metrics: FID and KID in the feature space of a local image model folder (``fid_features``:
+  any transformers vision model, e.g. a CLIP or DINOv2 folder; the column says which), and the
+  CLIP score of innocent images against their prompts (``clip_weights``).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from ..data import load_image_captions
+
+
+class ImageFeatures(torch.nn.Module):
+    """uint8 (N, 3, H, W) -> (N, D) image embeddings of a local transformers vision model."""
+
+    def __init__(self, path, flag: str = "--fid-features"):
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoModel
+        path = Path(path) if path else None
+        if path is None or not (path / "config.json").exists():
+            raise FileNotFoundError(f"{flag} {path}: no model folder there. Pass a local transformers vision model "
+                                    f"folder (a CLIP or DINOv2 saved with save_pretrained); nothing is downloaded.")
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.name = path.name
+
+    @torch.no_grad()
+    def forward(self, x):
+        images = [im.permute(1, 2, 0).numpy() for im in x]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=pixels)
+        else:
+            out = self.model(pixel_values=pixels)
+        if not torch.is_tensor(out):
+            out = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
+        return out.double()
+
+
+class FolderWorld:
+    def __init__(self, people_dir, innocent_dirs: dict[str, str], mask_images: int = 100,
+                 clip_weights=None, fid_features=None, resolution: int | None = None):
+        self.people = load_image_captions(people_dir, check_images=False)
+        self.innocent = {d: load_image_captions(p, check_images=False) for d, p in innocent_dirs.items()}
+        self.mask_images = mask_images
+        self.clip_weights, self.fid_features, self.resolution = clip_weights, fid_features, resolution
+        self._names = list(dict.fromkeys(r.subject for r in self.people.records if r.subject))
+        if not self._names:
+            raise ValueError(f"{people_dir}: no 'name' column values; the people data needs one per row")
+        self._clip = self._features = None
+
+    def subjects(self, n: int) -> list[str]:
+        return self._names[:n]
+
+    def check_subject(self, name: str):
+        if name not in self._names:
+            raise ValueError(f"subject {name!r} is not in the people data ({', '.join(self._names[:10])}...)")
+
+    def _rows(self, domain: str, split: str, subject: str | None = None):
+        if domain == "people":
+            rows = [r for r in self.people.records if r.subject == subject]
+            cut = [self.mask_images, len(rows), len(rows)]
+        else:
+            if domain not in self.innocent:
+                raise ValueError(f"innocent domain {domain!r} has no data folder; known: {', '.join(self.innocent)}")
+            rows = self.innocent[domain].records
+            rest = len(rows) - self.mask_images
+            cut = [self.mask_images, self.mask_images + rest // 2, len(rows)]
+        start = {"mask": 0, "finetune": cut[0], "eval": cut[1]}[split]
+        end = {"mask": cut[0], "finetune": cut[1], "eval": cut[2]}[split]
+        chosen = rows[start:end]
+        if not chosen and domain == "people" and split == "eval":
+            chosen = rows[cut[0]:]          # FF25: the fine-tuning images are also FID's reference
+        if not chosen:
+            raise ValueError(f"{domain} {subject or ''}: no rows for the {split} split (have {len(rows)}, "
+                             f"mask_images {self.mask_images}); lower mask_images or add data")
+        return chosen
+
+    def export(self, out_dir, domain: str, n: int, split: str, subjects: list[str] | None = None) -> Path:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = [r for s in (subjects or [None]) for r in self._rows(domain, split, s)[:n]]
+        meta = []
+        for i, r in enumerate(rows):
+            r.load().save(out_dir / f"{i:05d}.png")
+            meta.append({"file_name": f"{i:05d}.png", "text": r.caption, "name": r.subject})
+        (out_dir / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+        return out_dir
+
+    def _sample(self, rows, n, seed):
+        rng = random.Random(seed)
+        return [rows[rng.randrange(len(rows))] for _ in range(n)]
+
+    def people_prompts(self, subject: str, n: int, seed: int):
+        rows = self._sample(self._rows("people", "eval", subject), n, seed)
+        return [r.caption for r in rows], [self._sized(r.load()) for r in rows]
+
+    def innocent_prompts(self, domain: str, n: int, seed: int):
+        rows = self._sample(self._rows(domain, "eval"), n, seed)
+        return [r.caption for r in rows], [None] * n, [self._sized(r.load()) for r in rows]
+
+    def _sized(self, img):
+        from ..data import preprocess
+        if not self.resolution:
+            return img
+        from PIL import Image
+        arr = ((preprocess(img, self.resolution).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        return Image.fromarray(arr)
+
+    def score_people(self, images, subject: str, real) -> list[dict]:
+        from .real_metrics import fid_and_kid, images_to_uint8
+        if self._features is None:
+            self._features = ImageFeatures(self.fid_features)
+        size = images[0].size
+        real = [r.resize(size) for r in real]
+        m = fid_and_kid(images_to_uint8(real), images_to_uint8(images), self._features,
+                        kid_subset=min(len(real), len(images)))
+        return [{"metric": "fid", "value": m["fid"]}, {"metric": "kid", "value": m["kid"]}]
+
+    def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
+        from .real_metrics import clip_scores, load_clip
+        if self._clip is None:
+            self._clip = load_clip(self.clip_weights)
+        scores = clip_scores(images, prompts, *self._clip)
+        return [{"metric": "clip_score", "value": sum(scores) / len(scores)}]
+
+    def sanity(self, subjects: list[str], domains: list[str]) -> dict:
+        """CLIP score of the real innocent images against their own captions (the ceiling)."""
+        from .real_metrics import clip_scores, load_clip
+        if self._clip is None:
+            self._clip = load_clip(self.clip_weights)
+        out = {}
+        for d in domains:
+            prompts, _, real = self.innocent_prompts(d, 16, 999)
+            out[f"clip_score_real/{d}"] = sum(clip_scores(real, prompts, *self._clip)) / len(prompts)
+        return out
