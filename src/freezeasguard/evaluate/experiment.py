@@ -50,6 +50,7 @@ class ExperimentConfig(ProtectSettings):
     innocent_data: dict[str, str] = field(default_factory=dict)   # domain -> image folder or saved dataset
     clip_weights: str | None = None        # local CLIP folder: CLIP score of innocent images
     fid_features: str | None = None        # local vision model folder: FID/KID feature space
+    face_identity: bool = False            # also score face identity with dlib (the faces extra)
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "ExperimentConfig":
@@ -76,7 +77,7 @@ class Runner:
             if missing:
                 raise ValueError(f"innocent domains {missing} have no folder in innocent_data")
             world = FolderWorld(cfg.people_data, cfg.innocent_data, cfg.mask_images, cfg.clip_weights,
-                                cfg.fid_features)
+                                cfg.fid_features, face_identity=cfg.face_identity)
         self.world = world or SyntheticWorld(cfg.cast_seed)
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
         for s in self.subjects:
@@ -228,7 +229,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # column titles of results.md; the arrow says which way is better for the publisher
-COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
+COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
+                "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
                 "clip_score": "CLIP score ↑"}
 

@@ -11,6 +11,8 @@ sanity), so the experiment runner drives real models with real metrics:
 - innocent domains: image folders or datasets saved with save_to_disk (Logo, Clothes); the
   first ``mask_images`` rows for mask learning, the next for fine-tuning, the rest held out for
   evaluation prompts.
+- metrics (optional, ``face_identity: true``, the faces extra): the share of generated portraits
+  whose face matches the person's photos, and the share with no detectable face.
 - metrics: FID and KID in the feature space of a local image model folder (``fid_features``:
   any transformers vision model, e.g. a CLIP or DINOv2 folder; the column says which), and the
   CLIP score of innocent images against their prompts (``clip_weights``).
@@ -55,7 +57,7 @@ class ImageFeatures(torch.nn.Module):
 
 class FolderWorld:
     def __init__(self, people_dir, innocent_dirs: dict[str, str], mask_images: int = 100,
-                 clip_weights=None, fid_features=None, resolution: int | None = None):
+                 clip_weights=None, fid_features=None, resolution: int | None = None, face_identity: bool = False):
         self.people = load_image_captions(people_dir, check_images=False)
         self.innocent = {d: load_image_captions(p, check_images=False) for d, p in innocent_dirs.items()}
         self.mask_images = mask_images
@@ -63,7 +65,8 @@ class FolderWorld:
         self._names = list(dict.fromkeys(r.subject for r in self.people.records if r.subject))
         if not self._names:
             raise ValueError(f"{people_dir}: no 'name' column values; the people data needs one per row")
-        self._clip = self._features = None
+        self.face_identity = face_identity
+        self._clip = self._features = self._faces = None
 
     def subjects(self, n: int) -> list[str]:
         return self._names[:n]
@@ -131,7 +134,14 @@ class FolderWorld:
         real = [r.resize(size) for r in real]
         m = fid_and_kid(images_to_uint8(real), images_to_uint8(images), self._features,
                         kid_subset=min(len(real), len(images)))
-        return [{"metric": "fid", "value": m["fid"]}, {"metric": "kid", "value": m["kid"]}]
+        rows = [{"metric": "fid", "value": m["fid"]}, {"metric": "kid", "value": m["kid"]}]
+        if self.face_identity:
+            from .faces import FaceEmbedder, face_identity
+            self._faces = self._faces or FaceEmbedder()
+            f = face_identity(images, real, self._faces)
+            rows += [{"metric": "identity_match", "value": f["identity_match"]},
+                     {"metric": "detection_failure", "value": f["detection_failure"]}]
+        return rows
 
     def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
         from .real_metrics import clip_scores, load_clip
