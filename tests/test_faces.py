@@ -2,7 +2,8 @@
 import pytest
 
 dlib = pytest.importorskip("dlib", reason="the faces extra (dlib-bin) is not installed")
-pytest.importorskip("face_recognition_models", reason="the faces extra (face-recognition-models) is not installed")
+if __import__("importlib.util").util.find_spec("face_recognition_models") is None:
+    pytest.skip("the faces extra (face-recognition-models) is not installed", allow_module_level=True)
 skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for its astronaut photo) is not installed")
 
 from PIL import Image, ImageOps  # noqa: E402

@@ -18,15 +18,22 @@ DLIB_THRESHOLD = 0.6
 
 class FaceEmbedder:
     def __init__(self):
+        import importlib.util
+        from pathlib import Path
+        spec = importlib.util.find_spec("face_recognition_models")
         try:
             import dlib
-            import face_recognition_models as frm
-        except ImportError as exc:
+        except ImportError:
+            spec = None
+        if spec is None:
             raise ImportError('face identity needs the faces extra: pip install "freezeasguard[faces]" '
-                              '(dlib-bin and face-recognition-models, which carry the weights)') from exc
+                              '(dlib-bin and face-recognition-models, which carry the weights)')
+        # read the model files from the package folder: importing the package needs pkg_resources,
+        # which setuptools >= 81 no longer has
+        models = Path(next(iter(spec.submodule_search_locations))) / "models"
         self.detector = dlib.get_frontal_face_detector()
-        self.landmarks = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
-        self.encoder = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+        self.landmarks = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
+        self.encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
     def describe(self, image) -> np.ndarray | None:
         """128-d descriptor of the largest detected face, or None when no face is found."""
