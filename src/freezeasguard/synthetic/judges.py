@@ -26,7 +26,13 @@ def _get(filename: str, train) -> Judge:
 
 
 def recogniser(cast_seed: int = 0, cast_size: int = 8) -> Judge:
-    return _get(f"recogniser-cast{cast_seed}-{cast_size}.safetensors", lambda: train_recogniser(cast_seed, cast_size))
+    """Trained on sharp renders, blurred copies and copies passed through the shipped pipeline's
+    VAE (what generated images can look like); "v2" in the name keeps older caches out."""
+    def train():
+        from ..models import load_sd
+        from . import TINY_SD
+        return train_recogniser(cast_seed, cast_size, vae=load_sd(TINY_SD).vae)
+    return _get(f"recogniser-v2-cast{cast_seed}-{cast_size}.safetensors", train)
 
 
 def attribute_judge(domain: str) -> Judge:
