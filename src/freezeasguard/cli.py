@@ -424,8 +424,8 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
 
     check_ratio(ratio)
     n_seeds = seeds or (1 if quick else 3)
-    # guidance 3: at SD's 7.5 the tiny model's samples collapse to one saturated blue pattern
-    # whatever the prompt (README, "The demo"); at 1-3 they vary with the prompt
+    # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated and washed blue
+    # (compare grids made with freezeasguard generate --guidance 7.5 and 3)
     cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
                            ratios=[ratio], guidance=3.0)
     if baselines:

@@ -38,11 +38,12 @@ def pipeline_from_components(components):
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, guidance: float = 7.5,
                     per_prompt: int = 1, batch_size: int = 8, progress: bool = False):
-    """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of a prompt
-    uses seed + j, so a prompt's images do not depend on what else is in the batch."""
+    """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of prompt i
+    uses seed + i * per_prompt + j: every image starts from its own noise, and an image does not
+    depend on what else is in the batch."""
     was_training = pipe.unet.training
     pipe.unet.eval()
-    jobs = [(p, seed + j) for p in prompts for j in range(per_prompt)]
+    jobs = [(p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
         chunk = jobs[start:start + batch_size]
@@ -81,11 +82,11 @@ def generate_to_folder(model_dir, prompts: list[str], out_dir, steps=50, seed=0,
     out_dir.mkdir(parents=True, exist_ok=True)
     files, index = [], []
     for k, img in enumerate(images):
-        prompt, j = prompts[k // per_prompt], k % per_prompt
-        f = out_dir / f"{k:04d}_{slug(prompt)}_s{seed + j}.png"
+        prompt = prompts[k // per_prompt]
+        f = out_dir / f"{k:04d}_{slug(prompt)}_s{seed + k}.png"     # image k used seed + k
         img.save(f)
         files.append(f)
-        index.append({"file": f.name, "prompt": prompt, "seed": seed + j})
+        index.append({"file": f.name, "prompt": prompt, "seed": seed + k})
     save_grid(images, out_dir / "grid.png", columns=per_prompt if per_prompt > 1 else None)
     atomic_write_json(out_dir / "prompts.json", index)
     logger.info("wrote %d images to %s", len(files), out_dir)
