@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from _common import PRESETS, NearbyBase, build_unet, print_table, random_batch, sync
+from _common import PRESETS, NearbyBase, build_unet, print_table, random_batch, timed
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 
@@ -42,19 +41,6 @@ def card_peak_tflops(name: str) -> float | None:
         if key in name:
             return PEAK_BF16_TFLOPS[key]
     return None
-
-
-def median_step_seconds(step, device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        t = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def count_flops(step) -> int:
@@ -105,7 +91,7 @@ def finetune_rows(unet, latent, text_dim, device, dtype, a) -> list[dict]:
 
             step()                      # optimizer state exists before the peak is reset
             free_memory(device)
-            seconds = median_step_seconds(step, device, a.steps, a.warmup)
+            seconds = timed(step, device, a.steps, a.warmup)
             peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
             flops = None if a.compile else count_flops(step)   # the counter does not see inside compiled graphs
             if not checkpointing and flops is not None:
@@ -165,7 +151,7 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
 
     plain_step()
     free_memory(device)
-    plain = median_step_seconds(plain_step, device, a.steps, a.warmup)
+    plain = timed(plain_step, device, a.steps, a.warmup)
     plain_peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
     del opt
     for p in unet.parameters():
@@ -178,8 +164,7 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     with torch.no_grad():
         remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
     free_memory(device)
-    iteration = median_step_seconds(lambda: mask_update(state, loss_fn, lambda: loss_fn(-1.0), cfg), device,
-                                    a.mask_iterations, 1)
+    iteration = timed(lambda: mask_update(state, loss_fn, lambda: loss_fn(-1.0), cfg), device, a.mask_iterations, 1)
     peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
     return {"inner_steps": a.inner_steps, "plain_step_s": plain, "mask_iteration_s": iteration,
             "time_ratio": iteration / (a.inner_steps * plain),

@@ -167,68 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--seed", type=int, default=0)
 
-    # world export
-    p = sub.add_parser("world", help="the built-in synthetic world: export people, logos or clothes as image folders")
-    wsub = p.add_subparsers(dest="world_command", required=True, metavar="ACTION")
-    w = wsub.add_parser("export", help="write a domain as an image folder with metadata.jsonl")
-    w.add_argument("domain", choices=["people", "logos", "clothes"])
-    w.add_argument("--out", required=True)
-    w.add_argument("-n", type=int, default=100, help="images (per subject for people; default 100)")
-    w.add_argument("--seed", type=int, default=0, help="render seed (default 0)")
-    w.add_argument("--cast-seed", type=int, default=0, help="which cast of people (default 0)")
-    w.add_argument("--subject", action="append", help="people only: a cast member's name (repeatable; default all)")
-    w.add_argument("--generic", action="store_true", help="people only: random unnamed people, captioned 'a person'")
-    w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    wsub.add_parser("cast", help="list the people of a cast").add_argument("--cast-seed", type=int, default=0)
-
-    # protect
-    from .methods import METHODS, ProtectSettings
-    from dataclasses import fields as dc_fields
-    table = "\n".join(f"  {m.name:<9} {m.summary}" for m in METHODS.values())
-    p = sub.add_parser("protect", help="run a protection method or baseline (uce, imma, saliency, learned; chains)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Turn a base model into what an illegal user will fine-tune: an edited base "
-                                   "model, a mask to enforce, or both. Methods:\n" + table + "\n\nChain with '+', "
-                                   "e.g. uce+learned (learn the mask on the UCE-edited model). Finished links are "
-                                   "cached in OUT/work and reused when the command is run again.",
-                       epilog="then: freezeasguard finetune --model <printed model> --mask <printed mask> ...")
-    p.add_argument("method", help="a method name or a chain such as uce+learned")
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
-    p.add_argument("--illegal", required=True, help="data of the illegal domain")
-    p.add_argument("--innocent", action="append", default=[], help="data of an innocent domain (repeatable)")
-    p.add_argument("--subject", action="append",
-                   help="a name to erase (uce; repeatable; default: the distinct 'name' values of --illegal)")
-    p.add_argument("--ratio", type=float, default=0.3, help="share to freeze for random/learned/saliency (default 0.3)")
-    p.add_argument("--out", required=True, help="output folder: protection.json (what to fine-tune), mask.safetensors, work/ (edited models, caches)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    for f in dc_fields(ProtectSettings):
-        kind = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type))
-        flag = "--" + f.name.replace("_", "-")
-        if str(f.type) == "bool":
-            p.add_argument(flag, action="store_true", help=f"{f.metadata['help']}")
-        else:
-            p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
-
-    # experiment
-    p = sub.add_parser("experiment", help="run an experiment from a YAML config (resumable)",
-                       description="Methods x ratios x subjects x seeds: mask learning, fine-tunes, generation, "
-                                   "metrics, report. Every stage writes a done-marker; rerunning resumes.")
-    p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
-    p.add_argument("--out", help="override the output folder")
-
-    # demo
-    p = sub.add_parser("demo", help="the built-in experiment: FreezeAsGuard vs Random vs Full FT on synthetic people",
-                       description="Warm start, mask learning at the ratio, illegal-user fine-tunes of the target "
-                                   "person under Full FT / Random / FreezeAsGuard, innocent-user fine-tunes, "
-                                   "generation, metrics and a report, on the shipped tiny pipeline.")
-    p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
-    p.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed (CI)")
-    p.add_argument("--cast-seed", type=int, default=0, help="another cast of people (the recogniser is trained for it)")
-    p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
-    p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also run Saliency-rho, UCE and IMMA (about twice as long)")
+    from . import cli_experiment
+    cli_experiment.add_parsers(sub)
     return parser
 
 
@@ -355,103 +295,8 @@ def cmd_tiny(args) -> int:
     return 0
 
 
-def cmd_world(args) -> int:
-    from .synthetic.world import export_imagefolder, make_cast
-
-    if args.world_command == "cast":
-        for p in make_cast(args.cast_seed):
-            print(f"{p.name:<18} {p.face_shape} face, {p.skin} skin, {p.hair_colour} {p.hair_style} hair, "
-                  f"{p.eye_colour} eyes, {p.mark}")
-        return 0
-    if args.domain == "people" and args.subject:
-        from .evaluate.world import SyntheticWorld
-        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, "people", args.n, "export", args.subject)
-    else:
-        out = export_imagefolder(args.out, args.domain, args.n, args.seed, args.size, args.cast_seed,
-                                 generic=args.generic)
-    print(f"wrote {args.domain} to {out} (metadata.jsonl)")
-    return 0
-
-
-def cmd_protect(args) -> int:
-    from dataclasses import fields as dc_fields
-
-    from .data import load_image_captions
-    from .io import atomic_write_json
-    from .mask import check_ratio
-    from .methods import ProtectSettings, chain_uses_ratio, protect
-
-    if chain_uses_ratio(args.method):
-        check_ratio(args.ratio)
-    settings = ProtectSettings(**{f.name: getattr(args, f.name) for f in dc_fields(ProtectSettings)})
-    subjects = args.subject or sorted({r.subject for r in load_image_captions(args.illegal, check_images=False).records
-                                       if r.subject})
-    if "uce" in args.method.split("+") and not subjects:
-        raise ValueError(f"--illegal {args.illegal} has no 'name' column: pass the names to erase with --subject")
-    if not args.innocent and any(m in args.method.split("+") for m in ("learned", "uce")):
-        raise ValueError(f"{args.method} needs innocent data: pass --innocent DIR")
-    out = Path(args.out)
-    result = protect(args.method, Path(args.model), Path(args.illegal), [Path(p) for p in args.innocent], subjects,
-                     args.ratio, out / "work", settings, args.device)
-    mask_path = None
-    if result.mask is not None:
-        mask_path = result.mask.save(out / "mask.safetensors")
-    summary = {"method": args.method, "ratio": args.ratio, "subjects": subjects,
-               "model": str(result.model or args.model), "mask": str(mask_path) if mask_path else None,
-               "random_ratio": result.random_ratio}
-    atomic_write_json(out / "protection.json", summary)
-    print(f"{args.method}: model to fine-tune {summary['model']}" +
-          (f", mask {mask_path} ({result.mask.tensor_ratio:.1%} of tensors, {result.mask.param_fraction:.1%} of "
-           f"parameters frozen)" if mask_path else "") +
-          (f", random mask of {result.random_ratio:.0%} drawn at fine-tuning" if result.random_ratio else "") +
-          f"\nsummary: {out / 'protection.json'}")
-    return 0
-
-
-def cmd_experiment(args) -> int:
-    from .evaluate.experiment import ExperimentConfig, Runner
-
-    cfg = ExperimentConfig.from_yaml(args.config, out=args.out)
-    Runner(cfg).run()
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"report: {cfg.out}/results.md, results.json, results.csv, tradeoff.png, images/")
-    return 0
-
-
-def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False):
-    from .evaluate.experiment import ExperimentConfig
-    from .mask import check_ratio
-
-    check_ratio(ratio)
-    n_seeds = seeds or (1 if quick else 3)
-    # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated and washed blue
-    # (compare grids made with freezeasguard generate --guidance 7.5 and 3)
-    cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
-                           ratios=[ratio], guidance=3.0)
-    if baselines:
-        cfg.methods = cfg.methods + ["saliency", "uce", "imma"]
-        cfg.imma_lr = 1e-4      # Adam moves each weight ~lr per step: 50 steps of 1e-5 leave the tiny model as it was
-    if quick:
-        cfg.mask_images, cfg.finetune_images, cfg.eval_images = 8, 8, 4
-        cfg.warm_start_steps, cfg.mask_steps, cfg.inner_steps = 4, 2, 2
-        cfg.finetune_steps, cfg.generate_steps = 4, 5
-        cfg.saliency_batches, cfg.imma_steps, cfg.imma_inner_steps = 2, 2, 1
-    return cfg
-
-
-def cmd_demo(args) -> int:
-    from .evaluate.experiment import Runner
-
-    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio, args.baselines)
-    Runner(cfg).run()
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, edited models))")
-    return 0
-
-
 COMMANDS = {"learn": cmd_learn, "finetune": cmd_finetune, "verify": cmd_verify, "generate": cmd_generate,
-            "mask": cmd_mask, "protect": cmd_protect, "tiny-pipeline": cmd_tiny, "world": cmd_world, "experiment": cmd_experiment,
-            "demo": cmd_demo}
+            "mask": cmd_mask, "tiny-pipeline": cmd_tiny}
 
 
 def main(argv=None) -> int:
@@ -467,8 +312,9 @@ def main(argv=None) -> int:
     from .mask import MaskError
     from .models import ModelError
 
+    from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
     try:
-        return COMMANDS[args.command](args)
+        return {**COMMANDS, **EXPERIMENT_COMMANDS}[args.command](args)
     except (DataError, MaskError, ModelError, FileNotFoundError, FileExistsError, ValueError) as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)

@@ -123,6 +123,15 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
+def data_mix(paths, components, schedule, batch: int, seed: int, device):
+    """One DomainMix over data folders, equal weight each: the batches a method's losses draw."""
+    from ..batches import Domain, DomainMix
+    from ..data import EncodedData, load_image_captions
+    domains = [Domain(str(p), EncodedData(load_image_captions(p), components, device), batch, 1.0 / len(paths))
+               for p in paths]
+    return DomainMix(domains, schedule, seed)
+
+
 def register(name: str, uses_ratio: bool, summary: str):
     def deco(fn):
         METHODS[name] = Method(name, fn, uses_ratio, summary)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import MethodInputs, Protection, register
+from . import MethodInputs, Protection, data_mix, register
 
 logger = logging.getLogger(__name__)
 
@@ -135,8 +135,7 @@ def immunize(unet, modules, draw_illegal, draw_innocent, steps: int, inner_steps
 
 @register("imma", uses_ratio=False, summary="IMMA: cross-attention immunised against adaptation to the illegal data")
 def imma(inputs: MethodInputs) -> Protection:
-    from ..batches import Domain, DomainMix, weighted_loss
-    from ..data import EncodedData, load_image_captions
+    from ..batches import weighted_loss
     from ..diffusion import NoiseSchedule
     from ..finetune import resolve_device, save_pipeline
     from ..io import atomic_write_json
@@ -149,9 +148,7 @@ def imma(inputs: MethodInputs) -> Protection:
     schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
 
     def loss_of(paths, seed):
-        domains = [Domain(str(p), EncodedData(load_image_captions(p), comps, device), s.imma_batch, 1.0 / len(paths))
-                   for p in paths]
-        mix = DomainMix(domains, schedule, seed)
+        mix = data_mix(paths, comps, schedule, s.imma_batch, seed, device)
         return lambda: weighted_loss(comps.unet, mix.draw(device), schedule)[0]
 
     modules = target_modules(comps.unet, s.imma_targets)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import MethodInputs, Protection, register
+from . import MethodInputs, Protection, data_mix, register
 
 
 def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | None, numel: list[int],
@@ -43,8 +43,6 @@ def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
 
 @register("saliency", uses_ratio=True, summary="freeze the tensors with the largest illegal-loss gradient")
 def saliency(inputs: MethodInputs) -> Protection:
-    from ..batches import Domain, DomainMix
-    from ..data import EncodedData, load_image_captions
     from ..diffusion import NoiseSchedule
     from ..finetune import resolve_device
     from ..mask import Mask
@@ -58,9 +56,8 @@ def saliency(inputs: MethodInputs) -> Protection:
     base_fp = fingerprint(load_unet_state(inputs.model).items())
 
     def norms(paths, seed):
-        domains = [Domain(str(p), EncodedData(load_image_captions(p), comps, device), s.mask_batch, 1.0 / len(paths))
-                   for p in paths]
-        return gradient_norms(comps.unet, DomainMix(domains, schedule, seed), schedule, s.saliency_batches, device)
+        mix = data_mix(paths, comps, schedule, s.mask_batch, seed, device)
+        return gradient_norms(comps.unet, mix, schedule, s.saliency_batches, device)
 
     ill = norms([inputs.illegal], 0)
     inn = norms(inputs.innocent, 1) if s.saliency_innocent_weight and inputs.innocent else None
