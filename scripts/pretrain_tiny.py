@@ -72,6 +72,12 @@ def main():
     ap.add_argument("--unet-steps", type=int, default=3000)
     ap.add_argument("--unet-batch", type=int, default=16)
     ap.add_argument("--unet-lr", type=float, default=5e-4)
+    ap.add_argument("--min-snr-gamma", type=float, default=0,
+                    help="weight the UNet loss by min(SNR, gamma) / SNR (0: plain mean, as the first runs)")
+    ap.add_argument("--attention-heads", type=int, default=0,
+                    help="UNet attention heads (diffusers' attention_head_dim); with --continue-from the "
+                         "trained weights are reused (heads split the same projections). 1 head trains about "
+                         "2x faster on CPU than 8 heads of width 4 (0: keep / 8)")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop UNet training after this long (0: no limit)")
     ap.add_argument("--continue-from", help="a pipeline this script made: keep its VAE, text encoder and tokenizer "
                                             "and continue training its UNet (a new warm-up + cosine schedule)")
@@ -81,7 +87,7 @@ def main():
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from freezeasguard.data import preprocess
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss, draw_noise
+    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss, draw_noise, min_snr_weights
     from freezeasguard.models import build_offline_tokenizer, scheduler_config, tiny_unet_config
     from freezeasguard.synthetic import world_vocabulary
 
@@ -135,11 +141,12 @@ def main():
         empty = embed([""])[0]
 
     t = time.time()
+    heads = {"attention_head_dim": a.attention_heads} if a.attention_heads else {}
     if previous:
-        unet = UNet2DConditionModel.from_pretrained(Path(a.continue_from) / "unet")
+        unet = UNet2DConditionModel.from_pretrained(Path(a.continue_from) / "unet", **heads)
     else:
-        unet = UNet2DConditionModel(**tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64),
-                                                       cross_attention_dim=64))
+        unet = UNet2DConditionModel(**{**tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64),
+                                                          cross_attention_dim=64), **heads})
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config("epsilon"))
     opt = torch.optim.AdamW(unet.parameters(), lr=a.unet_lr, weight_decay=1e-2)
     lr_sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.unet_lr, total_steps=a.unet_steps, pct_start=0.05)
@@ -153,13 +160,17 @@ def main():
         cond = text[idx].clone()
         drop = torch.rand(a.unet_batch, generator=g) < 0.1
         cond[drop] = empty
-        loss = diffusion_loss(unet, latents, cond, d.noise, d.timesteps, schedule).mean()
+        per_sample = diffusion_loss(unet, latents, cond, d.noise, d.timesteps, schedule)
+        if a.min_snr_gamma:
+            loss = (per_sample * min_snr_weights(d.timesteps, schedule, a.min_snr_gamma)).mean()
+        else:
+            loss = per_sample.mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         lr_sched.step()
-        losses.append(loss.item())
+        losses.append(per_sample.mean().item())    # unweighted: comparable across runs
         steps_done = step + 1
         if a.max_minutes and time.time() - t > 60 * a.max_minutes:
             logger.warning("stopping UNet training at step %d (time limit)", steps_done)

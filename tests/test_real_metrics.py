@@ -114,12 +114,13 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
                            eval_images=4, finetune_steps=1, finetune_batch=2, generate_steps=2)
     rows = Runner(cfg).run()
     metrics = {(r["method"], r["domain"], r["metric"]) for r in rows}
-    assert {("full", "people", "fid"), ("full", "people", "kid"), ("full", "logos", "clip_score")} <= metrics
+    assert {("full", "people", "fid_features"), ("full", "people", "kid_features"),
+            ("full", "logos", "clip_score")} <= metrics
     assert all(r["subject"] == "Mara Quell" for r in rows if r["domain"] == "people")
     for r in rows:
         if r["metric"] == "clip_score":
             assert 0 <= r["value"] <= 100
-        if r["metric"] == "fid":
+        if r["metric"] == "fid_features":
             assert r["value"] > 0
     table = (tmp_path / "exp" / "results.md").read_text()
-    assert "FID ↑" in table and "Logos CLIP score ↑" in table and "clip_score_real/logos" in table
+    assert "FID (fid_features) ↑" in table and "Logos CLIP score ↑" in table and "clip_score_real/logos" in table

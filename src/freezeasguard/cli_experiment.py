@@ -56,6 +56,17 @@ def add_parsers(sub):
     p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
     p.add_argument("--out", help="override the output folder")
 
+    # convert-weights
+    p = sub.add_parser("convert-weights", help="turn a .pth state dict (e.g. the FID Inception) into .safetensors",
+                       description="Read a PyTorch state dict with torch.load(weights_only=True) (a restricted "
+                                   "unpickler: tensors and containers only, nothing in the file runs) and write it "
+                                   "as .safetensors, the only checkpoint format freezeasguard loads. Example: "
+                                   "freezeasguard convert-weights pt_inception-2015-12-05-6726825d.pth "
+                                   "fid-inception.safetensors, then fid_inception: fid-inception.safetensors in an "
+                                   "experiment config.")
+    p.add_argument("src", help=".pth / .pt / .bin state dict")
+    p.add_argument("dst", help="output .safetensors file")
+
     # demo
     p = sub.add_parser("demo", help="the built-in experiment: FreezeAsGuard vs Random vs Full FT on synthetic people",
                        description="Warm start, mask learning at the ratio, illegal-user fine-tunes of the target "
@@ -165,4 +176,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}
+def cmd_convert_weights(args) -> int:
+    from .io import convert_to_safetensors
+
+    n = convert_to_safetensors(args.src, args.dst)
+    print(f"wrote {n} tensors to {args.dst}")
+    return 0
+
+
+COMMANDS = {"convert-weights": cmd_convert_weights, "world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}

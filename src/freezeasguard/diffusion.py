@@ -69,3 +69,14 @@ def diffusion_loss(unet, latents: torch.Tensor, text_embeddings: torch.Tensor, n
                                                                            schedule.alphas_cumprod)
     pred = unet(noisy, timesteps.to(latents.device), encoder_hidden_states=text_embeddings).sample
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+
+
+def min_snr_weights(timesteps: torch.Tensor, schedule: NoiseSchedule, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al., 2023): min(SNR, gamma) / SNR for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v targets. Low-noise steps, whose loss is easy and whose
+    gradients fight the high-noise ones, count less; pre-training converges several times faster."""
+    a = schedule.alphas_cumprod[timesteps.cpu()]
+    snr = a / (1 - a)
+    clipped = snr.clamp(max=gamma)
+    w = clipped / snr if schedule.prediction_type == "epsilon" else clipped / (snr + 1)
+    return w.float().to(timesteps.device)

@@ -40,3 +40,29 @@ def atomic_write_text(path, text: str) -> Path:
 
 def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def convert_to_safetensors(src, dst) -> int:
+    """A PyTorch checkpoint (.pth/.pt/.bin: a state dict, or {"state_dict": ...}) -> .safetensors.
+
+    Read with ``torch.load(weights_only=True)``: the restricted unpickler builds tensors and plain
+    containers only, so a tampered file fails instead of running code. Returns the tensor count."""
+    import torch
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint file")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"{dst}: the output must end in .safetensors")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as exc:     # UnpicklingError and friends: say what it means
+        raise ValueError(f"{src}: not a plain tensor checkpoint ({type(exc).__name__}: {str(exc)[:200]}); only state "
+                         "dicts of tensors are converted, nothing in the file is executed") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{src}: expected a dict of tensors (a state dict)")
+    atomic_save_safetensors({k: v.clone() for k, v in state.items()}, dst,   # clone: tied tensors cannot share storage in safetensors
+                            metadata={"converted_from": src.name})
+    return len(state)

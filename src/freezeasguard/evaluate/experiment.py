@@ -49,7 +49,8 @@ class ExperimentConfig(ProtectSettings):
     people_data: str | None = None         # FF25-style folder: metadata with file_name, text, name
     innocent_data: dict[str, str] = field(default_factory=dict)   # domain -> image folder or saved dataset
     clip_weights: str | None = None        # local CLIP folder: CLIP score of innocent images
-    fid_features: str | None = None        # local vision model folder: FID/KID feature space
+    fid_inception: str | None = None       # FID Inception-v3 weights (.safetensors): the paper's FID and KID
+    fid_features: str | None = None        # or a local vision model folder: FID/KID in its feature space
     face_identity: bool = False            # also score face identity with dlib (the faces extra)
 
     @classmethod
@@ -77,7 +78,7 @@ class Runner:
             if missing:
                 raise ValueError(f"innocent domains {missing} have no folder in innocent_data")
             world = FolderWorld(cfg.people_data, cfg.innocent_data, cfg.mask_images, cfg.clip_weights,
-                                cfg.fid_features, face_identity=cfg.face_identity)
+                                cfg.fid_features, face_identity=cfg.face_identity, fid_inception=cfg.fid_inception)
         self.world = world or SyntheticWorld(cfg.cast_seed)
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
         for s in self.subjects:
@@ -231,7 +232,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 # column titles of results.md; the arrow says which way is better for the publisher
 COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
-                "kid": "KID ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
+                "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
+                "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
                 "clip_score": "CLIP score ↑"}
 
 
@@ -288,7 +290,7 @@ def _tradeoff_plot(root, summary, cfg):
     domain = cfg.innocent[0]
     people = {s["metric"] for s in summary if s["domain"] == "people"}
     innocent = {s["metric"] for s in summary if s["domain"] == domain}
-    x_metric = next((m for m in ("identity_recognition", "fid", "feature_fid") if m in people), None)
+    x_metric = next((m for m in ("identity_recognition", "fid", "fid_features", "feature_fid") if m in people), None)
     y_metric = next((m for m in ("prompt_accuracy", "clip_score") if m in innocent), None)
     if x_metric is None or y_metric is None:
         return

@@ -13,9 +13,11 @@ sanity), so the experiment runner drives real models with real metrics:
   evaluation prompts.
 - metrics (optional, ``face_identity: true``, the faces extra): the share of generated portraits
   whose face matches the person's photos, and the share with no detectable face.
-- metrics: FID and KID in the feature space of a local image model folder (``fid_features``:
-  any transformers vision model, e.g. a CLIP or DINOv2 folder; the column says which), and the
-  CLIP score of innocent images against their prompts (``clip_weights``).
+- metrics: FID and KID with the standard FID Inception-v3 (``fid_inception``: its weights as
+  .safetensors; metrics ``fid``, ``kid``, comparable with the paper), or in the feature space of
+  a local transformers vision model folder (``fid_features``, e.g. CLIP or DINOv2; metrics
+  ``fid_features``, ``kid_features``), and the CLIP score of innocent images against their
+  prompts (``clip_weights``).
 """
 from __future__ import annotations
 
@@ -57,11 +59,16 @@ class ImageFeatures(torch.nn.Module):
 
 class FolderWorld:
     def __init__(self, people_dir, innocent_dirs: dict[str, str], mask_images: int = 100,
-                 clip_weights=None, fid_features=None, resolution: int | None = None, face_identity: bool = False):
+                 clip_weights=None, fid_features=None, resolution: int | None = None, face_identity: bool = False,
+                 fid_inception=None):
         self.people = load_image_captions(people_dir, check_images=False)
         self.innocent = {d: load_image_captions(p, check_images=False) for d, p in innocent_dirs.items()}
         self.mask_images = mask_images
         self.clip_weights, self.fid_features, self.resolution = clip_weights, fid_features, resolution
+        self.fid_inception = fid_inception
+        if not (fid_inception or fid_features):
+            raise ValueError("FID needs a feature network: set fid_inception (FID Inception-v3 weights, .safetensors; "
+                             "the paper's FID) or fid_features (a local transformers vision model folder)")
         self._names = list(dict.fromkeys(r.subject for r in self.people.records if r.subject))
         if not self._names:
             raise ValueError(f"{people_dir}: no 'name' column values; the people data needs one per row")
@@ -129,12 +136,17 @@ class FolderWorld:
     def score_people(self, images, subject: str, real) -> list[dict]:
         from .real_metrics import fid_and_kid, images_to_uint8
         if self._features is None:
-            self._features = ImageFeatures(self.fid_features)
+            if self.fid_inception:
+                from .inception import load_fid_inception
+                self._features = load_fid_inception(self.fid_inception)
+            else:
+                self._features = ImageFeatures(self.fid_features)
         size = images[0].size
         real = [r.resize(size) for r in real]
         m = fid_and_kid(images_to_uint8(real), images_to_uint8(images), self._features,
                         kid_subset=min(len(real), len(images)))
-        rows = [{"metric": "fid", "value": m["fid"]}, {"metric": "kid", "value": m["kid"]}]
+        suffix = "" if self.fid_inception else "_features"
+        rows = [{"metric": "fid" + suffix, "value": m["fid"]}, {"metric": "kid" + suffix, "value": m["kid"]}]
         if self.face_identity:
             from .faces import FaceEmbedder, face_identity
             self._faces = self._faces or FaceEmbedder()
