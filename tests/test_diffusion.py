@@ -1,7 +1,7 @@
 """The shared diffusion loss against diffusers' DDPMScheduler."""
 import torch
 
-from freezeasguard.diffusion import NoiseSchedule, add_noise, diffusion_loss, velocity
+from freezeasguard.diffusion import NoiseSchedule, add_noise, diffusion_loss, min_snr_weights, velocity
 from freezeasguard.models import scheduler_config
 
 
@@ -43,3 +43,18 @@ def test_pndm_config_is_read_with_ddpm_semantics():
     s = NoiseSchedule.from_scheduler_config({"_class_name": "PNDMScheduler", **scheduler_config("epsilon")})
     assert s.num_train_timesteps == 1000 and s.prediction_type == "epsilon"
     assert 0 < float(s.alphas_cumprod[-1]) < float(s.alphas_cumprod[0]) < 1
+
+
+def test_min_snr_weights_by_hand():
+    for prediction in ("epsilon", "v_prediction"):
+        schedule = NoiseSchedule.from_scheduler_config(scheduler_config(prediction))
+        t = torch.tensor([0, 100, 500, 999])
+        w = min_snr_weights(t, schedule, gamma=5.0)
+        for ti, wi in zip(t.tolist(), w.tolist()):
+            a = float(schedule.alphas_cumprod[ti])
+            snr = a / (1 - a)
+            expected = min(snr, 5.0) / (snr if prediction == "epsilon" else snr + 1)
+            assert abs(wi - expected) < 1e-6
+        if prediction == "epsilon":
+            # clean steps (SNR far above 5) are down-weighted; the noisiest keep weight 1
+            assert w[0] < 0.01 and w[-1] == 1.0

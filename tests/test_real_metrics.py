@@ -124,3 +124,44 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
             assert r["value"] > 0
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "FID (fid_features) ↑" in table and "Logos CLIP score ↑" in table and "clip_score_real/logos" in table
+
+
+def test_score_command_on_folders(tmp_path, capsys):
+    """freezeasguard score: FID of a folder against itself is ~0 and against other images is not;
+    the CLIP score equals clip_scores' mean; missing inputs and corrupt images are named."""
+    import json
+    from PIL import Image
+    from freezeasguard.cli import main
+    clip = _tiny_clip(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    gen, real, other = tmp_path / "gen", tmp_path / "real", tmp_path / "other"
+    prompts = ["a red circle", "a green square", "a blue star", "a white hat", "a black scarf", "a pink logo"]
+    index = []
+    for folder, scale in ((gen, 1.0), (real, 1.0), (other, 0.4)):
+        (folder / "sub").mkdir(parents=True)
+    for i, p in enumerate(prompts):
+        arr = (torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(gen / f"{i}.png")
+        Image.fromarray(arr).save(real / "sub" / f"{i}.png")        # nested, as FF25 person folders
+        Image.fromarray((arr * 0.4).astype("uint8")).save(other / f"{i}.png")
+        index.append({"file": f"{i}.png", "prompt": p, "seed": i})
+    (gen / "prompts.json").write_text(json.dumps(index))
+
+    assert main(["score", str(gen), "--real", str(real), "--fid-features", str(clip), "--clip-weights", str(clip),
+                 "--out", str(tmp_path / "s.json")]) == 0
+    same = json.loads((tmp_path / "s.json").read_text())
+    assert json.loads(capsys.readouterr().out) == same
+    assert main(["score", str(gen), "--real", str(other), "--fid-features", str(clip)]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert abs(same["fid"]) < 1e-3 < diff["fid"] and same["images"] == 6 and same["fid_feature_space"] == "clip"
+    model, proc = load_clip(clip)
+    images = [Image.open(gen / f"{i}.png").convert("RGB") for i in range(6)]
+    assert same["clip_score"] == pytest.approx(sum(clip_scores(images, prompts, model, proc)) / 6, abs=1e-4)
+
+    assert main(["score", str(gen), "--fid-features", str(clip)]) == 2
+    assert "pass --real DIR" in capsys.readouterr().err
+    assert main(["score", str(other), "--clip-weights", str(clip)]) == 2
+    assert "needs each image's prompt" in capsys.readouterr().err
+    (other / "broken.png").write_bytes(b"not a png")
+    assert main(["score", str(gen), "--real", str(other), "--fid-features", str(clip)]) == 2
+    assert "broken.png: not a readable image" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from freezeasguard.evaluate.metrics import frechet_distance, identity_recognition, prompt_accuracy
+from freezeasguard.evaluate.metrics import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
 from freezeasguard.synthetic import TINY_SD
 from freezeasguard.synthetic.world import make_cast, render_garment, render_logo, render_person
 
@@ -66,3 +66,10 @@ def test_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift():
     a, b = torch.randn(20000, 3) * torch.tensor([1.0, 2.0, 3.0]), torch.randn(20000, 3) * 2.0
     expected = sum((s1 - 2.0) ** 2 for s1 in (1.0, 2.0, 3.0))
     assert frechet_distance(a, b) == pytest.approx(expected, abs=0.1)
+
+
+def test_prompt_and_attribute_accuracy_by_hand():
+    expected = [{"shape": "circle", "colour": "red"}, {"shape": "star", "colour": "blue"}]
+    predicted = [{"shape": "circle", "colour": "red"}, {"shape": "star", "colour": "green"}]
+    assert prompt_accuracy(predicted, expected) == 0.5          # one image has every attribute right
+    assert attribute_accuracy(predicted, expected) == 0.75      # (2/2 + 1/2) / 2

@@ -56,6 +56,21 @@ def add_parsers(sub):
     p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
     p.add_argument("--out", help="override the output folder")
 
+    # score
+    p = sub.add_parser("score", help="score a folder of generated images: FID/KID, CLIP score, face identity",
+                       description="Real-model metrics on any folder of generated images (e.g. from freezeasguard "
+                                   "generate). Each metric runs when its weights are given; all are local paths "
+                                   "(nothing is downloaded). Needs the eval extra (faces: the faces extra).",
+                       epilog="example: freezeasguard score gen/ --real ff25/test/Bill_Gates "
+                              "--fid-inception-weights fid-inception.safetensors --out gates.json")
+    p.add_argument("generated", help="folder of generated images (prompts from prompts.json or metadata.jsonl)")
+    p.add_argument("--real", help="folder of real images (searched recursively): FID/KID and face identity")
+    p.add_argument("--fid-inception-weights", help="FID Inception-v3 .safetensors (see convert-weights): the paper's FID")
+    p.add_argument("--fid-features", help="or a local transformers vision model folder: FID/KID in its feature space")
+    p.add_argument("--clip-weights", help="local transformers CLIP folder: CLIP score against each image's prompt")
+    p.add_argument("--faces", action="store_true", help="face identity vs the real photos, and face-detection failures")
+    p.add_argument("--out", help="write the scores as JSON here (default: print only)")
+
     # convert-weights
     p = sub.add_parser("convert-weights", help="turn a .pth state dict (e.g. the FID Inception) into .safetensors",
                        description="Read a PyTorch state dict with torch.load(weights_only=True) (a restricted "
@@ -176,6 +191,21 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    import json
+    from .evaluate.score import score_folder
+    from .io import atomic_write_json
+
+    if args.fid_inception_weights and args.fid_features:
+        raise ValueError("pass one of --fid-inception-weights and --fid-features")
+    scores = score_folder(args.generated, args.real, args.fid_inception_weights, args.fid_features,
+                          args.clip_weights, args.faces)
+    if args.out:
+        atomic_write_json(args.out, scores)
+    print(json.dumps(scores, indent=2))
+    return 0
+
+
 def cmd_convert_weights(args) -> int:
     from .io import convert_to_safetensors
 
@@ -184,4 +214,4 @@ def cmd_convert_weights(args) -> int:
     return 0
 
 
-COMMANDS = {"convert-weights": cmd_convert_weights, "world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}
+COMMANDS = {"score": cmd_score, "convert-weights": cmd_convert_weights, "world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}

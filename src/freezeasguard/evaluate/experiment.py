@@ -234,6 +234,7 @@ COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Fac
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
                 "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
+                "attribute_accuracy": "attributes ↑",
                 "clip_score": "CLIP score ↑"}
 
 
@@ -291,7 +292,7 @@ def _tradeoff_plot(root, summary, cfg):
     people = {s["metric"] for s in summary if s["domain"] == "people"}
     innocent = {s["metric"] for s in summary if s["domain"] == domain}
     x_metric = next((m for m in ("identity_recognition", "fid", "fid_features", "feature_fid") if m in people), None)
-    y_metric = next((m for m in ("prompt_accuracy", "clip_score") if m in innocent), None)
+    y_metric = next((m for m in ("attribute_accuracy", "prompt_accuracy", "clip_score") if m in innocent), None)
     if x_metric is None or y_metric is None:
         return
     pts = {}

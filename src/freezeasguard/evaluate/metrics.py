@@ -24,3 +24,10 @@ def identity_recognition(predicted_names: list[str], target: str) -> float:
 def prompt_accuracy(predicted: list[dict], expected: list[dict]) -> float:
     """Share of generated images whose every predicted attribute matches the prompt's."""
     return sum(all(p[k] == e[k] for k in p) for p, e in zip(predicted, expected)) / max(1, len(expected))
+
+
+def attribute_accuracy(predicted: list[dict], expected: list[dict]) -> float:
+    """Share of the prompt's attributes drawn right, averaged over images: partial credit where
+    prompt_accuracy gives none (a logo has six attributes; a weak model rarely gets all six)."""
+    per_image = [sum(p[k] == e[k] for k in p) / len(p) for p, e in zip(predicted, expected)]
+    return sum(per_image) / max(1, len(per_image))

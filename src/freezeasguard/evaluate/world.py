@@ -76,9 +76,10 @@ class SyntheticWorld:
                 {"metric": "feature_fid", "value": frechet_distance(rec.embed(images), rec.embed(real))}]
 
     def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
-        from .metrics import prompt_accuracy
-        return [{"metric": "prompt_accuracy", "value": prompt_accuracy(self.attribute_judge(domain).predict(images),
-                                                                        attrs)}]
+        from .metrics import attribute_accuracy, prompt_accuracy
+        predicted = self.attribute_judge(domain).predict(images)
+        return [{"metric": "prompt_accuracy", "value": prompt_accuracy(predicted, attrs)},
+                {"metric": "attribute_accuracy", "value": attribute_accuracy(predicted, attrs)}]
 
     def sanity(self, subjects: list[str], domains: list[str]) -> dict:
         """The judges on real renders (should be near 1)."""
