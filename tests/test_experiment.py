@@ -83,3 +83,23 @@ def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     frozen = set(mask.frozen_names)
     assert frozen and all(tuned[n].equal(edited[n]) for n in frozen)
     assert any(not edited[n].equal(base[n]) for n in edited if "attn2.to_k" in n)
+
+
+def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # as the workers: the same float sums, so the same numbers
+    try:
+        one = Runner(_cfg(tmp_path / "one", tiny_sd)).run()
+        cfg = _cfg(tmp_path / "two", tiny_sd)
+        cfg.workers = 2
+        two = Runner(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    key = lambda r: (r["method"], r["seed"], r["domain"], r["metric"])   # noqa: E731
+    assert sorted(map(key, one)) == sorted(map(key, two))
+    by_key = {key(r): r["value"] for r in one}
+    for r in two:
+        assert r["value"] == pytest.approx(by_key[key(r)], rel=1e-6, abs=1e-9), key(r)
+    # every job's fine-tune ran in a worker and left its done-marker
+    assert len(list((tmp_path / "two" / "stages").glob("finetune-*.done.json"))) == 6

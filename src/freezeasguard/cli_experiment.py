@@ -93,6 +93,9 @@ def add_parsers(sub):
     p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes for the fine-tune/evaluation jobs, one thread each (default: the CPU count "
+                        "up to 4, or 1 with a GPU; quick: 1)")
     p.add_argument("--baselines", action="store_true",
                    help="also run Saliency-rho, UCE and IMMA (about twice as long)")
 
@@ -160,7 +163,15 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False):
+def default_workers() -> int:
+    import os
+
+    import torch
+    return 1 if torch.cuda.is_available() else max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
+                workers=None):
     from .evaluate.experiment import ExperimentConfig
     from .mask import check_ratio
 
@@ -169,7 +180,8 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
     # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated and washed blue
     # (compare grids made with freezeasguard generate --guidance 7.5 and 3)
     cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
-                           ratios=[ratio], guidance=3.0)
+                           ratios=[ratio], guidance=3.0,
+                           workers=workers or (1 if quick else default_workers()))
     if baselines:
         cfg.methods = cfg.methods + ["saliency", "uce", "imma"]
         cfg.imma_lr = 1e-4      # Adam moves each weight ~lr per step: 50 steps of 1e-5 leave the tiny model as it was
@@ -184,7 +196,8 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
 def cmd_demo(args) -> int:
     from .evaluate.experiment import Runner
 
-    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio, args.baselines)
+    cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio, args.baselines,
+                      args.workers)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
     print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, edited models))")
