@@ -167,7 +167,8 @@ def default_workers() -> int:
     import os
 
     import torch
-    return 1 if torch.cuda.is_available() else max(1, min(4, len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
+    return 1 if torch.cuda.is_available() else max(1, min(4, cpus))
 
 
 def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,

@@ -67,8 +67,8 @@ class FolderWorld:
         self.clip_weights, self.fid_features, self.resolution = clip_weights, fid_features, resolution
         self.fid_inception = fid_inception
         if not (fid_inception or fid_features):
-            raise ValueError("FID needs a feature network: set fid_inception (FID Inception-v3 weights, .safetensors; "
-                             "the paper's FID) or fid_features (a local transformers vision model folder)")
+            from .real_metrics import fid_extractor
+            fid_extractor()     # raises, saying what to set
         self._names = list(dict.fromkeys(r.subject for r in self.people.records if r.subject))
         if not self._names:
             raise ValueError(f"{people_dir}: no 'name' column values; the people data needs one per row")
@@ -134,17 +134,11 @@ class FolderWorld:
         return Image.fromarray(arr)
 
     def score_people(self, images, subject: str, real) -> list[dict]:
-        from .real_metrics import fid_and_kid, images_to_uint8
+        from .real_metrics import fid_and_kid_of_images, fid_extractor
         if self._features is None:
-            if self.fid_inception:
-                from .inception import load_fid_inception
-                self._features = load_fid_inception(self.fid_inception)
-            else:
-                self._features = ImageFeatures(self.fid_features)
-        size = images[0].size
-        real = [r.resize(size) for r in real]
-        m = fid_and_kid(images_to_uint8(real), images_to_uint8(images), self._features,
-                        kid_subset=min(len(real), len(images)))
+            self._features, _ = fid_extractor(self.fid_inception, self.fid_features)
+        real = [r.resize(images[0].size) for r in real]      # the face metric below compares these too
+        m = fid_and_kid_of_images(real, images, self._features)
         suffix = "" if self.fid_inception else "_features"
         rows = [{"metric": "fid" + suffix, "value": m["fid"]}, {"metric": "kid" + suffix, "value": m["kid"]}]
         if self.face_identity:

@@ -66,6 +66,28 @@ def fid_and_kid(real, fake, extractor: torch.nn.Module, kid_subset: int = 1000, 
             "fid_reliable": n >= FID_RELIABLE_IMAGES}
 
 
+def fid_extractor(fid_inception=None, fid_features=None) -> tuple[torch.nn.Module, str]:
+    """The FID feature network and the name of its space: the FID Inception-v3 weights (the
+    paper's FID) or a local transformers vision model folder."""
+    if fid_inception:
+        from .inception import load_fid_inception
+        return load_fid_inception(fid_inception), "inception"
+    if fid_features:
+        from .folder_world import ImageFeatures
+        extractor = ImageFeatures(fid_features)
+        return extractor, extractor.name
+    raise ValueError("FID needs a feature network: fid_inception (FID Inception-v3 weights, .safetensors; the "
+                     "paper's FID) or fid_features (a local transformers vision model folder)")
+
+
+def fid_and_kid_of_images(real, generated, extractor: torch.nn.Module) -> dict:
+    """fid_and_kid of PIL image lists; every image is resized to the first generated image's size."""
+    size = generated[0].size
+    return fid_and_kid(images_to_uint8([r.resize(size) for r in real]),
+                       images_to_uint8([g.resize(size) for g in generated]), extractor,
+                       kid_subset=min(len(real), len(generated)))
+
+
 def load_clip(path, flag: str = "--clip-weights"):
     """A local transformers CLIP folder (config.json, weights, tokenizer and processor files)."""
     from transformers import CLIPModel, CLIPProcessor

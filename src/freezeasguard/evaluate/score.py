@@ -64,18 +64,9 @@ def score_folder(generated, real=None, fid_inception=None, fid_features=None, cl
         raise ValueError("--real given but no metric uses it: add --fid-inception-weights, --fid-features or --faces")
     reference = read_images(real) if wants_real else []
     if fid_inception or fid_features:
-        from .real_metrics import fid_and_kid, images_to_uint8
-        if fid_inception:
-            from .inception import load_fid_inception
-            extractor, space = load_fid_inception(fid_inception), "inception"
-        else:
-            from .folder_world import ImageFeatures
-            extractor = ImageFeatures(fid_features)
-            space = extractor.name
-        size = images[0].size
-        same = [im.resize(size) for im in images]
-        m = fid_and_kid(images_to_uint8([r.resize(size) for r in reference]), images_to_uint8(same), extractor,
-                        kid_subset=min(len(reference), len(images)))
+        from .real_metrics import fid_and_kid_of_images, fid_extractor
+        extractor, space = fid_extractor(fid_inception, fid_features)
+        m = fid_and_kid_of_images(reference, images, extractor)
         out.update(fid=m["fid"], kid=m["kid"], kid_std=m["kid_std"], fid_images=m["images"],
                    fid_reliable=m["fid_reliable"], fid_feature_space=space)
     if clip_weights:
