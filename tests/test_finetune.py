@@ -86,3 +86,32 @@ def test_scheme_must_be_chosen_once(tiny_sd, people, tmp_path):
         guarded_finetune(tiny_sd, people, tmp_path / "x", _cfg(), random_ratio=0.3, full=True)
     with pytest.raises(ValueError, match="between 0 and 1"):
         guarded_finetune(tiny_sd, people, tmp_path / "x", _cfg(), random_ratio=1.5)
+
+
+def test_optimizer_is_adamw_over_trainable_tensors_matching_the_reference_loop():
+    """build_optimizer's (fused) AdamW must take the steps of torch's plain per-tensor AdamW with
+    the config's lr and weight decay, and hold no state for a frozen tensor."""
+    from freezeasguard.finetune import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    reference.load_state_dict(model.state_dict())
+    for m in (model, reference):
+        m[0].weight.requires_grad_(False)
+    cfg = FinetuneConfig(lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer(model, cfg)
+    ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=1e-2,
+                                weight_decay=0.1, foreach=False)
+    frozen_before, trained_before = model[0].weight.clone(), model[1].weight.clone()
+    for step in range(5):
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model[0].weight, frozen_before)
+    assert model[0].weight not in opt.state and len(opt.state) == 3
+    assert not torch.equal(model[1].weight, trained_before)

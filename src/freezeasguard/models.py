@@ -210,11 +210,14 @@ def tiny_unet_config(layout: str = "sd15", sample_size: int = 8, cross_attention
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps)."""
+    """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps). clip_sample=False as in
+    SD's own scheduler configs: DDIM/DDPM built from this config would otherwise clip each x0
+    estimate to [-1, 1], which wrecks latents (their scale is ~1, not bounded by 1)."""
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {prediction_type!r}: use epsilon or v_prediction")
     return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
+                prediction_type=prediction_type)
 
 
 def build_tiny_pipeline(layout: str = "sd15", image_size: int = 16, prediction_type: str = "epsilon",
