@@ -181,7 +181,7 @@ def main():
                           unet_params=sum(p.numel() for p in unet.parameters()),
                           unet_tensors=len(list(unet.parameters())))
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=PNDMScheduler(**scheduler_config("epsilon")), safety_checker=None,
+                                   scheduler=PNDMScheduler.from_config(scheduler_config("epsilon")), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     out = Path(a.out)
     pipe.save_pretrained(out, safe_serialization=True)

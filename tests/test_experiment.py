@@ -103,3 +103,21 @@ def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
         assert r["value"] == pytest.approx(by_key[key(r)], rel=1e-6, abs=1e-9), key(r)
     # every job's fine-tune ran in a worker and left its done-marker
     assert len(list((tmp_path / "two" / "stages").glob("finetune-*.done.json"))) == 6
+
+
+def test_protections_sharing_a_cached_first_link_are_one_group():
+    from freezeasguard.evaluate.experiment import protection_groups
+    jobs = [("full", 0.0, 0, "people", "A"), ("learned", 0.3, 0, "people", "A"), ("learned", 0.3, 1, "logos", None),
+            ("learned", 0.1, 0, "people", "A"), ("uce", 0.0, 0, "people", "A"), ("uce+learned", 0.3, 0, "people", "A"),
+            ("random", 0.3, 0, "people", "A")]
+    assert protection_groups(jobs) == [[("full", 0.0)], [("learned", 0.3), ("learned", 0.1)],
+                                       [("uce", 0.0), ("uce+learned", 0.3)], [("random", 0.3)]]
+
+
+def test_example_configs_name_only_known_settings():
+    from pathlib import Path
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = ExperimentConfig.from_yaml(path)       # unknown keys raise, naming them
+        assert cfg.methods and cfg.out

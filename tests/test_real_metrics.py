@@ -108,14 +108,18 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
                                      "text": [m["text"] for m in meta]}).cast_column("image", datasets.Image())
     ds.save_to_disk(str(tmp_path / "logo-ds"))
     clip = _tiny_clip(tmp_path)
+    from safetensors.torch import save_file
+    from freezeasguard.evaluate.topiq import TopiqFR
+    save_file({k: v for k, v in TopiqFR().state_dict().items() if "num_batches" not in k}, tmp_path / "topiq.safetensors")
     cfg = ExperimentConfig(out=str(tmp_path / "exp"), model=str(tiny_sd), methods=["full"], seeds=[0],
                            people_data=str(ff), innocent_data={"logos": str(tmp_path / "logo-ds")},
-                           clip_weights=str(clip), fid_features=str(clip), mask_images=2, finetune_images=4,
+                           clip_weights=str(clip), fid_features=str(clip), topiq_fr=str(tmp_path / "topiq.safetensors"),
+                           mask_images=2, finetune_images=4,
                            eval_images=4, finetune_steps=1, finetune_batch=2, generate_steps=2)
     rows = Runner(cfg).run()
     metrics = {(r["method"], r["domain"], r["metric"]) for r in rows}
-    assert {("full", "people", "fid_features"), ("full", "people", "kid_features"),
-            ("full", "logos", "clip_score")} <= metrics
+    assert {("full", "people", "fid_features"), ("full", "people", "kid_features"), ("full", "people", "topiq_fr"),
+            ("full", "logos", "clip_score"), ("full", "logos", "topiq_fr")} <= metrics
     assert all(r["subject"] == "Mara Quell" for r in rows if r["domain"] == "people")
     for r in rows:
         if r["metric"] == "clip_score":
@@ -124,6 +128,7 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
             assert r["value"] > 0
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "FID (fid_features) ↑" in table and "Logos CLIP score ↑" in table and "clip_score_real/logos" in table
+    assert "| TOPIQ-FR ↓ |" in table and "Logos TOPIQ-FR ↑" in table
 
 
 def test_score_command_on_folders(tmp_path, capsys):

@@ -57,7 +57,7 @@ def add_parsers(sub):
     p.add_argument("--out", help="override the output folder")
 
     # score
-    p = sub.add_parser("score", help="score a folder of generated images: FID/KID, CLIP score, face identity",
+    p = sub.add_parser("score", help="score a folder of generated images: FID/KID, CLIP score, TOPIQ-FR, faces",
                        description="Real-model metrics on any folder of generated images (e.g. from freezeasguard "
                                    "generate). Each metric runs when its weights are given; all are local paths "
                                    "(nothing is downloaded). Needs the eval extra (faces: the faces extra).",
@@ -69,6 +69,8 @@ def add_parsers(sub):
     p.add_argument("--fid-features", help="or a local transformers vision model folder: FID/KID in its feature space")
     p.add_argument("--clip-weights", help="local transformers CLIP folder: CLIP score against each image's prompt")
     p.add_argument("--faces", action="store_true", help="face identity vs the real photos, and face-detection failures")
+    p.add_argument("--topiq-fr-weights", help="TOPIQ-FR .safetensors (pyiqa's cfanet_fr_kadid_res50, see "
+                                              "convert-weights): generated image k against real image k")
     p.add_argument("--out", help="write the scores as JSON here (default: print only)")
 
     # convert-weights
@@ -78,7 +80,8 @@ def add_parsers(sub):
                                    "as .safetensors, the only checkpoint format freezeasguard loads. Example: "
                                    "freezeasguard convert-weights pt_inception-2015-12-05-6726825d.pth "
                                    "fid-inception.safetensors, then fid_inception: fid-inception.safetensors in an "
-                                   "experiment config.")
+                                   "experiment config; pyiqa's TOPIQ-FR checkpoint (its 'params' dict is "
+                                   "unwrapped) likewise for topiq_fr / --topiq-fr-weights.")
     p.add_argument("src", help=".pth / .pt / .bin state dict")
     p.add_argument("dst", help="output .safetensors file")
 
@@ -213,7 +216,7 @@ def cmd_score(args) -> int:
     if args.fid_inception_weights and args.fid_features:
         raise ValueError("pass one of --fid-inception-weights and --fid-features")
     scores = score_folder(args.generated, args.real, args.fid_inception_weights, args.fid_features,
-                          args.clip_weights, args.faces)
+                          args.clip_weights, args.faces, args.topiq_fr_weights)
     if args.out:
         atomic_write_json(args.out, scores)
     print(json.dumps(scores, indent=2))

@@ -37,7 +37,7 @@ def pipeline_from_components(components):
 
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, guidance: float = 7.5,
-                    per_prompt: int = 1, batch_size: int = 8, progress: bool = False):
+                    per_prompt: int = 1, batch_size: int = 16, progress: bool = False):
     """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of prompt i
     uses seed + i * per_prompt + j: every image starts from its own noise, and an image does not
     depend on what else is in the batch."""

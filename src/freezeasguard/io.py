@@ -43,7 +43,8 @@ def atomic_write_json(path, obj) -> Path:
 
 
 def convert_to_safetensors(src, dst) -> int:
-    """A PyTorch checkpoint (.pth/.pt/.bin: a state dict, or {"state_dict": ...}) -> .safetensors.
+    """A PyTorch checkpoint (.pth/.pt/.bin: a state dict, {"state_dict": ...} or pyiqa's
+    {"params": ...}) -> .safetensors.
 
     Read with ``torch.load(weights_only=True)``: the restricted unpickler builds tensors and plain
     containers only, so a tampered file fails instead of running code. Returns the tensor count."""
@@ -59,8 +60,10 @@ def convert_to_safetensors(src, dst) -> int:
     except Exception as exc:     # UnpicklingError and friends: say what it means
         raise ValueError(f"{src}: not a plain tensor checkpoint ({type(exc).__name__}: {str(exc)[:200]}); only state "
                          "dicts of tensors are converted, nothing in the file is executed") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for wrapper in ("state_dict", "params"):     # {"params": ...}: pyiqa's checkpoints (TOPIQ)
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{src}: expected a dict of tensors (a state dict)")
     atomic_save_safetensors({k: v.clone() for k, v in state.items()}, dst,   # clone: tied tensors cannot share storage in safetensors

@@ -242,7 +242,7 @@ def build_tiny_pipeline(layout: str = "sd15", image_size: int = 16, prediction_t
         num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler(**scheduler_config(prediction_type))
+    scheduler = PNDMScheduler.from_config(scheduler_config(prediction_type))
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

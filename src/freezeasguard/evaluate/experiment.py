@@ -51,6 +51,7 @@ class ExperimentConfig(ProtectSettings):
     clip_weights: str | None = None        # local CLIP folder: CLIP score of innocent images
     fid_inception: str | None = None       # FID Inception-v3 weights (.safetensors): the paper's FID and KID
     fid_features: str | None = None        # or a local vision model folder: FID/KID in its feature space
+    topiq_fr: str | None = None            # TOPIQ-FR weights (.safetensors, converted from pyiqa's): topiq_fr
     face_identity: bool = False            # also score face identity with dlib (the faces extra)
     workers: int = 1                       # fine-tune + evaluation jobs run in this many processes (1 thread
                                            # each); on a small CPU model 2 x 1 thread beats 1 x 2 threads
@@ -80,7 +81,8 @@ class Runner:
             if missing:
                 raise ValueError(f"innocent domains {missing} have no folder in innocent_data")
             world = FolderWorld(cfg.people_data, cfg.innocent_data, cfg.mask_images, cfg.clip_weights,
-                                cfg.fid_features, face_identity=cfg.face_identity, fid_inception=cfg.fid_inception)
+                                cfg.fid_features, face_identity=cfg.face_identity, fid_inception=cfg.fid_inception,
+                                topiq_fr=cfg.topiq_fr)
         self._own_world = world is None
         self.world = world or SyntheticWorld(cfg.cast_seed)
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
@@ -185,10 +187,8 @@ class Runner:
         cfg = self.cfg
         atomic_write_json(self.root / "config.json", asdict(cfg))
         sanity = self.sanity()
-        rows: list[dict] = []
-        for seed in cfg.seeds:       # the untouched model: recognition should be near zero
-            for subject in self.subjects:
-                rows += self.eval_people(self.model, "pretrained", 0.0, seed, subject)
+        # the untouched model (recognition should be near zero), then one job per user fine-tune
+        baseline = [("pretrained", 0.0, seed, "people", subject) for seed in cfg.seeds for subject in self.subjects]
         jobs = []
         for method in cfg.methods:
             for ratio in (cfg.ratios if chain_uses_ratio(method) else [0.0]):
@@ -197,17 +197,19 @@ class Runner:
                     jobs += [(method, ratio, seed, domain, None) for domain in cfg.innocent]
         if cfg.workers > 1 and self._own_world:
             self._prepare_shared(jobs)
-            rows += run_jobs_in_processes(cfg, jobs)
+            rows = run_jobs_in_processes(cfg, baseline + jobs, protection_groups(jobs))
         else:
             if cfg.workers > 1:
                 logger.warning("workers > 1 needs the runner to build its own world; running jobs one by one")
-            for job in jobs:
-                rows += self.run_job(*job)
+            rows = [r for job in baseline + jobs for r in self.run_job(*job)]
         write_report(self.root, rows, sanity, self.subjects, cfg, time.time() - t0)
         return rows
 
     def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> list[dict]:
-        """One user's fine-tune and its evaluation: the illegal user (people) or an innocent one."""
+        """One user's fine-tune and its evaluation: the illegal user (people) or an innocent one;
+        method "pretrained" evaluates the untouched model."""
+        if method == "pretrained":
+            return self.eval_people(self.model, method, ratio, seed, subject)
         ft = self.finetune(method, ratio, seed, domain, subject)
         if domain == "people":
             return self.eval_people(ft, method, ratio, seed, subject)
@@ -215,9 +217,11 @@ class Runner:
 
     def _prepare_shared(self, jobs):
         """What several jobs read, made once before they run side by side (no two processes write
-        the same file): protections, data exports, held-out sets, judges."""
-        for method, ratio in dict.fromkeys((j[0], j[1]) for j in jobs):
-            self.protection(method, ratio)
+        the same file): data exports, held-out sets, judges. Protections are made by the workers
+        (run_jobs_in_processes), each group by one process."""
+        self.data("people", "mask")
+        for domain in self.cfg.innocent:
+            self.data(domain, "mask")
         for _, _, _, domain, subject in jobs:
             self.data(domain, "finetune", subject)
         for subject in self.subjects:
@@ -241,19 +245,60 @@ def _worker_job(job) -> list[dict]:
     return _WORKER_RUNNER.run_job(*job)
 
 
-def run_jobs_in_processes(cfg: ExperimentConfig, jobs) -> list[dict]:
+def _worker_protections(group) -> None:
+    for method, ratio in group:
+        _WORKER_RUNNER.protection(method, ratio)
+
+
+def protection_groups(jobs) -> list[list[tuple[str, float]]]:
+    """The (method, ratio) pairs the jobs need, grouped by the first link of their chain. Chains
+    with a common first link share its cached output (learned's warm start serves every ratio;
+    uce and uce+learned share the edited model), so one process makes a group's members in turn
+    and no two processes write one cache."""
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for method, ratio, *_ in jobs:
+        group = groups.setdefault(method.split("+")[0].strip(), [])
+        if (method, ratio) not in group:
+            group.append((method, ratio))
+    return list(groups.values())
+
+
+def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
     """Jobs in ``cfg.workers`` spawned processes (spawn, not fork: a forked OpenMP runtime can
-    hang). Each job's stages keep their done-markers, so a killed run resumes as usual."""
+    hang), rows in job order. Protections are tasks too: a job is queued once its protection
+    group is made, so Full FT and Random fine-tunes and the untouched model's evaluation run
+    while another process learns a mask. Every stage keeps its done-marker, so a killed run
+    resumes as usual."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
+    group_of = {pair: g for g, group in enumerate(groups) for pair in group}
+    waiting: dict[int, list[int]] = {}
     results: dict[int, list[dict]] = {}
     with cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                 initargs=(asdict(cfg),)) as pool:
-        futures = {pool.submit(_worker_job, job): i for i, job in enumerate(jobs)}
-        for f in tqdm(cf.as_completed(futures), total=len(futures), desc=f"jobs ({cfg.workers} processes)"):
-            results[futures[f]] = f.result()
+        # protections first: they gate the jobs, and a mask learning is the longest single task
+        pending = {pool.submit(_worker_protections, group): ("group", g) for g, group in enumerate(groups)}
+        for i, job in enumerate(jobs):
+            g = group_of.get((job[0], job[1]))
+            if g is None:
+                pending[pool.submit(_worker_job, job)] = ("job", i)
+            else:
+                waiting.setdefault(g, []).append(i)
+        bar = tqdm(total=len(groups) + len(jobs), desc=f"protections and jobs ({cfg.workers} processes)")
+        while pending:
+            done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                kind, index = pending.pop(f)
+                result = f.result()
+                if kind == "group":
+                    for i in waiting.pop(index, []):
+                        pending[pool.submit(_worker_job, jobs[i])] = ("job", i)
+                else:
+                    results[index] = result
+                bar.update()
+        bar.close()
     return [r for i in range(len(jobs)) for r in results[i]]
 
 
@@ -298,7 +343,9 @@ COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Fac
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
                 "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
                 "attribute_accuracy": "attributes ↑",
-                "clip_score": "CLIP score ↑"}
+                "clip_score": "CLIP score ↑", "topiq_fr": "TOPIQ-FR ↓"}
+# a metric scored in both domains: on innocent images higher quality is what the publisher wants
+INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
 
 
 def method_label(method: str, ratio: float) -> str:
@@ -325,8 +372,11 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     for domain in ["people"] + list(cfg.innocent):
         metrics = list(dict.fromkeys(s["metric"] for s in summary if s["domain"] == domain))
         for metric in sorted(metrics, key=lambda m: list(COLUMN_NAMES).index(m) if m in COLUMN_NAMES else 99):
-            name = COLUMN_NAMES.get(metric, metric)
-            cols.append((domain, metric, name if domain == "people" else f"{domain.capitalize()} {name}"))
+            if domain == "people":
+                cols.append((domain, metric, COLUMN_NAMES.get(metric, metric)))
+            else:
+                name = INNOCENT_COLUMN_NAMES.get(metric) or COLUMN_NAMES.get(metric, metric)
+                cols.append((domain, metric, f"{domain.capitalize()} {name}"))
     keys = sorted({(s["method"], s["ratio"]) for s in summary}, key=lambda k: (k[0] != "pretrained", k[0] != "full", k))
     lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",

@@ -18,6 +18,9 @@ sanity), so the experiment runner drives real models with real metrics:
   a local transformers vision model folder (``fid_features``, e.g. CLIP or DINOv2; metrics
   ``fid_features``, ``kid_features``), and the CLIP score of innocent images against their
   prompts (``clip_weights``).
+- metric (optional, ``topiq_fr``: pyiqa's TOPIQ-FR weights as .safetensors): mean TOPIQ-FR of
+  each generated image against the real image whose caption prompted it (people: the fine-tuning
+  image; innocent: the held-out image), the paper's TOPIQ column in both domains.
 """
 from __future__ import annotations
 
@@ -60,12 +63,12 @@ class ImageFeatures(torch.nn.Module):
 class FolderWorld:
     def __init__(self, people_dir, innocent_dirs: dict[str, str], mask_images: int = 100,
                  clip_weights=None, fid_features=None, resolution: int | None = None, face_identity: bool = False,
-                 fid_inception=None):
+                 fid_inception=None, topiq_fr=None):
         self.people = load_image_captions(people_dir, check_images=False)
         self.innocent = {d: load_image_captions(p, check_images=False) for d, p in innocent_dirs.items()}
         self.mask_images = mask_images
         self.clip_weights, self.fid_features, self.resolution = clip_weights, fid_features, resolution
-        self.fid_inception = fid_inception
+        self.fid_inception, self.topiq_fr = fid_inception, topiq_fr
         if not (fid_inception or fid_features):
             from .real_metrics import fid_extractor
             fid_extractor()     # raises, saying what to set
@@ -73,7 +76,7 @@ class FolderWorld:
         if not self._names:
             raise ValueError(f"{people_dir}: no 'name' column values; the people data needs one per row")
         self.face_identity = face_identity
-        self._clip = self._features = self._faces = None
+        self._clip = self._features = self._faces = self._topiq = None
 
     def subjects(self, n: int) -> list[str]:
         return self._names[:n]
@@ -147,14 +150,22 @@ class FolderWorld:
             f = face_identity(images, real, self._faces)
             rows += [{"metric": "identity_match", "value": f["identity_match"]},
                      {"metric": "detection_failure", "value": f["detection_failure"]}]
-        return rows
+        return rows + self._topiq_rows(images, real)
+
+    def _topiq_rows(self, images, real) -> list[dict]:
+        if not self.topiq_fr:
+            return []
+        from .topiq import load_topiq_fr, topiq_fr_scores
+        self._topiq = self._topiq or load_topiq_fr(self.topiq_fr, flag="topiq_fr")
+        scores = topiq_fr_scores(images, real, self._topiq)
+        return [{"metric": "topiq_fr", "value": sum(scores) / len(scores)}]
 
     def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
         from .real_metrics import clip_scores, load_clip
         if self._clip is None:
             self._clip = load_clip(self.clip_weights)
         scores = clip_scores(images, prompts, *self._clip)
-        return [{"metric": "clip_score", "value": sum(scores) / len(scores)}]
+        return [{"metric": "clip_score", "value": sum(scores) / len(scores)}] + self._topiq_rows(images, real)
 
     def sanity(self, subjects: list[str], domains: list[str]) -> dict:
         """CLIP score of the real innocent images against their own captions (the ceiling)."""

@@ -4,7 +4,8 @@ For results that did not come from the experiment runner: images from ``freezeas
 generate`` (prompts.json says each file's prompt), an image folder with metadata, or plain
 images. FID/KID compare them with a folder of real images (searched recursively, so an FF25
 person folder works); the CLIP score needs each image's prompt; face identity compares faces
-with the real images. Every weight is a local path; nothing is downloaded.
+with the real images; TOPIQ-FR scores generated image k against real image k (both sorted by file
+name, the real ones reused in turn when fewer). Every weight is a local path; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -53,15 +54,16 @@ def read_images(folder) -> list:
 
 
 def score_folder(generated, real=None, fid_inception=None, fid_features=None, clip_weights=None,
-                 faces: bool = False) -> dict:
+                 faces: bool = False, topiq_fr=None) -> dict:
     """The metrics that the given weights allow; each needs what it names (real images, prompts)."""
     images, prompts = read_generated(generated)
     out: dict = {"generated": str(generated), "images": len(images)}
-    wants_real = bool(fid_inception or fid_features or faces)
+    wants_real = bool(fid_inception or fid_features or faces or topiq_fr)
     if wants_real and real is None:
-        raise ValueError("FID/KID and face identity compare with real images: pass --real DIR")
+        raise ValueError("FID/KID, TOPIQ-FR and face identity compare with real images: pass --real DIR")
     if real is not None and not wants_real:
-        raise ValueError("--real given but no metric uses it: add --fid-inception-weights, --fid-features or --faces")
+        raise ValueError("--real given but no metric uses it: add --fid-inception-weights, --fid-features, "
+                         "--topiq-fr-weights or --faces")
     reference = read_images(real) if wants_real else []
     if fid_inception or fid_features:
         from .real_metrics import fid_and_kid_of_images, fid_extractor
@@ -79,6 +81,12 @@ def score_folder(generated, real=None, fid_inception=None, fid_features=None, cl
     if faces:
         from .faces import face_identity
         out.update(face_identity(images, reference))
+    if topiq_fr:
+        from .topiq import load_topiq_fr, topiq_fr_scores
+        scores = topiq_fr_scores(images, [reference[k % len(reference)] for k in range(len(images))],
+                                 load_topiq_fr(topiq_fr))
+        out.update(topiq_fr=sum(scores) / len(scores))
     if len(out) == 2:
-        raise ValueError("no metric asked for: pass --fid-inception-weights, --fid-features, --clip-weights or --faces")
+        raise ValueError("no metric asked for: pass --fid-inception-weights, --fid-features, --clip-weights, "
+                         "--topiq-fr-weights or --faces")
     return out
