@@ -64,7 +64,7 @@ def add_parsers(sub):
                        epilog="example: freezeasguard score gen/ --real ff25/test/Bill_Gates "
                               "--fid-inception-weights fid-inception.safetensors --out gates.json")
     p.add_argument("generated", help="folder of generated images (prompts from prompts.json or metadata.jsonl)")
-    p.add_argument("--real", help="folder of real images (searched recursively): FID/KID and face identity")
+    p.add_argument("--real", help="folder of real images (searched recursively): FID/KID, TOPIQ-FR and face identity")
     p.add_argument("--fid-inception-weights", help="FID Inception-v3 .safetensors (see convert-weights): the paper's FID")
     p.add_argument("--fid-features", help="or a local transformers vision model folder: FID/KID in its feature space")
     p.add_argument("--clip-weights", help="local transformers CLIP folder: CLIP score against each image's prompt")
