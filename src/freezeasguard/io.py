@@ -69,3 +69,29 @@ def convert_to_safetensors(src, dst) -> int:
     atomic_save_safetensors({k: v.clone() for k, v in state.items()}, dst,   # clone: tied tensors cannot share storage in safetensors
                             metadata={"converted_from": src.name})
     return len(state)
+
+
+def load_weights_strictly(model, path, flag: str, what: str, how_to_get: str, ignore_unexpected=()):
+    """Load a local .safetensors file into ``model``: every key must be there with its shape, or
+    the error names ``flag``, the missing/unexpected/misshaped keys and ``how_to_get`` the file.
+    BatchNorm's num_batches_tracked may be absent (bookkeeping some exports drop); keys starting
+    with one of ``ignore_unexpected`` (heads the model does not use) are skipped."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no file there. {how_to_get} Nothing is downloaded.")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{flag} {path}: only .safetensors is read (pickled checkpoints can run code); convert it "
+                         "with: freezeasguard convert-weights IN.pth OUT.safetensors")
+    state = load_file(path)
+    expected = model.state_dict()
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith(tuple(ignore_unexpected)))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{flag} {path}: not {what} ({len(missing)} missing keys, e.g. {missing[:3]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(wrong)} of the wrong shape, "
+                         f"e.g. {wrong[:3]}). {how_to_get}")
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return model

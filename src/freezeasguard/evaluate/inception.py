@@ -17,7 +17,6 @@ TensorFlow-exact bilinear kernel, so FIDs can differ from torchmetrics' in the d
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -200,29 +199,11 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(path, device: str = "cpu") -> FIDInceptionV3:
     """The FID Inception from a local .safetensors file; every key must be there, with its shape."""
-    from safetensors.torch import load_file
+    from ..io import load_weights_strictly
 
-    path = Path(path) if path else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"{FLAG} {path}: no file there. Pass the FID Inception weights as .safetensors; pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth converts with: freezeasguard convert-weights IN.pth OUT.safetensors. "
-            "Nothing is downloaded.")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{FLAG} {path}: only .safetensors is read (pickled checkpoints can run code); convert it "
-                         "with: freezeasguard convert-weights IN.pth OUT.safetensors")
-    state = load_file(path)
-    model = FIDInceptionV3()
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    # num_batches_tracked is bookkeeping that some exports drop; everything else must be there
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith("AuxLogits."))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{FLAG} {path}: not the FID Inception-v3 weights ({len(missing)} missing keys, e.g. "
-                         f"{missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]}; {len(wrong)} of the "
-                         f"wrong shape, e.g. {wrong[:3]}). Use pytorch-fid's pt_inception-2015-12-05 weights.")
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    model = load_weights_strictly(
+        FIDInceptionV3(), path, FLAG, "the FID Inception-v3 weights",
+        "Use pytorch-fid's pt_inception-2015-12-05-6726825d.pth, converted with: freezeasguard convert-weights "
+        "IN.pth OUT.safetensors.", ignore_unexpected=("AuxLogits.",))
     logger.info("FID Inception-v3 from %s", path)
     return model.to(device).eval()

@@ -21,7 +21,6 @@ one score.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -176,29 +175,13 @@ class TopiqFR(nn.Module):
 
 def load_topiq_fr(path, device: str = "cpu", flag: str = "--topiq-fr-weights") -> TopiqFR:
     """TOPIQ-FR from a local .safetensors file (pyiqa's cfanet_fr_*_res50 weights, converted);
-    every parameter must be there with its shape (BatchNorm's num_batches_tracked may be absent)."""
-    from safetensors.torch import load_file
+    every parameter must be there with its shape."""
+    from ..io import load_weights_strictly
 
-    path = Path(path) if path else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(f"{flag} {path}: no such file. Convert pyiqa's TOPIQ-FR weights "
-                                f"(cfanet_fr_kadid_res50-2c4cc61d.pth, downloaded beforehand) with `freezeasguard "
-                                f"convert-weights IN.pth OUT.safetensors`; nothing is downloaded.")
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{flag} {path}: only .safetensors is read (a pickled checkpoint can run code); convert it "
-                         f"with `freezeasguard convert-weights`")
-    state = load_file(path)
-    model = TopiqFR()
-    expected = model.state_dict()
-    optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(f"{path}: not TOPIQ-FR (ResNet-50) weights: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} of another shape "
-                         f"(e.g. {wrong[:3]})")
-    model.load_state_dict(state, strict=False)
+    model = load_weights_strictly(
+        TopiqFR(), path, flag, "TOPIQ-FR (ResNet-50) weights",
+        "Convert pyiqa's TOPIQ-FR weights (cfanet_fr_kadid_res50-2c4cc61d.pth, downloaded beforehand) with "
+        "`freezeasguard convert-weights IN.pth OUT.safetensors`.")
     return model.to(device).eval()
 
 

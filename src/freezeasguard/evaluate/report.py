@@ -1,0 +1,112 @@
+"""Experiment reports: results.json/csv (long format), summary.json, results.md laid out like
+the paper's Table 2 (mean ± std over seeds and subjects) and the trade-off plot."""
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+
+from ..io import atomic_write_json, atomic_write_text
+from ..methods import chain_uses_ratio
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds (and subjects) per method, ratio, domain and metric."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["ratio"], r["domain"], r["metric"]), []).append(r["value"])
+    return [{"method": m, "ratio": ra, "domain": d, "metric": me, "mean": statistics.fmean(v),
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+            for (m, ra, d, me), v in groups.items()]
+
+
+# column titles of results.md; the arrow says which way is better for the publisher
+COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
+                "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
+                "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
+                "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
+                "attribute_accuracy": "attributes ↑",
+                "clip_score": "CLIP score ↑", "topiq_fr": "TOPIQ-FR ↓"}
+# a metric scored in both domains: on innocent images higher quality is what the publisher wants
+INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
+
+
+def method_label(method: str, ratio: float) -> str:
+    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%."""
+    if method == "pretrained":
+        return "Pre-trained (no FT)"
+    names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
+             "uce": "UCE", "imma": "IMMA"}
+    parts = method.split("+")
+    label = "+".join(names.get(p, p) for p in parts)
+    return f"{label}-{ratio:.0%}" if chain_uses_ratio(method) else label
+
+
+def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
+    atomic_write_json(root / "results.json", rows)
+    with open(root / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "ratio", "seed", "subject", "domain", "metric", "value"])
+        w.writeheader()
+        w.writerows(rows)
+    summary = summarise(rows)
+    atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds})
+    cell = {(s["method"], s["ratio"], s["domain"], s["metric"]): s for s in summary}
+    cols = []
+    for domain in ["people"] + list(cfg.innocent):
+        metrics = list(dict.fromkeys(s["metric"] for s in summary if s["domain"] == domain))
+        for metric in sorted(metrics, key=lambda m: list(COLUMN_NAMES).index(m) if m in COLUMN_NAMES else 99):
+            if domain == "people":
+                cols.append((domain, metric, COLUMN_NAMES.get(metric, metric)))
+            else:
+                name = INNOCENT_COLUMN_NAMES.get(metric) or COLUMN_NAMES.get(metric, metric)
+                cols.append((domain, metric, f"{domain.capitalize()} {name}"))
+    keys = sorted({(s["method"], s["ratio"]) for s in summary}, key=lambda k: (k[0] != "pretrained", k[0] != "full", k))
+    lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
+             f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
+             "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for method, ratio in keys:
+        label = method_label(method, ratio)
+        vals = []
+        for d, m, _ in cols:
+            s = cell.get((method, ratio, d, m))
+            vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    lines += ["", "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
+              f"Total time {seconds:.0f}s."]
+    atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
+    _tradeoff_plot(root, summary, cfg)
+    return "\n".join(lines)
+
+
+def _tradeoff_plot(root, summary, cfg):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not cfg.innocent:
+        return
+    domain = cfg.innocent[0]
+    people = {s["metric"] for s in summary if s["domain"] == "people"}
+    innocent = {s["metric"] for s in summary if s["domain"] == domain}
+    x_metric = next((m for m in ("identity_recognition", "fid", "fid_features", "feature_fid") if m in people), None)
+    y_metric = next((m for m in ("attribute_accuracy", "prompt_accuracy", "clip_score") if m in innocent), None)
+    if x_metric is None or y_metric is None:
+        return
+    pts = {}
+    for s in summary:
+        key = (s["method"], s["ratio"])
+        if s["metric"] == x_metric and s["domain"] == "people":
+            pts.setdefault(key, {})["x"] = (s["mean"], s["std"])
+        if s["metric"] == y_metric and s["domain"] == domain:
+            pts.setdefault(key, {})["y"] = (s["mean"], s["std"])
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for (method, ratio), p in sorted(pts.items()):
+        if "x" in p and "y" in p:
+            ax.errorbar(p["x"][0], p["y"][0], xerr=p["x"][1], yerr=p["y"][1], fmt="o", capsize=3,
+                        label=method_label(method, ratio))
+    ax.set_xlabel("illegal: share recognised as the target (lower is better)" if x_metric == "identity_recognition"
+                  else f"illegal: {x_metric} (higher is better)")
+    ax.set_ylabel(f"innocent ({domain}): {y_metric.replace('_', ' ')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(root / "tradeoff.png", dpi=120)
+    plt.close(fig)
