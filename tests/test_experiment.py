@@ -62,6 +62,23 @@ def test_unknown_settings_and_methods_are_refused(tmp_path):
         Runner(ExperimentConfig(out=str(tmp_path / "x"), methods=["magic"]))
 
 
+def test_config_values_are_read_as_their_field_types(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; the config turns it into the float it means,
+    and refuses values of the wrong kind by name instead of failing inside a worker."""
+    (tmp_path / "c.yaml").write_text("finetune_lr: 1e-3\nseeds: 4\nratios: [0.1, 3e-1]\n"
+                                     "finetune_steps: 2.0\nmodel: null\n")
+    cfg = ExperimentConfig.from_yaml(tmp_path / "c.yaml")
+    assert cfg.finetune_lr == 0.001 and isinstance(cfg.finetune_lr, float)
+    assert cfg.seeds == [4] and cfg.ratios == [0.1, 0.3]
+    assert cfg.finetune_steps == 2 and isinstance(cfg.finetune_steps, int)
+    assert cfg.model is None
+    for bad, name in [("finetune_steps: 2.5", "finetune_steps"), ("seeds: [0, one]", r"seeds\[1\]"),
+                      ("face_identity: maybe", "face_identity"), ("innocent_data: logos", "innocent_data")]:
+        (tmp_path / "c.yaml").write_text(bad + "\n")
+        with pytest.raises(ValueError, match=name):
+            ExperimentConfig.from_yaml(tmp_path / "c.yaml")
+
+
 def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     """UCE, IMMA, saliency and uce+learned run through the same runner; the chain's fine-tune
     starts from the UCE-edited model and keeps its frozen tensors byte-identical to it."""

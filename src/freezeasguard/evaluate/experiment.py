@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -64,7 +66,49 @@ class ExperimentConfig(ProtectSettings):
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**raw)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: coerce_setting(k, v, hints[k], path) for k, v in raw.items()})
+
+
+def coerce_setting(name: str, value, hint, source="config"):
+    """``value`` as the field's type, or a ValueError naming the setting. YAML reads ``1e-3``
+    (no dot) as a string, so numeric strings become numbers; anything else of the wrong kind
+    is refused here rather than failing deep inside a worker."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce_setting(name, value, inner[0], source) if len(inner) == 1 else value
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]     # `seeds: 0` means one seed
+        return [coerce_setting(f"{name}[{i}]", v, args[0], source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: setting {name} must be a mapping, got {value!r}")
+        return {coerce_setting(name, k, args[0], source): coerce_setting(f"{name}.{k}", v, args[1], source)
+                for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if hint is float:
+                return float(value)
+            if float(value).is_integer():
+                return int(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise ValueError(f"{source}: setting {name} must be {hint.__name__}, got {value!r}")
 
 
 # ---- the runner ------------------------------------------------------------------------------
