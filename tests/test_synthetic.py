@@ -56,6 +56,20 @@ def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
     assert images[0].size == (32, 32)
 
 
+def test_shipped_weights_match_the_checksums_of_their_pretraining_record():
+    """pretrain_info.json records the settings and the sha256 of every weight file it wrote; the
+    files in the package must be those (a stale record would describe another model)."""
+    import hashlib
+    import json
+    info = json.loads((TINY_SD / "pretrain_info.json").read_text())
+    shipped = sorted(str(p.relative_to(TINY_SD)) for p in TINY_SD.rglob("*.safetensors"))
+    assert sorted(info["sha256"]) == shipped
+    for name, digest in info["sha256"].items():
+        assert hashlib.sha256((TINY_SD / name).read_bytes()).hexdigest() == digest, name
+    unet_config = json.loads((TINY_SD / "unet" / "config.json").read_text())
+    assert unet_config["attention_head_dim"] == info["settings"]["attention_heads"]
+
+
 @pytest.mark.parametrize("sampler", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
 def test_samplers_built_from_the_shipped_scheduler_config_reach_the_data(sampler):
     """With the exact noise predictor of a one-point data set, eps(x_t) = (x_t - sqrt(a_t) x0) /
