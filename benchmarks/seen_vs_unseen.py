@@ -29,13 +29,11 @@ def main():
     ap.add_argument("--out", default="seen_vs_unseen.json")
     a = ap.parse_args()
 
-    import torch
     from PIL import Image
 
     from freezeasguard.evaluate.world import SyntheticWorld
     from freezeasguard.generate import generate_images, load_pipeline
 
-    torch.manual_seed(0)
     root = Path(a.experiment)
     cfg = json.loads((root / "config.json").read_text())
     if cfg.get("people_data"):

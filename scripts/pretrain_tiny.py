@@ -107,7 +107,9 @@ def main():
     t = time.time()
     previous = json.loads((Path(a.continue_from) / "pretrain_info.json").read_text()) if a.continue_from else None
     if previous:
-        info["previous_runs"] = previous.get("previous_runs", []) + [previous]
+        # one flat list, oldest first: each run is recorded once, without its own copy of the history
+        info["previous_runs"] = previous.get("previous_runs", []) + [
+            {k: v for k, v in previous.items() if k != "previous_runs"}]
         vae = AutoencoderKL.from_pretrained(Path(a.continue_from) / "vae")
     else:
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
