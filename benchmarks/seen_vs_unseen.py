@@ -31,7 +31,7 @@ def main():
 
     from PIL import Image
 
-    from freezeasguard.evaluate.world import SyntheticWorld
+    from freezeasguard.experiment.synthetic_world import SyntheticWorld
     from freezeasguard.generate import generate_images, load_pipeline
 
     root = Path(a.experiment)

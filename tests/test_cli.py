@@ -116,7 +116,7 @@ def test_protect_uce_then_saliency_and_finetune_under_it(tiny_sd, people, logos,
     guarded fine-tune of that model under that mask passes verify against the edited model."""
     out = tmp_path / "prot"
     assert main(["protect", "uce+saliency", "--model", str(tiny_sd), "--illegal", str(people), "--innocent", str(logos),
-                 "--ratio", "0.2", "--out", str(out), "--saliency-batches", "1", "--mask-batch", "2",
+                 "--ratio", "0.2", "--out", str(out), "--saliency-batches", "1", "--batch-size", "2",
                  "--device", "cpu"]) == 0
     summary = json.loads((out / "protection.json").read_text())
     assert summary["subjects"] == ["Mara Quell"]          # read from the data's name column
@@ -155,3 +155,13 @@ def test_presets_match_real_configs(tmp_path):
         other = "sd21" if name == "sd15" else "sd15"
         with pytest.raises(PresetError, match=f"it looks like .*{name}"):
             check_model(PRESETS[other], root)
+
+
+def test_a_preset_supplies_the_values_the_command_runs_with_unless_a_flag_is_typed():
+    import argparse
+    from freezeasguard.presets import Preset, apply_preset
+    preset = Preset("x", 16, "epsilon", 32, settings={"finetune": {"lr": 3e-4, "steps": 7}})
+    defaults = {"lr": 1e-5, "steps": 2000}
+    args = argparse.Namespace(lr=1e-5, steps=50)          # steps typed by the user
+    apply_preset(preset, "finetune", args, defaults)
+    assert args.lr == 3e-4 and args.steps == 50

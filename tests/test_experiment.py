@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from freezeasguard.evaluate import experiment
-from freezeasguard.evaluate.experiment import ExperimentConfig, Runner
+from freezeasguard.experiment import runner as experiment
+from freezeasguard.experiment.runner import ExperimentConfig, Runner
 
 
 def _cfg(out, model):
@@ -13,6 +13,7 @@ def _cfg(out, model):
                             finetune_steps=2, finetune_batch=2, generate_steps=2)
 
 
+@pytest.mark.slow
 def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path / "exp", tiny_sd)
     calls = []
@@ -79,6 +80,7 @@ def test_config_values_are_read_as_their_field_types(tmp_path):
             ExperimentConfig.from_yaml(tmp_path / "c.yaml")
 
 
+@pytest.mark.slow
 def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     """UCE, IMMA, saliency and uce+learned run through the same runner; the chain's fine-tune
     starts from the UCE-edited model and keeps its frozen tensors byte-identical to it."""
@@ -102,6 +104,7 @@ def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     assert any(not edited[n].equal(base[n]) for n in edited if "attn2.to_k" in n)
 
 
+@pytest.mark.slow
 def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
     import torch
     threads = torch.get_num_threads()
@@ -123,7 +126,7 @@ def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
 
 
 def test_protections_sharing_a_cached_first_link_are_one_group():
-    from freezeasguard.evaluate.experiment import protection_groups
+    from freezeasguard.experiment.runner import protection_groups
     jobs = [("full", 0.0, 0, "people", "A"), ("learned", 0.3, 0, "people", "A"), ("learned", 0.3, 1, "logos", None),
             ("learned", 0.1, 0, "people", "A"), ("uce", 0.0, 0, "people", "A"), ("uce+learned", 0.3, 0, "people", "A"),
             ("random", 0.3, 0, "people", "A")]
@@ -138,3 +141,27 @@ def test_example_configs_name_only_known_settings():
     for path in examples:
         cfg = ExperimentConfig.from_yaml(path)       # unknown keys raise, naming them
         assert cfg.methods and cfg.out
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
+    from freezeasguard.cli import main
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    methods = {s["method"] for s in summary["summary"]}
+    assert methods == {"pretrained", "full", "random", "learned"}
+    assert 0 <= summary["sanity"]["prior_trait_accuracy"] <= 1
+    assert "FreezeAsGuard-30%" in (tmp_path / "demo" / "results.md").read_text()
+
+
+def test_demo_presets_are_read_and_the_param_budget_adds_the_controls(tmp_path):
+    from freezeasguard.cli_experiment import demo_config
+    from freezeasguard.experiment import DEMO
+    cfg = demo_config(tmp_path / "d", budget="params")
+    assert cfg.methods == ["full", "random", "learned", "saliency", "largest"] and cfg.budget == "params"
+    assert all(getattr(cfg, k) == v for k, v in DEMO.items())
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("preset: demo\nfinetune_steps: 7\n")
+    from_file = ExperimentConfig.from_yaml(yaml_path)
+    assert from_file.finetune_steps == 7 and from_file.mask_steps == DEMO["mask_steps"]
+    assert from_file.guidance == DEMO["guidance"] != ExperimentConfig().guidance

@@ -8,7 +8,7 @@ skimage_data = pytest.importorskip("skimage.data", reason="scikit-image (for its
 
 from PIL import Image, ImageOps  # noqa: E402
 
-from freezeasguard.evaluate.faces import FaceEmbedder, face_identity  # noqa: E402
+from freezeasguard.metrics.faces import FaceEmbedder, face_identity  # noqa: E402
 
 
 def test_same_person_matches_and_blank_images_fail_detection():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from freezeasguard.evaluate.inception import FIDInceptionV3, _tf_avg_pool, load_fid_inception
+from freezeasguard.metrics.nets.inception import FIDInceptionV3, _tf_avg_pool, load_fid_inception
 from freezeasguard.io import convert_to_safetensors
 
 
@@ -83,7 +83,7 @@ def test_convert_weights_copies_tensors_and_never_runs_code(tmp_path):
 
 def test_fid_with_the_inception_is_zero_on_the_same_set_and_positive_on_another(weights):
     pytest.importorskip("torchmetrics")
-    from freezeasguard.evaluate.real_metrics import fid_and_kid
+    from freezeasguard.metrics.real import fid_and_kid
     model, _ = weights
     g = torch.Generator().manual_seed(2)
     real = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -10,14 +10,14 @@ from freezeasguard import LearnConfig, Mask, learn_mask
 
 
 def _cfg(**kw):
-    base = dict(ratio=0.3, steps=4, inner_steps=2, batch_size=2, user_lr=1e-3, seed=0, device="cpu",
+    base = dict(ratio=0.3, mask_steps=4, inner_steps=2, mask_batch=2, user_lr=1e-3, seed=0, device="cpu",
                 checkpoint_every=1)
     base.update(kw)
     return LearnConfig(**base)
 
 
 def test_learned_mask_hits_the_ratio_and_records_its_settings(tiny_sd, people, logos, warm_start, tmp_path):
-    r = learn_mask(tiny_sd, people, [logos], tmp_path / "m.safetensors", _cfg(steps=2), finetuned_dir=warm_start)
+    r = learn_mask(tiny_sd, people, [logos], tmp_path / "m.safetensors", _cfg(mask_steps=2), finetuned_dir=warm_start)
     mask = Mask.load(tmp_path / "m.safetensors")
     assert int(mask.frozen.sum()) == round(0.3 * 686)
     assert mask.meta["hyperparameters"]["temperature"] == 0.2 and mask.meta["method"] == "learned"
@@ -27,7 +27,7 @@ def test_learned_mask_hits_the_ratio_and_records_its_settings(tiny_sd, people, l
     # the logits moved away from their initialisation in a data-dependent way
     init = 0.2 * (-2.02 + 0.04 * torch.rand(686, generator=torch.Generator().manual_seed(0)))
     assert not torch.allclose(mask.logits, init)
-    p = learn_mask(tiny_sd, people, [logos], tmp_path / "p.safetensors", _cfg(steps=1, budget="params"),
+    p = learn_mask(tiny_sd, people, [logos], tmp_path / "p.safetensors", _cfg(mask_steps=1, budget="params"),
                    finetuned_dir=warm_start, work_dir=tmp_path / "pw")
     assert 0.29 < p.mask.param_fraction <= 0.3
 
@@ -50,7 +50,7 @@ def test_resume_after_a_kill_gives_the_same_mask_bit_exactly(tiny_sd, people, lo
     assert not (tmp_path / "b.safetensors").exists()
     with pytest.raises(FileExistsError, match="--resume"):
         learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start)
-    with pytest.raises(ValueError, match="settings differ"):
+    with pytest.raises(ValueError, match="differ in: settings"):
         learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(user_lr=1e-2),
                    finetuned_dir=warm_start, resume=True)
     resumed = learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start,

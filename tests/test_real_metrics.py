@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("torchmetrics", reason="the eval extra (torchmetrics) is not installed")
 
-from freezeasguard.evaluate.metrics import frechet_distance  # noqa: E402
-from freezeasguard.evaluate.real_metrics import clip_scores, fid_and_kid, load_clip  # noqa: E402
+from freezeasguard.metrics.basic import frechet_distance  # noqa: E402
+from freezeasguard.metrics.real import clip_scores, fid_and_kid, load_clip  # noqa: E402
 
 
 class RandomFeatures(torch.nn.Module):
@@ -86,12 +86,13 @@ def test_missing_clip_folder_names_the_option(tmp_path):
         load_clip(tmp_path / "nope")
 
 
+@pytest.mark.slow
 def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
     """The runner on an FF25-style people folder and a saved HF dataset of logos, scored with a
     local CLIP folder (CLIP score) and the same folder as FID feature space."""
     import datasets
     from PIL import Image
-    from freezeasguard.evaluate.experiment import ExperimentConfig, Runner
+    from freezeasguard.experiment.runner import ExperimentConfig, Runner
     from freezeasguard.toydata import make_logos, make_people
     ff = tmp_path / "ff25"
     rows = []
@@ -109,7 +110,7 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
     ds.save_to_disk(str(tmp_path / "logo-ds"))
     clip = _tiny_clip(tmp_path)
     from safetensors.torch import save_file
-    from freezeasguard.evaluate.topiq import TopiqFR
+    from freezeasguard.metrics.nets.topiq import TopiqFR
     save_file({k: v for k, v in TopiqFR().state_dict().items() if "num_batches" not in k}, tmp_path / "topiq.safetensors")
     cfg = ExperimentConfig(out=str(tmp_path / "exp"), model=str(tiny_sd), methods=["full"], seeds=[0],
                            people_data=str(ff), innocent_data={"logos": str(tmp_path / "logo-ds")},

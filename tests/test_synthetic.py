@@ -4,9 +4,10 @@ import random
 import pytest
 import torch
 
-from freezeasguard.evaluate.metrics import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
+from freezeasguard.metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
 from freezeasguard.synthetic import TINY_SD
-from freezeasguard.synthetic.world import make_cast, render_garment, render_logo, render_person
+from freezeasguard.synthetic.world import (TRAITS, make_cast, person_caption, render_garment, render_generic_person,
+                                          render_logo, render_person, visible_traits)
 
 
 def test_rendering_is_deterministic_and_casts_differ_by_seed():
@@ -21,25 +22,65 @@ def test_rendering_is_deterministic_and_casts_differ_by_seed():
 
 
 def test_captions_say_what_is_drawn():
-    img, caption, attrs = render_logo(random.Random(3))
-    assert f"a {attrs['colour1']} {attrs['shape1']}" in caption and attrs["background"] in caption
+    for seed in range(20):
+        img, caption, attrs = render_logo(random.Random(seed))
+        assert f"{attrs['count']} {attrs['colour']} {attrs['shape']}" in caption
+        assert caption.endswith(f"on a {attrs['background']} background")
     img, caption, attrs = render_garment(random.Random(3))
     assert attrs["kind"] in caption and attrs["colour"] in caption
     p = make_cast(0)[2]
     img, caption, attrs = render_person(p, random.Random(3))
-    assert caption.startswith(f"a photo of {p.name} {attrs['expression']}") and attrs["background"] in caption
+    assert caption == (f"a photo of {p.name} {attrs['expression']}, wearing a {attrs['shirt']} shirt, "
+                       f"in front of {attrs['background']}")
+
+
+def test_generic_captions_name_the_traits_drawn_and_dropped_traits_are_left_out():
+    for seed in range(30):
+        img, caption, attrs = render_generic_person(random.Random(seed))
+        assert caption.startswith("a photo of a person with ")
+        assert f"a {attrs['face_shape']} face" in caption and f"{attrs['skin']} skin" in caption
+        if attrs["hair_style"] == "bald":
+            assert "a bald head" in caption
+            assert ("hair_colour" in attrs) == (attrs["mark"] == "beard")   # colour only shows in a beard
+        else:
+            assert attrs["hair_colour"] in caption
+        assert ("glasses" in caption) == (attrs["mark"] == "glasses")
+        assert ("beard" in caption) == (attrs["mark"] == "beard")
+    traits = {"face_shape": "long", "skin": "tan", "hair_style": "bun", "hair_colour": "red", "mark": "glasses"}
+    scene = {"expression": "smiling", "shirt": "blue", "background": "the sea"}
+    assert person_caption("a person", scene, traits) == ("a photo of a person with a long face, tan skin, red hair "
+                                                          "in a bun and glasses, smiling, wearing a blue shirt, in front "
+                                                          "of the sea")
+    assert person_caption("a person", scene, traits, frozenset(TRAITS)) == person_caption("a person", scene)
+    assert "red" not in person_caption("a person", scene, traits, frozenset({"hair_colour"}))
+
+
+def test_cast_members_differ_in_two_visible_traits():
+    for seed in range(5):
+        cast = make_cast(seed)
+        shown = [visible_traits(p.traits()) for p in cast]
+        for i in range(len(cast)):
+            for j in range(i):
+                assert sum(shown[i].get(k) != shown[j].get(k) for k in TRAITS) >= 2
+
+
+def test_trait_judge_reads_real_renders():
+    from freezeasguard.synthetic.classifiers import trait_samples
+    from freezeasguard.synthetic.judges import trait_judge
+    images, expected = trait_samples(200, seed=4243)
+    assert attribute_accuracy(trait_judge().predict(images), expected) >= 0.95
 
 
 @pytest.mark.parametrize("domain", ["logos", "clothes"])
 def test_attribute_judges_read_real_renders(domain):
-    from freezeasguard.evaluate.world import SyntheticWorld
+    from freezeasguard.experiment.synthetic_world import SyntheticWorld
     world = SyntheticWorld(0)
     _, attrs, images = world.innocent_prompts(domain, 200, seed=4242)
     assert prompt_accuracy(world.attribute_judge(domain).predict(images), attrs) >= 0.95
 
 
 def test_recogniser_knows_the_cast_on_held_out_renders():
-    from freezeasguard.evaluate.world import SyntheticWorld
+    from freezeasguard.experiment.synthetic_world import SyntheticWorld
     world = SyntheticWorld(0)
     rec = world.recogniser()
     for subject in world.subjects(8):
@@ -66,8 +107,7 @@ def test_shipped_weights_match_the_checksums_of_their_pretraining_record():
     assert sorted(info["sha256"]) == shipped
     for name, digest in info["sha256"].items():
         assert hashlib.sha256((TINY_SD / name).read_bytes()).hexdigest() == digest, name
-    unet_config = json.loads((TINY_SD / "unet" / "config.json").read_text())
-    assert unet_config["attention_head_dim"] == info["settings"]["attention_heads"]
+    assert info["unet_tensors"] == 684 and info["steps"] > 0
 
 
 @pytest.mark.parametrize("sampler", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
@@ -111,3 +151,5 @@ def test_prompt_and_attribute_accuracy_by_hand():
     predicted = [{"shape": "circle", "colour": "red"}, {"shape": "star", "colour": "green"}]
     assert prompt_accuracy(predicted, expected) == 0.5          # one image has every attribute right
     assert attribute_accuracy(predicted, expected) == 0.75      # (2/2 + 1/2) / 2
+    # only what the prompt names counts (a bald person's hair colour is not drawn, so not named)
+    assert attribute_accuracy([{"skin": "tan", "hair_colour": "red"}], [{"skin": "tan"}]) == 1.0

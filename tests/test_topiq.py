@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from freezeasguard.evaluate.topiq import EncoderLayer, DecoderLayer, ResNet50Features, TopiqFR, load_topiq_fr, topiq_fr_scores
+from freezeasguard.metrics.nets.topiq import EncoderLayer, DecoderLayer, ResNet50Features, TopiqFR, load_topiq_fr, topiq_fr_scores
 
 
 def test_resnet50_trunk_has_the_published_size_and_five_scales():

@@ -8,6 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from .finetune import FinetuneConfig
+from .learn import LearnConfig
+from .presets import PRESETS, apply_preset, check_model, get_preset
+from .settings import add_flags, from_args
+
 logger = logging.getLogger("freezeasguard")
 
 DESCRIPTION = """\
@@ -26,30 +31,36 @@ Baselines: freezeasguard protect uce|imma|saliency|uce+learned --model SD_DIR --
 Models are local diffusers folders (nothing is downloaded); data are image folders with a
 metadata.jsonl or metadata.csv (file_name, text[, name]) or datasets saved with save_to_disk.
 Multi-process: prefix learn/finetune with `accelerate launch --num_processes N`.
+
+Nothing you own is overwritten: --out must be new, empty, or this command's own earlier output
+(then pass --overwrite); the model and the data are never valid outputs.
+
+Exit codes: 0 done; 1 verify found violations; 2 unusable input (the message says what and how
+to fix it); 3 training diverged (nothing written); 4 a frozen tensor moved (nothing written);
+70 internal error (a bug: rerun with --debug and report the traceback); 130 interrupted.
 """
+
+EXIT_USAGE, EXIT_DIVERGED, EXIT_ENFORCEMENT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 3, 4, 70, 130
 
 
 def _add_preset(p):
-    p.add_argument("--preset", choices=["sd14", "sd15", "sd21", "sd21-base"],
+    p.add_argument("--preset", choices=list(PRESETS),
                    help="check that --model is this model (resolution, prediction type, text width) before "
-                        "starting; the paper's settings for it are the defaults of every other flag")
+                        "starting, and take the paper's settings for it for every flag not typed")
 
 
 def _check_preset(args):
+    """--preset: check the model folder, then take the preset's settings for untyped flags."""
     if getattr(args, "preset", None):
-        from .presets import check_model, get_preset
-        check_model(get_preset(args.preset), args.model)
+        preset = get_preset(args.preset)
+        check_model(preset, args.model)
+        sub = next(a for a in build_parser()._actions if a.dest == "command").choices[args.command]
+        apply_preset(preset, args.command, args, {a.dest: a.default for a in sub._actions})
 
 
 def _add_common_train(p):
     p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
     _add_preset(p)
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, noise and initialisation (default 0)")
-    p.add_argument("--batch-size", type=int, help="samples per step")
-    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
-                   help="autocast on GPU; parameters, logits and theta_d stay fp32 (default no)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--caption-column", default="text", help="caption column of the data (default text)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     p.add_argument("--work-dir", help="where checkpoints and logs go (default: next to --out, suffixed .work)")
@@ -59,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freezeasguard", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # learn
@@ -71,30 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--illegal", required=True, help="data of the illegal domain (e.g. one person's portraits)")
     p.add_argument("--illegal-subject", help="keep only rows whose 'name' column equals this")
     p.add_argument("--innocent", required=True, action="append", help="data of an innocent domain (repeatable)")
-    p.add_argument("--ratio", type=float, default=0.3, help="share to freeze, 0..1 (default 0.3)")
-    p.add_argument("--budget", choices=["tensors", "params"], default="tensors",
-                   help="count the ratio in tensors (paper) or parameters (default tensors)")
     p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--finetuned", help="reuse this fully fine-tuned pipeline/UNet as theta_ft (skips the warm start)")
-    p.add_argument("--warm-start-steps", type=int, default=200, help="warm-start fine-tuning steps (default 200)")
-    p.add_argument("--warm-start-lr", type=float, default=1e-5, help="warm-start AdamW lr (default 1e-5)")
-    p.add_argument("--steps", type=int, default=100, help="mask updates K (default 100)")
-    p.add_argument("--inner-steps", type=int, default=10, help="simulated-user steps per mask update (default 10)")
-    p.add_argument("--upper-batches", type=int, default=1,
-                   help="batches averaged into each mask gradient (default 1, the paper's; more = less noise)")
-    p.add_argument("--mask-lr", type=float, default=None,
-                   help="logit step eta_1 (default 0.05 on the normalised gradient; 10, the paper's, with "
-                        "--no-normalize)")
-    p.add_argument("--user-lr", type=float, default=1e-5, help="simulated user's lr eta_2 (default 1e-5)")
-    p.add_argument("--temperature", type=float, default=0.2, help="T of the soft mask (default 0.2)")
-    p.add_argument("--sparsity-weight", type=float, default=5.0,
-                   help="weight c of the sparsity term (mean(m)-ratio)^2, per tensor when normalised (default 5)")
-    p.add_argument("--lambda-illegal", type=float, default=1.0, help="lambda_1 (default 1)")
-    p.add_argument("--lambda-innocent", type=float, default=1.0, help="lambda_2 (default 1)")
-    p.add_argument("--no-normalize", action="store_true",
-                   help="use the paper's raw mask gradient (its data term is then usually negligible)")
-    p.add_argument("--checkpoint-every", type=int, default=10, help="mask updates between checkpoints (default 10)")
     p.add_argument("--tensorboard", help="write TensorBoard logs to this folder")
+    add_flags(p.add_argument_group("mask learning (each flag is a field of LearnConfig)"), LearnConfig)
 
     # finetune
     p = sub.add_parser("finetune", help="guarded fine-tuning that enforces a freezing scheme",
@@ -105,20 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_train(p)
     p.add_argument("--data", required=True, help="training data (image folder or saved dataset)")
     p.add_argument("--subject", help="keep only rows whose 'name' column equals this")
-    p.add_argument("--out", required=True, help="output pipeline folder")
+    p.add_argument("--out", required=True, help="output pipeline folder (new, or an earlier finetune output with "
+                                                "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of finetune in --out")
     scheme = p.add_mutually_exclusive_group(required=True)
     scheme.add_argument("--mask", help="a learned mask file")
     scheme.add_argument("--random-ratio", type=float, help="freeze exactly round(R * N) random tensors (seeded)")
     scheme.add_argument("--full", action="store_true", help="no freezing")
     p.add_argument("--budget", choices=["tensors", "params"], default="tensors", help="for --random-ratio")
-    p.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000, the paper's)")
-    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    p.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default 1)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 = off (default 1)")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
-    p.add_argument("--validation-prompt", action="append", default=[], help="prompt for validation images")
-    p.add_argument("--validation-every", type=int, default=0, help="steps between validation grids (0 = off)")
+    add_flags(p.add_argument_group("fine-tuning (each flag is a field of FinetuneConfig)"), FinetuneConfig)
 
     # verify
     p = sub.add_parser("verify", help="audit a fine-tuned checkpoint against base model + mask",
@@ -142,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="a text file with one prompt per line")
     p.add_argument("--out", required=True, help="image folder to write (PNGs, grid.png, prompts.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of generate in --out")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -186,23 +175,16 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_learn(args) -> int:
     _check_preset(args)
-    from .learn import LearnConfig, learn_mask
+    from .learn import learn_mask
 
-    cfg = LearnConfig(ratio=args.ratio, budget=args.budget, steps=args.steps, inner_steps=args.inner_steps,
-                      upper_batches=args.upper_batches,
-                      batch_size=args.batch_size or 16, temperature=args.temperature, mask_lr=args.mask_lr,
-                      user_lr=args.user_lr, lambda_illegal=args.lambda_illegal, lambda_innocent=args.lambda_innocent,
-                      sparsity_weight=args.sparsity_weight, normalize_mask_grad=not args.no_normalize,
-                      warm_start_steps=args.warm_start_steps, warm_start_lr=args.warm_start_lr, seed=args.seed,
-                      checkpoint_every=args.checkpoint_every, mixed_precision=args.mixed_precision,
-                      gradient_checkpointing=args.gradient_checkpointing, device=args.device)
+    cfg = from_args(LearnConfig, args)
     result = learn_mask(args.model, args.illegal, args.innocent, args.out, cfg, illegal_subject=args.illegal_subject,
                         finetuned_dir=args.finetuned, work_dir=args.work_dir, resume=args.resume,
-                        caption_column=args.caption_column, tensorboard_dir=args.tensorboard)
+                        caption_column=args.caption_column, tensorboard_dir=args.tensorboard, overwrite=args.overwrite)
     m = result.mask
     last = result.history[-1] if result.history else {}
     print(f"mask: {int(m.frozen.sum())}/{len(m.names)} tensors frozen = {m.tensor_ratio:.1%} of tensors, "
-          f"{m.param_fraction:.1%} of parameters ({args.budget} budget, target {args.ratio:.1%})\n"
+          f"{m.param_fraction:.1%} of parameters ({cfg.budget} budget, target {cfg.ratio:.1%})\n"
           f"soft ratio {last.get('soft_ratio', float('nan')):.3f}, hard ratio {last.get('hard_ratio', float('nan')):.3f} "
           f"after {len(result.history)} updates in {result.seconds:.1f}s -> {args.out}")
     return 0
@@ -210,18 +192,14 @@ def cmd_learn(args) -> int:
 
 def cmd_finetune(args) -> int:
     _check_preset(args)
-    from .finetune import FinetuneConfig, guarded_finetune
+    from .finetune import guarded_finetune
     from .mask import Mask
 
-    cfg = FinetuneConfig(steps=args.steps, batch_size=args.batch_size or 4, grad_accum=args.grad_accum, lr=args.lr,
-                         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                         mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-                         checkpoint_every=args.checkpoint_every, validation_prompts=tuple(args.validation_prompt),
-                         validation_every=args.validation_every, device=args.device)
+    cfg = from_args(FinetuneConfig, args)
     mask = Mask.load(args.mask) if args.mask else None
     r = guarded_finetune(args.model, args.data, args.out, cfg, mask=mask, random_ratio=args.random_ratio,
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
-                         resume=args.resume, work_dir=args.work_dir)
+                         resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite)
     last = r.history[-1]["loss_data"] if r.history else float("nan")
     print(f"fine-tuned ({r.scheme}): {r.frozen_tensors} tensors frozen ({r.frozen_param_fraction:.1%} of parameters), "
           f"{len(r.history)} steps in {r.seconds:.1f}s, last loss {last:.4f}; frozen tensors checked unchanged "
@@ -235,7 +213,8 @@ def cmd_verify(args) -> int:
     report = verify_checkpoint(args.model, args.mask, args.candidate, "tolerance" if args.tolerance else "exact",
                                args.atol)
     if args.report:
-        Path(args.report).write_text(json.dumps(report.to_dict(), indent=2))
+        from .io import atomic_write_json
+        atomic_write_json(args.report, report.to_dict())
     if report.compliant:
         print(f"COMPLIANT: all {report.frozen_checked} frozen tensors match the base model ({report.mode} mode); "
               f"{report.trainable_changed}/{report.trainable_total} trainable tensors changed.")
@@ -255,7 +234,7 @@ def cmd_generate(args) -> int:
     from .generate import generate_to_folder
 
     files = generate_to_folder(args.model, _read_prompts(args), args.out, args.steps, args.seed, args.guidance,
-                               args.num_images, resolve_device(args.device))
+                               args.num_images, resolve_device(args.device), overwrite=args.overwrite)
     print(f"wrote {len(files)} images and grid.png to {args.out}")
     return 0
 
@@ -308,17 +287,38 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .data import DataError
-    from .mask import MaskError
-    from .models import ModelError
-
     from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
     try:
         return {**COMMANDS, **EXPERIMENT_COMMANDS}[args.command](args)
-    except (DataError, MaskError, ModelError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        logger.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints written so far are kept; rerun with --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:    # every error ends in one paragraph and a documented exit code
+        if args.debug:
+            import traceback
+            traceback.print_exc()
+        code, kind = error_kind(exc)
+        logger.debug("error", exc_info=True)
+        print(f"error: {kind}{exc}" + ("" if code != EXIT_INTERNAL or args.debug else
+                                        "\n(a bug in freezeasguard: rerun with --debug and report the traceback)"),
+              file=sys.stderr)
+        return code
+
+
+def error_kind(exc: BaseException) -> tuple[int, str]:
+    """Exit code and a prefix for an exception (see the exit codes in --help)."""
+    from .finetune import DivergedError, EnforcementError
+    if isinstance(exc, DivergedError):
+        return EXIT_DIVERGED, ""
+    if isinstance(exc, EnforcementError):
+        return EXIT_ENFORCEMENT, ""
+    if isinstance(exc, MemoryError):
+        return EXIT_USAGE, "out of memory: lower --batch-size or use --gradient-checkpointing. "
+    if isinstance(exc, OSError) and getattr(exc, "errno", None) == 28:
+        return EXIT_USAGE, "the disk is full: free space or choose another --out (nothing was replaced). "
+    if isinstance(exc, (ValueError, OSError)):     # DataError, MaskError, ModelError, OutputError, missing files
+        return EXIT_USAGE, ""
+    return EXIT_INTERNAL, f"internal error ({type(exc).__name__}): "
 
 
 if __name__ == "__main__":

@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from pathlib import Path
+
+import torch
+
+from .data import load_image_captions
+from .experiment.runner import DEMO, ExperimentConfig, Runner
+from .experiment.synthetic_world import SyntheticWorld
+from .io import atomic_write_json, convert_to_safetensors
+from .mask import check_ratio
+from .methods import METHODS, ProtectSettings, chain_uses_ratio, protect
+from .metrics.score import score_folder
+from .settings import add_flags, from_args
+from .synthetic.world import export_imagefolder, make_cast, trait_phrase
 
 
 def add_parsers(sub):
@@ -17,13 +31,13 @@ def add_parsers(sub):
     w.add_argument("--seed", type=int, default=0, help="render seed (default 0)")
     w.add_argument("--cast-seed", type=int, default=0, help="which cast of people (default 0)")
     w.add_argument("--subject", action="append", help="people only: a cast member's name (repeatable; default all)")
-    w.add_argument("--generic", action="store_true", help="people only: random unnamed people, captioned 'a person'")
+    w.add_argument("--generic", action="store_true",
+                   help="people only: random unnamed people, captioned 'a person with <traits>'")
     w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    w.add_argument("--overwrite", action="store_true", help="replace an earlier `world export` output in --out")
     wsub.add_parser("cast", help="list the people of a cast").add_argument("--cast-seed", type=int, default=0)
 
     # protect
-    from .methods import METHODS, ProtectSettings
-    from dataclasses import fields as dc_fields
     table = "\n".join(f"  {m.name:<9} {m.summary}" for m in METHODS.values())
     p = sub.add_parser("protect", help="run a protection method or baseline (uce, imma, saliency, learned; chains)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -41,13 +55,7 @@ def add_parsers(sub):
     p.add_argument("--ratio", type=float, default=0.3, help="share to freeze for random/learned/saliency (default 0.3)")
     p.add_argument("--out", required=True, help="output folder: protection.json (what to fine-tune), mask.safetensors, work/ (edited models, caches)")
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
-    for f in dc_fields(ProtectSettings):
-        kind = {"int": int, "float": float, "str": str, "float | None": float}.get(str(f.type))
-        flag = "--" + f.name.replace("_", "-")
-        if str(f.type) == "bool":
-            p.add_argument(flag, action="store_true", help=f"{f.metadata['help']}")
-        else:
-            p.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+    add_flags(p.add_argument_group("method settings (each flag is a field of ProtectSettings)"), ProtectSettings)
 
     # experiment
     p = sub.add_parser("experiment", help="run an experiment from a YAML config (resumable)",
@@ -100,38 +108,35 @@ def add_parsers(sub):
                    help="processes for the fine-tune/evaluation jobs, one thread each (default: the CPU count "
                         "up to 4, or 1 with a GPU; quick: 1)")
     p.add_argument("--baselines", action="store_true",
-                   help="also run Saliency-rho, UCE and IMMA (about twice as long)")
+                   help="also run Saliency-rho, Largest-rho, UCE and IMMA (about twice as long)")
+    p.add_argument("--budget", choices=["tensors", "params"], default="tensors",
+                   help="what the ratio counts. tensors (default, the paper's): the learned mask's tensors are "
+                        "large ones, so it freezes far more parameters than Random; params: every freezing "
+                        "method freezes the same share of parameters, and Saliency and Largest (the largest "
+                        "tensors, a data-free control) run beside Random and FreezeAsGuard")
 
 
 def cmd_world(args) -> int:
-    from .synthetic.world import export_imagefolder, make_cast
 
     if args.world_command == "cast":
         for p in make_cast(args.cast_seed):
-            print(f"{p.name:<18} {p.face_shape} face, {p.skin} skin, {p.hair_colour} {p.hair_style} hair, "
-                  f"{p.eye_colour} eyes, {p.mark}")
+            print(f"{p.name:<18} {trait_phrase(p.traits())}")
         return 0
     if args.domain == "people" and args.subject:
-        from .evaluate.world import SyntheticWorld
-        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, "people", args.n, "export", args.subject)
+        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, "people", args.n, "export", args.subject,
+                                                                     command="world export", overwrite=args.overwrite)
     else:
         out = export_imagefolder(args.out, args.domain, args.n, args.seed, args.size, args.cast_seed,
-                                 generic=args.generic)
+                                 generic=args.generic, overwrite=args.overwrite)
     print(f"wrote {args.domain} to {out} (metadata.jsonl)")
     return 0
 
 
 def cmd_protect(args) -> int:
-    from dataclasses import fields as dc_fields
-
-    from .data import load_image_captions
-    from .io import atomic_write_json
-    from .mask import check_ratio
-    from .methods import ProtectSettings, chain_uses_ratio, protect
 
     if chain_uses_ratio(args.method):
         check_ratio(args.ratio)
-    settings = ProtectSettings(**{f.name: getattr(args, f.name) for f in dc_fields(ProtectSettings)})
+    settings = from_args(ProtectSettings, args)
     subjects = args.subject or sorted({r.subject for r in load_image_captions(args.illegal, check_images=False).records
                                        if r.subject})
     if "uce" in args.method.split("+") and not subjects:
@@ -157,8 +162,6 @@ def cmd_protect(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from .evaluate.experiment import ExperimentConfig, Runner
-
     cfg = ExperimentConfig.from_yaml(args.config, out=args.out)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
@@ -167,41 +170,31 @@ def cmd_experiment(args) -> int:
 
 
 def default_workers() -> int:
-    import os
-
-    import torch
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: no affinity
     return 1 if torch.cuda.is_available() else max(1, min(4, cpus))
 
 
-def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
-                workers=None):
-    from .evaluate.experiment import ExperimentConfig
-    from .mask import check_ratio
+# --quick: a smoke run of every stage (CI), numbers meaningless
+QUICK = dict(mask_images=8, finetune_images=8, eval_images=4, warm_start_steps=4, mask_steps=2, inner_steps=2,
+             finetune_steps=4, generate_steps=5, saliency_batches=2, imma_steps=2, imma_inner_steps=1)
 
-    check_ratio(ratio)
-    n_seeds = seeds or (1 if quick else 3)
-    # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated and washed blue
-    # (compare grids made with freezeasguard generate --guidance 7.5 and 3)
-    cfg = ExperimentConfig(out=str(out), cast_seed=cast_seed, innocent=[innocent], seeds=list(range(n_seeds)),
-                           ratios=[ratio], guidance=3.0,
-                           workers=workers or (1 if quick else default_workers()))
+
+def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
+                workers=None, budget="tensors") -> ExperimentConfig:
+    methods = ["full", "random", "learned"] + (["saliency", "largest"] if budget == "params" else [])
     if baselines:
-        cfg.methods = cfg.methods + ["saliency", "uce", "imma"]
-        cfg.imma_lr = 1e-4      # Adam moves each weight ~lr per step: 50 steps of 1e-5 leave the tiny model as it was
-    if quick:
-        cfg.mask_images, cfg.finetune_images, cfg.eval_images = 8, 8, 4
-        cfg.warm_start_steps, cfg.mask_steps, cfg.inner_steps = 4, 2, 2
-        cfg.finetune_steps, cfg.generate_steps = 4, 5
-        cfg.saliency_batches, cfg.imma_steps, cfg.imma_inner_steps = 2, 2, 1
-    return cfg
+        methods = list(dict.fromkeys(methods + ["saliency", "largest", "uce", "imma"]))
+    n_seeds = seeds or (1 if quick else 3)
+    return ExperimentConfig(**{**DEMO, **(QUICK if quick else {})}, preset="demo", out=str(out), cast_seed=cast_seed,
+                            innocent=[innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(ratio)],
+                            methods=methods, budget=budget,
+                            workers=workers or (1 if quick else default_workers()))
 
 
 def cmd_demo(args) -> int:
-    from .evaluate.experiment import Runner
 
     cfg = demo_config(args.out, args.quick, args.cast_seed, args.innocent, args.seeds, args.ratio, args.baselines,
-                      args.workers)
+                      args.workers, args.budget)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
     print(f"report: {cfg.out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, edited models))")
@@ -209,9 +202,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_score(args) -> int:
-    import json
-    from .evaluate.score import score_folder
-    from .io import atomic_write_json
 
     if args.fid_inception_weights and args.fid_features:
         raise ValueError("pass one of --fid-inception-weights and --fid-features")
@@ -224,7 +214,6 @@ def cmd_score(args) -> int:
 
 
 def cmd_convert_weights(args) -> int:
-    from .io import convert_to_safetensors
 
     n = convert_to_safetensors(args.src, args.dst)
     print(f"wrote {n} tensors to {args.dst}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +39,19 @@ class Record:
         try:
             img = Image.open(self.path) if self.image is None else self.image
             img.load()
-            return img.convert("RGB")
+            return to_rgb8(img)
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise DataError(f"{self.where}: cannot decode image ({exc}). Replace or remove this file.") from exc
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """8-bit RGB. PIL's convert("RGB") clips 16- and 32-bit integer images (16-bit PNGs) at 255,
+    which turns nearly every pixel white; those are rescaled from their full range instead."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")
 
 
 @dataclass
@@ -77,7 +88,7 @@ def _read_metadata(folder: Path) -> tuple[list[dict], Path]:
 
 def load_image_captions(path, subject: str | None = None, caption_column: str = "text",
                         image_column: str = "file_name", subject_column: str = "name",
-                        check_images: bool = True) -> ImageCaptionData:
+                        check_images: bool = True, subject_flag: str = "--subject") -> ImageCaptionData:
     """Read an imagefolder or a saved HF dataset; ``subject`` keeps only that person's rows."""
     path = Path(path)
     if not path.exists():
@@ -89,7 +100,7 @@ def load_image_captions(path, subject: str | None = None, caption_column: str = 
         data = _load_imagefolder(path, subject, caption_column, image_column, subject_column)
     if not data.records:
         what = f" for subject {subject!r}" if subject else ""
-        raise DataError(f"{path}: no rows{what}. Check --subject against the '{subject_column}' column.")
+        raise DataError(f"{path}: no rows{what}. Check {subject_flag} against the '{subject_column}' column.")
     if check_images:
         for r in data.records:
             r.load()
@@ -97,11 +108,28 @@ def load_image_captions(path, subject: str | None = None, caption_column: str = 
     return data
 
 
+def data_fingerprint(data: ImageCaptionData) -> str:
+    """A hash of every (caption, subject, image bytes) of a data set: what a checkpoint records
+    about the data it was trained on, so that a resume on other data is refused."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for r in data.records:
+        h.update(json.dumps([r.caption, r.subject]).encode())
+        if r.path is not None:
+            h.update(r.path.read_bytes())
+        else:
+            h.update(np.asarray(r.load()).tobytes())
+    return h.hexdigest()
+
+
 def _load_imagefolder(folder, subject, caption_column, image_column, subject_column) -> ImageCaptionData:
     rows, meta = _read_metadata(folder)
     data = ImageCaptionData(folder)
     for i, row in enumerate(rows, 1):
         where = f"{meta} row {i}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object such as {{\"file_name\": \"0001.png\", "
+                            f"\"text\": \"a caption\"}}, got {type(row).__name__} {str(row)[:60]!r}.")
         if image_column not in row:
             raise DataError(f"{where}: no '{image_column}' column (columns: {', '.join(row)}).")
         if caption_column not in row:
@@ -109,8 +137,14 @@ def _load_imagefolder(folder, subject, caption_column, image_column, subject_col
         row_subject = row.get(subject_column)
         if subject is not None and row_subject != subject:
             continue
+        if not isinstance(row[caption_column], (str, type(None))) or not isinstance(row[image_column], str):
+            raise DataError(f"{where}: '{caption_column}' and '{image_column}' must be text, got "
+                            f"{row[caption_column]!r} and {row[image_column]!r}. Quote them in the metadata.")
         caption = (row[caption_column] or "").strip()
         file = folder / row[image_column]
+        if not Path(os.path.normpath(file)).is_relative_to(os.path.normpath(folder)):
+            raise DataError(f"{where}: file_name {row[image_column]!r} points outside {folder}; file names are "
+                            f"relative to the data folder.")
         if not caption:
             raise DataError(f"{where} ({row[image_column]}): empty caption. Every image needs a text.")
         if not file.is_file():
@@ -137,6 +171,8 @@ def _load_saved_dataset(path, subject, caption_column, subject_column) -> ImageC
         row_subject = row.get(subject_column)
         if subject is not None and row_subject != subject:
             continue
+        if not isinstance(row[caption_column], (str, type(None))):
+            raise DataError(f"{path} row {i}: '{caption_column}' must be text, got {row[caption_column]!r}.")
         caption = (row[caption_column] or "").strip()
         if not caption:
             raise DataError(f"{path} row {i}: empty caption.")

@@ -19,11 +19,14 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, weighted_loss
-from .data import EncodedData, load_image_captions
+from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
-from .io import atomic_save_safetensors, atomic_write_json
-from .mask import Mask
+from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
+from .mask import Mask, check_ratio
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
+from .outputs import (MARKER, OutputError, check_provenance, is_own_output, mark_output, prepare_output_dir,
+                      replace_dir)
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +37,34 @@ class EnforcementError(RuntimeError):
     """A frozen tensor moved during guarded fine-tuning."""
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or weights; nothing was written."""
+
+
+def check_finite_loss(losses: torch.Tensor, step: int, what: str, lr: float):
+    """Stop a diverging run before it writes NaN weights that would load, verify and sample."""
+    if not torch.isfinite(losses).all():
+        value = losses[~torch.isfinite(losses)][0].item()
+        raise DivergedError(f"{what} diverged: the loss is {value} at step {step} (learning rate {lr:g}). No model "
+                            f"was written. Lower the learning rate (and check the data), then run again.")
+
+
 @dataclass
 class FinetuneConfig:
-    """Settings of one guarded fine-tuning run."""
-    steps: int = 2000                 # optimizer steps (the paper's illegal user: 2,000)
-    batch_size: int = 4               # samples per optimizer step, over all processes (paper: 4)
-    grad_accum: int = 1               # micro-batches per optimizer step (each rank's share is split)
-    lr: float = 1e-5                  # AdamW learning rate (paper: 1e-5)
-    weight_decay: float = 1e-2        # AdamW weight decay (diffusers' default)
-    max_grad_norm: float = 1.0        # gradient clipping; 0 turns it off
-    seed: int = 0                     # data order, noise and timesteps
-    mixed_precision: str = "no"       # no | bf16 | fp16 autocast (GPU); parameters stay fp32
-    gradient_checkpointing: bool = False  # trade compute for activation memory
-    checkpoint_every: int = 100       # write a resumable checkpoint every N steps (0: never)
-    validation_prompts: tuple[str, ...] = ()  # generate these every validation_every steps
-    validation_every: int = 0         # 0: no validation images
-    device: str = "auto"              # auto picks cuda when available
+    """Settings of one guarded fine-tuning run (the paper's illegal user unless noted)."""
+    steps: int = setting(2000, "optimizer steps")
+    batch_size: int = setting(4, "samples per optimizer step, over all processes")
+    grad_accum: int = setting(1, "micro-batches per optimizer step (each process's share is split)")
+    lr: float = setting(1e-5, "AdamW learning rate")
+    weight_decay: float = setting(1e-2, "AdamW weight decay (diffusers' default)")
+    max_grad_norm: float = setting(1.0, "gradient clipping; 0 turns it off")
+    seed: int = setting(0, "seed of the data order, noise and timesteps")
+    mixed_precision: str = setting("no", "autocast on GPU; parameters stay fp32", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: never)")
+    validation_prompts: tuple[str, ...] = setting((), "prompt for validation images", flag="--validation-prompt")
+    validation_every: int = setting(0, "steps between validation grids (0: none)")
+    device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
         if self.mixed_precision not in MIXED_PRECISION:
@@ -143,6 +158,7 @@ def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, wo
             loss, losses = weighted_loss(unet, micro, mix.schedule, amp)
             (scaler.scale(loss) if scaler else loss).backward()
             per_sample.append(losses)
+        check_finite_loss(torch.cat(per_sample).detach(), step + 1, desc, cfg.lr)
         totals = domain_means(torch.cat(per_sample), batch, len(mix.domains))
         for p in trainable:
             if p.grad is not None:
@@ -166,6 +182,10 @@ def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, wo
             _validation_images(components, cfg, work_dir / "validation" / f"step{step + 1:06d}.png")
             unet.train()
     unet.eval()
+    bad = [n for n, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise DivergedError(f"{desc} diverged: {len(bad)} weight tensors hold inf/NaN after {cfg.steps} steps "
+                            f"(first: {bad[0]}). No model was written. Lower the learning rate and run again.")
     return history
 
 
@@ -192,20 +212,23 @@ def frozen_tensor_hashes(state: dict[str, torch.Tensor], names: list[str]) -> di
                                digest_size=16).hexdigest() for n in names}
 
 
-def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict) -> Path:
+def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
     """Write a from_pretrained-loadable pipeline: the base folder's other parts plus the new UNet.
-    Written beside the target and renamed into place, so a kill leaves no half-written folder."""
+    Written beside the target and renamed into place, so a kill leaves no half-written folder; an
+    earlier output there (checked by prepare_output_dir: this command's own) is replaced only
+    once the new one is complete."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists() and not is_own_output(tmp, command):
+        raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(base_dir, tmp, ignore=lambda d, names: ["unet"] if Path(d) == Path(base_dir) else [])
+    shutil.copytree(base_dir, tmp, ignore=lambda d, names: (["unet", MARKER] if Path(d) == Path(base_dir) else []))
+    mark_output(tmp, command, base_model=str(Path(base_dir).resolve()))
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
+    normal_permissions(tmp)
+    return replace_dir(tmp, out_dir)
 
 
 @dataclass
@@ -229,6 +252,7 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
         mask.check_matches(named, base_fp, what="the base model")
         return "mask", mask
     if random_ratio is not None:
+        check_ratio(random_ratio, "--random-ratio")
         return "random", Mask.random(named, random_ratio, seed, budget, base_fingerprint=base_fp)
     return "full", Mask.none(named, base_fingerprint=base_fp)
 
@@ -236,10 +260,11 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
 def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Mask | None = None,
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
-                     work_dir=None) -> FinetuneResult:
+                     work_dir=None, overwrite: bool = False) -> FinetuneResult:
     t0 = time.time()
     dist.init_from_env()
     # --- setup
+    prepare_output_dir(out_dir, "finetune", {"--model": model_dir, "--data": data_dir}, overwrite, resume)
     device = resolve_device(cfg.device)
     components = load_sd(model_dir).to(device)
     base_state = load_unet_state(model_dir)
@@ -253,6 +278,10 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     mix = DomainMix([Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)], schedule, cfg.seed)
     work_dir = Path(work_dir) if work_dir else Path(str(out_dir) + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device",
+                                                                  "validation_prompts", "validation_every")}
+    check_provenance(work_dir, {"model": base_fp or fingerprint(base_state.items()), "data": data_fingerprint(data),
+                                "scheme": scheme, "frozen": frozen, "settings": settings})
     # --- train
     history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})")
     # --- check_frozen_unchanged

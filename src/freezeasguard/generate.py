@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from .io import atomic_write_json
 from .models import require_pipeline_dir
+from .outputs import prepare_output_dir, write_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +75,20 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def generate_to_folder(model_dir, prompts: list[str], out_dir, steps=50, seed=0, guidance=7.5, per_prompt=1,
-                       device="cpu") -> list[Path]:
-    """Write PNGs named <index>_<prompt>_<seed>.png, a grid.png, and prompts.json mapping files to prompts."""
+                       device="cpu", overwrite: bool = False) -> list[Path]:
+    """Write PNGs named <index>_<prompt>_<seed>.png, metadata.jsonl (file_name, text, seed), a
+    grid.png, and prompts.json mapping files to prompts."""
+    prepare_output_dir(out_dir, "generate", {"--model": model_dir}, overwrite)
     pipe = load_pipeline(model_dir, device)
     images = generate_images(pipe, prompts, steps, seed, guidance, per_prompt, progress=True)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, index = [], []
-    for k, img in enumerate(images):
-        prompt = prompts[k // per_prompt]
-        f = out_dir / f"{k:04d}_{slug(prompt)}_s{seed + k}.png"     # image k used seed + k
-        img.save(f)
-        files.append(f)
-        index.append({"file": f.name, "prompt": prompt, "seed": seed + k})
-    save_grid(images, out_dir / "grid.png", columns=per_prompt if per_prompt > 1 else None)
-    atomic_write_json(out_dir / "prompts.json", index)
-    logger.info("wrote %d images to %s", len(files), out_dir)
-    return files
+    # image k used seed + k
+    rows = [{"file_name": f"{k:04d}_{slug(prompts[k // per_prompt])}_s{seed + k}.png", "text": prompts[k // per_prompt],
+             "seed": seed + k} for k in range(len(images))]
+
+    def extras(folder):
+        save_grid(images, folder / "grid.png", columns=per_prompt if per_prompt > 1 else None)
+        atomic_write_json(folder / "prompts.json", [{"file": r["file_name"], "prompt": r["text"], "seed": r["seed"]}
+                                                    for r in rows])
+    out_dir = write_image_folder(out_dir, images, rows, "generate", {"--model": model_dir}, overwrite, extras)
+    logger.info("wrote %d images to %s", len(images), out_dir)
+    return [out_dir / r["file_name"] for r in rows]

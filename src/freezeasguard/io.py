@@ -7,11 +7,19 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; a written file gets the permissions any new file gets (umask)
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -22,6 +30,15 @@ def _atomic(path, write):
             os.unlink(tmp)
         raise
     return path
+
+
+def normal_permissions(folder) -> None:
+    """Give every file under ``folder`` (all written by this process) the permissions a new file
+    gets under the umask: diffusers' save_pretrained leaves its weight files 0600."""
+    mode = 0o666 & ~_umask()
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            os.chmod(p, mode)
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:

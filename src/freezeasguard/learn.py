@@ -1,4 +1,4 @@
-"""Algorithm 1 of FreezeAsGuard, corrected (see DESIGN.md): learn which UNet tensors to freeze.
+"""Algorithm 1 of FreezeAsGuard, corrected (docs/algorithm.md): learn which UNet tensors to freeze.
 
 Per tensor i: logit w_i, soft mask m_i = sigmoid(w_i / T) (1 = frozen). Only two copies of the
 weights live in memory: theta(m), the UNet's own parameters, and theta_d = theta_pre - theta_ft.
@@ -29,44 +29,61 @@ from tqdm.auto import tqdm
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
 from .bilevel import BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_
-from .data import EncodedData, load_image_captions
+from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
-from .finetune import FinetuneConfig, autocast_dtype, resolve_device, save_pipeline, train_unet
+from .finetune import (FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline,
+                       train_unet)
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
 from .models import fingerprint, load_sd, load_unet_state
+from .settings import setting
+from .outputs import check_provenance, prepare_output_file
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LearnConfig:
-    """Settings of mask learning. Defaults are the paper's (Appendix F) unless noted."""
-    ratio: float = 0.3                # rho: share of tensors (or parameters, see budget) to freeze
-    budget: str = "tensors"           # tensors (as the paper) | params (what memory savings follow)
-    steps: int = 100                  # K: mask updates
-    inner_steps: int = 10             # L: simulated-user steps per mask update (Appendix B)
-    upper_batches: int = 1            # batches averaged into each mask gradient (ours; 1 = the paper's)
-    batch_size: int = 16              # samples per step and per domain group (illegal; innocent, split over domains)
-    temperature: float = 0.2          # T in m = sigmoid(w / T)
-    mask_lr: float | None = None      # eta_1: logit step; None: 10 (the paper's) for the raw gradient,
-                                      # 0.05 for the normalised one (see README "Mask step and sparsity")
-    user_lr: float = 1e-5             # eta_2: simulated user's SGD step on theta_ft
-    lambda_illegal: float = 1.0       # lambda_1
-    lambda_innocent: float = 1.0      # lambda_2
-    sparsity_weight: float = 5.0      # c of the sparsity term; ours (measured, README "Mask step and sparsity")
-    normalize_mask_grad: bool = True  # data term rescaled to per-tensor RMS 1 (see logit_gradient)
-    init_logit_low: float = -2.02     # initial w/T ~ U(low, high): m starts near 0.12 (paper: "random
-    init_logit_high: float = -1.98    # negative values"); a narrow range, because a wide random spread
-                                      # survives into the final top-k (measured: benchmarks/mask_agreement.py)
-    warm_start_steps: int = 200       # full fine-tuning steps giving theta_ft (AdamW)
-    warm_start_lr: float = 1e-5       # AdamW learning rate of the warm start
-    warm_start_batch_size: int = 4    # samples per warm-start step, per domain group
-    seed: int = 0                     # logits init, data order, noise
-    checkpoint_every: int = 10        # mask updates between atomic checkpoints (0: never)
-    mixed_precision: str = "no"       # bf16 | fp16 autocast on GPU; logits and theta_d stay fp32
-    gradient_checkpointing: bool = False
-    device: str = "auto"
+class MaskLearningSettings:
+    """The hyperparameters of mask learning, shared by `freezeasguard learn` (LearnConfig), the
+    protection methods and the experiment config (ProtectSettings). Defaults are the paper's
+    (Appendix F) unless noted."""
+    budget: str = setting("tensors", "what the ratio counts: tensors (the paper's) or params (what memory "
+                                     "savings follow)", choices=BUDGETS)
+    mask_steps: int = setting(100, "mask updates K", flag="--steps")
+    inner_steps: int = setting(10, "simulated-user steps per mask update L (Appendix B)")
+    upper_batches: int = setting(1, "batches averaged into each mask gradient (ours; 1 = the paper's; more = "
+                                    "less noise)")
+    mask_batch: int = setting(16, "samples per step and domain group (illegal; innocent, split over the "
+                                  "domains)", flag="--batch-size")
+    temperature: float = setting(0.2, "T of the soft mask m = sigmoid(w / T)")
+    mask_lr: float | None = setting(None, "logit step eta_1 (none: 0.05 on the normalised gradient; 10, the "
+                                          "paper's, with --no-normalize-mask-grad)")
+    user_lr: float = setting(1e-5, "the simulated user's SGD step eta_2")
+    lambda_illegal: float = setting(1.0, "lambda_1, weight of the illegal loss in the publisher's objective")
+    lambda_innocent: float = setting(1.0, "lambda_2, weight of the innocent loss")
+    sparsity_weight: float = setting(5.0, "weight c of the sparsity term (mean(m) - ratio)^2, per tensor when "
+                                          "normalised (ours, measured: README)")
+    normalize_mask_grad: bool = setting(True, "rescale the data term of the mask gradient to per-tensor RMS 1 (the "
+                                              "paper's raw gradient is usually negligible next to the sparsity term)")
+    # initial w/T ~ U(low, high): m starts near 0.12 (the paper: "random negative values"); a narrow
+    # range, because a wide random spread survives into the final top-k (benchmarks/mask_agreement.py)
+    init_logit_low: float = setting(-2.02, "lower end of the initial w/T")
+    init_logit_high: float = setting(-1.98, "upper end of the initial w/T")
+    warm_start_steps: int = setting(200, "full fine-tuning steps that give theta_ft before mask learning")
+    warm_start_lr: float = setting(1e-5, "AdamW learning rate of the warm start")
+    warm_start_batch: int = setting(4, "samples per warm-start step and domain group")
+
+
+@dataclass
+class LearnConfig(MaskLearningSettings):
+    """Settings of one `freezeasguard learn` run: the mask-learning hyperparameters plus the run's."""
+    ratio: float = setting(0.3, "share to freeze, 0..1 (tensors, or parameters with --budget params)")
+    seed: int = setting(0, "seed of the logits' start, data order and noise")
+    checkpoint_every: int = setting(10, "mask updates between atomic checkpoints (0: never)")
+    mixed_precision: str = setting("no", "autocast on GPU; parameters, logits and theta_d stay fp32",
+                                   choices=("no", "bf16", "fp16"))
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
         check_ratio(self.ratio)
@@ -84,7 +101,7 @@ class LearnConfig:
     def resume_key(self) -> dict:
         """Settings that must not change between a run and its resume."""
         d = asdict(self)
-        for k in ("checkpoint_every", "device", "steps"):
+        for k in ("checkpoint_every", "device", "mask_steps"):
             d.pop(k)
         return d
 
@@ -109,21 +126,27 @@ def _domains(components, device, illegal, innocent, batch_size, cfg: LearnConfig
 
 def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: LearnConfig,
                illegal_subject: str | None = None, finetuned_dir=None, work_dir=None,
-               resume: bool = False, caption_column: str = "text", tensorboard_dir=None) -> LearnResult:
+               resume: bool = False, caption_column: str = "text", tensorboard_dir=None,
+               overwrite: bool = False) -> LearnResult:
     t0 = time.time()
     dist.init_from_env()
     device = resolve_device(cfg.device)
-    out_path = Path(out_path)
+    out_path = prepare_output_file(out_path, {"--model": model_dir, "--illegal": illegal_dir, "--innocent": innocent_dirs,
+                                              "--finetuned": finetuned_dir}, overwrite or resume)
     work_dir = Path(work_dir) if work_dir else out_path.with_name(out_path.name + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     if not innocent_dirs:
         raise ValueError("mask learning needs at least one --innocent domain")
 
     # --- setup
-    illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column)
+    illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column,
+                                  subject_flag="--illegal-subject")
     innocent = [load_image_captions(d, caption_column=caption_column) for d in innocent_dirs]
     theta_pre = load_unet_state(model_dir)
     base_fp = fingerprint(theta_pre.items())
+    check_provenance(work_dir, {"model": base_fp, "illegal": data_fingerprint(illegal),
+                                "innocent": [data_fingerprint(d) for d in innocent], "settings": cfg.resume_key(),
+                                "finetuned": str(Path(finetuned_dir).resolve()) if finetuned_dir else None})
 
     # --- warm_start: theta_ft by full fine-tuning on illegal + innocent (or a given checkpoint)
     if finetuned_dir is None:
@@ -146,7 +169,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     with torch.no_grad():
         remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
     schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
-    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.batch_size, cfg), schedule, cfg.seed + 1)
+    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.mask_batch, cfg), schedule, cfg.seed + 1)
     amp = autocast_dtype(cfg.mixed_precision, device)
     if cfg.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
@@ -159,15 +182,15 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
             raise FileExistsError(f"{ckpt} exists from an earlier run: pass --resume to continue it, "
                                   f"or remove {work_dir} to start over.")
         start, history = _load_learn_checkpoint(ckpt, state, mix, cfg)
-        logger.info("resumed mask learning at update %d/%d", start, cfg.steps)
+        logger.info("resumed mask learning at update %d/%d", start, cfg.mask_steps)
     writer = _tensorboard(tensorboard_dir)
     upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
 
     lower_closure = _diffusion_closure(state, mix, schedule, device, amp)
     upper_closure = _diffusion_closure(state, mix, schedule, device, amp, sign=upper_sign)
     nd = len(mix.domains)
-    bar = tqdm(range(start, cfg.steps), desc="learn mask", disable=not dist.is_main(), initial=start,
-               total=cfg.steps)
+    bar = tqdm(range(start, cfg.mask_steps), desc="learn mask", disable=not dist.is_main(), initial=start,
+               total=cfg.mask_steps)
     for k in bar:
         stats, lower_infos, upper_info = mask_update(state, lower_closure, upper_closure, cfg)
         lower = [_domain_losses(i, nd) for i in lower_infos]
@@ -175,13 +198,16 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
         record = {"update": k + 1, "upper_illegal": upper[0], "upper_innocent": sum(upper[1:]) / (nd - 1),
                   "lower_illegal": sum(x[0] for x in lower) / max(1, len(lower)),
                   "lower_innocent": sum(sum(x[1:]) / (nd - 1) for x in lower) / max(1, len(lower)), **stats}
+        check_finite_loss(torch.tensor([record["upper_illegal"], record["upper_innocent"],
+                                        record["lower_illegal"], record["lower_innocent"]]), k + 1,
+                          "mask learning", cfg.user_lr)
         history.append(record)
         bar.set_postfix(ill=f"{record['upper_illegal']:.4f}", inn=f"{record['upper_innocent']:.4f}",
                         soft=f"{record['soft_ratio']:.3f}", hard=f"{record['hard_ratio']:.3f}")
         if writer is not None:
             for key, v in record.items():
                 writer.add_scalar(f"learn/{key}", v, k + 1)
-        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.steps and dist.is_main():
+        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps and dist.is_main():
             _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history)
     if writer is not None:
         writer.close()
@@ -190,7 +216,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     meta = {"method": "learned", "hyperparameters": asdict(cfg), "seed": cfg.seed, "temperature": cfg.temperature,
             "illegal": str(illegal_dir), "illegal_subject": illegal_subject,
             "innocent": [str(d) for d in innocent_dirs], "final_soft_ratio": float(state.m.mean()),
-            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.steps}
+            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.mask_steps}
     mask = Mask.from_scores([(n, shapes[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
                             cfg.budget, base_fingerprint=base_fp, meta=meta)
     if dist.is_main():
@@ -200,7 +226,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     seconds = time.time() - t0
     logger.info("mask: %d/%d tensors frozen (%.1f%% of tensors, %.1f%% of parameters), %d updates in %.1fs -> %s",
                 int(mask.frozen.sum()), len(mask.names), 100 * mask.tensor_ratio, 100 * mask.param_fraction,
-                cfg.steps, seconds, out_path)
+                cfg.mask_steps, seconds, out_path)
     return LearnResult(mask, history, seconds)
 
 
@@ -264,11 +290,11 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     logger.info("warm start: %d full fine-tuning steps on illegal + innocent data", cfg.warm_start_steps)
     components = load_sd(model_dir).to(device)
     schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
-    ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch_size, lr=cfg.warm_start_lr,
+    ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch, lr=cfg.warm_start_lr,
                             seed=cfg.seed, mixed_precision=cfg.mixed_precision, device=str(device),
                             gradient_checkpointing=cfg.gradient_checkpointing,
                             checkpoint_every=max(1, cfg.checkpoint_every * cfg.inner_steps))
-    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.warm_start_batch_size, cfg), schedule,
+    mix = DomainMix(_domains(components, device, illegal, innocent, cfg.warm_start_batch, cfg), schedule,
                     cfg.seed)
     ws_dir = work_dir / "warm_start.work"
     ws_dir.mkdir(parents=True, exist_ok=True)

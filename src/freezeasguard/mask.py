@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .io import atomic_save_safetensors
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,6 @@ class Mask:
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, path) -> Path:
-        from . import __version__
-
         tensors = OrderedDict()
         for i, name in enumerate(self.names):
             tensors[f"logits/{name}"] = self.logits[i].clone()

@@ -75,10 +75,18 @@ def load_sd(path, flag: str = "--model", unet_from=None) -> SDComponents:
 
     path = require_pipeline_dir(path, flag)
     unet_dir = resolve_unet_dir(unet_from) if unet_from is not None else path / "unet"
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32)
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    for f in unet_weight_files(unet_dir):      # refuses pickles, names truncated files
+        _read_safetensors_header(f)
+    try:
+        # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
+        unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch.float32, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"{flag} {path}: cannot load the model ({str(exc).splitlines()[0][:300]}). Every part must "
+                         f"be a diffusers/transformers folder with .safetensors weights (pickled .bin weights are "
+                         f"never loaded).") from exc
     if len(tokenizer) <= 2:
         raise ModelError(f"{path}/tokenizer loaded as a {len(tokenizer)}-token tokenizer; the folder is incomplete "
                          f"(needs vocab.json and merges.txt).")
@@ -119,13 +127,28 @@ def unet_weight_files(path) -> list[Path]:
     raise ModelError(f"{unet_dir}: no {UNET_WEIGHTS} found.")
 
 
+def _read_safetensors_header(path: Path) -> dict:
+    """The header of a safetensors file, or a ModelError naming a truncated or corrupt file."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {"keys": list(f.keys())}
+    except Exception as exc:        # SafetensorError has no public base class to catch
+        raise ModelError(f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt. "
+                         f"Copy it again from its source.") from exc
+
+
 def load_unet_state(path) -> dict[str, torch.Tensor]:
     """Read UNet weights from safetensors without building the model."""
     from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for f in unet_weight_files(path):
-        state.update(load_file(str(f)))
+        _read_safetensors_header(f)
+        try:
+            state.update(load_file(str(f)))
+        except Exception as exc:
+            raise ModelError(f"{f}: cannot read its tensors ({exc}); the file is truncated or corrupt.") from exc
     return state
 
 

@@ -1,13 +1,22 @@
 """Model presets: what SD v1.4 / v1.5 / v2.1 are, and the paper's settings for them (Appendix F).
 
 ``--preset sd15`` checks that the --model folder is that model (resolution, prediction type,
-text width) before hours of work start, and supplies the paper's settings, which are also the
-command-line defaults: mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user fine-tuning
-(Adam lr 1e-5, batch 4, 2,000 steps), generation (PNDM, 50 steps, 100 images per prompt).
+text width) before hours of work start, and supplies the paper's settings for every flag the
+user did not type: mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user fine-tuning
+(Adam lr 1e-5, batch 4, 2,000 steps), generation (PNDM, 50 steps).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+# The paper's settings (Appendix F), the same for every SD model it used; keyed by each command's
+# settings-dataclass field, so that a preset's value is what the command runs with.
+PAPER_SETTINGS = {
+    "learn": {"mask_batch": 16, "user_lr": 1e-5, "temperature": 0.2},        # LearnConfig
+    "finetune": {"lr": 1e-5, "batch_size": 4, "steps": 2000},                # FinetuneConfig (the illegal user)
+    "generate": {"steps": 50},                                               # PNDM steps
+}
 
 
 @dataclass(frozen=True)
@@ -16,14 +25,7 @@ class Preset:
     resolution: int               # image side the UNet was trained at
     prediction_type: str          # the scheduler's target: epsilon | v_prediction
     cross_attention_dim: int      # text encoder width: 768 (CLIP ViT-L, v1) or 1024 (OpenCLIP ViT-H, v2)
-    mask_batch_size: int = 16
-    user_lr: float = 1e-5
-    temperature: float = 0.2
-    finetune_lr: float = 1e-5
-    finetune_batch_size: int = 4
-    finetune_steps: int = 2000
-    generate_steps: int = 50
-    images_per_prompt: int = 100
+    settings: dict = field(default_factory=lambda: PAPER_SETTINGS)   # command -> {field: value}
 
 
 PRESETS = {
@@ -32,6 +34,14 @@ PRESETS = {
     "sd21": Preset("sd21", 768, "v_prediction", 1024),
     "sd21-base": Preset("sd21-base", 512, "epsilon", 1024),
 }
+
+
+def apply_preset(preset: "Preset", command: str, args, defaults: dict) -> None:
+    """The preset's settings for ``command`` replace every flag the user left at its default
+    (``defaults``: flag dest -> the parser's default); a flag the user typed wins."""
+    for name, value in preset.settings.get(command, {}).items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
 
 
 class PresetError(ValueError):

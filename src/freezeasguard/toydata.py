@@ -2,12 +2,13 @@
 mask-agreement benchmark: fast to draw at any size. The full synthetic world is in synthetic/."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .outputs import write_image_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,7 @@ def _face(draw, rng, size, skin, hair, eyes, mark):
 def make_people(out_dir, name: str, n: int, size: int, seed: int, traits=None) -> Path:
     """Portraits: a named person has fixed traits; unnamed people get random ones."""
     rng = random.Random(seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    images, rows = [], []
     for i in range(n):
         t = traits or {"skin": rng.choice([(240, 200, 170), (200, 150, 110), (140, 90, 60)]),
                        "hair": rng.choice(list(COLORS.values())), "eyes": rng.choice([(30, 30, 120), (60, 40, 20)]),
@@ -42,18 +41,14 @@ def make_people(out_dir, name: str, n: int, size: int, seed: int, traits=None) -
         bg_name = rng.choice(["white", "blue", "yellow", "green"])
         img = Image.new("RGB", (size, size), COLORS[bg_name])
         _face(ImageDraw.Draw(img), rng, size, t["skin"], t["hair"], t["eyes"], t["mark"])
-        f = f"{i:04d}.png"
-        img.save(out_dir / f)
-        rows.append({"file_name": f, "text": f"a photo of {name} in front of a {bg_name} wall", "name": name})
-    (out_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out_dir
+        images.append(img)
+        rows.append({"file_name": f"{i:04d}.png", "text": f"a photo of {name} in front of a {bg_name} wall", "name": name})
+    return write_image_folder(out_dir, images, rows, "toydata", overwrite=True)
 
 
 def make_logos(out_dir, n: int, size: int, seed: int) -> Path:
     rng = random.Random(seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    images, rows = [], []
     for i in range(n):
         shape, color = rng.choice(["circle", "square", "triangle"]), rng.choice(["red", "green", "blue", "black"])
         img = Image.new("RGB", (size, size), COLORS["white"])
@@ -66,8 +61,6 @@ def make_logos(out_dir, n: int, size: int, seed: int) -> Path:
             d.rectangle(box, fill=COLORS[color])
         else:
             d.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=COLORS[color])
-        f = f"{i:04d}.png"
-        img.save(out_dir / f)
-        rows.append({"file_name": f, "text": f"a minimalist logo with a {color} {shape} on a white background"})
-    (out_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out_dir
+        images.append(img)
+        rows.append({"file_name": f"{i:04d}.png", "text": f"a minimalist logo with a {color} {shape} on a white background"})
+    return write_image_folder(out_dir, images, rows, "toydata", overwrite=True)

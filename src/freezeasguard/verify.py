@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .mask import Mask
-from .models import fingerprint, load_unet_state
+from .models import ModelError, fingerprint, load_unet_state
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,10 @@ def verify_checkpoint(model_dir, mask_path, candidate, mode: str = "exact", atol
     mask = Mask.load(mask_path)
     base = load_unet_state(model_dir)
     cand = load_unet_state(candidate)
+    broken = [n for n, t in cand.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if broken:
+        raise ModelError(f"{candidate}: {len(broken)} tensors hold inf/NaN (first: {broken[0]}); the checkpoint is "
+                         f"unusable (a diverged fine-tune), whatever its frozen tensors hold.")
     report = verify_state(base, cand, mask, mode, atol)
     logger.info("verify: %s (%d frozen tensors checked, %d violations; %d/%d trainable tensors changed)",
                 "compliant" if report.compliant else "NOT compliant", report.frozen_checked,

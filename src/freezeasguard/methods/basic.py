@@ -1,9 +1,13 @@
-"""full, random and learned (FreezeAsGuard)."""
+"""full, random, largest (a data-free control) and learned (FreezeAsGuard)."""
 from __future__ import annotations
 
 import torch
 
-from . import MethodInputs, Protection, register
+from ..learn import LearnConfig, learn_mask
+from ..mask import Mask
+from ..models import fingerprint, load_sd, load_unet_state
+from ..settings import copy_fields
+from .registry import MethodInputs, Protection, register
 
 
 @register("full", uses_ratio=False, summary="no protection: full fine-tuning")
@@ -13,19 +17,29 @@ def full(inputs: MethodInputs) -> Protection:
 
 @register("random", uses_ratio=True, summary="Random-rho: a random mask, drawn per fine-tuning seed")
 def random_mask(inputs: MethodInputs) -> Protection:
-    return Protection(random_ratio=inputs.ratio)
+    return Protection(random_ratio=inputs.ratio, budget=inputs.settings.budget)
+
+
+@register("largest", uses_ratio=True, summary="the largest tensors up to the budget (a data-free control)")
+def largest(inputs: MethodInputs) -> Protection:
+    """Gradient-based rankings (saliency, and the learned mask's data term <g, theta_d>) grow with
+    a tensor's size; this mask is that size bias alone. A method that does no better than it at
+    the same budget has learned nothing from the data."""
+
+    named = list(load_sd(inputs.model).unet.named_parameters())
+    scores = torch.tensor([float(t.numel()) for _, t in named])
+    # ties (many tensors share a size) broken by position, deterministically
+    scores = scores + torch.linspace(0, 0.5, len(named))
+    mask = Mask.from_scores(named, scores, inputs.ratio, inputs.settings.budget,
+                            base_fingerprint=fingerprint(load_unet_state(inputs.model).items()),
+                            meta={"method": "largest"})
+    return Protection(mask=mask)
 
 
 @register("learned", uses_ratio=True, summary="FreezeAsGuard: the mask learned by bilevel optimisation")
 def learned(inputs: MethodInputs) -> Protection:
-    from ..learn import LearnConfig, learn_mask
-
-    s = inputs.settings
-    cfg = LearnConfig(ratio=inputs.ratio, budget=s.budget, steps=s.mask_steps, inner_steps=s.inner_steps,
-                      upper_batches=s.upper_batches, batch_size=s.mask_batch, user_lr=s.user_lr, mask_lr=s.mask_lr,
-                      sparsity_weight=s.sparsity_weight, warm_start_steps=s.warm_start_steps,
-                      warm_start_lr=s.warm_start_lr, warm_start_batch_size=s.mask_batch, seed=0,
-                      device=inputs.device if inputs.device != "auto" or torch.cuda.is_available() else "cpu")
+    device = inputs.device if inputs.device != "auto" or torch.cuda.is_available() else "cpu"
+    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=device)
     # the warm start (theta_ft) depends on the base model only, so every ratio shares it
     warm = inputs.work_dir / "warm-start"
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"

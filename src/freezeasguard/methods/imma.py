@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import MethodInputs, Protection, data_mix, register
+from ..batches import weighted_loss
+from ..finetune import save_pipeline
+from ..io import atomic_write_json
+from .registry import MethodInputs, Protection, data_mix, load_base, register
 
 logger = logging.getLogger(__name__)
 
@@ -135,17 +138,9 @@ def immunize(unet, modules, draw_illegal, draw_innocent, steps: int, inner_steps
 
 @register("imma", uses_ratio=False, summary="IMMA: cross-attention immunised against adaptation to the illegal data")
 def imma(inputs: MethodInputs) -> Protection:
-    from ..batches import weighted_loss
-    from ..diffusion import NoiseSchedule
-    from ..finetune import resolve_device, save_pipeline
-    from ..io import atomic_write_json
-    from ..models import load_sd
-
     s = inputs.settings
-    device = resolve_device(inputs.device)
-    comps = load_sd(inputs.model).to(device)
+    comps, schedule, device = load_base(inputs)
     comps.unet.train()
-    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
 
     def loss_of(paths, seed):
         mix = data_mix(paths, comps, schedule, s.imma_batch, seed, device)

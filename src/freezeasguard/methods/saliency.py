@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from . import MethodInputs, Protection, data_mix, register
+from ..batches import weighted_loss
+from ..mask import Mask
+from ..models import fingerprint, load_unet_state
+from .registry import MethodInputs, Protection, data_mix, load_base, register
 
 
 def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | None, numel: list[int],
@@ -25,7 +28,6 @@ def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | No
 
 def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
     """Per-tensor norm of the loss gradient summed over ``batches`` draws of ``mix``."""
-    from ..batches import weighted_loss
 
     params = [p for _, p in unet.named_parameters()]
     for p in params:
@@ -43,15 +45,8 @@ def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
 
 @register("saliency", uses_ratio=True, summary="freeze the tensors with the largest illegal-loss gradient")
 def saliency(inputs: MethodInputs) -> Protection:
-    from ..diffusion import NoiseSchedule
-    from ..finetune import resolve_device
-    from ..mask import Mask
-    from ..models import fingerprint, load_sd, load_unet_state
-
     s = inputs.settings
-    device = resolve_device(inputs.device)
-    comps = load_sd(inputs.model).to(device)
-    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
+    comps, schedule, device = load_base(inputs)
     named = list(comps.unet.named_parameters())
     base_fp = fingerprint(load_unet_state(inputs.model).items())
 

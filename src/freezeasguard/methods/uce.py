@@ -22,7 +22,9 @@ import re
 
 import torch
 
-from . import MethodInputs, Protection, register
+from ..data import load_image_captions
+from ..finetune import save_pipeline
+from .registry import MethodInputs, Protection, load_base, register
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +112,6 @@ def apply_uce(components, erase: list[str], guide: str, preserve: list[str], era
 
 def preserve_prompts(innocent_dirs, limit: int) -> list[str]:
     """The first ``limit`` distinct captions of the innocent data."""
-    from ..data import load_image_captions
     out: list[str] = []
     for d in innocent_dirs:
         for c in load_image_captions(d, check_images=False).captions:
@@ -121,12 +122,9 @@ def preserve_prompts(innocent_dirs, limit: int) -> list[str]:
 
 @register("uce", uses_ratio=False, summary="UCE: cross-attention K/V edited to map the subjects' names to a guide")
 def uce(inputs: MethodInputs) -> Protection:
-    from ..finetune import resolve_device, save_pipeline
-    from ..models import load_sd
-
     s = inputs.settings
     out = inputs.work_dir / "model"
-    comps = load_sd(inputs.model).to(resolve_device(inputs.device))
+    comps, _, _ = load_base(inputs)
     preserve = preserve_prompts(inputs.innocent, s.uce_preserve_prompts)
     edited = apply_uce(comps, list(inputs.subjects), s.uce_guide, preserve, s.uce_erase_scale, s.uce_preserve_scale,
                        s.uce_lambda)

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from . import JUDGES
-from .classifiers import Judge, train_attribute_classifier, train_recogniser
+from .classifiers import Judge, train_attribute_classifier, train_recogniser, train_trait_judge
+from .world import WORLD_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +26,35 @@ def _get(filename: str, train) -> Judge:
     return judge
 
 
+def _shipped_vae():
+    from ..models import load_sd
+    from . import TINY_SD
+    return load_sd(TINY_SD).vae
+
+
+# The world's version is in every judge's file name: a judge of another world's renders is never reused.
+def recogniser_file(cast_seed: int = 0, cast_size: int = 8) -> str:
+    return f"recogniser-w{WORLD_VERSION}-cast{cast_seed}-{cast_size}.safetensors"
+
+
+def trait_judge_file() -> str:
+    return f"traits-w{WORLD_VERSION}.safetensors"
+
+
+def attribute_judge_file(domain: str) -> str:
+    return f"attributes-w{WORLD_VERSION}-{domain}.safetensors"
+
+
 def recogniser(cast_seed: int = 0, cast_size: int = 8) -> Judge:
     """Trained on sharp renders, blurred copies and copies passed through the shipped pipeline's
-    VAE (what generated images can look like); "v2" in the name keeps older caches out."""
-    def train():
-        from ..models import load_sd
-        from . import TINY_SD
-        return train_recogniser(cast_seed, cast_size, vae=load_sd(TINY_SD).vae)
-    return _get(f"recogniser-v2-cast{cast_seed}-{cast_size}.safetensors", train)
+    VAE (what generated images can look like)."""
+    return _get(recogniser_file(cast_seed, cast_size), lambda: train_recogniser(cast_seed, cast_size, vae=_shipped_vae()))
+
+
+def trait_judge() -> Judge:
+    """Reads face shape, skin, hair style, hair colour and mark of any person."""
+    return _get(trait_judge_file(), lambda: train_trait_judge(vae=_shipped_vae()))
 
 
 def attribute_judge(domain: str) -> Judge:
-    return _get(f"attributes-{domain}.safetensors", lambda: train_attribute_classifier(domain))
+    return _get(attribute_judge_file(domain), lambda: train_attribute_classifier(domain, vae=_shipped_vae()))

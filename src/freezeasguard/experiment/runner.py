@@ -8,64 +8,122 @@ image grids per method, the mask plot and a trade-off plot.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import json
 import logging
+import multiprocessing as mp
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
 
+from ..batches import Domain, DomainMix, weighted_loss
+from ..data import EncodedData, load_image_captions
+from ..diffusion import NoiseSchedule
+from ..finetune import FinetuneConfig, guarded_finetune
+from ..generate import generate_images, load_pipeline, save_grid
 from ..io import atomic_write_json
+from ..mask import BUDGETS, check_ratio
 from ..methods import ProtectSettings, chain_uses_ratio, parse_chain, protect
+from ..models import load_sd
+from ..outputs import mark_output, prepare_output_dir
+from ..settings import setting
+from ..synthetic import TINY_SD
+from .folder_world import FolderWorld
 from .report import write_report
+from .synthetic_world import SyntheticWorld
 
 logger = logging.getLogger(__name__)
 
 
+_PAPER_FINETUNE = FinetuneConfig()     # the illegal and innocent users' fine-tune defaults: the paper's
+
+
 @dataclass
 class ExperimentConfig(ProtectSettings):
-    """One experiment; every field (these and the methods' settings, ProtectSettings) can be set
-    in the YAML file."""
-    out: str = "experiment-out"            # output folder
-    model: str | None = None               # base pipeline folder; None: the shipped tiny pipeline
-    methods: list[str] = field(default_factory=lambda: ["full", "random", "learned"])  # or chains: uce+learned
-    ratios: list[float] = field(default_factory=lambda: [0.3])   # for methods that freeze
-    subjects: list[str] | None = None      # illegal subjects; None: the first n_subjects of the cast
-    n_subjects: int = 1
-    innocent: list[str] = field(default_factory=lambda: ["logos"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning / generation seeds
-    cast_seed: int = 0
-    mask_images: int = 48                  # per subject and per innocent domain, for protection methods
-    finetune_images: int = 48              # per subject / innocent domain, for the users' fine-tunes
-    eval_images: int = 16                  # generated per subject / domain and seed
-    finetune_steps: int = 100
-    finetune_batch: int = 4
-    finetune_lr: float = 1e-4
-    generate_steps: int = 20
-    guidance: float = 7.5
-    # real data instead of the synthetic world (see evaluate/folder_world.py)
-    people_data: str | None = None         # FF25-style folder: metadata with file_name, text, name
-    innocent_data: dict[str, str] = field(default_factory=dict)   # domain -> image folder or saved dataset
-    clip_weights: str | None = None        # local CLIP folder: CLIP score of innocent images
-    fid_inception: str | None = None       # FID Inception-v3 weights (.safetensors): the paper's FID and KID
-    fid_features: str | None = None        # or a local vision model folder: FID/KID in its feature space
-    topiq_fr: str | None = None            # TOPIQ-FR weights (.safetensors, converted from pyiqa's): topiq_fr
-    face_identity: bool = False            # also score face identity with dlib (the faces extra)
-    workers: int = 1                       # fine-tune + evaluation jobs run in this many processes (1 thread
-                                           # each); on a small CPU model 2 x 1 thread beats 1 x 2 threads
+    """One experiment; every field (these and the methods' settings, ProtectSettings) is a key of
+    its YAML file. ``preset: demo`` takes the demo's values for every key the file does not set."""
+    out: str = setting("experiment-out", "output folder")
+    preset: str | None = setting(None, "demo: the built-in demo's settings (PRESETS) for keys not set here")
+    model: str | None = setting(None, "base pipeline folder; none: the shipped tiny pipeline")
+    methods: list[str] = setting(["full", "random", "learned"], "methods or chains (uce+learned)")
+    ratios: list[float] = setting([0.3], "freezing ratios, for methods that freeze")
+    subjects: list[str] | None = setting(None, "illegal subjects; none: the first n_subjects of the cast/data")
+    n_subjects: int = setting(1, "how many subjects when subjects is not given")
+    innocent: list[str] = setting(["logos"], "innocent domains")
+    seeds: list[int] = setting([0, 1, 2], "fine-tuning and generation seeds")
+    cast_seed: int = setting(0, "which cast of the built-in world")
+    mask_images: int = setting(48, "images per subject and innocent domain for the protection methods")
+    finetune_images: int = setting(48, "images per subject / innocent domain for the users' fine-tunes")
+    eval_images: int = setting(16, "images generated per subject / domain and seed")
+    finetune_steps: int = setting(_PAPER_FINETUNE.steps, "users' fine-tuning steps")
+    finetune_batch: int = setting(_PAPER_FINETUNE.batch_size, "users' fine-tuning batch")
+    finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
+    generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
+    guidance: float = setting(7.5, "classifier-free guidance scale")
+    # real data instead of the synthetic world (see experiment/folder_world.py)
+    people_data: str | None = setting(None, "FF25-style folder: metadata with file_name, text, name")
+    innocent_data: dict[str, str] = setting({}, "domain -> image folder or saved dataset")
+    clip_weights: str | None = setting(None, "local CLIP folder: CLIP score of innocent images")
+    fid_inception: str | None = setting(None, "FID Inception-v3 weights (.safetensors): the paper's FID and KID")
+    fid_features: str | None = setting(None, "or a local vision model folder: FID/KID in its feature space")
+    topiq_fr: str | None = setting(None, "TOPIQ-FR weights (.safetensors, converted from pyiqa's)")
+    face_identity: bool = setting(False, "also score face identity with dlib (the faces extra)")
+    workers: int = setting(1, "processes for the jobs, one thread each (on a small CPU model 2 x 1 thread beats "
+                              "1 x 2 threads)")
+
+    def __post_init__(self):
+        """Every setting is checked here, before any work: a bad value fails at load, not after a
+        minute of fine-tuning."""
+        for m in self.methods:
+            parse_chain(m)
+        for r in self.ratios:
+            check_ratio(r, "ratios")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
+        positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
+                    "n_subjects", "mask_batch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("finetune_steps", "warm_start_steps", "mask_steps", "inner_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("finetune_lr", "warm_start_lr", "user_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.people_data:
+            unknown = [d for d in self.innocent if d not in ("logos", "clothes")]
+            if unknown:
+                raise ValueError(f"innocent {unknown}: the built-in world has logos and clothes; for other domains "
+                                 f"set people_data and innocent_data")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "ExperimentConfig":
-        import yaml
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: an experiment config is a mapping of settings (key: value), "
+                             f"got {type(raw).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        if raw.get("preset") is not None:
+            if raw["preset"] not in PRESETS:
+                raise ValueError(f"{path}: preset {raw['preset']!r} is unknown; presets: {', '.join(PRESETS)}")
+            raw = {**PRESETS[raw["preset"]], **raw}
         hints = typing.get_type_hints(cls)
         return cls(**{k: coerce_setting(k, v, hints[k], path) for k, v in raw.items()})
 
@@ -111,15 +169,46 @@ def coerce_setting(name: str, value, hint, source="config"):
     raise ValueError(f"{source}: setting {name} must be {hint.__name__}, got {value!r}")
 
 
+# The demo's settings: the experiment config's fields it sets (every other field keeps its
+# default). Mask learning at a CPU budget: 100 warm-start steps and 30 mask updates of 5 inner
+# steps at batch 4 (the paper's SD budget, 200 / 100 x 10 at batch 16, takes hours on a CPU).
+DEMO = dict(warm_start_steps=100, warm_start_lr=1e-4, warm_start_batch=4, mask_steps=30, inner_steps=5, mask_batch=4,
+            user_lr=1e-4, finetune_steps=100, finetune_batch=4, finetune_lr=1e-4, generate_steps=20,
+            # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated
+            guidance=3.0,
+            # Adam moves each weight ~lr per step: 50 IMMA steps of 1e-5 leave the tiny model as it was
+            imma_lr=1e-4)
+PRESETS = {"demo": DEMO}
+
+# settings that may change between a run and its resume (they do not change any result)
+RESUMABLE_SETTINGS = ("out", "workers")
+
+
+def check_same_config(root: Path, cfg: ExperimentConfig):
+    """A resumed experiment must have the settings of the run that made the folder: its finished
+    stages would otherwise be mixed with stages made under other settings."""
+    path = root / "config.json"
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(cfg)))
+    differ = sorted(k for k in set(before) | set(now)
+                    if k not in RESUMABLE_SETTINGS and before.get(k) != now.get(k))
+    if differ:
+        raise ValueError(f"{root} holds an experiment run with other settings ({', '.join(differ)}); its finished "
+                         f"stages would be mixed with these. Use another out folder.")
+
+
 # ---- the runner ------------------------------------------------------------------------------
 class Runner:
     def __init__(self, cfg: ExperimentConfig, world=None):
-        from .world import SyntheticWorld
         self.cfg = cfg
-        self.root = Path(cfg.out)
+        inputs = {"model": cfg.model, "people_data": cfg.people_data, "innocent_data": list(cfg.innocent_data.values())}
+        self.root = prepare_output_dir(cfg.out, "experiment", inputs, resume=True)
         self.root.mkdir(parents=True, exist_ok=True)
+        check_same_config(self.root, cfg)
+        mark_output(self.root, "experiment")
         if world is None and cfg.people_data:
-            from .folder_world import FolderWorld
             missing = [d for d in cfg.innocent if d not in cfg.innocent_data]
             if missing:
                 raise ValueError(f"innocent domains {missing} have no folder in innocent_data")
@@ -131,10 +220,7 @@ class Runner:
         self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
         for s in self.subjects:
             self.world.check_subject(s)
-        for m in cfg.methods:
-            parse_chain(m)       # unknown names and impossible chains fail before any work
         if cfg.model is None:
-            from ..synthetic import TINY_SD
             self.model = TINY_SD
         else:
             self.model = Path(cfg.model)
@@ -165,8 +251,7 @@ class Runner:
                        [self.data(d, "mask") for d in self.cfg.innocent], self.subjects, ratio,
                        self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
 
-    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> Path:
-        from ..finetune import FinetuneConfig, guarded_finetune
+    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> tuple[Path, dict]:
         tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
         out = self.root / "finetunes" / tag
 
@@ -179,11 +264,9 @@ class Runner:
             r = guarded_finetune(model, data, out, cfg, resume=True, **kwargs)
             return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
                     "final_loss": r.history[-1]["loss_data"] if r.history else None}
-        self.stage(f"finetune-{tag}", run)
-        return out
+        return out, self.stage(f"finetune-{tag}", run)
 
     def generate(self, model_dir: Path, prompts: list[str], seed: int, out: Path):
-        from ..generate import generate_images, load_pipeline, save_grid
 
         def run():
             pipe = load_pipeline(model_dir)
@@ -195,7 +278,6 @@ class Runner:
             save_grid(images, out / "grid.png")
             return len(images)
         self.stage(f"generate-{out.relative_to(self.root)}".replace("/", "_"), run)
-        from PIL import Image
         return [Image.open(out / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))]
 
     # ---- evaluation of one fine-tuned model -------------------------------------------------
@@ -222,7 +304,15 @@ class Runner:
         return [{"method": method, "ratio": ratio, "seed": seed, "subject": None, "domain": domain, **r} for r in rows]
 
     def sanity(self) -> dict:
-        return self.stage("sanity", lambda: self.world.sanity(self.subjects, self.cfg.innocent))
+        """The judges on real data, and (where the world can say) the untouched model's prior."""
+        out = dict(self.stage("sanity", lambda: self.world.sanity(self.subjects, self.cfg.innocent)))
+        if hasattr(self.world, "generic_people_prompts"):
+            def prior():
+                prompts, expected = self.world.generic_people_prompts(self.cfg.eval_images * 2, seed=0)
+                images = self.generate(self.model, prompts, 0, self.root / "images" / "pretrained-generic-people")
+                return self.world.score_traits(images, expected)
+            out["prior_trait_accuracy"] = self.stage("prior", prior)
+        return out
 
     # ---- the whole experiment ---------------------------------------------------------------
     def run(self) -> list[dict]:
@@ -253,9 +343,11 @@ class Runner:
         method "pretrained" evaluates the untouched model."""
         if method == "pretrained":
             return self.eval_people(self.model, method, ratio, seed, subject)
-        ft = self.finetune(method, ratio, seed, domain, subject)
+        ft, info = self.finetune(method, ratio, seed, domain, subject)
         if domain == "people":
-            return self.eval_people(ft, method, ratio, seed, subject)
+            frozen = {"method": method, "ratio": ratio, "seed": seed, "subject": subject, "domain": domain,
+                      "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}
+            return [frozen] + self.eval_people(ft, method, ratio, seed, subject)
         return self.eval_innocent(ft, method, ratio, seed, domain)
 
     def _prepare_shared(self, jobs):
@@ -312,10 +404,6 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
     group is made, so Full FT and Random fine-tunes and the untouched model's evaluation run
     while another process learns a mask. Every stage keeps its done-marker, so a killed run
     resumes as usual."""
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    from tqdm.auto import tqdm
     group_of = {pair: g for g, group in enumerate(groups) for pair in group}
     waiting: dict[int, list[int]] = {}
     results: dict[int, list[dict]] = {}
@@ -354,10 +442,6 @@ def heldout_data(world, subject, data_root) -> Path:
 
 def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
     """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
-    from ..batches import Domain, DomainMix, weighted_loss
-    from ..data import EncodedData, load_image_captions
-    from ..diffusion import NoiseSchedule
-    from ..models import load_sd
 
     path = heldout_data(world, subject, data_root)
     comps = load_sd(model_dir)

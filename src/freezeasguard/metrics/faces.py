@@ -11,6 +11,9 @@ as detection_failure.
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 
 DLIB_THRESHOLD = 0.6
@@ -18,8 +21,6 @@ DLIB_THRESHOLD = 0.6
 
 class FaceEmbedder:
     def __init__(self):
-        import importlib.util
-        from pathlib import Path
         spec = importlib.util.find_spec("face_recognition_models")
         try:
             import dlib

@@ -1,6 +1,7 @@
 """Metrics that need no downloaded weights (small pure functions on images/features)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -22,12 +23,29 @@ def identity_recognition(predicted_names: list[str], target: str) -> float:
 
 
 def prompt_accuracy(predicted: list[dict], expected: list[dict]) -> float:
-    """Share of generated images whose every predicted attribute matches the prompt's."""
-    return sum(all(p[k] == e[k] for k in p) for p, e in zip(predicted, expected)) / max(1, len(expected))
+    """Share of generated images whose every attribute the prompt names (and the judge reads)
+    is drawn as the prompt says."""
+    return sum(all(p[k] == e[k] for k in e if k in p) for p, e in zip(predicted, expected)) / max(1, len(expected))
 
 
 def attribute_accuracy(predicted: list[dict], expected: list[dict]) -> float:
     """Share of the prompt's attributes drawn right, averaged over images: partial credit where
-    prompt_accuracy gives none (a logo has six attributes; a weak model rarely gets all six)."""
-    per_image = [sum(p[k] == e[k] for k in p) / len(p) for p, e in zip(predicted, expected)]
+    prompt_accuracy gives none. For people this is the trait accuracy of a prior: the share of a
+    generic prompt's named traits that the trait judge reads in the sample."""
+    per_image = []
+    for p, e in zip(predicted, expected):
+        keys = [k for k in e if k in p]
+        per_image.append(sum(p[k] == e[k] for k in keys) / max(1, len(keys)))
     return sum(per_image) / max(1, len(per_image))
+
+
+def images_to_uint8(images) -> torch.Tensor:
+    """PIL images (or an (N, 3, H, W) uint8 tensor) -> (N, 3, H, W) uint8, all of one size."""
+    if torch.is_tensor(images):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("image tensors must be (N, 3, H, W) uint8")
+        return images
+    arrays = [np.asarray(im.convert("RGB")) for im in images]
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"images of different sizes {sorted({a.shape for a in arrays})}; resize them first")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -4,12 +4,14 @@
 metrics) implements the same methods."""
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
+from ..generate import generate_images, load_pipeline
+from ..metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
+from ..outputs import write_image_folder
 from ..synthetic import judges
-from ..synthetic.world import make_cast, render_garment, render_logo, render_person
+from ..synthetic.world import TRAITS, make_cast, render_garment, render_generic_person, render_logo, render_person
 
 SPLITS = {"mask": 1, "finetune": 2, "eval": 3}   # disjoint render seeds: mask learning never sees fine-tune data
 
@@ -38,19 +40,15 @@ class SyntheticWorld:
         render = {"logos": render_logo, "clothes": render_garment}[domain]
         return [render(rng, self.size) for _ in range(n)]
 
-    def export(self, out_dir, domain: str, n: int, split: str, subjects: list[str] | None = None) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def export(self, out_dir, domain: str, n: int, split: str, subjects: list[str] | None = None,
+               command: str = "experiment", overwrite: bool = True) -> Path:
+        """An image folder of the domain for a split (the runner's own folders are replaced when redone)."""
         if domain == "people":
             samples = [s for name in subjects for s in self._people_samples(name, n, split)]
         else:
             samples = self._innocent_samples(domain, n, split)
-        rows = []
-        for i, (img, caption, attrs) in enumerate(samples):
-            img.save(out_dir / f"{i:05d}.png")
-            rows.append({"file_name": f"{i:05d}.png", "text": caption, **attrs})
-        (out_dir / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return out_dir
+        rows = [{"file_name": f"{i:05d}.png", "text": caption, **attrs} for i, (_, caption, attrs) in enumerate(samples)]
+        return write_image_folder(out_dir, [img for img, _, _ in samples], rows, command, overwrite=overwrite)
 
     # ---- evaluation -----------------------------------------------------------------------
     def people_prompts(self, subject: str, n: int, seed: int):
@@ -61,6 +59,28 @@ class SyntheticWorld:
         samples = self._innocent_samples(domain, n, "eval", seed)
         return [c for _, c, _ in samples], [a for _, _, a in samples], [img for img, _, _ in samples]
 
+    def generic_people_prompts(self, n: int, seed: int):
+        """Prompts naming every visible trait of a random person ("a photo of a person with a round
+        face, ..."), and those traits: what the untouched model's prior is measured on."""
+        rng = random.Random(f"generic-{seed}")
+        samples = [render_generic_person(rng, self.size) for _ in range(n)]
+        return [c for _, c, _ in samples], [{k: a[k] for k in TRAITS if k in a} for _, _, a in samples]
+
+    def score_traits(self, images, expected) -> float:
+        """Share of the prompts' traits that the trait judge reads in the images."""
+        return attribute_accuracy(judges.trait_judge().predict(images), expected)
+
+    def measure_prior(self, model_dir, n: int = 64, steps: int = 20, guidance: float = 3.0, seed: int = 0):
+        """The trait accuracy of a pipeline's prior on generic people (overall and per trait) and
+        the images it was measured on."""
+        prompts, expected = self.generic_people_prompts(n, seed)
+        images = generate_images(load_pipeline(model_dir), prompts, steps=steps, seed=seed, guidance=guidance)
+        predicted = judges.trait_judge().predict(images)
+        per_trait = {k: sum(p[k] == e[k] for p, e in zip(predicted, expected) if k in e) / max(1, sum(k in e for e in expected))
+                     for k in TRAITS}
+        return {"trait_accuracy": attribute_accuracy(predicted, expected), "per_trait": per_trait, "images": n,
+                "steps": steps, "guidance": guidance}, images
+
     def recogniser(self):
         return judges.recogniser(self.cast_seed, self.cast_size)
 
@@ -69,21 +89,18 @@ class SyntheticWorld:
 
     # ---- scoring: the same three methods in every world -------------------------------------
     def score_people(self, images, subject: str, real) -> list[dict]:
-        from .metrics import frechet_distance, identity_recognition
         rec = self.recogniser()
         names = [p["identity"] for p in rec.predict(images)]
         return [{"metric": "identity_recognition", "value": identity_recognition(names, subject)},
                 {"metric": "feature_fid", "value": frechet_distance(rec.embed(images), rec.embed(real))}]
 
     def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
-        from .metrics import attribute_accuracy, prompt_accuracy
         predicted = self.attribute_judge(domain).predict(images)
         return [{"metric": "prompt_accuracy", "value": prompt_accuracy(predicted, attrs)},
                 {"metric": "attribute_accuracy", "value": attribute_accuracy(predicted, attrs)}]
 
     def sanity(self, subjects: list[str], domains: list[str]) -> dict:
         """The judges on real renders (should be near 1)."""
-        from .metrics import identity_recognition, prompt_accuracy
         rec, out = self.recogniser(), {}
         for subject in subjects:
             _, real = self.people_prompts(subject, 32, 999)

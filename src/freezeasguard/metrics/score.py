@@ -13,13 +13,19 @@ import json
 import logging
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
+from ..data import load_image_captions
+from .faces import face_identity
+from .nets.topiq import load_topiq_fr, topiq_fr_scores
+from .real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 def _open(path: Path):
-    from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -37,7 +43,6 @@ def read_generated(folder) -> tuple[list, list[str] | None]:
         index = json.loads((folder / "prompts.json").read_text())
         return [_open(folder / e["file"]) for e in index], [e["prompt"] for e in index]
     if any((folder / f"metadata.{ext}").exists() for ext in ("jsonl", "csv")):
-        from ..data import load_image_captions
         data = load_image_captions(folder, check_images=False)
         return [r.load() for r in data.records], [r.caption for r in data.records]
     return read_images(folder), None
@@ -66,7 +71,6 @@ def score_folder(generated, real=None, fid_inception=None, fid_features=None, cl
                          "--topiq-fr-weights or --faces")
     reference = read_images(real) if wants_real else []
     if fid_inception or fid_features:
-        from .real_metrics import fid_and_kid_of_images, fid_extractor
         extractor, space = fid_extractor(fid_inception, fid_features)
         m = fid_and_kid_of_images(reference, images, extractor)
         out.update(fid=m["fid"], kid=m["kid"], kid_std=m["kid_std"], fid_images=m["images"],
@@ -75,14 +79,11 @@ def score_folder(generated, real=None, fid_inception=None, fid_features=None, cl
         if prompts is None:
             raise ValueError(f"{generated}: the CLIP score needs each image's prompt (prompts.json from freezeasguard "
                              "generate, or metadata.jsonl with file_name and text)")
-        from .real_metrics import clip_scores, load_clip
         scores = clip_scores(images, prompts, *load_clip(clip_weights))
         out.update(clip_score=sum(scores) / len(scores))
     if faces:
-        from .faces import face_identity
         out.update(face_identity(images, reference))
     if topiq_fr:
-        from .topiq import load_topiq_fr, topiq_fr_scores
         scores = topiq_fr_scores(images, [reference[k % len(reference)] for k in range(len(images))],
                                  load_topiq_fr(topiq_fr))
         out.update(topiq_fr=sum(scores) / len(scores))

@@ -24,40 +24,16 @@ sanity), so the experiment runner drives real models with real metrics:
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-import torch
+from PIL import Image
 
-from ..data import load_image_captions
-
-
-class ImageFeatures(torch.nn.Module):
-    """uint8 (N, 3, H, W) -> (N, D) image embeddings of a local transformers vision model."""
-
-    def __init__(self, path, flag: str = "--fid-features"):
-        super().__init__()
-        from transformers import AutoImageProcessor, AutoModel
-        path = Path(path) if path else None
-        if path is None or not (path / "config.json").exists():
-            raise FileNotFoundError(f"{flag} {path}: no model folder there. Pass a local transformers vision model "
-                                    f"folder (a CLIP or DINOv2 saved with save_pretrained); nothing is downloaded.")
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.processor = AutoImageProcessor.from_pretrained(path)
-        self.name = path.name
-
-    @torch.no_grad()
-    def forward(self, x):
-        images = [im.permute(1, 2, 0).numpy() for im in x]
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        if hasattr(self.model, "get_image_features"):
-            out = self.model.get_image_features(pixel_values=pixels)
-        else:
-            out = self.model(pixel_values=pixels)
-        if not torch.is_tensor(out):
-            out = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
-        return out.double()
+from ..data import load_image_captions, preprocess
+from ..metrics.faces import FaceEmbedder, face_identity
+from ..metrics.nets.topiq import load_topiq_fr, topiq_fr_scores
+from ..metrics.real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
+from ..outputs import write_image_folder
 
 
 class FolderWorld:
@@ -70,7 +46,6 @@ class FolderWorld:
         self.clip_weights, self.fid_features, self.resolution = clip_weights, fid_features, resolution
         self.fid_inception, self.topiq_fr = fid_inception, topiq_fr
         if not (fid_inception or fid_features):
-            from .real_metrics import fid_extractor
             fid_extractor()     # raises, saying what to set
         self._names = list(dict.fromkeys(r.subject for r in self.people.records if r.subject))
         if not self._names:
@@ -106,15 +81,9 @@ class FolderWorld:
         return chosen
 
     def export(self, out_dir, domain: str, n: int, split: str, subjects: list[str] | None = None) -> Path:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         rows = [r for s in (subjects or [None]) for r in self._rows(domain, split, s)[:n]]
-        meta = []
-        for i, r in enumerate(rows):
-            r.load().save(out_dir / f"{i:05d}.png")
-            meta.append({"file_name": f"{i:05d}.png", "text": r.caption, "name": r.subject})
-        (out_dir / "metadata.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
-        return out_dir
+        meta = [{"file_name": f"{i:05d}.png", "text": r.caption, "name": r.subject} for i, r in enumerate(rows)]
+        return write_image_folder(out_dir, [r.load() for r in rows], meta, "experiment", overwrite=True)
 
     def _sample(self, rows, n, seed):
         rng = random.Random(seed)
@@ -129,15 +98,12 @@ class FolderWorld:
         return [r.caption for r in rows], [None] * n, [self._sized(r.load()) for r in rows]
 
     def _sized(self, img):
-        from ..data import preprocess
         if not self.resolution:
             return img
-        from PIL import Image
         arr = ((preprocess(img, self.resolution).permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         return Image.fromarray(arr)
 
     def score_people(self, images, subject: str, real) -> list[dict]:
-        from .real_metrics import fid_and_kid_of_images, fid_extractor
         if self._features is None:
             self._features, _ = fid_extractor(self.fid_inception, self.fid_features)
         real = [r.resize(images[0].size) for r in real]      # the face metric below compares these too
@@ -145,7 +111,6 @@ class FolderWorld:
         suffix = "" if self.fid_inception else "_features"
         rows = [{"metric": "fid" + suffix, "value": m["fid"]}, {"metric": "kid" + suffix, "value": m["kid"]}]
         if self.face_identity:
-            from .faces import FaceEmbedder, face_identity
             self._faces = self._faces or FaceEmbedder()
             f = face_identity(images, real, self._faces)
             rows += [{"metric": "identity_match", "value": f["identity_match"]},
@@ -155,13 +120,11 @@ class FolderWorld:
     def _topiq_rows(self, images, real) -> list[dict]:
         if not self.topiq_fr:
             return []
-        from .topiq import load_topiq_fr, topiq_fr_scores
         self._topiq = self._topiq or load_topiq_fr(self.topiq_fr, flag="topiq_fr")
         scores = topiq_fr_scores(images, real, self._topiq)
         return [{"metric": "topiq_fr", "value": sum(scores) / len(scores)}]
 
     def score_innocent(self, domain: str, images, prompts, attrs, real) -> list[dict]:
-        from .real_metrics import clip_scores, load_clip
         if self._clip is None:
             self._clip = load_clip(self.clip_weights)
         scores = clip_scores(images, prompts, *self._clip)
@@ -169,7 +132,6 @@ class FolderWorld:
 
     def sanity(self, subjects: list[str], domains: list[str]) -> dict:
         """CLIP score of the real innocent images against their own captions (the ceiling)."""
-        from .real_metrics import clip_scores, load_clip
         if self._clip is None:
             self._clip = load_clip(self.clip_weights)
         out = {}

@@ -1,7 +1,7 @@
 """The Inception-v3 network of the standard FID, in plain torch, loaded from a local safetensors file.
 
 Why our own: torchmetrics' Inception comes from torch-fidelity, which needs torchvision, and
-torchvision wheels pin other torch versions (see DESIGN.md, "Install facts"). The network here
+torchvision wheels pin other torch versions (torchvision 0.28 does not import beside torch 2.13). The network here
 is the "FID Inception" of TTUR / pytorch-fid (the 2015-12-05 TensorFlow graph): torchvision's
 Inception3 layout with 1008 classes, no auxiliary head, and TensorFlow's two quirks: average
 pools that do not count padding, and a max pool in the last block's pool branch. The state-dict
@@ -21,6 +21,8 @@ import logging
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ...io import load_weights_strictly
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +201,6 @@ class FIDInceptionV3(nn.Module):
 
 def load_fid_inception(path, device: str = "cpu") -> FIDInceptionV3:
     """The FID Inception from a local .safetensors file; every key must be there, with its shape."""
-    from ..io import load_weights_strictly
 
     model = load_weights_strictly(
         FIDInceptionV3(), path, FLAG, "the FID Inception-v3 weights",

@@ -15,8 +15,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .basic import images_to_uint8
+from .nets.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -28,18 +30,6 @@ def _require_torchmetrics():
         import torchmetrics  # noqa: F401
     except ImportError as exc:
         raise ImportError('real-model metrics need the eval extra: pip install "freezeasguard[eval]"') from exc
-
-
-def images_to_uint8(images) -> torch.Tensor:
-    """PIL images (or an (N, 3, H, W) uint8 tensor) -> (N, 3, H, W) uint8, all of one size."""
-    if torch.is_tensor(images):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("image tensors must be (N, 3, H, W) uint8")
-        return images
-    arrays = [np.asarray(im.convert("RGB")) for im in images]
-    if len({a.shape for a in arrays}) != 1:
-        raise ValueError(f"images of different sizes {sorted({a.shape for a in arrays})}; resize them first")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def fid_and_kid(real, fake, extractor: torch.nn.Module, kid_subset: int = 1000, seed: int = 0) -> dict:
@@ -66,14 +56,39 @@ def fid_and_kid(real, fake, extractor: torch.nn.Module, kid_subset: int = 1000, 
             "fid_reliable": n >= FID_RELIABLE_IMAGES}
 
 
+class ImageFeatures(torch.nn.Module):
+    """uint8 (N, 3, H, W) -> (N, D) image embeddings of a local transformers vision model."""
+
+    def __init__(self, path, flag: str = "--fid-features"):
+        super().__init__()
+        from transformers import AutoImageProcessor, AutoModel
+        path = Path(path) if path else None
+        if path is None or not (path / "config.json").exists():
+            raise FileNotFoundError(f"{flag} {path}: no model folder there. Pass a local transformers vision model "
+                                    f"folder (a CLIP or DINOv2 saved with save_pretrained); nothing is downloaded.")
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.processor = AutoImageProcessor.from_pretrained(path)
+        self.name = path.name
+
+    @torch.no_grad()
+    def forward(self, x):
+        images = [im.permute(1, 2, 0).numpy() for im in x]
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        if hasattr(self.model, "get_image_features"):
+            out = self.model.get_image_features(pixel_values=pixels)
+        else:
+            out = self.model(pixel_values=pixels)
+        if not torch.is_tensor(out):
+            out = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state.mean(1)
+        return out.double()
+
+
 def fid_extractor(fid_inception=None, fid_features=None) -> tuple[torch.nn.Module, str]:
     """The FID feature network and the name of its space: the FID Inception-v3 weights (the
     paper's FID) or a local transformers vision model folder."""
     if fid_inception:
-        from .inception import load_fid_inception
         return load_fid_inception(fid_inception), "inception"
     if fid_features:
-        from .folder_world import ImageFeatures
         extractor = ImageFeatures(fid_features)
         return extractor, extractor.name
     raise ValueError("FID needs a feature network: fid_inception (FID Inception-v3 weights, .safetensors; the "

@@ -6,6 +6,11 @@ import csv
 import statistics
 from pathlib import Path
 
+import matplotlib
+
+matplotlib.use("Agg")     # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import chain_uses_ratio
 
@@ -21,7 +26,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # column titles of results.md; the arrow says which way is better for the publisher
-COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
+COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
                 "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
@@ -31,15 +36,18 @@ COLUMN_NAMES = {"identity_recognition": "Recognised ↓", "identity_match": "Fac
 INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
 
 
-def method_label(method: str, ratio: float) -> str:
-    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%."""
+def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
+    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%;
+    a parameter budget reads "Random-30% params"."""
     if method == "pretrained":
         return "Pre-trained (no FT)"
     names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
-             "uce": "UCE", "imma": "IMMA"}
+             "largest": "Largest", "uce": "UCE", "imma": "IMMA"}
     parts = method.split("+")
     label = "+".join(names.get(p, p) for p in parts)
-    return f"{label}-{ratio:.0%}" if chain_uses_ratio(method) else label
+    if not chain_uses_ratio(method):
+        return label
+    return f"{label}-{ratio:.0%}" + (" params" if budget == "params" else "")
 
 
 def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
@@ -65,13 +73,15 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, ratio in keys:
-        label = method_label(method, ratio)
+        label = method_label(method, ratio, cfg.budget)
         vals = []
         for d, m, _ in cols:
             s = cell.get((method, ratio, d, m))
             vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    lines += ["", "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
+    lines += ["", f"Frozen params: share of the UNet's parameters frozen ({cfg.budget} budget, "
+                  f"ratio {', '.join(f'{r:g}' for r in cfg.ratios)}).",
+              "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
               f"Total time {seconds:.0f}s."]
     atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
     _tradeoff_plot(root, summary, cfg)
@@ -79,9 +89,6 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
 
 
 def _tradeoff_plot(root, summary, cfg):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     if not cfg.innocent:
         return
     domain = cfg.innocent[0]
@@ -102,7 +109,7 @@ def _tradeoff_plot(root, summary, cfg):
     for (method, ratio), p in sorted(pts.items()):
         if "x" in p and "y" in p:
             ax.errorbar(p["x"][0], p["y"][0], xerr=p["x"][1], yerr=p["y"][1], fmt="o", capsize=3,
-                        label=method_label(method, ratio))
+                        label=method_label(method, ratio, cfg.budget))
     ax.set_xlabel("illegal: share recognised as the target (lower is better)" if x_metric == "identity_recognition"
                   else f"illegal: {x_metric} (higher is better)")
     ax.set_ylabel(f"innocent ({domain}): {y_metric.replace('_', ' ')}")

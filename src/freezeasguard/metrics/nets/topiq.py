@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...io import load_weights_strictly
+from ..basic import images_to_uint8
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -175,7 +178,6 @@ class TopiqFR(nn.Module):
 def load_topiq_fr(path, device: str = "cpu", flag: str = "--topiq-fr-weights") -> TopiqFR:
     """TOPIQ-FR from a local .safetensors file (pyiqa's cfanet_fr_*_res50 weights, converted);
     every parameter must be there with its shape."""
-    from ..io import load_weights_strictly
 
     model = load_weights_strictly(
         TopiqFR(), path, flag, "TOPIQ-FR (ResNet-50) weights",
@@ -187,7 +189,6 @@ def load_topiq_fr(path, device: str = "cpu", flag: str = "--topiq-fr-weights") -
 @torch.no_grad()
 def topiq_fr_scores(generated, references, model: TopiqFR, batch_size: int = 8) -> list[float]:
     """Per-image TOPIQ-FR of generated image k against reference k (resized to its size)."""
-    from .real_metrics import images_to_uint8
 
     if len(generated) != len(references):
         raise ValueError(f"{len(generated)} generated images but {len(references)} references")

@@ -1,1 +1,0 @@
-"""Evaluation: metrics, the experiment runner and its reports."""

@@ -1,0 +1,3 @@
+"""Experiments: the runner (methods x ratios x subjects x seeds, resumable), its config and
+presets, the worlds it runs in (the built-in synthetic one, folders of real data) and the reports."""
+from .runner import DEMO, PRESETS, ExperimentConfig, Runner  # noqa: F401

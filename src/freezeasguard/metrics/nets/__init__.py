@@ -1,0 +1,1 @@
+"""Networks re-implemented in plain torch with their reference parameter names (no torchvision)."""
