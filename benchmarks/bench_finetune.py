@@ -20,16 +20,26 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from _common import PRESETS, NearbyBase, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
+from _common import (
+    PRESETS,
+    NearbyBase,
+    build_unet,
+    peak_rss_bytes,
+    print_table,
+    random_batch,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+    timed,
+)
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 
 
 def learn_scores(preset, device, path):
     """A few mask updates on random latents: logits with a learned (not uniform) structure."""
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.bilevel import BilevelState
+    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 

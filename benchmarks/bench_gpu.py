@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from _common import PRESETS, NearbyBase, build_unet, print_table, random_batch, timed
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
@@ -104,7 +103,7 @@ def finetune_rows(unet, latent, text_dim, device, dtype, a) -> list[dict]:
                          "achieved_tflops": useful / seconds / 1e12 if useful else None,
                          "ideal_saving_bytes": frozen * 3 * 4})
             logging_row(rows[-1])
-            del opt, trainable, step
+            opt = trainable = step = None      # frees the optimizer state before the next row
             for p in unet.parameters():
                 p.grad = None
             free_memory(device)
@@ -153,7 +152,7 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     free_memory(device)
     plain = timed(plain_step, device, a.steps, a.warmup)
     plain_peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
-    del opt
+    opt = None      # frees the optimizer state
     for p in unet.parameters():
         p.grad = None
     free_memory(device)

@@ -17,14 +17,24 @@ import sys
 from pathlib import Path
 
 import torch
-
-from _common import PRESETS, NearbyBase, build_unet, peak_rss_bytes, reset_peak_rss, print_table, random_batch, rss_bytes, run_isolated, timed
+from _common import (
+    PRESETS,
+    NearbyBase,
+    build_unet,
+    peak_rss_bytes,
+    print_table,
+    random_batch,
+    reset_peak_rss,
+    rss_bytes,
+    run_isolated,
+    timed,
+)
 
 
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
+    from freezeasguard.bilevel import BilevelState, remask_
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.finetune import FinetuneConfig, build_optimizer
-    from freezeasguard.bilevel import BilevelState, remask_
     from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 

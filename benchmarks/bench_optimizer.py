@@ -10,7 +10,6 @@ import argparse
 import json
 
 import torch
-
 from _common import print_table, timed
 
 
@@ -22,6 +21,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
+
     from freezeasguard.finetune import FinetuneConfig, build_optimizer
     from freezeasguard.synthetic import TINY_SD
 

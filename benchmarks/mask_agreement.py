@@ -82,7 +82,9 @@ def world_agreement(work: Path, cast_seed: int, innocent_domain: str, ratio: flo
 
 def main():
     import logging
+
     import torch
+
     from freezeasguard import FinetuneConfig, LearnConfig, guarded_finetune, learn_mask
     from freezeasguard.models import save_tiny_pipeline
     from freezeasguard.toydata import COLORS, make_logos, make_people

@@ -21,13 +21,20 @@ from PIL import ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from freezeasguard.metrics.basic import attribute_accuracy, prompt_accuracy  # noqa: E402
 from freezeasguard.io import atomic_write_json  # noqa: E402
+from freezeasguard.metrics.basic import attribute_accuracy, prompt_accuracy  # noqa: E402
 from freezeasguard.models import load_sd  # noqa: E402
 from freezeasguard.synthetic import TINY_SD, judges  # noqa: E402
-from freezeasguard.synthetic.classifiers import (OTHER, attribute_samples, person_samples,  # noqa: E402
-                                                 train_attribute_classifier, train_recogniser, train_trait_judge,
-                                                 trait_samples, vae_round_trip)
+from freezeasguard.synthetic.classifiers import (  # noqa: E402
+    OTHER,
+    attribute_samples,
+    person_samples,
+    train_attribute_classifier,
+    train_recogniser,
+    train_trait_judge,
+    trait_samples,
+    vae_round_trip,
+)
 from freezeasguard.synthetic.world import WORLD_VERSION, make_cast  # noqa: E402
 
 

@@ -143,6 +143,7 @@ def test_preset_checks_the_model_folder(tiny_sd, people, tmp_path, capsys):
 def test_presets_match_real_configs(tmp_path):
     """Configs shaped like the real SD v1.5 and v2.1 folders pass their presets and fail the other."""
     import json as _json
+
     from freezeasguard.presets import PRESETS, PresetError, check_model
     for name, (sample, pred, width) in {"sd15": (64, "epsilon", 768), "sd21": (96, "v_prediction", 1024)}.items():
         root = tmp_path / name
@@ -159,6 +160,7 @@ def test_presets_match_real_configs(tmp_path):
 
 def test_a_preset_supplies_the_values_the_command_runs_with_unless_a_flag_is_typed():
     import argparse
+
     from freezeasguard.presets import Preset, apply_preset
     preset = Preset("x", 16, "epsilon", 32, settings={"finetune": {"lr": 3e-4, "steps": 7}})
     defaults = {"lr": 1e-5, "steps": 2000}

@@ -28,7 +28,6 @@ def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monke
     monkeypatch.setattr(Runner, "finetune", counting)
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg).run()
-    done_before = {p.name for p in (tmp_path / "exp" / "stages").iterdir()}
     assert not (tmp_path / "exp" / "protect" / "learned").exists()   # learned comes last
     monkeypatch.setattr(Runner, "finetune", real)
     trained = []

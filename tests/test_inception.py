@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from freezeasguard.metrics.nets.inception import FIDInceptionV3, _tf_avg_pool, load_fid_inception
 from freezeasguard.io import convert_to_safetensors
+from freezeasguard.metrics.nets.inception import FIDInceptionV3, _tf_avg_pool, load_fid_inception
 
 
 @pytest.fixture(scope="module")

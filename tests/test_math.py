@@ -1,8 +1,15 @@
 """The mask-learning maths against independent computations (autograd in float64, loops)."""
 import torch
 
-from freezeasguard.bilevel import (BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_,
-                                 soft_mask, sparsity_loss)
+from freezeasguard.bilevel import (
+    BilevelState,
+    logit_gradient,
+    lower_update_,
+    per_tensor_dots,
+    remask_,
+    soft_mask,
+    sparsity_loss,
+)
 from freezeasguard.mask import select_frozen
 
 

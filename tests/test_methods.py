@@ -150,3 +150,23 @@ def test_protect_chain_uce_then_saliency(tiny_sd, people, logos, tmp_path):
     again = protect("uce+saliency", tiny_sd, people, [logos], ["mara quell"], 0.3, tmp_path, s, device="cpu")
     assert (tmp_path / "uce" / "done.json").stat().st_mtime_ns == stamp
     assert torch.equal(again.mask.frozen, p.mask.frozen)
+
+
+@pytest.mark.parametrize("budget", ["tensors", "params"])
+def test_largest_freezes_the_biggest_tensors_up_to_the_budget(tiny_sd, people, logos, tmp_path, budget):
+    from freezeasguard.models import load_unet_state
+    prot = protect("largest", tiny_sd, people, [logos], [], 0.3, tmp_path / "p", ProtectSettings(budget=budget))
+    sizes = {n: t.numel() for n, t in load_unet_state(tiny_sd).items()}
+    frozen = set(prot.mask.frozen_names)
+    free = [sizes[n] for n in sizes if n not in frozen]
+    total = sum(sizes.values())
+    if budget == "tensors":
+        assert len(frozen) == round(0.3 * len(sizes))
+        assert min(sizes[n] for n in frozen) >= max(free)          # no smaller tensor is frozen before a bigger one
+    else:
+        share = sum(sizes[n] for n in frozen) / total
+        assert 0.3 - max(free) / total <= share <= 0.3   # filled up to the budget: no free tensor still fits
+        assert all(s > (0.3 * total - sum(sizes[n] for n in frozen)) for s in free)
+    # a protection the runner can use: random masks of the same budget get it too
+    assert protect("random", tiny_sd, people, [logos], [], 0.3, tmp_path / "r",
+                   ProtectSettings(budget=budget)).finetune_kwargs() == {"random_ratio": 0.3, "budget": budget}

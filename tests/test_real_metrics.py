@@ -45,6 +45,7 @@ def test_fid_matches_the_closed_form_and_grows_with_a_shift(caplog):
 
 def _tiny_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
     from freezeasguard.models import build_offline_tokenizer
     tok = build_offline_tokenizer(model_max_length=16)
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -92,6 +93,7 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
     local CLIP folder (CLIP score) and the same folder as FID feature space."""
     import datasets
     from PIL import Image
+
     from freezeasguard.experiment.runner import ExperimentConfig, Runner
     from freezeasguard.toydata import make_logos, make_people
     ff = tmp_path / "ff25"
@@ -110,6 +112,7 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
     ds.save_to_disk(str(tmp_path / "logo-ds"))
     clip = _tiny_clip(tmp_path)
     from safetensors.torch import save_file
+
     from freezeasguard.metrics.nets.topiq import TopiqFR
     save_file({k: v for k, v in TopiqFR().state_dict().items() if "num_batches" not in k}, tmp_path / "topiq.safetensors")
     cfg = ExperimentConfig(out=str(tmp_path / "exp"), model=str(tiny_sd), methods=["full"], seeds=[0],
@@ -136,7 +139,9 @@ def test_score_command_on_folders(tmp_path, capsys):
     """freezeasguard score: FID of a folder against itself is ~0 and against other images is not;
     the CLIP score equals clip_scores' mean; missing inputs and corrupt images are named."""
     import json
+
     from PIL import Image
+
     from freezeasguard.cli import main
     clip = _tiny_clip(tmp_path)
     g = torch.Generator().manual_seed(0)

@@ -75,6 +75,7 @@ def test_a_diverging_finetune_stops_and_writes_no_model(tiny_sd, people, tmp_pat
 def test_verify_calls_non_finite_or_truncated_checkpoints_unusable(tiny_sd, people, tmp_path, capsys):
     import torch
     from safetensors.torch import load_file, save_file
+
     from freezeasguard.mask import Mask
     from freezeasguard.models import load_unet_state
     state = load_unet_state(tiny_sd)
@@ -217,6 +218,7 @@ def test_fuzzed_metadata_and_configs_give_documented_errors_and_write_nothing_ou
         created = sorted(set(str(p) for p in tmp_path.rglob("*")) - set(before))
         assert all(p.startswith(str(case / "out")) for p in created), created
     import yaml
+
     from freezeasguard.experiment.runner import ExperimentConfig
     keys = ["ratios", "seeds", "methods", "innocent", "workers", "finetune_lr", "budget", "eval_images"]
     refused = 0

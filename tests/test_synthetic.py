@@ -6,8 +6,16 @@ import torch
 
 from freezeasguard.metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
 from freezeasguard.synthetic import TINY_SD
-from freezeasguard.synthetic.world import (TRAITS, make_cast, person_caption, render_garment, render_generic_person,
-                                          render_logo, render_person, visible_traits)
+from freezeasguard.synthetic.world import (
+    TRAITS,
+    make_cast,
+    person_caption,
+    render_garment,
+    render_generic_person,
+    render_logo,
+    render_person,
+    visible_traits,
+)
 
 
 def test_rendering_is_deterministic_and_casts_differ_by_seed():
@@ -116,6 +124,7 @@ def test_samplers_built_from_the_shipped_scheduler_config_reach_the_data(sampler
     sqrt(1 - a_t), any sampler built from the shipped config must land on x0. (A config that lets
     DDIM clip x0 estimates to [-1, 1] fails this: latents are not bounded by 1.)"""
     import json
+
     import diffusers
 
     config = json.loads((TINY_SD / "scheduler" / "scheduler_config.json").read_text())

@@ -5,7 +5,14 @@ import json
 import pytest
 import torch
 
-from freezeasguard.metrics.nets.topiq import EncoderLayer, DecoderLayer, ResNet50Features, TopiqFR, load_topiq_fr, topiq_fr_scores
+from freezeasguard.metrics.nets.topiq import (
+    DecoderLayer,
+    EncoderLayer,
+    ResNet50Features,
+    TopiqFR,
+    load_topiq_fr,
+    topiq_fr_scores,
+)
 
 
 def test_resnet50_trunk_has_the_published_size_and_five_scales():
@@ -96,7 +103,6 @@ def test_loading_refuses_missing_files_pickles_and_foreign_weights(tmp_path):
 def test_pyiqa_checkpoint_converts_and_scores_from_the_command_line(tmp_path, capsys):
     """A checkpoint laid out as pyiqa's ({"params": state dict}) converts with convert-weights;
     `score --topiq-fr-weights` then gives the mean of topiq_fr_scores over (generated k, real k)."""
-    from PIL import Image
     from freezeasguard.cli import main
     torch.manual_seed(1)
     model = TopiqFR()

@@ -6,12 +6,20 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from .finetune import FinetuneConfig
-from .learn import LearnConfig
+from . import cli_experiment
+from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
+from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_finetune, resolve_device
+from .generate import generate_to_folder
+from .io import atomic_write_json
+from .learn import LearnConfig, learn_mask
+from .mask import Mask
+from .models import save_tiny_pipeline
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
+from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
 
 logger = logging.getLogger("freezeasguard")
 
@@ -66,6 +74,11 @@ def _add_common_train(p):
     p.add_argument("--work-dir", help="where checkpoints and logs go (default: next to --out, suffixed .work)")
 
 
+def _add_out(p, what: str, replaces: str):
+    p.add_argument("--out", required=True, help=what)
+    p.add_argument("--overwrite", action="store_true", help=f"replace {replaces} (never anything else)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="freezeasguard", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--illegal", required=True, help="data of the illegal domain (e.g. one person's portraits)")
     p.add_argument("--illegal-subject", help="keep only rows whose 'name' column equals this")
     p.add_argument("--innocent", required=True, action="append", help="data of an innocent domain (repeatable)")
-    p.add_argument("--out", required=True, help="mask file to write (.safetensors)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    _add_out(p, "mask file to write (.safetensors)", "an existing --out file")
     p.add_argument("--finetuned", help="reuse this fully fine-tuned pipeline/UNet as theta_ft (skips the warm start)")
     p.add_argument("--tensorboard", help="write TensorBoard logs to this folder")
     add_flags(p.add_argument_group("mask learning (each flag is a field of LearnConfig)"), LearnConfig)
@@ -98,9 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_train(p)
     p.add_argument("--data", required=True, help="training data (image folder or saved dataset)")
     p.add_argument("--subject", help="keep only rows whose 'name' column equals this")
-    p.add_argument("--out", required=True, help="output pipeline folder (new, or an earlier finetune output with "
-                                                "--overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of finetune in --out")
+    _add_out(p, "output pipeline folder (new, or an earlier finetune output with --overwrite)",
+             "an earlier output of finetune in --out")
     scheme = p.add_mutually_exclusive_group(required=True)
     scheme.add_argument("--mask", help="a learned mask file")
     scheme.add_argument("--random-ratio", type=float, help="freeze exactly round(R * N) random tensors (seeded)")
@@ -129,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="one prompt")
     group.add_argument("--prompts", help="a text file with one prompt per line")
-    p.add_argument("--out", required=True, help="image folder to write (PNGs, grid.png, prompts.json)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier output of generate in --out")
+    _add_out(p, "image folder to write (PNGs, metadata.jsonl, grid.png, prompts.json)",
+             "an earlier output of generate in --out")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -156,7 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--seed", type=int, default=0)
 
-    from . import cli_experiment
     cli_experiment.add_parsers(sub)
     return parser
 
@@ -175,7 +185,6 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_learn(args) -> int:
     _check_preset(args)
-    from .learn import learn_mask
 
     cfg = from_args(LearnConfig, args)
     result = learn_mask(args.model, args.illegal, args.innocent, args.out, cfg, illegal_subject=args.illegal_subject,
@@ -192,8 +201,6 @@ def cmd_learn(args) -> int:
 
 def cmd_finetune(args) -> int:
     _check_preset(args)
-    from .finetune import guarded_finetune
-    from .mask import Mask
 
     cfg = from_args(FinetuneConfig, args)
     mask = Mask.load(args.mask) if args.mask else None
@@ -208,12 +215,10 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
 
     report = verify_checkpoint(args.model, args.mask, args.candidate, "tolerance" if args.tolerance else "exact",
                                args.atol)
     if args.report:
-        from .io import atomic_write_json
         atomic_write_json(args.report, report.to_dict())
     if report.compliant:
         print(f"COMPLIANT: all {report.frozen_checked} frozen tensors match the base model ({report.mode} mode); "
@@ -230,8 +235,6 @@ def cmd_verify(args) -> int:
 
 def cmd_generate(args) -> int:
     _check_preset(args)
-    from .finetune import resolve_device
-    from .generate import generate_to_folder
 
     files = generate_to_folder(args.model, _read_prompts(args), args.out, args.steps, args.seed, args.guidance,
                                args.num_images, resolve_device(args.device), overwrite=args.overwrite)
@@ -240,7 +243,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_mask(args) -> int:
-    from .mask import Mask
 
     mask = Mask.load(args.mask)
     if args.export == "names":
@@ -266,7 +268,6 @@ def cmd_mask(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from .models import save_tiny_pipeline
 
     out = save_tiny_pipeline(args.out, layout=args.layout, image_size=args.image_size,
                              prediction_type=args.prediction_type, seed=args.seed)
@@ -287,7 +288,6 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
     try:
         return {**COMMANDS, **EXPERIMENT_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
@@ -295,7 +295,6 @@ def main(argv=None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:    # every error ends in one paragraph and a documented exit code
         if args.debug:
-            import traceback
             traceback.print_exc()
         code, kind = error_kind(exc)
         logger.debug("error", exc_info=True)
@@ -307,7 +306,6 @@ def main(argv=None) -> int:
 
 def error_kind(exc: BaseException) -> tuple[int, str]:
     """Exit code and a prefix for an exception (see the exit codes in --help)."""
-    from .finetune import DivergedError, EnforcementError
     if isinstance(exc, DivergedError):
         return EXIT_DIVERGED, ""
     if isinstance(exc, EnforcementError):

@@ -10,6 +10,7 @@ names the file or row.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -111,7 +112,6 @@ def load_image_captions(path, subject: str | None = None, caption_column: str = 
 def data_fingerprint(data: ImageCaptionData) -> str:
     """A hash of every (caption, subject, image bytes) of a data set: what a checkpoint records
     about the data it was trained on, so that a resume on other data is refused."""
-    import hashlib
     h = hashlib.blake2b(digest_size=16)
     for r in data.records:
         h.update(json.dumps([r.caption, r.subject]).encode())

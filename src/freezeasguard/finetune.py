@@ -8,6 +8,7 @@ Named steps, as a recipe: setup -> train -> check_frozen_unchanged -> save_pipel
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -15,17 +16,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, weighted_loss
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
+from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
 from .mask import Mask, check_ratio
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
-from .outputs import (MARKER, OutputError, check_provenance, is_own_output, mark_output, prepare_output_dir,
-                      replace_dir)
+from .outputs import MARKER, OutputError, check_provenance, is_own_output, mark_output, prepare_output_dir, replace_dir
 from .settings import setting
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,6 @@ def _checkpoint_tensors(unet, optimizer, mix: DomainMix, step: int, scaler=None)
 
 
 def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
-    from safetensors.torch import load_file
 
     state = load_file(str(path))
     params = dict(unet.named_parameters())
@@ -190,8 +191,6 @@ def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, wo
 
 
 def _validation_images(components, cfg: FinetuneConfig, path: Path):
-    from .generate import generate_images, pipeline_from_components, save_grid
-
     pipe = pipeline_from_components(components)
     images = generate_images(pipe, list(cfg.validation_prompts), steps=20, seed=cfg.seed)
     save_grid(images, path)
@@ -207,7 +206,6 @@ def check_frozen_unchanged(unet, base_state: dict[str, torch.Tensor], frozen_nam
 
 
 def frozen_tensor_hashes(state: dict[str, torch.Tensor], names: list[str]) -> dict[str, str]:
-    import hashlib
     return {n: hashlib.blake2b(state[n].contiguous().view(-1).view(torch.uint8).numpy().tobytes(),
                                digest_size=16).hexdigest() for n in names}
 

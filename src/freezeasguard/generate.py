@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .io import atomic_write_json
@@ -56,7 +57,6 @@ def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, gu
 
 
 def save_grid(images, path, columns: int | None = None) -> Path:
-    from PIL import Image
 
     columns = columns or min(len(images), 8)
     rows = (len(images) + columns - 1) // columns

@@ -6,6 +6,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -42,7 +45,6 @@ def normal_permissions(folder) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
@@ -65,7 +67,6 @@ def convert_to_safetensors(src, dst) -> int:
 
     Read with ``torch.load(weights_only=True)``: the restricted unpickler builds tensors and plain
     containers only, so a tampered file fails instead of running code. Returns the tensor count."""
-    import torch
 
     src, dst = Path(src), Path(dst)
     if not src.is_file():
@@ -93,7 +94,6 @@ def load_weights_strictly(model, path, flag: str, what: str, how_to_get: str, ig
     the error names ``flag``, the missing/unexpected/misshaped keys and ``how_to_get`` the file.
     BatchNorm's num_batches_tracked may be absent (bookkeeping some exports drop); keys starting
     with one of ``ignore_unexpected`` (heads the model does not use) are skipped."""
-    from safetensors.torch import load_file
 
     path = Path(path) if path else None
     if path is None or not path.is_file():

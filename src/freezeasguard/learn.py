@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import dist
@@ -31,13 +32,12 @@ from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
 from .bilevel import BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
-from .finetune import (FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline,
-                       train_unet)
+from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
 from .models import fingerprint, load_sd, load_unet_state
-from .settings import setting
 from .outputs import check_provenance, prepare_output_file
+from .settings import setting
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,6 @@ def _save_learn_checkpoint(path, state: BilevelState, mix, cfg, update: int, his
 
 
 def _load_learn_checkpoint(path, state: BilevelState, mix, cfg) -> tuple[int, list]:
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .io import atomic_save_safetensors
+from .models import fingerprint
 from .version import __version__
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,6 @@ class Mask:
     @classmethod
     def from_scores(cls, named_params, scores: torch.Tensor, ratio: float, budget: str = "tensors",
                     base_fingerprint: dict | None = None, meta: dict | None = None) -> "Mask":
-        from .models import fingerprint
 
         named_params = list(named_params)
         names = [n for n, _ in named_params]
@@ -189,7 +190,6 @@ class Mask:
 
     @classmethod
     def load(cls, path) -> "Mask":
-        from safetensors import safe_open
 
         path = Path(path)
         if not path.is_file():

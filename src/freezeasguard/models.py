@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +131,6 @@ def unet_weight_files(path) -> list[Path]:
 
 def _read_safetensors_header(path: Path) -> dict:
     """The header of a safetensors file, or a ModelError naming a truncated or corrupt file."""
-    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             return {"keys": list(f.keys())}
@@ -140,7 +141,6 @@ def _read_safetensors_header(path: Path) -> dict:
 
 def load_unet_state(path) -> dict[str, torch.Tensor]:
     """Read UNet weights from safetensors without building the model."""
-    from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for f in unet_weight_files(path):

@@ -7,8 +7,11 @@ user did not type: mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user f
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .models import require_pipeline_dir
 
 # The paper's settings (Appendix F), the same for every SD model it used; keyed by each command's
 # settings-dataclass field, so that a preset's value is what the command runs with.
@@ -56,10 +59,6 @@ def get_preset(name: str) -> Preset:
 
 def check_model(preset: Preset, model_dir) -> None:
     """Compare the folder's configs with the preset; raise PresetError naming each mismatch."""
-    import json
-    from pathlib import Path
-
-    from .models import require_pipeline_dir
 
     path = require_pipeline_dir(model_dir)
     unet = json.loads((path / "unet" / "config.json").read_text())

@@ -22,7 +22,17 @@ imma       a base model whose cross-attention resists adaptation to the      no
            illegal data (bilevel immunisation, Zheng & Yeh 2024)
 =========  ===============================================================  ============
 """
-from .registry import (METHODS, Method, MethodInputs, ProtectSettings, Protection, chain_uses_ratio,  # noqa: F401
-                       data_mix, parse_chain, protect, register)
 # importing the modules registers their methods
 from . import basic, imma, saliency, uce  # noqa: E402,F401
+from .registry import (  # noqa: F401
+                       METHODS,
+                       Method,
+                       MethodInputs,
+                       Protection,
+                       ProtectSettings,
+                       chain_uses_ratio,
+                       data_mix,
+                       parse_chain,
+                       protect,
+                       register,
+)

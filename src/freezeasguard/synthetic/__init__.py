@@ -1,9 +1,20 @@
 """The built-in synthetic world (people, logos, clothes), its judges and the shipped tiny pipeline."""
 from pathlib import Path
 
-from .world import (ATTRIBUTES, TRAITS, Identity, export_imagefolder, make_cast, random_identity,  # noqa: F401
-                    render_domain, render_garment, render_generic_person, render_logo, render_person,
-                    visible_traits)
+from .world import (  # noqa: F401
+    ATTRIBUTES,
+    TRAITS,
+    Identity,
+    export_imagefolder,
+    make_cast,
+    random_identity,
+    render_domain,
+    render_garment,
+    render_generic_person,
+    render_logo,
+    render_person,
+    visible_traits,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 TINY_SD = ASSETS / "tiny-sd"

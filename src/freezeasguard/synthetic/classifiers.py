@@ -12,11 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageFilter
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from ..io import atomic_save_safetensors
-from .world import (ATTRIBUTES, TRAITS, make_cast, random_identity, render_garment, render_generic_person, render_logo,
-                    render_person, visible_traits)
+from .world import (
+    ATTRIBUTES,
+    TRAITS,
+    make_cast,
+    random_identity,
+    render_garment,
+    render_generic_person,
+    render_logo,
+    render_person,
+    visible_traits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +87,6 @@ class Judge:
 
     @classmethod
     def load(cls, path) -> "Judge":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata()
@@ -137,7 +147,6 @@ def blurred_copies(images, seed: int, low: float = 0.5, high: float = 2.0):
     """Each image once more under a Gaussian blur of random radius: generated images are blurry
     (a VAE round trip alone takes a sharp recogniser from 100% to 34-91%), and a judge of
     generated portraits must read traits through that blur."""
-    from PIL import ImageFilter
     rng = random.Random(f"blur-{seed}")
     return [im.filter(ImageFilter.GaussianBlur(rng.uniform(low, high))) for im in images]
 
@@ -145,7 +154,6 @@ def blurred_copies(images, seed: int, low: float = 0.5, high: float = 2.0):
 @torch.no_grad()
 def vae_round_trip(images, vae, size: int = 32):
     """Images encoded and decoded by a pipeline's VAE: what its generated images can look like."""
-    from PIL import Image
     x = to_tensor(images, size)
     out = []
     for s in range(0, len(x), 256):

@@ -5,7 +5,8 @@ import logging
 import os
 from pathlib import Path
 
-from . import JUDGES
+from ..models import load_sd
+from . import JUDGES, TINY_SD
 from .classifiers import Judge, train_attribute_classifier, train_recogniser, train_trait_judge
 from .world import WORLD_VERSION
 
@@ -27,8 +28,6 @@ def _get(filename: str, train) -> Judge:
 
 
 def _shipped_vae():
-    from ..models import load_sd
-    from . import TINY_SD
     return load_sd(TINY_SD).vae
 
 

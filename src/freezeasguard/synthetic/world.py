@@ -11,6 +11,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..io import atomic_write_json
+from ..outputs import write_image_folder
+
 SCALE = 4  # draw at 4x, then downsample with antialiasing
 # Bumped whenever renders change: judges and caches carry it, so none made for other renders is reused.
 WORLD_VERSION = 3
@@ -359,8 +362,6 @@ def export_imagefolder(out_dir, domain: str, n: int, seed: int, size: int = 32, 
                        cast_size: int = 8, subject: str | None = None, generic: bool = False,
                        overwrite: bool = False) -> Path:
     """Write a domain as an imagefolder with metadata.jsonl (file_name, text, name/attributes)."""
-    from ..io import atomic_write_json
-    from ..outputs import write_image_folder
     cast = make_cast(cast_seed, cast_size) if domain == "people" and not generic else None
     samples = list(render_domain(domain, n, seed, size, cast, subject, generic))
     rows = [{"file_name": f"{i:05d}.png", "text": caption, **attrs} for i, (_, caption, attrs) in enumerate(samples)]
