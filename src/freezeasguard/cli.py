@@ -15,6 +15,7 @@ from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_f
 from .generate import generate_to_folder
 from .io import atomic_write_json
 from .learn import LearnConfig, learn_mask
+from .lora import report_text, verify_adapter
 from .mask import Mask
 from .models import save_tiny_pipeline
 from .presets import PRESETS, apply_preset, check_model, get_preset
@@ -120,13 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p.add_argument_group("fine-tuning (each flag is a field of FinetuneConfig)"), FinetuneConfig)
 
     # verify
-    p = sub.add_parser("verify", help="audit a fine-tuned checkpoint against base model + mask",
-                       description="Exit 0: every frozen tensor is as in the base model. Exit 1: violations "
-                                   "(listed). Exit 2: unusable input (missing files, mask for another model).")
+    p = sub.add_parser("verify", help="audit a fine-tuned checkpoint or a LoRA file against base model + mask",
+                       description="Exit 0: nothing frozen is changed. Exit 1: violations (listed). Exit 2: unusable "
+                                   "input (missing, truncated or non-finite files, a mask or adapter for another "
+                                   "model, adapter keys of no known pattern). --lora reads LoRA files in the "
+                                   "diffusers/peft format (unet.<module>.lora_A.weight), kohya's "
+                                   "(lora_unet_<module>.lora_down.weight, .alpha) and LyCORIS' (LoCon, LoHa hada_*, "
+                                   "LoKr lokr_*, DoRA dora_scale, diff/diff_b) and maps every key to the UNet "
+                                   "parameter it changes.")
     p.add_argument("--model", required=True, help="the base model the mask was made for")
     p.add_argument("--mask", required=True, help="mask file")
-    p.add_argument("--candidate", required=True,
-                   help="fine-tuned pipeline folder, UNet folder, or a .safetensors UNet state dict")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, or a .safetensors UNet state dict")
+    what.add_argument("--lora", help="a LoRA / LyCORIS adapter file (.safetensors)")
     p.add_argument("--tolerance", action="store_true",
                    help="accept exports in another precision (fp16/bf16): frozen tensors must equal the base "
                         "rounded to that precision, within --atol")
@@ -185,7 +192,6 @@ def _read_prompts(args) -> list[str]:
 
 def cmd_learn(args) -> int:
     _check_preset(args)
-
     cfg = from_args(LearnConfig, args)
     result = learn_mask(args.model, args.illegal, args.innocent, args.out, cfg, illegal_subject=args.illegal_subject,
                         finetuned_dir=args.finetuned, work_dir=args.work_dir, resume=args.resume,
@@ -201,7 +207,6 @@ def cmd_learn(args) -> int:
 
 def cmd_finetune(args) -> int:
     _check_preset(args)
-
     cfg = from_args(FinetuneConfig, args)
     mask = Mask.load(args.mask) if args.mask else None
     r = guarded_finetune(args.model, args.data, args.out, cfg, mask=mask, random_ratio=args.random_ratio,
@@ -215,7 +220,14 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_verify(args) -> int:
-
+    if args.lora:
+        adapter = verify_adapter(args.model, args.mask, args.lora)
+        if args.report:
+            atomic_write_json(args.report, adapter.to_dict())
+        print(report_text(adapter))
+        if adapter.unknown and not adapter.frozen_changed:
+            return EXIT_USAGE         # not certified: some keys could not be read
+        return EXIT_COMPLIANT if adapter.compliant else EXIT_VIOLATIONS
     report = verify_checkpoint(args.model, args.mask, args.candidate, "tolerance" if args.tolerance else "exact",
                                args.atol)
     if args.report:
@@ -235,7 +247,6 @@ def cmd_verify(args) -> int:
 
 def cmd_generate(args) -> int:
     _check_preset(args)
-
     files = generate_to_folder(args.model, _read_prompts(args), args.out, args.steps, args.seed, args.guidance,
                                args.num_images, resolve_device(args.device), overwrite=args.overwrite)
     print(f"wrote {len(files)} images and grid.png to {args.out}")
@@ -243,7 +254,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_mask(args) -> int:
-
     mask = Mask.load(args.mask)
     if args.export == "names":
         sys.stdout.write(mask.export_names())
@@ -268,7 +278,6 @@ def cmd_mask(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-
     out = save_tiny_pipeline(args.out, layout=args.layout, image_size=args.image_size,
                              prediction_type=args.prediction_type, seed=args.seed)
     print(f"wrote a tiny {args.layout} pipeline to {out}")
