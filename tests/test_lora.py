@@ -120,3 +120,41 @@ def test_key_parsing_by_hand():
     assert resolve_module(f"{attn}.processor.to_out_lora", modules, underscored) == f"{attn}.to_out.0"
     assert resolve_module(f"base_model.model.{attn}.to_k", modules, underscored) == f"{attn}.to_k"
     assert resolve_module("lora_unet_down_blocks_0_resnets_1_conv1", modules, underscored) is None
+
+
+def test_guarded_lora_trains_allowed_modules_and_both_it_and_its_merge_pass_verify(tiny_sd, people, setup, capsys):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    tmp, state, mask, frozen_module, free_module = setup
+    out = tmp / "lora-out"
+    assert main(["finetune", "--model", str(tiny_sd), "--data", str(people), "--mask", str(mask), "--out", str(out),
+                 "--lora-rank", "2", "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "--device", "cpu",
+                 "--checkpoint-every", "0"]) == 0
+    adapter = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert adapter and all(k.startswith("unet.") for k in adapter)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())   # it trained
+    frozen = set(Mask.load(mask).frozen_names)
+    assert not {k[5:].split(".lora_")[0] + ".weight" for k in adapter} & frozen
+    capsys.readouterr()
+    assert main(["verify", "--model", str(tiny_sd), "--mask", str(mask), "--lora",
+                 str(out / "pytorch_lora_weights.safetensors")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(out))
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    merged = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+    assert any(not torch.equal(merged[k], state[k]) for k in state)          # the merge changed weights
+    save_file(merged, str(tmp / "merged.safetensors"))
+    assert main(["verify", "--model", str(tiny_sd), "--mask", str(mask), "--candidate",
+                 str(tmp / "merged.safetensors")]) == 0
+
+
+def test_lora_targets_the_mask_freezes_and_oversized_ranks_are_refused(tiny_sd, people, setup, capsys):
+    tmp, state, mask, frozen_module, free_module = setup
+    base = ["finetune", "--model", str(tiny_sd), "--data", str(people), "--mask", str(mask), "--steps", "1",
+            "--batch-size", "2", "--device", "cpu", "--checkpoint-every", "0"]
+    assert main([*base, "--out", str(tmp / "x"), "--lora-rank", "2", "--lora-targets", frozen_module]) == 2
+    err = capsys.readouterr().err
+    assert frozen_module in err and "freezes" in err and not (tmp / "x").exists()
+    assert main([*base, "--out", str(tmp / "y"), "--lora-rank", "4096", "--lora-targets", free_module]) == 2
+    assert "larger than module" in capsys.readouterr().err

@@ -11,13 +11,16 @@ from pathlib import Path
 
 from . import cli_experiment
 from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
+from .exports import FORMATS as EXPORT_FORMATS
+from .exports import export as export_mask
 from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_finetune, resolve_device
 from .generate import generate_to_folder
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
-from .lora import report_text, verify_adapter
+from .lora import LoraSettings, report_text, verify_adapter
 from .mask import Mask
 from .models import save_tiny_pipeline
+from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
 from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
@@ -119,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     scheme.add_argument("--full", action="store_true", help="no freezing")
     p.add_argument("--budget", choices=["tensors", "params"], default="tensors", help="for --random-ratio")
     add_flags(p.add_argument_group("fine-tuning (each flag is a field of FinetuneConfig)"), FinetuneConfig)
+    add_flags(p.add_argument_group("guarded LoRA (each flag is a field of LoraSettings): adapters only on modules "
+                                   "the mask leaves trainable; --out then holds pytorch_lora_weights.safetensors"),
+              LoraSettings)
 
     # verify
     p = sub.add_parser("verify", help="audit a fine-tuned checkpoint or a LoRA file against base model + mask",
@@ -164,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--export", choices=["names", "regex"],
                    help="print the frozen names, one per line, or a regex matching exactly them")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    e = msub.add_parser("export", help="the fragment a trainer reads to keep adapters off frozen modules",
+                        description="peft: LoraConfig target_modules (a full-match regex of the allowed modules) and "
+                                    "exclude_modules (the frozen ones), as JSON. diffusers: the value of --lora_layers "
+                                    "for diffusers' LoRA training scripts. onetrainer: layer_filter + "
+                                    "layer_filter_regex. ai-toolkit: network_kwargs.only_if_contains. kohya: block "
+                                    "learning-rate weights for --network_args (rounded to blocks, freezing more). "
+                                    "An adapter-able "
+                                    "module (Linear, Conv2d) is allowed when every parameter it has is trainable "
+                                    "under the mask; each export selects exactly those under the tool's own matching "
+                                    "rule.")
+    e.add_argument("mask", help="mask file")
+    e.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
+    e.add_argument("--out", help="write the fragment to this file (default: print it)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
     # tiny-pipeline
     p = sub.add_parser("tiny-pipeline", help="write a small random Stable-Diffusion-shaped pipeline (for trying things)")
@@ -211,11 +231,13 @@ def cmd_finetune(args) -> int:
     mask = Mask.load(args.mask) if args.mask else None
     r = guarded_finetune(args.model, args.data, args.out, cfg, mask=mask, random_ratio=args.random_ratio,
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
-                         resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite)
+                         resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
+                         lora=from_args(LoraSettings, args))
     last = r.history[-1]["loss_data"] if r.history else float("nan")
-    print(f"fine-tuned ({r.scheme}): {r.frozen_tensors} tensors frozen ({r.frozen_param_fraction:.1%} of parameters), "
-          f"{len(r.history)} steps in {r.seconds:.1f}s, last loss {last:.4f}; frozen tensors checked unchanged "
-          f"-> {r.out_dir}")
+    what = f"a rank-{args.lora_rank} LoRA" if args.lora_rank else "the UNet"
+    print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "
+          f"parameters), {len(r.history)} steps in {r.seconds:.1f}s, last loss {last:.4f}; frozen tensors checked "
+          f"unchanged -> {r.out_dir}")
     return 0
 
 
@@ -255,6 +277,15 @@ def cmd_generate(args) -> int:
 
 def cmd_mask(args) -> int:
     mask = Mask.load(args.mask)
+    if args.mask_command == "export":
+        result = export_mask(mask, args.format)
+        if args.out:
+            atomic_write_text(prepare_output_file(args.out, {"mask": args.mask}, args.overwrite), result.fragment + "\n")
+            print(f"wrote {args.out}; {result.how_to_use}")
+        else:
+            print(result.fragment)
+            print(f"# {result.how_to_use}", file=sys.stderr)
+        return 0
     if args.export == "names":
         sys.stdout.write(mask.export_names())
         return 0

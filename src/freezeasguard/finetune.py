@@ -25,6 +25,7 @@ from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
+from .lora import LORA_FILE, LoraSettings, add_lora, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
 from .outputs import MARKER, OutputError, check_provenance, is_own_output, mark_output, prepare_output_dir, replace_dir
@@ -229,6 +230,22 @@ def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict, command: 
     return replace_dir(tmp, out_dir)
 
 
+def save_lora_folder(unet, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
+    """A folder with the adapter (diffusers' pytorch_lora_weights.safetensors) and the manifest,
+    written beside the target and moved into place when complete."""
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists() and not is_own_output(tmp, command):
+        raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    mark_output(tmp, command)
+    save_lora(unet, tmp)
+    atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
+    normal_permissions(tmp)
+    return replace_dir(tmp, out_dir)
+
+
 @dataclass
 class FinetuneResult:
     out_dir: Path
@@ -258,7 +275,9 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
 def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Mask | None = None,
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
-                     work_dir=None, overwrite: bool = False) -> FinetuneResult:
+                     work_dir=None, overwrite: bool = False, lora: LoraSettings | None = None) -> FinetuneResult:
+    """Fine-tune the UNet (or, with ``lora.rank``, a LoRA on the modules the mask allows) on
+    one dataset; the output is a pipeline folder (a LoRA folder with a LoRA) and a manifest."""
     t0 = time.time()
     dist.init_from_env()
     # --- setup
@@ -268,7 +287,12 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     base_state = load_unet_state(model_dir)
     base_fp = fingerprint(base_state.items()) if mask is not None else None
     scheme, active = resolve_scheme(components.unet, mask, random_ratio, cfg.seed, full, budget, base_fp)
-    frozen = active.apply(components.unet)
+    targets = None
+    if lora is not None and lora.rank:
+        targets = choose_targets(components.unet, active, lora)
+        add_lora(components.unet, targets, lora)
+        logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
+    frozen = active.frozen_names if targets is not None else active.apply(components.unet)
     logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
                 len(active.names), 100 * active.param_fraction)
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
@@ -279,11 +303,17 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device",
                                                                   "validation_prompts", "validation_every")}
     check_provenance(work_dir, {"model": base_fp or fingerprint(base_state.items()), "data": data_fingerprint(data),
-                                "scheme": scheme, "frozen": frozen, "settings": settings})
+                                "scheme": scheme, "frozen": frozen, "settings": settings,
+                                "lora": asdict(lora) if targets is not None else None})
     # --- train
     history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})")
-    # --- check_frozen_unchanged
-    check_frozen_unchanged(components.unet, base_state, frozen)
+    # --- check_frozen_unchanged (with a LoRA: every base weight)
+    if targets is not None:
+        moved = base_weights_moved(components.unet, base_state)
+        if moved:
+            raise EnforcementError(f"{len(moved)} base weights changed under a LoRA (first: {moved[0]}); nothing saved.")
+    else:
+        check_frozen_unchanged(components.unet, base_state, frozen)
     # --- save_pipeline
     manifest = {
         "scheme": scheme, "frozen_tensors": len(frozen), "tensors": len(active.names),
@@ -293,8 +323,11 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         "frozen_tensor_hashes": frozen_tensor_hashes(base_state, frozen),
         "base_model": str(Path(model_dir).resolve()), "data": str(Path(data_dir).resolve()), "subject": subject,
         "config": asdict(cfg), "final_loss": history[-1] if history else None,
+        "lora": {**asdict(lora), "modules": targets, "file": LORA_FILE} if targets is not None else None,
     }
-    if dist.is_main():
+    if dist.is_main() and targets is not None:
+        save_lora_folder(components.unet, Path(out_dir), manifest)
+    elif dist.is_main():
         save_pipeline(Path(model_dir), components.unet, Path(out_dir), manifest)
         atomic_write_json(work_dir / "history.json", history)
     dist.barrier()

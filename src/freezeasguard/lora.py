@@ -1,4 +1,12 @@
-"""Adapters against a freezing mask: which UNet parameters a LoRA file would change.
+"""LoRA under a freezing mask: guarded LoRA fine-tuning, and the audit of adapter files.
+
+Guarded LoRA (``freezeasguard finetune --lora-rank R``) puts adapters only on modules whose
+parameters are all trainable under the mask; a requested target that the mask freezes is an
+error naming it, never silently dropped. The base weights stay untouched (checked after
+training), and the adapter is saved in the diffusers/peft format that
+``pipeline.load_lora_weights`` reads.
+
+The audit answers which UNet parameters a LoRA file would change.
 
 Freezing a tensor does not stop an adapter from being placed on its module: a LoRA on a frozen
 ``attn2.to_k`` changes exactly what the publisher froze. The audit reads an adapter file in the
@@ -28,6 +36,87 @@ from safetensors import safe_open
 
 from .mask import Mask
 from .models import fingerprint, load_unet_state
+from .settings import setting
+
+LORA_FILE = "pytorch_lora_weights.safetensors"      # the name diffusers' save/load_lora_weights use
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # attention projections, as diffusers' LoRA scripts
+
+
+@dataclass
+class LoraSettings:
+    """A guarded LoRA fine-tune (rank 0: no adapter, full fine-tuning under the mask)."""
+    rank: int = setting(0, "train a LoRA of this rank instead of the UNet's weights (0: no LoRA)", flag="--lora-rank")
+    alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)", flag="--lora-alpha")
+    targets: str | None = setting(None, "modules to adapt, by peft's rules: a regex that must match the whole module "
+                                        "name, or comma-separated names (a name matches itself and any module ending "
+                                        "in .name); none: every attention projection (to_q, to_k, to_v, to_out.0) "
+                                        "the mask allows", flag="--lora-targets")
+
+
+def _peft_matches(spec: str, name: str) -> bool:
+    if "," in spec or re.fullmatch(r"[\w.]+", spec):
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        return any(name == p or name.endswith(f".{p}") for p in parts)
+    return re.fullmatch(spec, name) is not None
+
+
+def choose_targets(unet, mask: Mask, settings: LoraSettings) -> list[str]:
+    """The modules to put adapters on: requested (or default) Linear/Conv2d modules, every one
+    of them trainable under the mask; a frozen request is an error naming it."""
+    frozen = set(mask.frozen_names)
+    able = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    blocked = {n for n, m in able.items() if any(f"{n}.{k}" in frozen for k, _ in m.named_parameters())}
+    if settings.targets:
+        chosen = [n for n in able if _peft_matches(settings.targets, n)]
+        if not chosen:
+            raise ValueError(f"--lora-targets {settings.targets!r} matches no Linear/Conv2d module of the UNet "
+                             f"(module names look like {next(iter(able))}).")
+        refused = [n for n in chosen if n in blocked]
+        if refused:
+            raise ValueError(f"--lora-targets asks for {len(refused)} modules the mask freezes (first: {refused[0]}); "
+                             f"an adapter there would change frozen weights. Leave them out.")
+    else:
+        chosen = [n for n in able if n not in blocked and any(n == t or n.endswith(f".{t}") for t in DEFAULT_TARGETS)]
+        if not chosen:
+            raise ValueError("the mask freezes every attention projection; name other modules with --lora-targets")
+    for n in chosen:
+        w = able[n].weight
+        if settings.rank > min(w.shape[0], w.shape[1]):
+            raise ValueError(f"--lora-rank {settings.rank} is larger than module {n} ({w.shape[1]} -> {w.shape[0]}); "
+                             f"a rank above min(in, out) adds nothing. Use at most {min(w.shape[0], w.shape[1])}.")
+    return chosen
+
+
+def add_lora(unet, targets: list[str], settings: LoraSettings) -> None:
+    """Freeze every UNet weight and put a fresh LoRA (peft) on exactly ``targets``."""
+    from peft import LoraConfig  # imports transformers (seconds): only guarded LoRA pays for it
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+                                target_modules=list(targets), init_lora_weights=True))
+    for name, p in unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def base_weights_moved(unet, base: dict[str, torch.Tensor]) -> list[str]:
+    """UNet weights (under their plain names) that differ from the base model's: none, after a LoRA."""
+    moved = []
+    for name, p in unet.named_parameters():
+        if "lora_" in name:
+            continue
+        plain = name.replace(".base_layer", "")
+        if not torch.equal(p.detach().cpu(), base[plain].to(p.dtype)):
+            moved.append(plain)
+    return moved
+
+
+def save_lora(unet, folder: Path) -> Path:
+    """The adapter in the diffusers/peft format (unet.<module>.lora_A.weight ...)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return folder / LORA_FILE
 
 # key suffix -> which parameter of the target module it changes ("meta": changes nothing by itself)
 SUFFIXES = {

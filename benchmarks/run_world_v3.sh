@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The runs behind the README's results on world v3 (2-core CPU, about 45 minutes in all): the demo
+# on cast 0 + logos (the README's first command), on two casts nobody tuned on with the other
+# innocent domain and with logos, the comparison at an equal parameter budget, and the learned
+# mask's seed agreement and role swap. Heavy outputs (fine-tuned models, data) stay under runs/;
+# the reports are copied to benchmarks/results/w3-*/. Rerunning resumes finished stages.
+#   bash benchmarks/run_world_v3.sh [demo-cast0-logos demo-cast1-clothes demo-cast2-logos params-cast0-logos agreement]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fag=.venv/bin/freezeasguard
+runs=runs/w3
+keep() {   # copy a run's report files into benchmarks/results
+  local src=$1 dst=benchmarks/results/w3-$2
+  mkdir -p "$dst"
+  cp "$src"/results.md "$src"/results.json "$src"/results.csv "$src"/summary.json "$src"/config.json "$dst"/
+  [ -f "$src"/tradeoff.png ] && cp "$src"/tradeoff.png "$dst"/
+  for d in "$src"/images/*-s0-*; do [ -f "$d/grid.png" ] && cp "$d/grid.png" "$dst/grid-$(basename "$d").png"; done
+}
+steps=${*:-demo-cast0-logos demo-cast1-clothes demo-cast2-logos params-cast0-logos agreement}
+for step in $steps; do
+  start=$(date +%s)
+  case $step in
+    demo-cast0-logos)   $fag demo --out $runs/$step ;;
+    demo-cast1-clothes) $fag demo --cast-seed 1 --innocent clothes --out $runs/$step ;;
+    demo-cast2-logos)   $fag demo --cast-seed 2 --out $runs/$step ;;
+    params-cast0-logos) $fag demo --budget params --out $runs/$step ;;
+    agreement)          OMP_NUM_THREADS=2 .venv/bin/python benchmarks/mask_agreement.py --world 1:clothes 0:logos \
+                          --work $runs/agreement --out benchmarks/results/w3-agreement/agreement.json ;;
+  esac
+  [ "$step" != agreement ] && keep $runs/$step $step
+  echo "$step: $(( $(date +%s) - start )) s" | tee -a benchmarks/results/w3-times.txt
+done
