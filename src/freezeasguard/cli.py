@@ -228,13 +228,14 @@ def cmd_learn(args) -> int:
 def cmd_finetune(args) -> int:
     _check_preset(args)
     cfg = from_args(FinetuneConfig, args)
+    lora = from_args(LoraSettings, args)
     mask = Mask.load(args.mask) if args.mask else None
     r = guarded_finetune(args.model, args.data, args.out, cfg, mask=mask, random_ratio=args.random_ratio,
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
                          resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
-                         lora=from_args(LoraSettings, args))
+                         lora=lora)
     last = r.history[-1]["loss_data"] if r.history else float("nan")
-    what = f"a rank-{args.lora_rank} LoRA" if args.lora_rank else "the UNet"
+    what = f"a rank-{lora.rank} LoRA" if lora.rank else "the UNet"
     print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "
           f"parameters), {len(r.history)} steps in {r.seconds:.1f}s, last loss {last:.4f}; frozen tensors checked "
           f"unchanged -> {r.out_dir}")
