@@ -21,8 +21,17 @@ Checkpoints (weights, EMA, AdamW moments as safetensors, progress as JSON) go to
 other settings is refused. At the end (or with --export-only) the EMA pipeline is written to
 --out with pretrain_info.json (settings, seconds, losses, sha256 of every weight file).
 
-    python scripts/pretrain_tiny.py --work runs/pretrain --out runs/tiny-sd-new \\
-        --vae-from src/freezeasguard/assets/tiny-sd --unet-from src/freezeasguard/assets/tiny-sd
+The shipped model (world v3) is one run of 4,194 UNet steps (65 CPU minutes; 2,029 at one thread,
+the rest at two), its UNet started from the previous world's UNet:
+
+    python scripts/pretrain_tiny.py --work runs/pretrain-v3 --out runs/tiny-sd-v3 \\
+        --unet-from <the world-v2 pipeline> --steps 8000 --threads 2   # stopped at 4,194, then --export-only
+
+To pre-train it further (a new run that starts from every weight of a pipeline this script made,
+its VAE kept, and records that pipeline's history):
+
+    python scripts/pretrain_tiny.py --work runs/pretrain-v3b --out runs/tiny-sd-v3b \\
+        --continue-from src/freezeasguard/assets/tiny-sd --steps 4000 --threads 2
 """
 from __future__ import annotations
 
@@ -52,7 +61,7 @@ logger = logging.getLogger("pretrain")
 MAX_TOKENS = 64     # a generic caption with every trait named is up to ~51 tokens
 # settings that define the run: a resume with any of these changed is refused
 IDENTITY = ("seed", "people", "logos", "clothes", "trait_drop", "batch", "lr", "text_lr", "ema_decay",
-            "min_snr_gamma", "vae_from", "vae_steps", "warmup")   # (--unet-from only starts a run)
+            "min_snr_gamma", "vae_from", "vae_steps", "warmup", "continue_from")   # (--unet-from only starts a run)
 
 
 def render_pool(a):
@@ -84,8 +93,8 @@ def build_vae(a, pixels, work: Path):
     """The VAE of --vae-from, or the one this run trained (kept in --work), or a new one trained
     here: MSE + a small KL term, batch 32, cosine-decayed lr."""
     from diffusers import AutoencoderKL
-    if a.vae_from:
-        return AutoencoderKL.from_pretrained(Path(a.vae_from) / "vae").eval()
+    if a.vae_from or a.continue_from:
+        return AutoencoderKL.from_pretrained(Path(a.vae_from or a.continue_from) / "vae").eval()
     if (work / "vae" / "config.json").exists():
         return AutoencoderKL.from_pretrained(work / "vae").eval()
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -118,7 +127,14 @@ def build_models(a, tokenizer):
         num_hidden_layers=2, max_position_embeddings=MAX_TOKENS, projection_dim=64,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id))
-    if a.unet_from:
+    if a.continue_from:
+        # every weight of a pipeline this script made (its EMA weights) starts the new run
+        text_encoder = CLIPTextModel.from_pretrained(Path(a.continue_from) / "text_encoder")
+        if text_encoder.config.vocab_size != len(tokenizer):
+            sys.exit(f"error: {a.continue_from} has another vocabulary ({text_encoder.config.vocab_size} tokens, this "
+                     f"world has {len(tokenizer)}); start a new run with --unet-from instead")
+        unet = UNet2DConditionModel.from_pretrained(Path(a.continue_from) / "unet")
+    elif a.unet_from:
         # the conv and norm weights of an earlier model transfer; its cross-attention is re-learnt
         unet = UNet2DConditionModel.from_pretrained(Path(a.unet_from) / "unet")
     else:
@@ -198,6 +214,7 @@ def main():
     ap.add_argument("--vae-from", help="a pipeline folder whose VAE to keep (else one is trained here)")
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--unet-from", help="a pipeline folder whose UNet weights start the UNet")
+    ap.add_argument("--continue-from", help="a pipeline this script made: its VAE, text encoder and UNet start the run")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
     ap.add_argument("--checkpoint-minutes", type=float, default=10)
     ap.add_argument("--threads", type=int, default=1)
@@ -248,6 +265,9 @@ def main():
             # where the UNet's first weights came from (that model's own record is in git history)
             "unet_from_sha256": hashlib.sha256((Path(a.unet_from) / "unet" / "diffusion_pytorch_model.safetensors")
                                                .read_bytes()).hexdigest() if a.unet_from else None,
+            # the run this one continued, one level deep: its own record holds the runs before it
+            "continued_from": ({k: v for k, v in json.loads((Path(a.continue_from) / "pretrain_info.json").read_text())
+                                .items() if k != "loss_curve_per_100_steps"} if a.continue_from else None),
             "unet_params": sum(p.numel() for p in unet.parameters()), "unet_tensors": len(list(unet.parameters())),
             "text_encoder_params": sum(p.numel() for p in text_encoder.parameters())}
     if a.export_only:
