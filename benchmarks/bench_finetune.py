@@ -20,18 +20,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (
-    PRESETS,
-    NearbyBase,
-    build_unet,
-    peak_rss_bytes,
-    print_table,
-    random_batch,
-    reset_peak_rss,
-    rss_bytes,
-    run_isolated,
-    timed,
-)
+from _common import (PRESETS, NearbyBase, build_unet, peak_rss_bytes, print_table, random_batch,  # noqa: I001
+                     reset_peak_rss, rss_bytes, run_isolated, timed)
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 

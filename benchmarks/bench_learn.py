@@ -17,18 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import (
-    PRESETS,
-    NearbyBase,
-    build_unet,
-    peak_rss_bytes,
-    print_table,
-    random_batch,
-    reset_peak_rss,
-    rss_bytes,
-    run_isolated,
-    timed,
-)
+from _common import (PRESETS, NearbyBase, build_unet, peak_rss_bytes, print_table, random_batch,  # noqa: I001
+                     reset_peak_rss, rss_bytes, run_isolated, timed)
 
 
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
