@@ -164,3 +164,20 @@ def test_demo_presets_are_read_and_the_param_budget_adds_the_controls(tmp_path):
     from_file = ExperimentConfig.from_yaml(yaml_path)
     assert from_file.finetune_steps == 7 and from_file.mask_steps == DEMO["mask_steps"]
     assert from_file.guidance == DEMO["guidance"] != ExperimentConfig().guidance
+
+
+@pytest.mark.slow
+def test_runner_with_a_lora_attack_keeps_adapters_off_frozen_modules(tiny_sd, tmp_path):
+    from safetensors.torch import load_file
+
+    from freezeasguard.mask import Mask
+    cfg = _cfg(tmp_path / "exp", tiny_sd)
+    cfg.methods, cfg.attack, cfg.attack_lora_rank = ["full", "learned"], "lora", 2
+    rows = Runner(cfg).run()
+    assert {r["method"] for r in rows} == {"pretrained", "full", "learned"}
+    assert all(r["value"] == r["value"] for r in rows)                 # no NaN: generation and loss ran
+    mask = Mask.load(next((tmp_path / "exp" / "protect" / "learned").glob("mask-*.safetensors")))
+    frozen = set(mask.frozen_names)
+    ft = next((tmp_path / "exp" / "finetunes").glob("learned-*-people-*"))
+    keys = load_file(str(ft / "pytorch_lora_weights.safetensors"))
+    assert keys and not {k[5:].split(".lora_")[0] + ".weight" for k in keys} & frozen

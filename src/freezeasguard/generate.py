@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .io import atomic_write_json
+from .lora import lora_base
 from .models import require_pipeline_dir
 from .outputs import prepare_output_dir, write_image_folder
 
@@ -17,11 +18,14 @@ logger = logging.getLogger(__name__)
 
 
 def load_pipeline(path, device="cpu"):
+    """A pipeline folder, or a guarded-LoRA output folder (its base model with the LoRA loaded)."""
     from diffusers import StableDiffusionPipeline
 
-    path = require_pipeline_dir(path)
-    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False,
-                                                   dtype=torch.float32)
+    base = lora_base(path)
+    pipe = StableDiffusionPipeline.from_pretrained(require_pipeline_dir(base or path), safety_checker=None,
+                                                   requires_safety_checker=False, dtype=torch.float32)
+    if base is not None:
+        pipe.load_lora_weights(str(path))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

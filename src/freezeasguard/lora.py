@@ -27,6 +27,7 @@ model's own modules, never split by guessing. Keys for the text encoder (``text_
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +109,15 @@ def base_weights_moved(unet, base: dict[str, torch.Tensor]) -> list[str]:
         if not torch.equal(p.detach().cpu(), base[plain].to(p.dtype)):
             moved.append(plain)
     return moved
+
+
+def lora_base(folder) -> Path | None:
+    """The base model of a guarded-LoRA output folder (its manifest says), or None for any other folder."""
+    folder = Path(folder)
+    manifest = folder / "freezeasguard_manifest.json"
+    if not (folder / LORA_FILE).is_file() or not manifest.is_file():
+        return None
+    return Path(json.loads(manifest.read_text())["base_model"])
 
 
 def save_lora(unet, folder: Path) -> Path:

@@ -29,9 +29,10 @@ from ..diffusion import NoiseSchedule
 from ..finetune import FinetuneConfig, guarded_finetune
 from ..generate import generate_images, load_pipeline, save_grid
 from ..io import atomic_write_json
+from ..lora import LoraSettings, lora_base
 from ..mask import BUDGETS, check_ratio
 from ..methods import ProtectSettings, chain_uses_ratio, parse_chain, protect
-from ..models import load_sd
+from ..models import SDComponents, load_sd
 from ..outputs import mark_output, prepare_output_dir
 from ..settings import setting
 from ..synthetic import TINY_SD
@@ -67,6 +68,9 @@ class ExperimentConfig(ProtectSettings):
     finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
     generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
     guidance: float = setting(7.5, "classifier-free guidance scale")
+    attack: str = setting("full", "how the users fine-tune: full (every weight the method leaves trainable) or lora "
+                                  "(a LoRA on the modules it leaves trainable)", choices=("full", "lora"))
+    attack_lora_rank: int = setting(8, "attack lora: the LoRA's rank")
     # real data instead of the synthetic world (see experiment/folder_world.py)
     people_data: str | None = setting(None, "FF25-style folder: metadata with file_name, text, name")
     innocent_data: dict[str, str] = setting({}, "domain -> image folder or saved dataset")
@@ -87,6 +91,8 @@ class ExperimentConfig(ProtectSettings):
             check_ratio(r, "ratios")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
+        if self.attack not in ("full", "lora"):
+            raise ValueError(f"attack {self.attack!r}: use full or lora")
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
         positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
@@ -261,7 +267,8 @@ class Runner:
             cfg = FinetuneConfig(steps=self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
                                  lr=self.cfg.finetune_lr, seed=seed, checkpoint_every=25)
             data = self.data(domain, "finetune", subject)
-            r = guarded_finetune(model, data, out, cfg, resume=True, **kwargs)
+            lora = LoraSettings(rank=self.cfg.attack_lora_rank) if self.cfg.attack == "lora" else None
+            r = guarded_finetune(model, data, out, cfg, resume=True, lora=lora, **kwargs)
             return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
                     "final_loss": r.history[-1]["loss_data"] if r.history else None}
         return out, self.stage(f"finetune-{tag}", run)
@@ -444,7 +451,12 @@ def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> 
     """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
 
     path = heldout_data(world, subject, data_root)
-    comps = load_sd(model_dir)
+    if lora_base(model_dir) is None:
+        comps = load_sd(model_dir)
+    else:       # a LoRA output: its base with the adapter loaded
+        pipe = load_pipeline(model_dir)
+        comps = SDComponents(Path(model_dir), pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                             dict(pipe.scheduler.config))
     schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
     data = load_image_captions(path)
     mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
