@@ -40,8 +40,18 @@ def chance_jaccard(k: int, n: int) -> float:
 
 WORLD_COLUMNS = ["cast_seed", "subject", "innocent", "frozen_tensors", "param_fraction", "jaccard_seeds",
                  "jaccard_swapped", "chance"]
-DEMO_BUDGET = ["--warm-start-steps", "100", "--warm-start-lr", "1e-4", "--steps", "30", "--inner-steps", "5",
-               "--batch-size", "4", "--user-lr", "1e-4"]
+def demo_budget_flags() -> list[str]:
+    """The demo's mask-learning budget as `freezeasguard learn` flags (--warm-start-steps 100
+    --warm-start-lr 0.0001 --steps 30 --inner-steps 5 --batch-size 4 --user-lr 0.0001), from the
+    demo preset; every other flag keeps its default."""
+    from dataclasses import fields
+
+    from freezeasguard.experiment import DEMO
+    from freezeasguard.learn import LearnConfig
+    from freezeasguard.settings import flag_name
+    names = ("warm_start_steps", "warm_start_lr", "mask_steps", "inner_steps", "mask_batch", "user_lr")
+    by_name = {f.name: f for f in fields(LearnConfig)}
+    return [x for n in names for x in (flag_name(by_name[n]), str(DEMO[n]))]
 
 
 def world_agreement(work: Path, cast_seed: int, innocent_domain: str, ratio: float) -> dict:
@@ -66,14 +76,14 @@ def world_agreement(work: Path, cast_seed: int, innocent_domain: str, ratio: flo
         if not out.exists():
             code = cli(["learn", "--model", str(TINY_SD), "--illegal", str(illegal), "--innocent", str(inn),
                         "--ratio", str(ratio), "--seed", str(seed), "--out", str(out), "--device", "cpu",
-                        *DEMO_BUDGET])
+                        *demo_budget_flags()])
             if code != 0:
                 raise SystemExit(f"freezeasguard learn failed for {name} (exit {code})")
         masks[name] = Mask.load(out)
     sets = {k: set(m.frozen_names) for k, m in masks.items()}
     k, n = len(sets["seed1"]), len(masks["seed1"].names)
     return {"cast_seed": cast_seed, "subject": subject, "innocent": innocent_domain, "ratio": ratio,
-            "flags": DEMO_BUDGET, "frozen_tensors": k, "tensors": n,
+            "flags": demo_budget_flags(), "frozen_tensors": k, "tensors": n,
             "param_fraction": masks["seed1"].param_fraction,
             "jaccard_seeds": jaccard(sets["seed1"], sets["seed2"]),
             "jaccard_swapped": jaccard(sets["seed1"], sets["swapped_seed1"]),
@@ -111,7 +121,7 @@ def main():
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rows, indent=2))
         lines = ["Seed agreement and role swap of `freezeasguard learn` on the shipped pipeline "
-                 f"(flags: {' '.join(DEMO_BUDGET)}, ratio {a.ratio}).", "",
+                 f"(flags: {' '.join(demo_budget_flags())}, ratio {a.ratio}).", "",
                  "| cast | subject | innocent | frozen tensors | frozen params | Jaccard seeds 1-2 | "
                  "Jaccard seed 1 vs swapped roles | chance |", "|---" * 8 + "|"]
         lines += [f"| {r['cast_seed']} | {r['subject']} | {r['innocent']} | {r['frozen_tensors']}/{r['tensors']} | "

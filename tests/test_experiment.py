@@ -4,7 +4,8 @@ import json
 import pytest
 
 from freezeasguard.experiment import runner as experiment
-from freezeasguard.experiment.runner import ExperimentConfig, Runner
+from freezeasguard.experiment.config import ExperimentConfig
+from freezeasguard.experiment.runner import Runner
 
 
 def _cfg(out, model):

@@ -94,7 +94,8 @@ def test_runner_on_folders_with_real_metrics(tiny_sd, tmp_path):
     import datasets
     from PIL import Image
 
-    from freezeasguard.experiment.runner import ExperimentConfig, Runner
+    from freezeasguard.experiment.config import ExperimentConfig
+    from freezeasguard.experiment.runner import Runner
     from freezeasguard.toydata import make_logos, make_people
     ff = tmp_path / "ff25"
     rows = []

@@ -219,7 +219,7 @@ def test_fuzzed_metadata_and_configs_give_documented_errors_and_write_nothing_ou
         assert all(p.startswith(str(case / "out")) for p in created), created
     import yaml
 
-    from freezeasguard.experiment.runner import ExperimentConfig
+    from freezeasguard.experiment.config import ExperimentConfig
     keys = ["ratios", "seeds", "methods", "innocent", "workers", "finetune_lr", "budget", "eval_images"]
     refused = 0
     for i in range(24):

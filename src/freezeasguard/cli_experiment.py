@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .data import load_image_captions
-from .experiment.runner import DEMO, ExperimentConfig, Runner
+from .experiment.config import DEMO, ExperimentConfig
+from .experiment.runner import Runner
 from .experiment.synthetic_world import SyntheticWorld
 from .io import atomic_write_json, convert_to_safetensors
 from .mask import check_ratio

@@ -28,7 +28,7 @@ from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
-from .outputs import MARKER, OutputError, check_provenance, is_own_output, mark_output, prepare_output_dir, replace_dir
+from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
 from .settings import setting
 
 logger = logging.getLogger(__name__)
@@ -217,11 +217,7 @@ def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict, command: 
     earlier output there (checked by prepare_output_dir: this command's own) is replaced only
     once the new one is complete."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists() and not is_own_output(tmp, command):
-        raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = partial_dir(out_dir, command, create=False)
     shutil.copytree(base_dir, tmp, ignore=lambda d, names: (["unet", MARKER] if Path(d) == Path(base_dir) else []))
     mark_output(tmp, command, base_model=str(Path(base_dir).resolve()))
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -233,13 +229,7 @@ def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict, command: 
 def save_lora_folder(unet, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
     """A folder with the adapter (diffusers' pytorch_lora_weights.safetensors) and the manifest,
     written beside the target and moved into place when complete."""
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists() and not is_own_output(tmp, command):
-        raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    mark_output(tmp, command)
+    tmp = partial_dir(out_dir, command)
     save_lora(unet, tmp)
     atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
     normal_permissions(tmp)

@@ -72,6 +72,20 @@ def mark_output(folder: Path, command: str, **info) -> None:
     atomic_write_json(Path(folder) / MARKER, {"command": command, **info})
 
 
+def partial_dir(out, command: str, create: bool = True) -> Path:
+    """The folder an output is written in before it is moved to ``out``: ``out``.partial, removed
+    first if a killed run of this command left it (anything else there is refused)."""
+    tmp = Path(out).with_name(Path(out).name + ".partial")
+    if tmp.exists():
+        if not is_own_output(tmp, command):
+            raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
+        shutil.rmtree(tmp)
+    if create:
+        tmp.mkdir(parents=True)
+        mark_output(tmp, command)
+    return tmp
+
+
 def replace_dir(tmp: Path, out: Path) -> Path:
     """Move a finished ``tmp`` folder to ``out``; an ``out`` already there must be this command's
     own output (checked by prepare_output_dir) and is removed only once ``tmp`` is complete."""
@@ -127,13 +141,7 @@ def write_image_folder(out, images, rows: list[dict], command: str, inputs: dict
     metadata.jsonl, then ``extra(folder)`` (a grid, an index), all in a temporary folder that is
     moved into place when complete (so a stale image of an earlier run never survives)."""
     out = prepare_output_dir(out, command, inputs or {}, overwrite)
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        if not is_own_output(tmp, command):
-            raise OutputError(f"{tmp} exists and was not written by freezeasguard; move it away and rerun.")
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    mark_output(tmp, command)
+    tmp = partial_dir(out, command)
     for img, row in zip(images, rows, strict=True):
         img.save(tmp / row["file_name"])
     (tmp / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,4 +1,5 @@
-"""The experiment runner: methods x ratios x subjects x seeds, every stage resumable.
+"""The experiment runner: methods x ratios x subjects x seeds, every stage resumable (its settings:
+config.py).
 
 Each stage writes its outputs and then a done-marker (``.done.json`` holding its result); a
 stage whose marker exists is never redone, and a killed stage restarts (fine-tunes and mask
@@ -13,13 +14,10 @@ import json
 import logging
 import multiprocessing as mp
 import time
-import types
-import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import yaml
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -30,179 +28,16 @@ from ..finetune import FinetuneConfig, guarded_finetune
 from ..generate import generate_images, load_pipeline, save_grid
 from ..io import atomic_write_json
 from ..lora import LoraSettings, lora_base
-from ..mask import BUDGETS, check_ratio
-from ..methods import ProtectSettings, chain_uses_ratio, parse_chain, protect
+from ..methods import chain_uses_ratio, protect
 from ..models import SDComponents, load_sd
 from ..outputs import mark_output, prepare_output_dir
-from ..settings import setting
 from ..synthetic import TINY_SD
+from .config import ExperimentConfig, check_same_config
 from .folder_world import FolderWorld
 from .report import write_report
 from .synthetic_world import SyntheticWorld
 
 logger = logging.getLogger(__name__)
-
-
-_PAPER_FINETUNE = FinetuneConfig()     # the illegal and innocent users' fine-tune defaults: the paper's
-
-
-@dataclass
-class ExperimentConfig(ProtectSettings):
-    """One experiment; every field (these and the methods' settings, ProtectSettings) is a key of
-    its YAML file. ``preset: demo`` takes the demo's values for every key the file does not set."""
-    out: str = setting("experiment-out", "output folder")
-    preset: str | None = setting(None, "demo: the built-in demo's settings (PRESETS) for keys not set here")
-    model: str | None = setting(None, "base pipeline folder; none: the shipped tiny pipeline")
-    methods: list[str] = setting(["full", "random", "learned"], "methods or chains (uce+learned)")
-    ratios: list[float] = setting([0.3], "freezing ratios, for methods that freeze")
-    subjects: list[str] | None = setting(None, "illegal subjects; none: the first n_subjects of the cast/data")
-    n_subjects: int = setting(1, "how many subjects when subjects is not given")
-    innocent: list[str] = setting(["logos"], "innocent domains")
-    seeds: list[int] = setting([0, 1, 2], "fine-tuning and generation seeds")
-    cast_seed: int = setting(0, "which cast of the built-in world")
-    mask_images: int = setting(48, "images per subject and innocent domain for the protection methods")
-    finetune_images: int = setting(48, "images per subject / innocent domain for the users' fine-tunes")
-    eval_images: int = setting(16, "images generated per subject / domain and seed")
-    finetune_steps: int = setting(_PAPER_FINETUNE.steps, "users' fine-tuning steps")
-    finetune_batch: int = setting(_PAPER_FINETUNE.batch_size, "users' fine-tuning batch")
-    finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
-    generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
-    guidance: float = setting(7.5, "classifier-free guidance scale")
-    attack: str = setting("full", "how the users fine-tune: full (every weight the method leaves trainable) or lora "
-                                  "(a LoRA on the modules it leaves trainable)", choices=("full", "lora"))
-    attack_lora_rank: int = setting(8, "attack lora: the LoRA's rank")
-    # real data instead of the synthetic world (see experiment/folder_world.py)
-    people_data: str | None = setting(None, "FF25-style folder: metadata with file_name, text, name")
-    innocent_data: dict[str, str] = setting({}, "domain -> image folder or saved dataset")
-    clip_weights: str | None = setting(None, "local CLIP folder: CLIP score of innocent images")
-    fid_inception: str | None = setting(None, "FID Inception-v3 weights (.safetensors): the paper's FID and KID")
-    fid_features: str | None = setting(None, "or a local vision model folder: FID/KID in its feature space")
-    topiq_fr: str | None = setting(None, "TOPIQ-FR weights (.safetensors, converted from pyiqa's)")
-    face_identity: bool = setting(False, "also score face identity with dlib (the faces extra)")
-    workers: int = setting(1, "processes for the jobs, one thread each (on a small CPU model 2 x 1 thread beats "
-                              "1 x 2 threads)")
-
-    def __post_init__(self):
-        """Every setting is checked here, before any work: a bad value fails at load, not after a
-        minute of fine-tuning."""
-        for m in self.methods:
-            parse_chain(m)
-        for r in self.ratios:
-            check_ratio(r, "ratios")
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
-        if self.attack not in ("full", "lora"):
-            raise ValueError(f"attack {self.attack!r}: use full or lora")
-        if self.budget not in BUDGETS:
-            raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
-        positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
-                    "n_subjects", "mask_batch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("finetune_steps", "warm_start_steps", "mask_steps", "inner_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("finetune_lr", "warm_start_lr", "user_lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not self.people_data:
-            unknown = [d for d in self.innocent if d not in ("logos", "clothes")]
-            if unknown:
-                raise ValueError(f"innocent {unknown}: the built-in world has logos and clothes; for other domains "
-                                 f"set people_data and innocent_data")
-
-    @classmethod
-    def from_yaml(cls, path, **overrides) -> "ExperimentConfig":
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML ({exc})") from exc
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: an experiment config is a mapping of settings (key: value), "
-                             f"got {type(raw).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        if raw.get("preset") is not None:
-            if raw["preset"] not in PRESETS:
-                raise ValueError(f"{path}: preset {raw['preset']!r} is unknown; presets: {', '.join(PRESETS)}")
-            raw = {**PRESETS[raw["preset"]], **raw}
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: coerce_setting(k, v, hints[k], path) for k, v in raw.items()})
-
-
-def coerce_setting(name: str, value, hint, source="config"):
-    """``value`` as the field's type, or a ValueError naming the setting. YAML reads ``1e-3``
-    (no dot) as a string, so numeric strings become numbers; anything else of the wrong kind
-    is refused here rather than failing deep inside a worker."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce_setting(name, value, inner[0], source) if len(inner) == 1 else value
-    if origin is list:
-        if not isinstance(value, list):
-            value = [value]     # `seeds: 0` means one seed
-        return [coerce_setting(f"{name}[{i}]", v, args[0], source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{source}: setting {name} must be a mapping, got {value!r}")
-        return {coerce_setting(name, k, args[0], source): coerce_setting(f"{name}.{k}", v, args[1], source)
-                for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint in (int, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if hint is float:
-                return float(value)
-            if float(value).is_integer():
-                return int(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise ValueError(f"{source}: setting {name} must be {hint.__name__}, got {value!r}")
-
-
-# The demo's settings: the experiment config's fields it sets (every other field keeps its
-# default). Mask learning at a CPU budget: 100 warm-start steps and 30 mask updates of 5 inner
-# steps at batch 4 (the paper's SD budget, 200 / 100 x 10 at batch 16, takes hours on a CPU).
-DEMO = dict(warm_start_steps=100, warm_start_lr=1e-4, warm_start_batch=4, mask_steps=30, inner_steps=5, mask_batch=4,
-            user_lr=1e-4, finetune_steps=100, finetune_batch=4, finetune_lr=1e-4, generate_steps=20,
-            # guidance 3: at SD's 7.5 the tiny model's samples come out over-saturated
-            guidance=3.0,
-            # Adam moves each weight ~lr per step: 50 IMMA steps of 1e-5 leave the tiny model as it was
-            imma_lr=1e-4)
-PRESETS = {"demo": DEMO}
-
-# settings that may change between a run and its resume (they do not change any result)
-RESUMABLE_SETTINGS = ("out", "workers")
-
-
-def check_same_config(root: Path, cfg: ExperimentConfig):
-    """A resumed experiment must have the settings of the run that made the folder: its finished
-    stages would otherwise be mixed with stages made under other settings."""
-    path = root / "config.json"
-    if not path.exists():
-        return
-    before = json.loads(path.read_text())
-    now = json.loads(json.dumps(asdict(cfg)))
-    differ = sorted(k for k in set(before) | set(now)
-                    if k not in RESUMABLE_SETTINGS and before.get(k) != now.get(k))
-    if differ:
-        raise ValueError(f"{root} holds an experiment run with other settings ({', '.join(differ)}); its finished "
-                         f"stages would be mixed with these. Use another out folder.")
 
 
 # ---- the runner ------------------------------------------------------------------------------
