@@ -125,3 +125,56 @@ class NearbyBase(dict):
 
     def __getitem__(self, name):
         return self.params[name].detach() + 1e-3 * torch.randn_like(self.params[name])
+
+
+def forward_order(model, run) -> list[str]:
+    """Names of the model's leaf modules in the order one call of ``run()`` first executes them."""
+    order, hooks = [], []
+    for name, m in model.named_modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n)))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))   # first call of each module, in order
+
+
+def saved_activations(model, run) -> dict:
+    """What autograd keeps for the backward pass during one ``run()`` (a forward with the model's
+    current requires_grad flags): the bytes of the saved non-parameter tensors (each storage once),
+    and those saved while a module runs that comes before the first module owning a trainable
+    parameter. Autograd saves a tensor only for an operation with an input that needs a gradient,
+    so the second number is zero when the frozen prefix costs no activation memory."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    current, hooks, records = {"name": None}, [], []
+    for name, m in model.named_modules():
+        if not list(m.children()):
+            hooks.append(m.register_forward_pre_hook(lambda mod, args, n=name: current.__setitem__("name", n)))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            records.append((current["name"], storage.data_ptr(), storage.nbytes()))
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run()
+    finally:
+        for h in hooks:
+            h.remove()
+    del out
+    trainable_modules = {n for n, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    order = forward_order(model, run)
+    first = next((i for i, n in enumerate(order) if n in trainable_modules), len(order))
+    before = set(order[:first])
+    unique, unique_before = {}, {}
+    for name, ptr, nbytes in records:
+        unique[ptr] = nbytes
+        if name in before:
+            unique_before[ptr] = nbytes
+    return {"saved_bytes": sum(unique.values()), "saved_before_first_trainable_bytes": sum(unique_before.values()),
+            "modules_before_first_trainable": first, "leaf_modules": len(order)}
