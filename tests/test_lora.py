@@ -138,6 +138,10 @@ def test_guarded_lora_trains_allowed_modules_and_both_it_and_its_merge_pass_veri
     capsys.readouterr()
     assert main(["verify", "--model", str(tiny_sd), "--mask", str(mask), "--lora",
                  str(out / "pytorch_lora_weights.safetensors")]) == 0
+    # the output folder itself is a valid --candidate: its adapter is audited
+    capsys.readouterr()
+    assert main(["verify", "--model", str(tiny_sd), "--mask", str(mask), "--candidate", str(out)]) == 0
+    assert "the adapter changes" in capsys.readouterr().out
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None, requires_safety_checker=False)
     pipe.load_lora_weights(str(out))
     pipe.fuse_lora()

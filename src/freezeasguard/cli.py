@@ -17,7 +17,7 @@ from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_f
 from .generate import generate_to_folder
 from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
-from .lora import LoraSettings, report_text, verify_adapter
+from .lora import LORA_FILE, LoraSettings, report_text, verify_adapter
 from .mask import Mask
 from .models import save_tiny_pipeline
 from .outputs import prepare_output_file
@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the base model the mask was made for")
     p.add_argument("--mask", required=True, help="mask file")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, or a .safetensors UNet state dict")
+    what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, a .safetensors UNet state dict, "
+                                          "or a guarded-LoRA output folder (its adapter is audited as with --lora)")
     what.add_argument("--lora", help="a LoRA / LyCORIS adapter file (.safetensors)")
     p.add_argument("--tolerance", action="store_true",
                    help="accept exports in another precision (fp16/bf16): frozen tensors must equal the base "
@@ -243,6 +244,8 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    if not args.lora and args.candidate and (Path(args.candidate) / LORA_FILE).is_file():
+        args.lora = str(Path(args.candidate) / LORA_FILE)    # a guarded-LoRA output folder: audit its adapter
     if args.lora:
         adapter = verify_adapter(args.model, args.mask, args.lora)
         if args.report:
