@@ -94,6 +94,18 @@ def test_apply_and_exports(unet):
         p.requires_grad_(True)
 
 
+def test_apply_goes_by_name_when_the_mask_lists_tensors_in_another_order(unet):
+    # a safetensors file lists tensors alphabetically, the model in definition order: a mask made
+    # from one must freeze the same named tensors in the other (it once froze by position)
+    named = sorted(unet.named_parameters(), key=lambda kv: kv[0])
+    assert [n for n, _ in named] != [n for n, _ in unet.named_parameters()]
+    mask = Mask.random(named, 0.3, 4)
+    mask.apply(unet)
+    assert {n for n, p in unet.named_parameters() if not p.requires_grad} == set(mask.frozen_names)
+    for p in unet.parameters():
+        p.requires_grad_(True)
+
+
 def test_summary_counts_and_plot(unet, tmp_path):
     mask = Mask.random(list(unet.named_parameters()), 0.3, 0)
     s = mask.summary()

@@ -212,8 +212,9 @@ class Mask:
         """Set requires_grad False on frozen tensors (True elsewhere); returns the frozen names."""
         named = list(model.named_parameters())
         self.check_matches(named)
-        for (_, p), f in zip(named, self.frozen.tolist()):
-            p.requires_grad_(not f)
+        frozen = set(self.frozen_names)
+        for name, p in named:         # by name: the mask's order need not be the model's
+            p.requires_grad_(name not in frozen)
         return self.frozen_names
 
     def export_names(self) -> str:
