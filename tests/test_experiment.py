@@ -20,11 +20,11 @@ def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monke
     calls = []
     real = Runner.finetune
 
-    def counting(self, method, ratio, seed, domain, subject):
+    def counting(self, method, ratio, seed, domain, subject, attack="default"):
         calls.append((method, domain))
         if len(calls) == 4:
             raise KeyboardInterrupt("killed")
-        return real(self, method, ratio, seed, domain, subject)
+        return real(self, method, ratio, seed, domain, subject, attack)
 
     monkeypatch.setattr(Runner, "finetune", counting)
     with pytest.raises(KeyboardInterrupt):
@@ -48,7 +48,7 @@ def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monke
     saved = json.loads((tmp_path / "exp" / "results.json").read_text())
     assert saved == rows
     for r in saved:
-        assert set(r) == {"method", "ratio", "seed", "subject", "domain", "metric", "value"}
+        assert set(r) == {"method", "ratio", "attack", "seed", "subject", "domain", "metric", "value"}
         if r["metric"] in ("identity_recognition", "prompt_accuracy"):
             assert 0 <= r["value"] <= 1
     assert "FreezeAsGuard-30%" in (tmp_path / "exp" / "results.md").read_text()
@@ -168,17 +168,27 @@ def test_demo_presets_are_read_and_the_param_budget_adds_the_controls(tmp_path):
 
 
 @pytest.mark.slow
-def test_runner_with_a_lora_attack_keeps_adapters_off_frozen_modules(tiny_sd, tmp_path):
+def test_runner_sweeps_attacks_keeps_adapters_off_frozen_modules_and_reports_the_worst_case(tiny_sd, tmp_path):
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from freezeasguard.mask import Mask
-    cfg = _cfg(tmp_path / "exp", tiny_sd)
-    cfg.methods, cfg.attack, cfg.attack_lora_rank = ["full", "learned"], "lora", 2
+    cfg = dataclasses.replace(_cfg(tmp_path / "exp", tiny_sd), methods=["full", "learned"],
+                              attacks=["default", "lora-2"], attack_recipes={"lora-2": {"lora_rank": 2}})
     rows = Runner(cfg).run()
     assert {r["method"] for r in rows} == {"pretrained", "full", "learned"}
+    assert {r["attack"] for r in rows if r["domain"] == "people"} == {"default", "lora-2"}
+    assert {r["attack"] for r in rows if r["domain"] != "people"} == {"default"}     # innocent: default recipe
     assert all(r["value"] == r["value"] for r in rows)                 # no NaN: generation and loss ran
     mask = Mask.load(next((tmp_path / "exp" / "protect" / "learned").glob("mask-*.safetensors")))
     frozen = set(mask.frozen_names)
-    ft = next((tmp_path / "exp" / "finetunes").glob("learned-*-people-*"))
+    ft = next((tmp_path / "exp" / "finetunes").glob("learned-*-people-*-lora-2"))
     keys = load_file(str(ft / "pytorch_lora_weights.safetensors"))
     assert keys and not {k[5:].split(".lora_")[0] + ".weight" for k in keys} & frozen
+    sweep = json.loads((tmp_path / "exp" / "attack_sweep.json").read_text())
+    learned = next(r for r in sweep["worst_case"] if r["method"] == "learned")
+    cells = {c["attack"]: c["mean"] for c in sweep["cells"] if c["method"] == "learned"}
+    assert learned["worst"] == max(cells.values()) and cells[learned["worst_attack"]] == learned["worst"]
+    assert (tmp_path / "exp" / "attack_sweep.png").stat().st_size > 0
+    assert "lora-2" in (tmp_path / "exp" / "attack_sweep.md").read_text()

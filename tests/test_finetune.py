@@ -65,14 +65,43 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_sd, people, tmp_path, m
         torch.testing.assert_close(sa[n] - base[n], sb[n] - base[n], rtol=1e-4, atol=1e-6)
 
 
-def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path):
-    full = guarded_finetune(tiny_sd, people, tmp_path / "full", _cfg(steps=4), random_ratio=0.3)
-    guarded_finetune(tiny_sd, people, tmp_path / "part", _cfg(steps=2, checkpoint_every=2), random_ratio=0.3)
-    resumed = guarded_finetune(tiny_sd, people, tmp_path / "part", _cfg(steps=4, checkpoint_every=2),
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor", "prodigy"])
+def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path, optimizer):
+    # every optimizer's state (AdamW's moments, SGD's momentum, Adafactor's factored moments and
+    # integer step, Prodigy's per-group step-size estimate) must come back from the checkpoint
+    lr = 1.0 if optimizer == "prodigy" else 1e-3
+    n = 8 if optimizer == "prodigy" else 4       # Prodigy's estimate starts moving after a few steps
+    full = guarded_finetune(tiny_sd, people, tmp_path / "full", _cfg(steps=n, optimizer=optimizer, lr=lr),
+                            random_ratio=0.3)
+    half = _cfg(steps=n // 2, checkpoint_every=n // 2, optimizer=optimizer, lr=lr)
+    guarded_finetune(tiny_sd, people, tmp_path / "part", half, random_ratio=0.3)
+    resumed = guarded_finetune(tiny_sd, people, tmp_path / "part", _cfg(steps=n, checkpoint_every=n // 2,
+                                                                        optimizer=optimizer, lr=lr),
                                random_ratio=0.3, resume=True)
-    assert len(resumed.history) == 2                  # only steps 3 and 4 ran
+    assert len(resumed.history) == n // 2             # only the second half ran
     sf, sr = load_unet_state(full.out_dir), load_unet_state(resumed.out_dir)
     assert all(torch.equal(sf[n], sr[n]) for n in sf)
+
+
+def test_prior_preservation_adds_the_weighted_prior_loss(tiny_sd, people, logos, tmp_path, monkeypatch):
+    """DreamBooth's loss is data mean + w * prior mean: with plain SGD at lr 1 the update is minus
+    the gradient, linear in w, so update(w=2) - update(w=0) = 2 (update(w=1) - update(w=0))."""
+    import freezeasguard.finetune as ft
+    monkeypatch.setattr(ft, "build_optimizer",
+                        lambda unet, cfg: torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0))
+    base = load_unet_state(tiny_sd)
+    deltas = []
+    for w in (0.0, 1.0, 2.0):
+        r = guarded_finetune(tiny_sd, people, tmp_path / f"w{w}", _cfg(steps=1, max_grad_norm=0, prior_weight=w,
+                                                                       weight_decay=0), full=True, prior_data=logos)
+        assert "loss_prior" in r.history[0]
+        tuned = load_unet_state(r.out_dir)
+        deltas.append({n: tuned[n] - base[n] for n in base})
+    moved = 0
+    for n in base:
+        torch.testing.assert_close(deltas[2][n] - deltas[0][n], 2 * (deltas[1][n] - deltas[0][n]), rtol=1e-3, atol=1e-6)
+        moved += int(not torch.allclose(deltas[1][n], deltas[0][n]))
+    assert moved > 100                                   # the prior term changes the update
 
 
 def test_v_prediction_model_trains(tiny_sd_v, people, tmp_path):

@@ -107,13 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     # finetune
     p = sub.add_parser("finetune", help="guarded fine-tuning that enforces a freezing scheme",
-                       description="Fine-tune the UNet with AdamW on one dataset while the chosen tensors stay "
+                       description="Fine-tune the UNet (AdamW by default) on one dataset while the chosen tensors stay "
                                    "frozen: they get requires_grad=False, are in no optimizer group, and are "
                                    "checked bit for bit against the base model afterwards (the run fails if one "
                                    "moved). Writes a from_pretrained-loadable pipeline folder and a manifest.")
     _add_common_train(p)
     p.add_argument("--data", required=True, help="training data (image folder or saved dataset)")
     p.add_argument("--subject", help="keep only rows whose 'name' column equals this")
+    p.add_argument("--prior-data", help="DreamBooth's prior preservation: images of the subject's class (an image "
+                                        "folder, e.g. the base model's samples of 'a photo of a person'), a batch "
+                                        "of them every step, their loss weighted by --prior-weight")
     _add_out(p, "output pipeline folder (new, or an earlier finetune output with --overwrite)",
              "an earlier output of finetune in --out")
     scheme = p.add_mutually_exclusive_group(required=True)
@@ -234,7 +237,7 @@ def cmd_finetune(args) -> int:
     r = guarded_finetune(args.model, args.data, args.out, cfg, mask=mask, random_ratio=args.random_ratio,
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
                          resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
-                         lora=lora)
+                         lora=lora, prior_data=args.prior_data)
     last = r.history[-1]["loss_data"] if r.history else float("nan")
     what = f"a rank-{lora.rank} LoRA" if lora.rank else "the UNet"
     print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "

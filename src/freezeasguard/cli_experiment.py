@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 from pathlib import Path
 
 import torch
+import yaml
 
+from .attacks import BUILTIN_ATTACKS, SWEEP_ATTACKS
 from .data import load_image_captions
-from .experiment.config import DEMO, ExperimentConfig
+from .experiment.config import ATTACK_SWEEP, DEMO, ExperimentConfig
 from .experiment.runner import Runner
 from .experiment.synthetic_world import SyntheticWorld
 from .io import atomic_write_json, convert_to_safetensors
@@ -100,6 +103,39 @@ def add_parsers(sub):
                                    "person under Full FT / Random / FreezeAsGuard, innocent-user fine-tunes, "
                                    "generation, metrics and a report, on the shipped tiny pipeline.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
+    _add_world_flags(p)
+    p.add_argument("--baselines", action="store_true",
+                   help="also run Saliency-rho, Largest-rho, UCE and IMMA (about twice as long)")
+    p.add_argument("--budget", choices=["tensors", "params"], default="tensors",
+                   help="what the ratio counts. tensors (default, the paper's): the learned mask's tensors are "
+                        "large ones, so it freezes far more parameters than Random; params: every freezing "
+                        "method freezes the same share of parameters, and Saliency and Largest (the largest "
+                        "tensors, a data-free control) run beside Random and FreezeAsGuard")
+
+
+    # attack-sweep
+    names = "\n".join(f"  {a.name:<14} {a.summary} (cost {a.cost():g}x)" for a in BUILTIN_ATTACKS.values())
+    p = sub.add_parser("attack-sweep", help="does the protection hold against a stronger attacker? every method "
+                                            "under every attack recipe, and the worst case",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill("Full FT, Random, Saliency and FreezeAsGuard at the ratio, each fine-tuned by the "
+                                   "illegal user with every attack recipe (innocent users keep the default recipe). "
+                                   "Writes the experiment's report plus attack_sweep.md/.csv/.json (per method: the "
+                                   "default recipe, the worst case over attacks, which attacks reach Full FT's "
+                                   "default result and the cheapest of them) and attack_sweep.png. Resumable like "
+                                   "every experiment. Built-in attacks (factors multiply the users' lr, steps, batch, "
+                                   "images; cost = samples processed vs the default):", 100) + "\n" + names +
+                                   "\n\n" + textwrap.fill("Default sweep: " + ", ".join(SWEEP_ATTACKS) + ".", 100))
+    p.add_argument("config", nargs="?", help="an experiment YAML (e.g. real SD data); its attacks: list is used, or "
+                                             "the default sweep when it sets none. Without: the built-in world with "
+                                             "the demo's settings")
+    p.add_argument("--out", default="attack-sweep-out", help="output folder (default attack-sweep-out)")
+    p.add_argument("--attacks", help="comma-separated attack names instead of the default sweep")
+    _add_world_flags(p)
+
+
+def _add_world_flags(p):
+    """The built-in world's flags, shared by demo and attack-sweep."""
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed (CI)")
     p.add_argument("--cast-seed", type=int, default=0, help="another cast of people (the recogniser is trained for it)")
     p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
@@ -108,13 +144,6 @@ def add_parsers(sub):
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the fine-tune/evaluation jobs, one thread each (default: the CPU count "
                         "up to 4, or 1 with a GPU; quick: 1)")
-    p.add_argument("--baselines", action="store_true",
-                   help="also run Saliency-rho, Largest-rho, UCE and IMMA (about twice as long)")
-    p.add_argument("--budget", choices=["tensors", "params"], default="tensors",
-                   help="what the ratio counts. tensors (default, the paper's): the learned mask's tensors are "
-                        "large ones, so it freezes far more parameters than Random; params: every freezing "
-                        "method freezes the same share of parameters, and Saliency and Largest (the largest "
-                        "tensors, a data-free control) run beside Random and FreezeAsGuard")
 
 
 def cmd_world(args) -> int:
@@ -202,6 +231,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_attack_sweep(args) -> int:
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()] if args.attacks else None
+    if args.config:
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        chosen = attacks or (None if isinstance(raw, dict) and "attacks" in raw else list(SWEEP_ATTACKS))
+        cfg = ExperimentConfig.from_yaml(args.config, out=args.out, attacks=chosen)
+    else:
+        n_seeds = args.seeds or (1 if args.quick else 3)
+        settings = {**ATTACK_SWEEP, **(QUICK if args.quick else {}), "attacks": attacks or list(SWEEP_ATTACKS)}
+        cfg = ExperimentConfig(**settings, preset="attack-sweep", out=str(args.out), cast_seed=args.cast_seed,
+                               innocent=[args.innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(args.ratio)],
+                               workers=args.workers or (1 if args.quick else default_workers()))
+    Runner(cfg).run()
+    sweep = Path(cfg.out) / "attack_sweep.md"
+    print(sweep.read_text() if sweep.exists() else (Path(cfg.out) / "results.md").read_text())
+    print(f"report: {sweep} (also attack_sweep.png, .csv, .json; results.md for every metric)")
+    return 0
+
+
 def cmd_score(args) -> int:
 
     if args.fid_inception_weights and args.fid_features:
@@ -221,4 +269,4 @@ def cmd_convert_weights(args) -> int:
     return 0
 
 
-COMMANDS = {"score": cmd_score, "convert-weights": cmd_convert_weights, "world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}
+COMMANDS = {"attack-sweep": cmd_attack_sweep, "score": cmd_score, "convert-weights": cmd_convert_weights, "world": cmd_world, "protect": cmd_protect, "experiment": cmd_experiment, "demo": cmd_demo}

@@ -25,7 +25,7 @@ from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
-from .lora import LORA_FILE, LoraSettings, add_lora, base_weights_moved, choose_targets, save_lora
+from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
 from .models import SDComponents, fingerprint, load_sd, load_unet_state
 from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
@@ -34,6 +34,7 @@ from .settings import setting
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd", "adafactor", "prodigy")
 
 
 class EnforcementError(RuntimeError):
@@ -58,8 +59,11 @@ class FinetuneConfig:
     steps: int = setting(2000, "optimizer steps")
     batch_size: int = setting(4, "samples per optimizer step, over all processes")
     grad_accum: int = setting(1, "micro-batches per optimizer step (each process's share is split)")
-    lr: float = setting(1e-5, "AdamW learning rate")
-    weight_decay: float = setting(1e-2, "AdamW weight decay (diffusers' default)")
+    lr: float = setting(1e-5, "learning rate (prodigy: a multiplier of its own estimate, 1.0 as its authors use it)")
+    optimizer: str = setting("adamw", "adamw (diffusers' scripts), sgd (momentum 0.9), adafactor (transformers', "
+                                      "fixed lr), prodigy (prodigyopt, learning-rate free)", choices=OPTIMIZERS)
+    weight_decay: float = setting(1e-2, "weight decay (diffusers' default); adafactor: none")
+    prior_weight: float = setting(1.0, "with prior data (DreamBooth's prior preservation): the weight of its loss")
     max_grad_norm: float = setting(1.0, "gradient clipping; 0 turns it off")
     seed: int = setting(0, "seed of the data order, noise and timesteps")
     mixed_precision: str = setting("no", "autocast on GPU; parameters stay fp32", choices=MIXED_PRECISION)
@@ -70,6 +74,8 @@ class FinetuneConfig:
     device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision {self.mixed_precision!r}: use one of {MIXED_PRECISION}")
         if self.steps < 0 or self.batch_size < 1 or self.grad_accum < 1:
@@ -89,10 +95,22 @@ def autocast_dtype(mixed_precision: str, device: torch.device):
 
 
 def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable tensors only: frozen tensors appear in no param group."""
+    """The chosen optimizer over trainable tensors only: frozen tensors appear in no param group."""
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("every UNet tensor is frozen; nothing to fine-tune")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor     # transformers comes with peft; seconds to import
+        # a fixed learning rate, not scaled by each tensor's RMS: cfg.lr means what it means for AdamW
+        return Adafactor(trainable, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False)
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise ValueError("optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        return Prodigy(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Fused AdamW updates all tensors in one kernel (CUDA, and CPU since torch 2.4). On the tiny
     # UNet's 684 tensors at one CPU thread the default per-tensor loop takes 70 ms a step, fused
     # 16 ms, a tenth of a demo fine-tune step saved (benchmarks/bench_optimizer.py).
@@ -101,11 +119,20 @@ def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
 
 
 def _checkpoint_tensors(unet, optimizer, mix: DomainMix, step: int, scaler=None) -> dict:
+    """Trainable weights, the optimizer's state (per tensor, and the numbers some optimizers keep
+    per group, such as Prodigy's step-size estimate), the data order and the step: a resume is
+    bit-exact whatever the optimizer."""
     names = {p: n for n, p in unet.named_parameters()}
     tensors = {f"param/{n}": p.detach() for n, p in unet.named_parameters() if p.requires_grad}
     for p, state in optimizer.state.items():
         for k, v in state.items():
-            tensors[f"opt/{names[p]}/{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+            # "@" marks a Python number (Adafactor counts steps in an int): restored as one
+            tensors[f"opt/{names[p]}/{k}" if torch.is_tensor(v) else f"opt/{names[p]}/{k}@"] = \
+                v if torch.is_tensor(v) else torch.tensor(v)
+    for i, group in enumerate(optimizer.param_groups):
+        for k, v in group.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                tensors[f"optgroup/{i}/{k}"] = torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64)
     tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
     tensors["step"] = torch.tensor([step])
     if scaler is not None:
@@ -125,14 +152,20 @@ def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
         name = next(n for n, q in params.items() if q is p)
         entries = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"opt/{name}/")}
         if entries:
-            optimizer.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in entries.items()}
+            optimizer.state[p] = {k[:-1] if k.endswith("@") else k:
+                                  v.item() if k.endswith("@") else v if k == "step" else v.to(p.device)
+                                  for k, v in entries.items()}
+    for key, value in state.items():
+        if key.startswith("optgroup/"):
+            _, i, k = key.split("/", 2)
+            optimizer.param_groups[int(i)][k] = value.item()
     mix.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mix/")})
     return int(state["step"][0])
 
 
 def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
                resume: bool = False, desc: str = "fine-tune") -> list[dict]:
-    """AdamW on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
+    """The chosen optimizer on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
     (data and noise) once and backpropagates it in grad_accum chunks; every sample carries weight
     1/batch_size, so the accumulated gradient equals the one-batch gradient."""
     device = next(components.unet.parameters()).device
@@ -265,13 +298,19 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
 def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Mask | None = None,
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
-                     work_dir=None, overwrite: bool = False, lora: LoraSettings | None = None) -> FinetuneResult:
+                     work_dir=None, overwrite: bool = False, lora: LoraSettings | None = None,
+                     prior_data=None, lora_as_attacker: bool = False) -> FinetuneResult:
     """Fine-tune the UNet (or, with ``lora.rank``, a LoRA on the modules the mask allows) on
-    one dataset; the output is a pipeline folder (a LoRA folder with a LoRA) and a manifest."""
+    one dataset; the output is a pipeline folder (a LoRA folder with a LoRA) and a manifest.
+    ``prior_data`` (DreamBooth's prior preservation): images of the subject's class, drawn
+    beside the data every step (a batch of each) and weighted by ``cfg.prior_weight``.
+    ``lora_as_attacker`` (the attack sweep): requested LoRA modules the mask freezes are left out
+    and the rank is capped at the modules' size, instead of both being errors."""
     t0 = time.time()
     dist.init_from_env()
     # --- setup
-    prepare_output_dir(out_dir, "finetune", {"--model": model_dir, "--data": data_dir}, overwrite, resume)
+    inputs = {"--model": model_dir, "--data": data_dir, **({"--prior-data": prior_data} if prior_data else {})}
+    prepare_output_dir(out_dir, "finetune", inputs, overwrite, resume)
     device = resolve_device(cfg.device)
     components = load_sd(model_dir).to(device)
     base_state = load_unet_state(model_dir)
@@ -279,7 +318,10 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     scheme, active = resolve_scheme(components.unet, mask, random_ratio, cfg.seed, full, budget, base_fp)
     targets = None
     if lora is not None and lora.rank:
-        targets = choose_targets(components.unet, active, lora)
+        if lora_as_attacker:
+            targets, lora = attacker_targets(components.unet, active, lora)
+        else:
+            targets = choose_targets(components.unet, active, lora)
         add_lora(components.unet, targets, lora)
         logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
     frozen = active.frozen_names if targets is not None else active.apply(components.unet)
@@ -287,12 +329,17 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                 len(active.names), 100 * active.param_fraction)
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
     schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
-    mix = DomainMix([Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)], schedule, cfg.seed)
+    domains = [Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)]
+    prior = load_image_captions(prior_data, caption_column=caption_column) if prior_data else None
+    if prior is not None:
+        domains.append(Domain("prior", EncodedData(prior, components, device), cfg.batch_size, cfg.prior_weight))
+    mix = DomainMix(domains, schedule, cfg.seed)
     work_dir = Path(work_dir) if work_dir else Path(str(out_dir) + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device",
                                                                   "validation_prompts", "validation_every")}
     check_provenance(work_dir, {"model": base_fp or fingerprint(base_state.items()), "data": data_fingerprint(data),
+                                "prior_data": data_fingerprint(prior) if prior is not None else None,
                                 "scheme": scheme, "frozen": frozen, "settings": settings,
                                 "lora": asdict(lora) if targets is not None else None})
     # --- train
@@ -312,6 +359,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         "mask_meta": active.meta, "frozen_names": frozen,
         "frozen_tensor_hashes": frozen_tensor_hashes(base_state, frozen),
         "base_model": str(Path(model_dir).resolve()), "data": str(Path(data_dir).resolve()), "subject": subject,
+        "prior_data": str(Path(prior_data).resolve()) if prior_data else None,
         "config": asdict(cfg), "final_loss": history[-1] if history else None,
         "lora": {**asdict(lora), "modules": targets, "file": LORA_FILE} if targets is not None else None,
     }

@@ -88,6 +88,29 @@ def choose_targets(unet, mask: Mask, settings: LoraSettings) -> list[str]:
     return chosen
 
 
+class NoAllowedModules(ValueError):
+    """An attacker's LoRA recipe finds no module the mask leaves trainable."""
+
+
+def attacker_targets(unet, mask: Mask, settings: LoraSettings) -> tuple[list[str], LoraSettings]:
+    """What an illegal user gets from a LoRA recipe under the mask: the requested (or default)
+    modules the mask leaves fully trainable, frozen ones left out rather than refused, and the
+    rank capped at the smallest chosen module (a rank-128 recipe on a model whose projections
+    are 32 wide is a rank-32 LoRA). NoAllowedModules when nothing is left."""
+    frozen = set(mask.frozen_names)
+    able = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    allowed = [n for n, m in able.items() if not any(f"{n}.{k}" in frozen for k, _ in m.named_parameters())]
+    if settings.targets:
+        chosen = [n for n in allowed if _peft_matches(settings.targets, n)]
+    else:
+        chosen = [n for n in allowed if any(n == t or n.endswith(f".{t}") for t in DEFAULT_TARGETS)]
+    if not chosen:
+        raise NoAllowedModules(f"no module the recipe asks for ({settings.targets or 'attention projections'}) is "
+                               f"trainable under the mask")
+    cap = min(min(able[n].weight.shape[0], able[n].weight.shape[1]) for n in chosen)
+    return chosen, LoraSettings(rank=min(settings.rank, cap), alpha=settings.alpha, targets=settings.targets)
+
+
 def add_lora(unet, targets: list[str], settings: LoraSettings) -> None:
     """Freeze every UNet weight and put a fresh LoRA (peft) on exactly ``targets``."""
     from peft import LoraConfig  # imports transformers (seconds): only guarded LoRA pays for it

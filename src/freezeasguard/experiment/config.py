@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from ..attacks import SWEEP_ATTACKS, resolve_attack
 from ..finetune import FinetuneConfig
 from ..mask import BUDGETS, check_ratio
 from ..methods import ProtectSettings, parse_chain
@@ -41,9 +42,15 @@ class ExperimentConfig(ProtectSettings):
     finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
     generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
     guidance: float = setting(7.5, "classifier-free guidance scale")
-    attack: str = setting("full", "how the users fine-tune: full (every weight the method leaves trainable) or lora "
-                                  "(a LoRA on the modules it leaves trainable)", choices=("full", "lora"))
-    attack_lora_rank: int = setting(8, "attack lora: the LoRA's rank")
+    attacks: list[str] = setting(["default"], "the illegal user's fine-tuning recipes, each run for every method, "
+                                              "ratio and seed: built-in names (freezeasguard attack-sweep --list) or "
+                                              "ones defined under attack_recipes")
+    attack_recipes: dict[str, dict] = setting({}, "name -> recipe (keys: the fields of attacks.Attack, e.g. "
+                                                   "{optimizer: sgd, lr_factor: 100, lora_rank: 8})")
+    attack_innocent: bool = setting(False, "fine-tune the innocent users with every attack too (default: the "
+                                           "default recipe only)")
+    attack_class_prompt: str = setting("a photo of a person", "the class prompt of DreamBooth-style attacks: the "
+                                                              "starting model's samples of it are the prior images")
     # real data instead of the synthetic world (see experiment/folder_world.py)
     people_data: str | None = setting(None, "FF25-style folder: metadata with file_name, text, name")
     innocent_data: dict[str, str] = setting({}, "domain -> image folder or saved dataset")
@@ -64,8 +71,10 @@ class ExperimentConfig(ProtectSettings):
             check_ratio(r, "ratios")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        if self.attack not in ("full", "lora"):
-            raise ValueError(f"attack {self.attack!r}: use full or lora")
+        if not self.attacks:
+            raise ValueError("attacks: give at least one attack (default: the users' recipe)")
+        for name in self.attacks:
+            resolve_attack(name, self.attack_recipes)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
         positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
@@ -157,7 +166,9 @@ DEMO = dict(warm_start_steps=100, warm_start_lr=1e-4, warm_start_batch=4, mask_s
             guidance=3.0,
             # Adam moves each weight ~lr per step: 50 IMMA steps of 1e-5 leave the tiny model as it was
             imma_lr=1e-4)
-PRESETS = {"demo": DEMO}
+# the attack sweep on the built-in world: the demo's settings, every baseline that freezes, every axis of attack
+ATTACK_SWEEP = dict(DEMO, methods=["full", "random", "saliency", "learned"], attacks=list(SWEEP_ATTACKS))
+PRESETS = {"demo": DEMO, "attack-sweep": ATTACK_SWEEP}
 
 # settings that may change between a run and its resume (they do not change any result)
 RESUMABLE_SETTINGS = ("out", "workers")

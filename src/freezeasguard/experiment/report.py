@@ -11,18 +11,20 @@ import matplotlib
 matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..attacks.sweep import write_attack_sweep
 from ..io import atomic_write_json, atomic_write_text
-from ..methods import chain_uses_ratio
+from ..methods import method_label
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and spread over seeds (and subjects) per method, ratio, domain and metric."""
+    """Mean and spread over seeds (and subjects) per method, ratio, attack, domain and metric."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        groups.setdefault((r["method"], r["ratio"], r["domain"], r["metric"]), []).append(r["value"])
-    return [{"method": m, "ratio": ra, "domain": d, "metric": me, "mean": statistics.fmean(v),
+        key = (r["method"], r["ratio"], r.get("attack", "default"), r["domain"], r["metric"])
+        groups.setdefault(key, []).append(r["value"])
+    return [{"method": m, "ratio": ra, "attack": a, "domain": d, "metric": me, "mean": statistics.fmean(v),
              "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
-            for (m, ra, d, me), v in groups.items()]
+            for (m, ra, a, d, me), v in groups.items()]
 
 
 # column titles of results.md; the arrow says which way is better for the publisher
@@ -36,29 +38,16 @@ COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition"
 INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
 
 
-def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
-    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%;
-    a parameter budget reads "Random-30% params"."""
-    if method == "pretrained":
-        return "Pre-trained (no FT)"
-    names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
-             "largest": "Largest", "uce": "UCE", "imma": "IMMA"}
-    parts = method.split("+")
-    label = "+".join(names.get(p, p) for p in parts)
-    if not chain_uses_ratio(method):
-        return label
-    return f"{label}-{ratio:.0%}" + (" params" if budget == "params" else "")
-
-
 def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     atomic_write_json(root / "results.json", rows)
     with open(root / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["method", "ratio", "seed", "subject", "domain", "metric", "value"])
+        w = csv.DictWriter(f, fieldnames=["method", "ratio", "attack", "seed", "subject", "domain", "metric", "value"])
         w.writeheader()
         w.writerows(rows)
     summary = summarise(rows)
     atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds})
-    cell = {(s["method"], s["ratio"], s["domain"], s["metric"]): s for s in summary}
+    cell = {(s["method"], s["ratio"], s["attack"], s["domain"], s["metric"]): s for s in summary}
+    several_attacks = len({s["attack"] for s in summary}) > 1
     cols = []
     for domain in ["people"] + list(cfg.innocent):
         metrics = list(dict.fromkeys(s["metric"] for s in summary if s["domain"] == domain))
@@ -68,15 +57,18 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
             else:
                 name = INNOCENT_COLUMN_NAMES.get(metric) or COLUMN_NAMES.get(metric, metric)
                 cols.append((domain, metric, f"{domain.capitalize()} {name}"))
-    keys = sorted({(s["method"], s["ratio"]) for s in summary}, key=lambda k: (k[0] != "pretrained", k[0] != "full", k))
+    attack_order = {a: i for i, a in enumerate(getattr(cfg, "attacks", ["default"]))}
+    keys = sorted({(s["method"], s["ratio"], s["attack"]) for s in summary},
+                  key=lambda k: (k[0] != "pretrained", k[0] != "full", k[0], k[1], attack_order.get(k[2], 0)))
     lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, ratio in keys:
-        label = method_label(method, ratio, cfg.budget)
+    for method, ratio, attack in keys:
+        label = method_label(method, ratio, cfg.budget) + (f" · {attack}" if several_attacks and
+                                                           method != "pretrained" else "")
         vals = []
         for d, m, _ in cols:
-            s = cell.get((method, ratio, d, m))
+            s = cell.get((method, ratio, attack, d, m))
             vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += ["", f"Frozen params: share of the UNet's parameters frozen ({cfg.budget} budget, "
@@ -84,7 +76,9 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
               "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
               f"Total time {seconds:.0f}s."]
     atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
-    _tradeoff_plot(root, summary, cfg)
+    _tradeoff_plot(root, [s for s in summary if s["attack"] == "default"], cfg)
+    if several_attacks:
+        write_attack_sweep(root, summary, cfg)
     return "\n".join(lines)
 
 

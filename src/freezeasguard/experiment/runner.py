@@ -10,6 +10,7 @@ image grids per method, the mask plot and a trade-off plot.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -24,10 +25,12 @@ from tqdm.auto import tqdm
 from ..batches import Domain, DomainMix, weighted_loss
 from ..data import EncodedData, load_image_captions
 from ..diffusion import NoiseSchedule
-from ..finetune import FinetuneConfig, guarded_finetune
+from ..finetune import guarded_finetune
 from ..generate import generate_images, load_pipeline, save_grid
 from ..io import atomic_write_json
-from ..lora import LoraSettings, lora_base
+from ..attacks import resolve_attack
+from ..lora import NoAllowedModules, lora_base
+from ..outputs import write_image_folder
 from ..methods import chain_uses_ratio, protect
 from ..models import SDComponents, load_sd
 from ..outputs import mark_output, prepare_output_dir
@@ -78,10 +81,12 @@ class Runner:
         atomic_write_json(marker, {"result": result, "seconds": time.time() - t})
         return result
 
-    def data(self, domain: str, split: str, subject: str | None = None) -> Path:
-        name = f"{domain}-{subject or 'all'}-{split}".replace(" ", "_")
+    def data(self, domain: str, split: str, subject: str | None = None, n: int | None = None) -> Path:
+        default_n = self.cfg.mask_images if split == "mask" else self.cfg.finetune_images
+        n = n or default_n
+        name = f"{domain}-{subject or 'all'}-{split}" + (f"-n{n}" if n != default_n else "")
+        name = name.replace(" ", "_")
         path = self.root / "data" / name
-        n = self.cfg.mask_images if split == "mask" else self.cfg.finetune_images
         subjects = [subject] if subject else self.subjects
         self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, subjects)))
         return path
@@ -92,21 +97,48 @@ class Runner:
                        [self.data(d, "mask") for d in self.cfg.innocent], self.subjects, ratio,
                        self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
 
-    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> tuple[Path, dict]:
+    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+                 attack: str = "default") -> tuple[Path, dict]:
+        """One user's fine-tune under the method, with the attack's recipe. An attack with no
+        module left to train (a targeted LoRA on frozen modules) leaves the user the starting
+        model: returned as it is, with the reason."""
+        recipe = resolve_attack(attack, self.cfg.attack_recipes)
         tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
+        tag += f"-{attack}" if attack != "default" else ""
         out = self.root / "finetunes" / tag
 
         def run():
             chosen = self.protection(method, ratio)
             model, kwargs = chosen.model or self.model, chosen.finetune_kwargs()
-            cfg = FinetuneConfig(steps=self.cfg.finetune_steps, batch_size=self.cfg.finetune_batch,
-                                 lr=self.cfg.finetune_lr, seed=seed, checkpoint_every=25)
-            data = self.data(domain, "finetune", subject)
-            lora = LoraSettings(rank=self.cfg.attack_lora_rank) if self.cfg.attack == "lora" else None
-            r = guarded_finetune(model, data, out, cfg, resume=True, lora=lora, **kwargs)
+            cfg = recipe.finetune_config(self.cfg.finetune_lr, self.cfg.finetune_steps, self.cfg.finetune_batch, seed,
+                                         checkpoint_every=25)
+            data = self.data(domain, "finetune", subject, recipe.images(self.cfg.finetune_images))
+            prior = self.class_images(model) if recipe.prior_weight else None
+            try:
+                r = guarded_finetune(model, data, out, cfg, resume=True, lora=recipe.lora(), prior_data=prior,
+                                     lora_as_attacker=True, **kwargs)
+            except NoAllowedModules as exc:
+                logger.warning("attack %s under %s: %s; the user keeps the starting model", attack, method, exc)
+                return {"skipped": str(exc), "model": str(model), "frozen_tensors": None,
+                        "frozen_param_fraction": None, "final_loss": None}
             return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
                     "final_loss": r.history[-1]["loss_data"] if r.history else None}
-        return out, self.stage(f"finetune-{tag}", run)
+        info = self.stage(f"finetune-{tag}", run)
+        return (Path(info["model"]) if info.get("skipped") else out), info
+
+    def class_images(self, model: Path) -> Path:
+        """DreamBooth's prior images: the starting model's own samples of the class prompt."""
+        name = "class-" + hashlib.blake2b(str(Path(model).resolve()).encode(), digest_size=6).hexdigest()
+        path = self.root / "data" / name
+
+        def run():
+            n = self.cfg.finetune_images
+            images = generate_images(load_pipeline(model), [self.cfg.attack_class_prompt] * n,
+                                     steps=self.cfg.generate_steps, seed=777, guidance=self.cfg.guidance)
+            rows = [{"file_name": f"{i:05d}.png", "text": self.cfg.attack_class_prompt} for i in range(n)]
+            return str(write_image_folder(path, images, rows, "experiment", overwrite=True))
+        self.stage(f"data-{name}", run)
+        return path
 
     def generate(self, model_dir: Path, prompts: list[str], seed: int, out: Path):
 
@@ -123,8 +155,8 @@ class Runner:
         return [Image.open(out / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))]
 
     # ---- evaluation of one fine-tuned model -------------------------------------------------
-    def eval_people(self, model_dir, method, ratio, seed, subject) -> list[dict]:
-        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_")
+    def eval_people(self, model_dir, method, ratio, seed, subject, attack: str = "default") -> list[dict]:
+        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_") + (f"-{attack}" if attack != "default" else "")
 
         def run():
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
@@ -132,18 +164,19 @@ class Runner:
             loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data")
             return self.world.score_people(images, subject, real) + [{"metric": "heldout_loss", "value": loss}]
         rows = self.stage(f"eval-{tag}", run)
-        return [{"method": method, "ratio": ratio, "seed": seed, "subject": subject, "domain": "people", **r}
-                for r in rows]
+        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject,
+                 "domain": "people", **r} for r in rows]
 
-    def eval_innocent(self, model_dir, method, ratio, seed, domain) -> list[dict]:
-        tag = f"{method}-{ratio:g}-s{seed}-{domain}"
+    def eval_innocent(self, model_dir, method, ratio, seed, domain, attack: str = "default") -> list[dict]:
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}" + (f"-{attack}" if attack != "default" else "")
 
         def run():
             prompts, attrs, real = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
             return self.world.score_innocent(domain, images, prompts, attrs, real)
         rows = self.stage(f"eval-{tag}", run)
-        return [{"method": method, "ratio": ratio, "seed": seed, "subject": None, "domain": domain, **r} for r in rows]
+        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": None, "domain": domain,
+                 **r} for r in rows]
 
     def sanity(self) -> dict:
         """The judges on real data, and (where the world can say) the untouched model's prior."""
@@ -163,13 +196,17 @@ class Runner:
         atomic_write_json(self.root / "config.json", asdict(cfg))
         sanity = self.sanity()
         # the untouched model (recognition should be near zero), then one job per user fine-tune
-        baseline = [("pretrained", 0.0, seed, "people", subject) for seed in cfg.seeds for subject in self.subjects]
+        baseline = [("pretrained", 0.0, seed, "people", subject, "default") for seed in cfg.seeds
+                    for subject in self.subjects]
+        innocent_attacks = cfg.attacks if cfg.attack_innocent else ["default"]
         jobs = []
         for method in cfg.methods:
             for ratio in (cfg.ratios if chain_uses_ratio(method) else [0.0]):
                 for seed in cfg.seeds:
-                    jobs += [(method, ratio, seed, "people", subject) for subject in self.subjects]
-                    jobs += [(method, ratio, seed, domain, None) for domain in cfg.innocent]
+                    jobs += [(method, ratio, seed, "people", subject, attack) for attack in cfg.attacks
+                             for subject in self.subjects]
+                    jobs += [(method, ratio, seed, domain, None, attack) for attack in innocent_attacks
+                             for domain in cfg.innocent]
         if cfg.workers > 1 and self._own_world:
             self._prepare_shared(jobs)
             rows = run_jobs_in_processes(cfg, baseline + jobs, protection_groups(jobs))
@@ -180,17 +217,19 @@ class Runner:
         write_report(self.root, rows, sanity, self.subjects, cfg, time.time() - t0)
         return rows
 
-    def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None) -> list[dict]:
-        """One user's fine-tune and its evaluation: the illegal user (people) or an innocent one;
-        method "pretrained" evaluates the untouched model."""
+    def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+                attack: str = "default") -> list[dict]:
+        """One user's fine-tune with the attack's recipe and its evaluation: the illegal user
+        (people) or an innocent one; method "pretrained" evaluates the untouched model."""
         if method == "pretrained":
             return self.eval_people(self.model, method, ratio, seed, subject)
-        ft, info = self.finetune(method, ratio, seed, domain, subject)
+        ft, info = self.finetune(method, ratio, seed, domain, subject, attack)
         if domain == "people":
-            frozen = {"method": method, "ratio": ratio, "seed": seed, "subject": subject, "domain": domain,
-                      "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}
-            return [frozen] + self.eval_people(ft, method, ratio, seed, subject)
-        return self.eval_innocent(ft, method, ratio, seed, domain)
+            rows = [] if info.get("skipped") else [
+                {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
+                 "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}]
+            return rows + self.eval_people(ft, method, ratio, seed, subject, attack)
+        return self.eval_innocent(ft, method, ratio, seed, domain, attack)
 
     def _prepare_shared(self, jobs):
         """What several jobs read, made once before they run side by side (no two processes write
@@ -199,10 +238,13 @@ class Runner:
         self.data("people", "mask")
         for domain in self.cfg.innocent:
             self.data(domain, "mask")
-        for _, _, _, domain, subject in jobs:
-            self.data(domain, "finetune", subject)
+        for _, _, _, domain, subject, attack in jobs:
+            self.data(domain, "finetune", subject,
+                      resolve_attack(attack, self.cfg.attack_recipes).images(self.cfg.finetune_images))
         for subject in self.subjects:
             heldout_data(self.world, subject, self.root / "data")
+        if any(resolve_attack(a, self.cfg.attack_recipes).prior_weight for a in self.cfg.attacks):
+            self.class_images(self.model)    # methods that edit the model (uce, imma) make theirs in their job
         if hasattr(self.world, "recogniser"):      # trains and caches the judge for a new cast, once
             self.world.recogniser()
 

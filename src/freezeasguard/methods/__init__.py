@@ -32,6 +32,7 @@ from .registry import (  # noqa: F401
                        ProtectSettings,
                        chain_uses_ratio,
                        data_mix,
+                       method_label,
                        parse_chain,
                        protect,
                        register,

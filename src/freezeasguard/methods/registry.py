@@ -140,6 +140,20 @@ def chain_uses_ratio(spec: str) -> bool:
     return any(m.uses_ratio for m in parse_chain(spec))
 
 
+def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
+    """Table labels as in the paper: Full FT, Random-30%, FreezeAsGuard-30%, UCE, UCE+FreezeAsGuard-30%;
+    a parameter budget reads "Random-30% params"."""
+    if method == "pretrained":
+        return "Pre-trained (no FT)"
+    names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
+             "largest": "Largest", "uce": "UCE", "imma": "IMMA"}
+    parts = method.split("+")
+    label = "+".join(names.get(p, p) for p in parts)
+    if not chain_uses_ratio(method):
+        return label
+    return f"{label}-{ratio:.0%}" + (" params" if budget == "params" else "")
+
+
 def protect(spec: str, model: Path, illegal: Path, innocent: list[Path], subjects: list[str], ratio: float,
             work_root: Path, settings: ProtectSettings | None = None, device: str = "auto") -> Protection:
     """Run a method or a chain; each link's output is cached in work_root/<chain prefix>/ and a
