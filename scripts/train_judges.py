@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from freezeasguard.io import atomic_write_json  # noqa: E402
 from freezeasguard.metrics.basic import attribute_accuracy, prompt_accuracy  # noqa: E402
-from freezeasguard.models import load_sd  # noqa: E402
+from freezeasguard.models import load_model  # noqa: E402
 from freezeasguard.synthetic import TINY_SD, judges  # noqa: E402
 from freezeasguard.synthetic.classifiers import (  # noqa: E402
     OTHER,
@@ -53,7 +53,7 @@ def main():
     a = ap.parse_args()
     out = Path(a.out)
     vae_dir = Path(a.vae_from)
-    vae = (load_sd(vae_dir).vae if (vae_dir / "vae").is_dir()
+    vae = (load_model(vae_dir).vae if (vae_dir / "vae").is_dir()
            else AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval())
     info = {"vae_from": a.vae_from, "world_version": WORLD_VERSION}
 

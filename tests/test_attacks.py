@@ -4,16 +4,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from freezeasguard import FinetuneConfig, Mask, guarded_finetune
+from freezeasguard import Mask, guarded_finetune
 from freezeasguard.attacks import BUILTIN_ATTACKS, SWEEP_ATTACKS, Attack, resolve_attack
 from freezeasguard.attacks.sweep import illegal_metric, worst_case
 from freezeasguard.experiment.config import ExperimentConfig
-from freezeasguard.models import load_unet_state
+from freezeasguard.models import load_denoiser_state
 
 
 @pytest.fixture(scope="module")
 def mask(tiny_sd):
-    state = load_unet_state(tiny_sd)
+    state = load_denoiser_state(tiny_sd)
     return Mask.random(list(state.items()), 0.5, seed=11)
 
 
@@ -27,7 +27,7 @@ def test_every_builtin_attack_trains_and_respects_the_mask(name, tiny_sd, people
     assert len(r.history) == cfg.steps
     if attack.prior_weight:
         assert all("loss_prior" in h for h in r.history)
-    base = load_unet_state(tiny_sd)
+    base = load_denoiser_state(tiny_sd)
     frozen = set(mask.frozen_names)
     if attack.lora_rank:
         adapter = load_file(str(out / "pytorch_lora_weights.safetensors"))
@@ -36,7 +36,7 @@ def test_every_builtin_attack_trains_and_respects_the_mask(name, tiny_sd, people
         if attack.lora_targets:             # the targeted recipe stays on the up blocks' cross-attention
             assert all(".attn2." in t and t.startswith("up_blocks.") for t in touched)
     else:
-        tuned = load_unet_state(out)
+        tuned = load_denoiser_state(out)
         assert all(torch.equal(tuned[n], base[n]) for n in frozen)       # frozen tensors byte-identical
         assert any(not torch.equal(tuned[n], base[n]) for n in base if n not in frozen)   # it trained
 
@@ -55,8 +55,8 @@ def test_recipe_settings_follow_the_experiments_users():
 
 def test_a_rank_above_the_modules_size_is_capped_for_an_attacker(tiny_sd, mask):
     from freezeasguard.lora import LoraSettings, attacker_targets
-    from freezeasguard.models import load_sd
-    unet = load_sd(tiny_sd).unet
+    from freezeasguard.models import load_model
+    unet = load_model(tiny_sd).denoiser
     targets, used = attacker_targets(unet, mask, LoraSettings(rank=10_000))
     modules = dict(unet.named_modules())
     assert used.rank == min(min(modules[t].weight.shape) for t in targets)

@@ -88,8 +88,8 @@ def test_generate_writes_images_and_a_grid(tiny_sd, tmp_path):
 
 def test_tiny_pipeline_and_help(tmp_path, capsys):
     assert main(["tiny-pipeline", "--out", str(tmp_path / "p"), "--layout", "mini"]) == 0
-    from freezeasguard.models import load_sd
-    c = load_sd(tmp_path / "p")
+    from freezeasguard.models import load_model
+    c = load_model(tmp_path / "p")
     assert len(c.tokenizer) > 2 and c.resolution == 32
     for cmd in (["learn"], ["finetune"], ["verify"], ["generate"], ["mask", "show"], []):
         with pytest.raises(SystemExit) as e:
@@ -158,11 +158,56 @@ def test_presets_match_real_configs(tmp_path):
             check_model(PRESETS[other], root)
 
 
+# the published configs of each family, as numbers (what the folder check reads; no download)
+_FAMILY_FOLDERS = {
+    "sdxl": ("StableDiffusionXLPipeline", "unet", {"sample_size": 128, "cross_attention_dim": 2048},
+             {"block_out_channels": [128, 256, 512, 512], "latent_channels": 4, "sample_size": 1024},
+             {"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}),
+    "sd35-medium": ("StableDiffusion3Pipeline", "transformer",
+                    {"sample_size": 128, "joint_attention_dim": 4096, "num_layers": 24},
+                    {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "sample_size": 1024},
+                    {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}),
+    "sd35-large": ("StableDiffusion3Pipeline", "transformer",
+                   {"sample_size": 128, "joint_attention_dim": 4096, "num_layers": 38},
+                   {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "sample_size": 1024},
+                   {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}),
+    "flux1-dev": ("FluxPipeline", "transformer", {"joint_attention_dim": 4096, "num_layers": 19, "guidance_embeds": True},
+                  {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "sample_size": 1024},
+                  {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "use_dynamic_shifting": True}),
+    "flux1-schnell": ("FluxPipeline", "transformer",
+                      {"joint_attention_dim": 4096, "num_layers": 19, "guidance_embeds": False},
+                      {"block_out_channels": [128, 256, 512, 512], "latent_channels": 16, "sample_size": 1024},
+                      {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(_FAMILY_FOLDERS))
+def test_family_presets_pass_their_own_folders_and_name_the_right_one_for_another(name, tmp_path):
+    import json as _json
+
+    from freezeasguard.families import FAMILIES, family_of_pipeline_class
+    from freezeasguard.presets import PRESETS, PresetError, check_model
+    for key, (pipeline, folder, den, vae, sched) in _FAMILY_FOLDERS.items():
+        root = tmp_path / key
+        family = family_of_pipeline_class(pipeline)
+        for part in [folder, "vae", "scheduler"] + [p for pair in FAMILIES[family.name].encoders for p in pair]:
+            (root / part).mkdir(parents=True)
+        (root / "model_index.json").write_text(_json.dumps({"_class_name": pipeline}))
+        (root / folder / "config.json").write_text(_json.dumps(den))
+        (root / "vae" / "config.json").write_text(_json.dumps(vae))
+        (root / "scheduler" / "scheduler_config.json").write_text(_json.dumps(sched))
+    check_model(PRESETS[name], tmp_path / name)
+    for other in _FAMILY_FOLDERS:
+        if other != name:
+            with pytest.raises(PresetError, match=f"is not {name}: .*it looks like {other}"):
+                check_model(PRESETS[name], tmp_path / other)
+
+
 def test_a_preset_supplies_the_values_the_command_runs_with_unless_a_flag_is_typed():
     import argparse
 
     from freezeasguard.presets import Preset, apply_preset
-    preset = Preset("x", 16, "epsilon", 32, settings={"finetune": {"lr": 3e-4, "steps": 7}})
+    preset = Preset("x", "sd", 16, "epsilon", 32, settings={"finetune": {"lr": 3e-4, "steps": 7}})
     defaults = {"lr": 1e-5, "steps": 2000}
     args = argparse.Namespace(lr=1e-5, steps=50)          # steps typed by the user
     apply_preset(preset, "finetune", args, defaults)

@@ -85,7 +85,7 @@ def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     """UCE, IMMA, saliency and uce+learned run through the same runner; the chain's fine-tune
     starts from the UCE-edited model and keeps its frozen tensors byte-identical to it."""
     from freezeasguard.mask import Mask
-    from freezeasguard.models import load_unet_state
+    from freezeasguard.models import load_denoiser_state
     cfg = _cfg(tmp_path / "exp", tiny_sd)
     cfg.methods = ["uce", "imma", "saliency", "uce+learned"]
     cfg.imma_steps, cfg.imma_inner_steps, cfg.saliency_batches = 2, 1, 1
@@ -96,9 +96,9 @@ def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
         assert label in table
     uce_model = tmp_path / "exp" / "protect" / "uce" / "model"
     mask = Mask.load(tmp_path / "exp" / "protect" / "uce+learned" / "mask-0.3.safetensors")
-    edited, base = load_unet_state(uce_model), load_unet_state(tiny_sd)
+    edited, base = load_denoiser_state(uce_model), load_denoiser_state(tiny_sd)
     ft = next((tmp_path / "exp" / "finetunes").glob("uce+learned-0.3-s0-people-*"))
-    tuned = load_unet_state(ft)
+    tuned = load_denoiser_state(ft)
     frozen = set(mask.frozen_names)
     assert frozen and all(tuned[n].equal(edited[n]) for n in frozen)
     assert any(not edited[n].equal(base[n]) for n in edited if "attn2.to_k" in n)

@@ -5,7 +5,7 @@ import pytest
 from freezeasguard.cli import main
 from freezeasguard.exports import FORMATS, adapter_modules, export
 from freezeasguard.mask import Mask
-from freezeasguard.models import load_sd
+from freezeasguard.models import load_model
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def unet_and_mask(tiny_sd):
     """A mask freezing two whole blocks, one projection of a third, and a random 3% elsewhere: exact
     exports must follow it tensor by tensor, block-rounded ones must drop the third block too."""
     import torch
-    unet = load_sd(tiny_sd).unet
+    unet = load_model(tiny_sd).denoiser
     named = list(unet.named_parameters())
     g = torch.Generator().manual_seed(5)
     chosen = [n.startswith(("down_blocks.1.", "mid_block.")) or n == "up_blocks.3.attentions.2.proj_out.weight"

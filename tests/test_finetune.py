@@ -4,7 +4,7 @@ import torch
 
 from freezeasguard import EnforcementError, FinetuneConfig, Mask, guarded_finetune
 from freezeasguard.finetune import check_frozen_unchanged
-from freezeasguard.models import load_unet_state
+from freezeasguard.models import load_denoiser_state
 
 
 def _cfg(**kw):
@@ -14,14 +14,14 @@ def _cfg(**kw):
 
 
 def test_frozen_tensors_stay_bit_identical_and_every_trainable_one_moves(tiny_sd, people, tmp_path):
-    from freezeasguard.models import load_sd
-    unet = load_sd(tiny_sd).unet
+    from freezeasguard.models import load_model
+    unet = load_model(tiny_sd).denoiser
     named = list(unet.named_parameters())
     mask = Mask.random(named, 0.3, seed=5)
     out = tmp_path / "ft"
     result = guarded_finetune(tiny_sd, people, out, _cfg(), mask=mask)
     assert result.frozen_tensors == 206
-    base, tuned = load_unet_state(tiny_sd), load_unet_state(out)
+    base, tuned = load_denoiser_state(tiny_sd), load_denoiser_state(out)
     frozen = set(mask.frozen_names)
     for name in base:
         same = torch.equal(base[name].view(torch.uint8), tuned[name].view(torch.uint8))
@@ -59,8 +59,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_sd, people, tmp_path, m
                                                                max_grad_norm=0), full=True)
     b = guarded_finetune(tiny_sd, people, tmp_path / "b", _cfg(steps=1, batch_size=4, grad_accum=4,
                                                                max_grad_norm=0), full=True)
-    sa, sb = load_unet_state(a.out_dir), load_unet_state(b.out_dir)
-    base = load_unet_state(tiny_sd)
+    sa, sb = load_denoiser_state(a.out_dir), load_denoiser_state(b.out_dir)
+    base = load_denoiser_state(tiny_sd)
     for n in sa:
         torch.testing.assert_close(sa[n] - base[n], sb[n] - base[n], rtol=1e-4, atol=1e-6)
 
@@ -79,7 +79,7 @@ def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path, optimizer):
                                                                         optimizer=optimizer, lr=lr),
                                random_ratio=0.3, resume=True)
     assert len(resumed.history) == n // 2             # only the second half ran
-    sf, sr = load_unet_state(full.out_dir), load_unet_state(resumed.out_dir)
+    sf, sr = load_denoiser_state(full.out_dir), load_denoiser_state(resumed.out_dir)
     assert all(torch.equal(sf[n], sr[n]) for n in sf)
 
 
@@ -89,13 +89,13 @@ def test_prior_preservation_adds_the_weighted_prior_loss(tiny_sd, people, logos,
     import freezeasguard.finetune as ft
     monkeypatch.setattr(ft, "build_optimizer",
                         lambda unet, cfg: torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0))
-    base = load_unet_state(tiny_sd)
+    base = load_denoiser_state(tiny_sd)
     deltas = []
     for w in (0.0, 1.0, 2.0):
         r = guarded_finetune(tiny_sd, people, tmp_path / f"w{w}", _cfg(steps=1, max_grad_norm=0, prior_weight=w,
                                                                        weight_decay=0), full=True, prior_data=logos)
         assert "loss_prior" in r.history[0]
-        tuned = load_unet_state(r.out_dir)
+        tuned = load_denoiser_state(r.out_dir)
         deltas.append({n: tuned[n] - base[n] for n in base})
     moved = 0
     for n in base:

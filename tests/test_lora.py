@@ -7,13 +7,13 @@ from safetensors.torch import save_file
 from freezeasguard.cli import main
 from freezeasguard.lora import module_index, resolve_module, split_key
 from freezeasguard.mask import Mask
-from freezeasguard.models import load_unet_state
+from freezeasguard.models import load_denoiser_state
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lora")
-    state = load_unet_state(tiny_sd)
+    state = load_denoiser_state(tiny_sd)
     mask = Mask.random(list(state.items()), 0.5, seed=3)
     frozen = set(mask.frozen_names)
     linear = [n[:-7] for n in state if n.endswith(".weight") and state[n].ndim == 2 and "attn" in n]

@@ -49,7 +49,7 @@ def test_uce_maps_erased_to_targets_and_keeps_preserved():
 
 
 def _kv(comps):
-    return {n: m.weight.detach().clone() for n, m in comps.unet.named_modules()
+    return {n: m.weight.detach().clone() for n, m in comps.denoiser.named_modules()
             if n.endswith(("attn2.to_k", "attn2.to_v"))}
 
 
@@ -59,11 +59,11 @@ def test_uce_on_the_tiny_pipeline(tiny_sd):
     more tokens than the text width, so no exact fit exists); 32 projections, nothing else touched. With a preserved prompt: its outputs move far
     less than when it is not preserved (the tail tokens of different prompts overlap, so erasing
     and preserving compete; the maths of the exact case is tested above)."""
-    from freezeasguard.models import load_sd
+    from freezeasguard.models import load_model
     erase, guide, keep = ["mara quell"], "a person", ["a red circle logo"]
-    comps = load_sd(tiny_sd)
+    comps = load_model(tiny_sd)
     old = _kv(comps)
-    other = {n: p.detach().clone() for n, p in comps.unet.named_parameters()}
+    other = {n: p.detach().clone() for n, p in comps.denoiser.named_parameters()}
     edited = apply_uce(comps, erase, guide, [], lam=1e-6)
     assert set(edited) == set(old) and len(edited) == 32
     e, gd, p = concept_embeddings(comps, erase, guide, keep)
@@ -78,11 +78,11 @@ def test_uce_on_the_tiny_pipeline(tiny_sd):
         assert before > 0.05 and after < 0.3 * before, (name, before, after)
         assert abs(after - optimum) < 0.03 * optimum + 1e-4, (name, after, optimum)
         drift_unpreserved += float((p @ (new[name] - w_old).T).norm() / (p @ w_old.T).norm())
-    for n, t in comps.unet.named_parameters():
+    for n, t in comps.denoiser.named_parameters():
         if "attn2.to_k" not in n and "attn2.to_v" not in n:
             assert torch.equal(t.detach(), other[n]), n
 
-    comps = load_sd(tiny_sd)
+    comps = load_model(tiny_sd)
     apply_uce(comps, erase, guide, keep, lam=1e-6)
     new = _kv(comps)
     drift_preserved = sum(float((p @ (new[n] - w).T).norm() / (p @ w.T).norm()) for n, w in old.items())
@@ -95,31 +95,31 @@ def _loss_fn(comps, path, seed, batch=4):
     from freezeasguard.diffusion import NoiseSchedule
     schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
     mix = DomainMix([Domain("d", EncodedData(load_image_captions(path), comps), batch, 1.0)], schedule, seed)
-    return lambda: weighted_loss(comps.unet, mix.draw("cpu"), schedule)[0]
+    return lambda: weighted_loss(comps.denoiser, mix.draw("cpu"), schedule)[0]
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_imma_raises_the_adapted_loss(tiny_sd_v, people, kind):
     """After immunisation, the illegal loss after k adaptation steps (same attack, same batches)
     is higher than for the untouched model; the non-target tensors are byte-identical."""
-    from freezeasguard.models import load_sd
+    from freezeasguard.models import load_model
 
     def measure(comps):
-        modules = target_modules(comps.unet, r"attn2\.to_[kv]$")
-        return adapted_loss(comps.unet, modules, _loss_fn(comps, people, 7), _loss_fn(comps, people, 8), steps=3,
+        modules = target_modules(comps.denoiser, r"attn2\.to_[kv]$")
+        return adapted_loss(comps.denoiser, modules, _loss_fn(comps, people, 7), _loss_fn(comps, people, 8), steps=3,
                             lr=1e-2, kind=kind, seed=3)
 
-    plain = load_sd(tiny_sd_v)
-    before_state = {n: p.detach().clone() for n, p in plain.unet.named_parameters()}
+    plain = load_model(tiny_sd_v)
+    before_state = {n: p.detach().clone() for n, p in plain.denoiser.named_parameters()}
     baseline = measure(plain)
-    comps = load_sd(tiny_sd_v)
-    modules = target_modules(comps.unet, r"attn2\.to_[kv]$")
-    history = immunize(comps.unet, modules, _loss_fn(comps, people, 0), None, steps=12, inner_steps=2, inner_lr=1e-2,
+    comps = load_model(tiny_sd_v)
+    modules = target_modules(comps.denoiser, r"attn2\.to_[kv]$")
+    history = immunize(comps.denoiser, modules, _loss_fn(comps, people, 0), None, steps=12, inner_steps=2, inner_lr=1e-2,
                        lr=1e-2, kind=kind)
     assert len(history) == 12
     immunised = measure(comps)
     assert immunised > baseline * 1.05, (baseline, immunised)
-    for n, p in comps.unet.named_parameters():
+    for n, p in comps.denoiser.named_parameters():
         changed = not torch.equal(p.detach(), before_state[n])
         assert changed == ("attn2.to_k" in n or "attn2.to_v" in n), n
 
@@ -137,12 +137,12 @@ def test_saliency_scores():
 def test_protect_chain_uce_then_saliency(tiny_sd, people, logos, tmp_path):
     """A chain runs end to end: the mask is built on the UCE-edited model, whose fingerprint it
     carries; a second call reuses every finished link."""
-    from freezeasguard.models import fingerprint, load_unet_state
+    from freezeasguard.models import fingerprint, load_denoiser_state
     s = ProtectSettings(saliency_batches=2, mask_batch=2)
     p = protect("uce+saliency", tiny_sd, people, [logos], ["mara quell"], 0.3, tmp_path, s, device="cpu")
     assert p.model == tmp_path / "uce" / "model" and p.mask is not None
-    assert p.mask.base_fingerprint == fingerprint(load_unet_state(p.model).items())
-    assert p.mask.base_fingerprint != fingerprint(load_unet_state(tiny_sd).items())
+    assert p.mask.base_fingerprint == fingerprint(load_denoiser_state(p.model).items())
+    assert p.mask.base_fingerprint != fingerprint(load_denoiser_state(tiny_sd).items())
     assert round(p.mask.tensor_ratio * 686) == round(0.3 * 686)
     manifest = json.loads((p.model / "freezeasguard_manifest.json").read_text())
     assert manifest["scheme"] == "uce" and manifest["erased"] == ["mara quell"]
@@ -154,9 +154,9 @@ def test_protect_chain_uce_then_saliency(tiny_sd, people, logos, tmp_path):
 
 @pytest.mark.parametrize("budget", ["tensors", "params"])
 def test_largest_freezes_the_biggest_tensors_up_to_the_budget(tiny_sd, people, logos, tmp_path, budget):
-    from freezeasguard.models import load_unet_state
+    from freezeasguard.models import load_denoiser_state
     prot = protect("largest", tiny_sd, people, [logos], [], 0.3, tmp_path / "p", ProtectSettings(budget=budget))
-    sizes = {n: t.numel() for n, t in load_unet_state(tiny_sd).items()}
+    sizes = {n: t.numel() for n, t in load_denoiser_state(tiny_sd).items()}
     frozen = set(prot.mask.frozen_names)
     free = [sizes[n] for n in sizes if n not in frozen]
     total = sum(sizes.values())

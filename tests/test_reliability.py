@@ -77,8 +77,8 @@ def test_verify_calls_non_finite_or_truncated_checkpoints_unusable(tiny_sd, peop
     from safetensors.torch import load_file, save_file
 
     from freezeasguard.mask import Mask
-    from freezeasguard.models import load_unet_state
-    state = load_unet_state(tiny_sd)
+    from freezeasguard.models import load_denoiser_state
+    state = load_denoiser_state(tiny_sd)
     mask = Mask.random(list(state.items()), 0.3, 0).save(tmp_path / "m.safetensors")
     trainable = next(n for n in Mask.load(mask).names if n not in set(Mask.load(mask).frozen_names))
     state[trainable] = torch.full_like(state[trainable], float("nan"))

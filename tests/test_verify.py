@@ -5,15 +5,15 @@ from safetensors.torch import save_file
 
 from freezeasguard import FinetuneConfig, Mask, guarded_finetune, verify_checkpoint
 from freezeasguard.mask import MaskError
-from freezeasguard.models import load_sd, load_unet_state
+from freezeasguard.models import load_model, load_denoiser_state
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd, people, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verify")
-    named = list(load_sd(tiny_sd).unet.named_parameters())
+    named = list(load_model(tiny_sd).denoiser.named_parameters())
     from freezeasguard.models import fingerprint
-    mask = Mask.random(named, 0.3, seed=1, base_fingerprint=fingerprint(load_unet_state(tiny_sd).items()))
+    mask = Mask.random(named, 0.3, seed=1, base_fingerprint=fingerprint(load_denoiser_state(tiny_sd).items()))
     mask_path = mask.save(tmp / "mask.safetensors")
     out = tmp / "ft"
     guarded_finetune(tiny_sd, people, out, FinetuneConfig(steps=1, batch_size=2, lr=1e-3, device="cpu",
@@ -30,7 +30,7 @@ def test_compliant_checkpoint_passes(tiny_sd, setup):
 
 def test_one_ulp_in_one_frozen_tensor_is_flagged(tiny_sd, setup):
     tmp, mask, mask_path, out = setup
-    state = load_unet_state(out)
+    state = load_denoiser_state(out)
     victim = mask.frozen_names[17]
     t = state[victim].clone().view(-1)
     t[0] = torch.nextafter(t[0], torch.tensor(float("inf")))
@@ -44,7 +44,7 @@ def test_one_ulp_in_one_frozen_tensor_is_flagged(tiny_sd, setup):
 
 def test_fp16_export_passes_only_in_tolerance_mode(tiny_sd, setup):
     tmp, mask, mask_path, out = setup
-    half = {k: v.half() for k, v in load_unet_state(out).items()}
+    half = {k: v.half() for k, v in load_denoiser_state(out).items()}
     save_file(half, str(tmp / "half.safetensors"))
     assert not verify_checkpoint(tiny_sd, mask_path, tmp / "half.safetensors").compliant
     assert verify_checkpoint(tiny_sd, mask_path, tmp / "half.safetensors", mode="tolerance").compliant

@@ -8,7 +8,7 @@ from .finetune import DivergedError, EnforcementError, FinetuneConfig, FinetuneR
 from .generate import generate_to_folder, load_pipeline
 from .learn import LearnConfig, LearnResult, learn_mask
 from .mask import Mask, MaskError, select_frozen
-from .models import build_tiny_pipeline, load_sd, save_tiny_pipeline
+from .models import build_tiny_pipeline, load_model, save_tiny_pipeline
 from .verify import VerifyReport, verify_checkpoint, verify_state
 from .version import __version__
 
@@ -16,5 +16,5 @@ __all__ = [
     "__version__", "LearnConfig", "LearnResult", "learn_mask", "FinetuneConfig", "FinetuneResult",
     "guarded_finetune", "EnforcementError", "DivergedError", "Mask", "MaskError", "select_frozen", "verify_checkpoint",
     "verify_state", "VerifyReport", "generate_to_folder", "load_pipeline", "build_tiny_pipeline",
-    "save_tiny_pipeline", "load_sd",
+    "save_tiny_pipeline", "load_model",
 ]

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .families import FAMILIES
+from .families.base import cond_rows, stack_cond
+
 logger = logging.getLogger(__name__)
 
 
@@ -193,7 +196,7 @@ def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
 
 
 class EncodedData:
-    """Lazily encodes records with the frozen VAE and text encoder and caches the result.
+    """Lazily encodes records with the frozen VAE and text encoders and caches the result.
 
     The VAE posterior is cached as (mean, std) so that every step still samples fresh latents,
     as training on raw images would."""
@@ -221,23 +224,24 @@ class EncodedData:
             todo = list(range(chunk * self.ENCODE_CHUNK, min(len(self.data), (chunk + 1) * self.ENCODE_CHUNK)))
             pixels = torch.stack([preprocess(self.data.records[i].load(), c.resolution) for i in todo])
             dist = c.vae.encode(pixels.to(self.device, c.vae.dtype)).latent_dist
-            ids = c.tokenizer([self.data.records[i].caption for i in todo], padding="max_length",
-                              max_length=c.tokenizer.model_max_length, truncation=True,
-                              return_tensors="pt").input_ids
-            text = c.text_encoder(ids.to(self.device))[0]
+            cond = FAMILIES[c.family].encode(c, [self.data.records[i].caption for i in todo])
+            cond = {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
             for j, i in enumerate(todo):
-                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), text[j].float())
+                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), cond_rows(cond, j))
         return self._cache
 
     def batch(self, indices: list[int], latent_noise: torch.Tensor):
-        """Latents (sampled with the given noise, scaled) and text embeddings for ``indices``."""
+        """Latents (sampled with the given noise, shifted and scaled as the VAE's config says) and
+        the conditioning for ``indices``."""
         cache = self._encode(indices)
         mean = torch.stack([cache[i][0] for i in indices])
         std = torch.stack([cache[i][1] for i in indices])
-        text = torch.stack([cache[i][2] for i in indices])
-        scaling = getattr(self.components.vae.config, "scaling_factor", 0.18215)
-        latents = (mean + std * latent_noise.to(mean.device)) * scaling
-        return latents, text
+        cond = stack_cond([cache[i][2] for i in indices])
+        config = self.components.vae.config
+        scaling = getattr(config, "scaling_factor", 0.18215)
+        shift = getattr(config, "shift_factor", None) or 0.0       # SD3 / FLUX VAEs
+        latents = (mean + std * latent_noise.to(mean.device) - shift) * scaling
+        return latents, cond
 
 
 class DomainSampler:

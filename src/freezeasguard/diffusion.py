@@ -1,7 +1,12 @@
 """The diffusion loss of Eq. 1, shared by every trainer (warm start, mask learning, fine-tuning).
 
-Noise comes from the model's own scheduler config read with DDPM semantics, so epsilon and
-v-prediction models train alike (PNDMScheduler, which SD folders ship, has no get_velocity).
+Three objectives, chosen by the model's own scheduler config:
+- epsilon and v-prediction (SD 1.x/2.x, SDXL): the config read with DDPM semantics (PNDMScheduler,
+  which SD folders ship, has no get_velocity); x_t = sqrt(a) x0 + sqrt(1-a) eps;
+- flow matching (SD3, FLUX; a FlowMatchEulerDiscreteScheduler config): x_t = (1-s) x0 + s eps,
+  target eps - x0, with s and the model's timestep taken from the scheduler's own tables at a
+  uniformly drawn index, its shift applied, as diffusers' SD3/FLUX training scripts do.
+How the denoiser is called is its family's (families/).
 """
 from __future__ import annotations
 
@@ -10,25 +15,41 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .families import FAMILIES
+
+
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    alphas_cumprod: torch.Tensor  # (num_train_timesteps,) float64 on CPU
-    prediction_type: str
+    alphas_cumprod: torch.Tensor | None   # (num_train_timesteps,) float64 on CPU; None for flow matching
+    prediction_type: str                  # epsilon | v_prediction | flow
+    family: str = "sd"                    # how the denoiser is called (families.FAMILIES)
+    sigmas: torch.Tensor | None = None    # flow matching: noise level per index (shift applied)
+    flow_timesteps: torch.Tensor | None = None   # flow matching: the model's timestep per index
 
     @classmethod
-    def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
-        from diffusers import DDPMScheduler
+    def from_scheduler_config(cls, config: dict, family: str = "sd") -> "NoiseSchedule":
+        from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+        if config.get("_class_name") in FLOW_SCHEDULERS:
+            flow = FlowMatchEulerDiscreteScheduler.from_config(config)
+            n = flow.config.num_train_timesteps       # the tables before set_timesteps: one entry per index
+            return cls(None, "flow", family, flow.sigmas[:n].to(torch.float64), flow.timesteps[:n].to(torch.float64))
         ddpm = DDPMScheduler.from_config(config)
         prediction_type = ddpm.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon or v_prediction)")
-        return cls(ddpm.alphas_cumprod.to(torch.float64), prediction_type)
+        return cls(ddpm.alphas_cumprod.to(torch.float64), prediction_type, family)
+
+    @classmethod
+    def for_components(cls, components) -> "NoiseSchedule":
+        return cls.from_scheduler_config(components.scheduler_config, components.family)
 
     @property
     def num_train_timesteps(self) -> int:
-        return self.alphas_cumprod.numel()
+        return (self.alphas_cumprod if self.alphas_cumprod is not None else self.flow_timesteps).numel()
 
 
 @dataclass
@@ -61,13 +82,28 @@ def velocity(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alp
     return a.sqrt() * noise - (1 - a).sqrt() * x0
 
 
-def diffusion_loss(unet, latents: torch.Tensor, text_embeddings: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """Per-sample MSE between the UNet's prediction and its target (shape: batch)."""
-    noisy = add_noise(latents, noise, timesteps, schedule.alphas_cumprod)
-    target = noise if schedule.prediction_type == "epsilon" else velocity(latents, noise, timesteps,
-                                                                           schedule.alphas_cumprod)
-    pred = unet(noisy, timesteps.to(latents.device), encoder_hidden_states=text_embeddings).sample
+def flow_noise(x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor, sigmas: torch.Tensor):
+    """Rectified flow: x_t = (1 - s) x0 + s eps, and its target eps - x0."""
+    s = sigmas.to(x0.device)[index].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return (1 - s) * x0 + s * noise, noise - x0
+
+
+def noisy_and_target(x0: torch.Tensor, noise: torch.Tensor, index: torch.Tensor, schedule: NoiseSchedule):
+    """The denoiser's input, the timestep it is told, and what it must predict, for each objective."""
+    if schedule.prediction_type == "flow":
+        noisy, target = flow_noise(x0, noise, index, schedule.sigmas)
+        return noisy, schedule.flow_timesteps.to(x0.device)[index].to(x0.dtype), target
+    noisy = add_noise(x0, noise, index, schedule.alphas_cumprod)
+    target = noise if schedule.prediction_type == "epsilon" else velocity(x0, noise, index, schedule.alphas_cumprod)
+    return noisy, index.to(x0.device), target
+
+
+def diffusion_loss(denoiser, latents: torch.Tensor, cond, noise: torch.Tensor, timesteps: torch.Tensor,
+                   schedule: NoiseSchedule) -> torch.Tensor:
+    """Per-sample MSE between the denoiser's prediction and its target (shape: batch). ``cond``:
+    the family's conditioning (SD: the text embeddings); ``timesteps``: indices into the schedule."""
+    noisy, model_t, target = noisy_and_target(latents, noise, timesteps.to(latents.device), schedule)
+    pred = FAMILIES[schedule.family].predict(denoiser, noisy, model_t, cond)
     return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
 
 

@@ -27,7 +27,7 @@ from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
-from .models import SDComponents, fingerprint, load_sd, load_unet_state
+from .models import Components, fingerprint, load_denoiser_state, load_model, model_family
 from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
 from .settings import setting
 
@@ -163,13 +163,13 @@ def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
     return int(state["step"][0])
 
 
-def train_unet(components: SDComponents, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
+def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
                resume: bool = False, desc: str = "fine-tune") -> list[dict]:
     """The chosen optimizer on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
     (data and noise) once and backpropagates it in grad_accum chunks; every sample carries weight
     1/batch_size, so the accumulated gradient equals the one-batch gradient."""
-    device = next(components.unet.parameters()).device
-    unet = components.unet
+    device = next(components.denoiser.parameters()).device
+    unet = components.denoiser
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -244,16 +244,17 @@ def frozen_tensor_hashes(state: dict[str, torch.Tensor], names: list[str]) -> di
                                digest_size=16).hexdigest() for n in names}
 
 
-def save_pipeline(base_dir: Path, unet, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
-    """Write a from_pretrained-loadable pipeline: the base folder's other parts plus the new UNet.
+def save_pipeline(base_dir: Path, denoiser, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
+    """Write a from_pretrained-loadable pipeline: the base folder's other parts plus the new denoiser.
     Written beside the target and renamed into place, so a kill leaves no half-written folder; an
     earlier output there (checked by prepare_output_dir: this command's own) is replaced only
     once the new one is complete."""
     out_dir = Path(out_dir)
     tmp = partial_dir(out_dir, command, create=False)
-    shutil.copytree(base_dir, tmp, ignore=lambda d, names: (["unet", MARKER] if Path(d) == Path(base_dir) else []))
+    folder = model_family(base_dir).denoiser_folder
+    shutil.copytree(base_dir, tmp, ignore=lambda d, names: ([folder, MARKER] if Path(d) == Path(base_dir) else []))
     mark_output(tmp, command, base_model=str(Path(base_dir).resolve()))
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    denoiser.save_pretrained(tmp / folder, safe_serialization=True)
     atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
     normal_permissions(tmp)
     return replace_dir(tmp, out_dir)
@@ -312,23 +313,23 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     inputs = {"--model": model_dir, "--data": data_dir, **({"--prior-data": prior_data} if prior_data else {})}
     prepare_output_dir(out_dir, "finetune", inputs, overwrite, resume)
     device = resolve_device(cfg.device)
-    components = load_sd(model_dir).to(device)
-    base_state = load_unet_state(model_dir)
+    components = load_model(model_dir).to(device)
+    base_state = load_denoiser_state(model_dir)
     base_fp = fingerprint(base_state.items()) if mask is not None else None
-    scheme, active = resolve_scheme(components.unet, mask, random_ratio, cfg.seed, full, budget, base_fp)
+    scheme, active = resolve_scheme(components.denoiser, mask, random_ratio, cfg.seed, full, budget, base_fp)
     targets = None
     if lora is not None and lora.rank:
         if lora_as_attacker:
-            targets, lora = attacker_targets(components.unet, active, lora)
+            targets, lora = attacker_targets(components.denoiser, active, lora)
         else:
-            targets = choose_targets(components.unet, active, lora)
-        add_lora(components.unet, targets, lora)
+            targets = choose_targets(components.denoiser, active, lora)
+        add_lora(components.denoiser, targets, lora)
         logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
-    frozen = active.frozen_names if targets is not None else active.apply(components.unet)
+    frozen = active.frozen_names if targets is not None else active.apply(components.denoiser)
     logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
                 len(active.names), 100 * active.param_fraction)
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
-    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    schedule = NoiseSchedule.for_components(components)
     domains = [Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)]
     prior = load_image_captions(prior_data, caption_column=caption_column) if prior_data else None
     if prior is not None:
@@ -346,11 +347,11 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})")
     # --- check_frozen_unchanged (with a LoRA: every base weight)
     if targets is not None:
-        moved = base_weights_moved(components.unet, base_state)
+        moved = base_weights_moved(components.denoiser, base_state)
         if moved:
             raise EnforcementError(f"{len(moved)} base weights changed under a LoRA (first: {moved[0]}); nothing saved.")
     else:
-        check_frozen_unchanged(components.unet, base_state, frozen)
+        check_frozen_unchanged(components.denoiser, base_state, frozen)
     # --- save_pipeline
     manifest = {
         "scheme": scheme, "frozen_tensors": len(frozen), "tensors": len(active.names),
@@ -364,9 +365,9 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         "lora": {**asdict(lora), "modules": targets, "file": LORA_FILE} if targets is not None else None,
     }
     if dist.is_main() and targets is not None:
-        save_lora_folder(components.unet, Path(out_dir), manifest)
+        save_lora_folder(components.denoiser, Path(out_dir), manifest)
     elif dist.is_main():
-        save_pipeline(Path(model_dir), components.unet, Path(out_dir), manifest)
+        save_pipeline(Path(model_dir), components.denoiser, Path(out_dir), manifest)
         atomic_write_json(work_dir / "history.json", history)
     dist.barrier()
     seconds = time.time() - t0

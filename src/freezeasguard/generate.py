@@ -34,7 +34,7 @@ def pipeline_from_components(components):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                   tokenizer=components.tokenizer, unet=components.unet,
+                                   tokenizer=components.tokenizer, unet=components.denoiser,
                                    scheduler=PNDMScheduler.from_config(components.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

@@ -35,7 +35,7 @@ from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
-from .models import fingerprint, load_sd, load_unet_state
+from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import setting
 
@@ -142,7 +142,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column,
                                   subject_flag="--illegal-subject")
     innocent = [load_image_captions(d, caption_column=caption_column) for d in innocent_dirs]
-    theta_pre = load_unet_state(model_dir)
+    theta_pre = load_denoiser_state(model_dir)
     base_fp = fingerprint(theta_pre.items())
     check_provenance(work_dir, {"model": base_fp, "illegal": data_fingerprint(illegal),
                                 "innocent": [data_fingerprint(d) for d in innocent], "settings": cfg.resume_key(),
@@ -151,16 +151,18 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     # --- warm_start: theta_ft by full fine-tuning on illegal + innocent (or a given checkpoint)
     if finetuned_dir is None:
         finetuned_dir = work_dir / "warm_start"
-        if not (finetuned_dir / "unet" / "config.json").exists():
+        if not has_denoiser(finetuned_dir):
             _warm_start(model_dir, illegal, innocent, cfg, device, finetuned_dir, work_dir, resume)
         else:
             logger.info("reusing warm start %s", finetuned_dir)
-    components = load_sd(model_dir, unet_from=finetuned_dir).to(device)
-    if {n for n, _ in components.unet.named_parameters()} != set(theta_pre):
+    components = load_model(model_dir, denoiser_from=finetuned_dir).to(device)
+    param_names = [n for n, _ in components.denoiser.named_parameters()]
+    if not set(param_names) <= set(theta_pre):
         raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
+    theta_pre = {n: theta_pre[n] for n in param_names}    # a saved state also holds buffers (SD3's pos_embed)
 
     # --- init_state: theta_d = theta_pre - theta_ft; theta_pre itself is not kept (two copies only)
-    state = BilevelState(components.unet, theta_pre, cfg.temperature)
+    state = BilevelState(components.denoiser, theta_pre, cfg.temperature)
     shapes = {n: torch.empty(t.shape, device="meta") for n, t in theta_pre.items()}
     del theta_pre
     g = torch.Generator().manual_seed(cfg.seed)
@@ -168,12 +170,12 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
     with torch.no_grad():
         remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
-    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    schedule = NoiseSchedule.for_components(components)
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.mask_batch, cfg), schedule, cfg.seed + 1)
     amp = autocast_dtype(cfg.mixed_precision, device)
     if cfg.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    components.unet.train()
+        components.denoiser.enable_gradient_checkpointing()
+    components.denoiser.train()
 
     ckpt = work_dir / "learn_checkpoint.safetensors"
     start, history = 0, []
@@ -288,8 +290,8 @@ def _domain_losses(info, num_domains) -> list[float]:
 
 def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir: Path, work_dir: Path, resume):
     logger.info("warm start: %d full fine-tuning steps on illegal + innocent data", cfg.warm_start_steps)
-    components = load_sd(model_dir).to(device)
-    schedule = NoiseSchedule.from_scheduler_config(components.scheduler_config)
+    components = load_model(model_dir).to(device)
+    schedule = NoiseSchedule.for_components(components)
     ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch, lr=cfg.warm_start_lr,
                             seed=cfg.seed, mixed_precision=cfg.mixed_precision, device=str(device),
                             gradient_checkpointing=cfg.gradient_checkpointing,
@@ -300,7 +302,7 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     ws_dir.mkdir(parents=True, exist_ok=True)
     history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
     if dist.is_main():
-        save_pipeline(Path(model_dir), components.unet, out_dir,
+        save_pipeline(Path(model_dir), components.denoiser, out_dir,
                       {"scheme": "full", "purpose": "FreezeAsGuard warm start (theta_ft)", "config": asdict(ft_cfg),
                        "final_loss": history[-1] if history else None})
     dist.barrier()

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 
 from .mask import Mask
-from .models import fingerprint, load_unet_state
+from .models import fingerprint, load_denoiser_state
 from .settings import setting
 
 LORA_FILE = "pytorch_lora_weights.safetensors"      # the name diffusers' save/load_lora_weights use
@@ -261,7 +261,7 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
                   file: str = "") -> AdapterReport:
     """Map every adapter key to the UNet parameter it changes; a changed frozen parameter is a
     violation. ``adapter``: key -> shape (read_adapter)."""
-    mask.check_matches(list(base.items()), fingerprint(base.items()), what="the base model")
+    mask.check_matches(list(base.items()), fingerprint(base.items()), what="the base model", state_dict=True)
     modules, underscored = module_index(base)
     frozen = set(mask.frozen_names)
     report = AdapterReport(file, True)
@@ -300,7 +300,7 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
 
 def verify_adapter(model_dir, mask_path, adapter_path) -> AdapterReport:
     """The audit of an adapter file against a base model and its mask."""
-    return audit_adapter(read_adapter(adapter_path), load_unet_state(model_dir), Mask.load(mask_path),
+    return audit_adapter(read_adapter(adapter_path), load_denoiser_state(model_dir), Mask.load(mask_path),
                          str(adapter_path))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .families import FAMILIES, family_from_names
 from .io import atomic_save_safetensors
 from .models import fingerprint
 from .version import __version__
@@ -146,10 +147,19 @@ class Mask:
                                meta={"method": "full"}, **kw)
 
     # ---- checks ------------------------------------------------------------------------
-    def check_matches(self, named_tensors, fingerprint_: dict | None = None, what: str = "the model"):
-        """Refuse a model whose names, shapes or weights differ from the mask's base model."""
+    def check_matches(self, named_tensors, fingerprint_: dict | None = None, what: str = "the model",
+                      state_dict: bool = False):
+        """Refuse a model whose names, shapes or weights differ from the mask's base model.
+        ``state_dict``: the tensors are a saved state, which also holds persistent buffers (SD3's
+        positional table) that no mask names; extra names are then allowed, missing ones never."""
         shapes = {n: tuple(t.shape) for n, t in named_tensors}
-        if set(shapes) != set(self.names):
+        names_differ = (not set(self.names) <= set(shapes)) if state_dict else set(shapes) != set(self.names)
+        if names_differ:
+            made_for, given = family_from_names(self.names), family_from_names(shapes)
+            if made_for and given and made_for != given:
+                raise MaskError(f"this mask was made for a {made_for} model ({FAMILIES[made_for].summary}), and "
+                                f"{what} is a {given} model ({FAMILIES[given].summary}). A mask belongs to the base "
+                                f"model it was learned on; learn one for this model.")
             known = set(self.names)
             missing = [n for n in self.names if n not in shapes]
             extra = [n for n in shapes if n not in known]

@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion folders from local paths, and the tiny pipelines built in code.
+"""Loading pipeline folders (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) from local paths, and the tiny SD
+pipelines built in code (tiny pipelines of the other families: families/tiny.py).
 
 Nothing here reaches a model hub: every loader takes a local folder and fails with a message
 naming the flag to pass when it is missing.
@@ -6,6 +7,7 @@ naming the flag to pass when it is missing.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import string
@@ -16,9 +18,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from .families import FAMILIES, Family, family_of_pipeline_class
+
 logger = logging.getLogger(__name__)
 
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = "diffusion_pytorch_model.safetensors"     # a diffusers denoiser's weight file (UNet or transformer)
 
 
 class ModelError(ValueError):
@@ -26,15 +30,26 @@ class ModelError(ValueError):
 
 
 @dataclass
-class SDComponents:
-    """The parts of a Stable Diffusion pipeline that training needs."""
+class Components:
+    """The parts of a text-to-image pipeline that training needs: the denoiser (a UNet or a
+    transformer, the only trainable module), the VAE, the text encoders and tokenizers in the
+    family's order, the scheduler config, and the family (families/) that says how they meet."""
 
     path: Path
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    text_encoders: list
+    tokenizers: list
     scheduler_config: dict
+    family: str = "sd"
+
+    @property
+    def text_encoder(self):
+        return self.text_encoders[0]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers[0]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -42,91 +57,143 @@ class SDComponents:
 
     @property
     def resolution(self) -> int:
-        """Image side the UNet was built for (sample_size is in latent pixels)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        """Image side the denoiser was built for: its sample_size in latent pixels (UNets, SD3),
+        else the VAE's sample_size (FLUX's transformer has none)."""
+        side = getattr(self.denoiser.config, "sample_size", None)
+        if side is None:
+            return int(self.vae.config.sample_size)
+        return int(side if isinstance(side, int) else side[0]) * self.vae_scale_factor
 
     @property
     def prediction_type(self) -> str:
+        if self.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            return "flow"
         return self.scheduler_config.get("prediction_type", "epsilon")
 
-    def to(self, device) -> "SDComponents":
-        for module in (self.unet, self.vae, self.text_encoder):
+    def to(self, device) -> "Components":
+        for module in (self.denoiser, self.vae, *self.text_encoders):
             module.to(device)
         return self
+
+
+def model_family(path) -> Family:
+    """The family of a pipeline folder, from the pipeline class in its model_index.json (a folder
+    without one is read as Stable Diffusion 1.x/2.x)."""
+    index = Path(path) / "model_index.json"
+    if not index.exists():
+        return FAMILIES["sd"]
+    try:
+        return family_of_pipeline_class(json.loads(index.read_text()).get("_class_name"))
+    except ValueError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
 
 
 def require_pipeline_dir(path, flag: str = "--model") -> Path:
     path = Path(path)
     if not path.exists():
-        raise ModelError(f"{flag} {path}: no such folder. Pass a local diffusers Stable Diffusion folder "
-                         f"(one with model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/); "
-                         f"nothing is downloaded.")
-    missing = [p for p in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / p).is_dir()]
+        raise ModelError(f"{flag} {path}: no such folder. Pass a local diffusers pipeline folder (Stable Diffusion "
+                         f"1.x/2.x, SDXL, SD3/3.5 or FLUX.1: model_index.json and the parts it lists); nothing is "
+                         f"downloaded.")
+    family = model_family(path)
+    parts = [family.denoiser_folder, "vae", "scheduler"] + [p for pair in family.encoders for p in pair]
+    missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
-        raise ModelError(f"{flag} {path}: not a diffusers Stable Diffusion folder, missing {', '.join(missing)}/. "
-                         f"Save one with StableDiffusionPipeline.save_pretrained(path).")
+        raise ModelError(f"{flag} {path}: not a complete diffusers {family.name} pipeline folder, missing "
+                         f"{', '.join(p + '/' for p in missing)}. Save one with the pipeline's save_pretrained(path).")
     return path
 
 
-def load_sd(path, flag: str = "--model", unet_from=None) -> SDComponents:
-    """Load the trainable parts of a local SD folder in fp32 (frozen parts in eval mode).
+_LIBRARIES = ("diffusers", "transformers")
 
-    ``unet_from`` loads the UNet from another folder (a fine-tuned pipeline or a bare unet folder)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
+def _load_part(path: Path, name: str, index: dict, flag: str, **kwargs):
+    """One component by the class model_index.json names for it (diffusers or transformers only)."""
+    library, class_name = index.get(name, [None, None])
+    if library not in _LIBRARIES:
+        raise ModelError(f"{flag} {path}: model_index.json names {library!r} for {name}; only diffusers and "
+                         f"transformers classes are loaded")
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise ModelError(f"{flag} {path}: {library} has no class {class_name} (for {name}); upgrade {library}?")
+    return cls.from_pretrained(path / name, **kwargs)
+
+
+def load_model(path, flag: str = "--model", denoiser_from=None) -> Components:
+    """Load the trainable parts of a local pipeline folder in fp32 (frozen parts in eval mode).
+
+    ``denoiser_from`` loads the denoiser from another folder (a fine-tuned pipeline or a bare
+    unet/transformer folder)."""
     path = require_pipeline_dir(path, flag)
-    unet_dir = resolve_unet_dir(unet_from) if unet_from is not None else path / "unet"
-    for f in unet_weight_files(unet_dir):      # refuses pickles, names truncated files
+    family = model_family(path)
+    index_file = path / "model_index.json"
+    index = json.loads(index_file.read_text()) if index_file.exists() else {
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+    den_dir = resolve_denoiser_dir(denoiser_from) if denoiser_from is not None else path / family.denoiser_folder
+    for f in denoiser_weight_files(den_dir):      # refuses pickles, names truncated files
         _read_safetensors_header(f)
+    weights = dict(dtype=torch.float32, use_safetensors=True)
     try:
         # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
-        unet = UNet2DConditionModel.from_pretrained(unet_dir, dtype=torch.float32, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32, use_safetensors=True)
-        text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32, use_safetensors=True)
-        tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        den_class = index[family.denoiser_folder]
+        denoiser = getattr(importlib.import_module("diffusers"), den_class[1]).from_pretrained(den_dir, **weights)
+        vae = _load_part(path, "vae", index, flag, **weights)
+        encoders = [_load_part(path, enc, index, flag, **weights) for enc, _ in family.encoders]
+        tokenizers = [_load_part(path, tok, index, flag) for _, tok in family.encoders]
+    except (OSError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
         raise ModelError(f"{flag} {path}: cannot load the model ({str(exc).splitlines()[0][:300]}). Every part must "
                          f"be a diffusers/transformers folder with .safetensors weights (pickled .bin weights are "
                          f"never loaded).") from exc
-    if len(tokenizer) <= 2:
-        raise ModelError(f"{path}/tokenizer loaded as a {len(tokenizer)}-token tokenizer; the folder is incomplete "
-                         f"(needs vocab.json and merges.txt).")
+    for tok, (_, name) in zip(tokenizers, family.encoders):
+        if len(tok) <= 2:
+            raise ModelError(f"{path}/{name} loaded as a {len(tok)}-token tokenizer; the folder is incomplete "
+                             f"(needs its vocabulary files).")
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    for module in (vae, text_encoder):
+    for module in (vae, *encoders):
         module.requires_grad_(False).eval()
-    return SDComponents(path, unet, vae, text_encoder, tokenizer, scheduler_config)
+    return Components(path, denoiser, vae, encoders, tokenizers, scheduler_config, family.name)
 
 
-def resolve_unet_dir(path) -> Path:
-    """Accept a pipeline folder (with unet/) or a bare UNet folder."""
+def resolve_denoiser_dir(path) -> Path:
+    """Accept a pipeline folder (with unet/ or transformer/) or a bare denoiser folder."""
     path = Path(path)
-    if (path / "unet" / "config.json").exists():
-        return path / "unet"
+    for sub in ("unet", "transformer"):
+        if (path / sub / "config.json").exists():
+            return path / sub
     if (path / "config.json").exists():
         return path
-    raise ModelError(f"{path}: neither a pipeline folder with unet/ nor a UNet folder with config.json.")
+    raise ModelError(f"{path}: neither a pipeline folder with unet/ or transformer/ nor a denoiser folder with "
+                     f"config.json.")
 
 
-def unet_weight_files(path) -> list[Path]:
-    """The safetensors files holding a UNet's weights: a file, a UNet folder or a pipeline folder."""
+def has_denoiser(path) -> bool:
+    """Whether a folder is a pipeline with a saved denoiser (or a bare denoiser folder)."""
+    try:
+        resolve_denoiser_dir(path)
+        return True
+    except ModelError:
+        return False
+
+
+def denoiser_weight_files(path) -> list[Path]:
+    """The safetensors files holding a denoiser's weights: a file, a denoiser folder or a pipeline folder."""
     path = Path(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ModelError(f"{path}: only .safetensors checkpoints are read (pickled files can run code).")
         return [path]
-    unet_dir = resolve_unet_dir(path)
-    index = unet_dir / (UNET_WEIGHTS + ".index.json")
+    den_dir = resolve_denoiser_dir(path)
+    index = den_dir / (WEIGHTS + ".index.json")
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [unet_dir / s for s in shards]
-    single = unet_dir / UNET_WEIGHTS
+        return [den_dir / s for s in shards]
+    single = den_dir / WEIGHTS
     if single.exists():
         return [single]
-    if any(unet_dir.glob("*.bin")):
-        raise ModelError(f"{unet_dir}: holds only pickled .bin weights, which are never loaded (they can run code). "
+    if any(den_dir.glob("*.bin")):
+        raise ModelError(f"{den_dir}: holds only pickled .bin weights, which are never loaded (they can run code). "
                          f"Convert them to safetensors first.")
-    raise ModelError(f"{unet_dir}: no {UNET_WEIGHTS} found.")
+    raise ModelError(f"{den_dir}: no {WEIGHTS} found.")
 
 
 def _read_safetensors_header(path: Path) -> dict:
@@ -139,11 +206,11 @@ def _read_safetensors_header(path: Path) -> dict:
                          f"Copy it again from its source.") from exc
 
 
-def load_unet_state(path) -> dict[str, torch.Tensor]:
-    """Read UNet weights from safetensors without building the model."""
+def load_denoiser_state(path) -> dict[str, torch.Tensor]:
+    """Read the denoiser's weights from safetensors without building the model."""
 
     state: dict[str, torch.Tensor] = {}
-    for f in unet_weight_files(path):
+    for f in denoiser_weight_files(path):
         _read_safetensors_header(f)
         try:
             state.update(load_file(str(f)))
@@ -279,5 +346,3 @@ def save_tiny_pipeline(out_dir, **kwargs) -> Path:
     return out_dir
 
 
-def named_unet_parameters(unet) -> list[tuple[str, torch.nn.Parameter]]:
-    return list(unet.named_parameters())

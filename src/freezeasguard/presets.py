@@ -1,9 +1,11 @@
-"""Model presets: what SD v1.4 / v1.5 / v2.1 are, and the paper's settings for them (Appendix F).
+"""Model presets: what SD v1.4 / v1.5 / v2.1, SDXL, SD3.5 and FLUX.1 are, and the settings to train them.
 
-``--preset sd15`` checks that the --model folder is that model (resolution, prediction type,
-text width) before hours of work start, and supplies the paper's settings for every flag the
-user did not type: mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user fine-tuning
-(Adam lr 1e-5, batch 4, 2,000 steps), generation (PNDM, 50 steps).
+``--preset sd15`` checks that the --model folder is that model (family, resolution, objective,
+text width, latent channels, depth, guidance embedding) before hours of work start, and supplies
+the preset's settings for every flag the user did not type. SD 1.x/2.x: the paper's (Appendix F):
+mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user fine-tuning (Adam lr 1e-5, batch 4,
+2,000 steps), generation (PNDM, 50 steps). SDXL, SD3.5, FLUX.1: the published settings of the
+diffusers training example each family's users start from (cited at each table).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import require_pipeline_dir
+from .models import model_family, require_pipeline_dir
 
 # The paper's settings (Appendix F), the same for every SD model it used; keyed by each command's
 # settings-dataclass field, so that a preset's value is what the command runs with.
@@ -22,21 +24,52 @@ PAPER_SETTINGS = {
 }
 
 
+# The published training settings of the newer families, from the diffusers example each family's
+# users start from (batch_size counts samples per optimizer step: train_batch_size 1 x 4 accumulated).
+SDXL_SETTINGS = {   # examples/text_to_image/README_sdxl.md (train_text_to_image_sdxl.py)
+    "finetune": {"lr": 1e-6, "batch_size": 4, "grad_accum": 4, "steps": 10000, "mixed_precision": "fp16",
+                 "gradient_checkpointing": True},
+    "learn": {"user_lr": 1e-6, "mixed_precision": "fp16", "gradient_checkpointing": True},
+}
+SD35_SETTINGS = {   # examples/dreambooth/README_sd3.md (train_dreambooth_sd3.py)
+    "finetune": {"lr": 1e-4, "batch_size": 4, "grad_accum": 4, "steps": 500, "mixed_precision": "fp16"},
+    "learn": {"user_lr": 1e-4, "mixed_precision": "fp16"},
+}
+FLUX_SETTINGS = {   # examples/dreambooth/README_flux.md (train_dreambooth_flux.py: Prodigy at lr 1.0)
+    "finetune": {"optimizer": "prodigy", "lr": 1.0, "batch_size": 4, "grad_accum": 4, "steps": 500,
+                 "mixed_precision": "bf16"},
+    # not published: mask learning's simulated user takes plain steps, at the lr of diffusers' FLUX LoRA scripts
+    "learn": {"user_lr": 1e-4, "mixed_precision": "bf16"},
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
-    resolution: int               # image side the UNet was trained at
-    prediction_type: str          # the scheduler's target: epsilon | v_prediction
-    cross_attention_dim: int      # text encoder width: 768 (CLIP ViT-L, v1) or 1024 (OpenCLIP ViT-H, v2)
+    family: str                   # sd | sdxl | sd3 | flux (families/)
+    resolution: int               # image side the denoiser was trained at
+    prediction_type: str          # the objective: epsilon | v_prediction | flow
+    text_width: int               # the denoiser's text width: cross_attention_dim (UNets) or joint_attention_dim
+    latent_channels: int = 4      # the VAE's latent channels (16 for SD3 and FLUX)
+    depth: int | None = None      # transformer blocks (num_layers): tells SD3.5 medium from large
+    guidance_embeds: bool | None = None   # FLUX: dev embeds guidance, schnell does not
     settings: dict = field(default_factory=lambda: PAPER_SETTINGS)   # command -> {field: value}
 
 
 PRESETS = {
-    "sd14": Preset("sd14", 512, "epsilon", 768),
-    "sd15": Preset("sd15", 512, "epsilon", 768),
-    "sd21": Preset("sd21", 768, "v_prediction", 1024),
-    "sd21-base": Preset("sd21-base", 512, "epsilon", 1024),
+    "sd14": Preset("sd14", "sd", 512, "epsilon", 768),
+    "sd15": Preset("sd15", "sd", 512, "epsilon", 768),
+    "sd21": Preset("sd21", "sd", 768, "v_prediction", 1024),
+    "sd21-base": Preset("sd21-base", "sd", 512, "epsilon", 1024),
+    "sdxl": Preset("sdxl", "sdxl", 1024, "epsilon", 2048, settings=SDXL_SETTINGS),
+    "sd35-medium": Preset("sd35-medium", "sd3", 1024, "flow", 4096, 16, depth=24, settings=SD35_SETTINGS),
+    "sd35-large": Preset("sd35-large", "sd3", 1024, "flow", 4096, 16, depth=38, settings=SD35_SETTINGS),
+    "flux1-dev": Preset("flux1-dev", "flux", 1024, "flow", 4096, 16, depth=19, guidance_embeds=True,
+                        settings=FLUX_SETTINGS),
+    "flux1-schnell": Preset("flux1-schnell", "flux", 1024, "flow", 4096, 16, depth=19, guidance_embeds=False,
+                            settings=FLUX_SETTINGS),
 }
+CHECKED = ("family", "resolution", "prediction_type", "text_width", "latent_channels", "depth", "guidance_embeds")
 
 
 def apply_preset(preset: "Preset", command: str, args, defaults: dict) -> None:
@@ -57,21 +90,33 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def check_model(preset: Preset, model_dir) -> None:
-    """Compare the folder's configs with the preset; raise PresetError naming each mismatch."""
-
+def describe_folder(model_dir) -> dict:
+    """What a pipeline folder is, in the preset's terms, read from its configs (nothing is loaded)."""
     path = require_pipeline_dir(model_dir)
-    unet = json.loads((path / "unet" / "config.json").read_text())
+    family = model_family(path)
+    den = json.loads((path / family.denoiser_folder / "config.json").read_text())
     vae = json.loads((path / "vae" / "config.json").read_text())
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    found = {
-        "resolution": int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1),
-        "prediction_type": sched.get("prediction_type", "epsilon"),
-        "cross_attention_dim": int(unet["cross_attention_dim"]),
+    side = den.get("sample_size")
+    side = side[0] if isinstance(side, list) else side
+    return {
+        "family": family.name,
+        "resolution": int(side) * 2 ** (len(vae["block_out_channels"]) - 1) if side else int(vae["sample_size"]),
+        "prediction_type": "flow" if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+        else sched.get("prediction_type", "epsilon"),
+        "text_width": int(den.get("cross_attention_dim") or den.get("joint_attention_dim")),
+        "latent_channels": int(vae.get("latent_channels", 4)),
+        "depth": den.get("num_layers") if family.denoiser_folder == "transformer" else None,
+        "guidance_embeds": den.get("guidance_embeds") if family.name == "flux" else None,
     }
-    wrong = [f"{k} {v} (preset {preset.name}: {getattr(preset, k)})" for k, v in found.items()
-             if v != getattr(preset, k)]
+
+
+def check_model(preset: Preset, model_dir) -> None:
+    """Compare the folder's configs with the preset; raise PresetError naming each mismatch."""
+    found = describe_folder(model_dir)
+    wrong = [f"{k} {found[k]} (preset {preset.name}: {getattr(preset, k)})" for k in CHECKED
+             if found[k] != getattr(preset, k)]
     if wrong:
-        fits = [p.name for p in PRESETS.values() if all(getattr(p, k) == v for k, v in found.items())]
+        fits = [p.name for p in PRESETS.values() if all(getattr(p, k) == found[k] for k in CHECKED)]
         hint = f"it looks like {' or '.join(fits)}" if fits else "no preset fits; drop --preset"
         raise PresetError(f"--model {Path(model_dir)} is not {preset.name}: " + "; ".join(wrong) + f". {hint}.")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .mask import Mask
-from .models import ModelError, fingerprint, load_unet_state
+from .models import ModelError, fingerprint, load_denoiser_state
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tenso
     if mode not in ("exact", "tolerance"):
         raise ValueError(f"mode {mode!r}: use exact or tolerance")
     mask.check_matches(list(base.items()), fingerprint(base.items()) if check_base_fingerprint else None,
-                       what="the base model")
+                       what="the base model", state_dict=True)
     violations = []
     frozen = set(mask.frozen_names)
     for name in mask.frozen_names:
@@ -80,8 +80,8 @@ def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tenso
 
 def verify_checkpoint(model_dir, mask_path, candidate, mode: str = "exact", atol: float = 0.0) -> VerifyReport:
     mask = Mask.load(mask_path)
-    base = load_unet_state(model_dir)
-    cand = load_unet_state(candidate)
+    base = load_denoiser_state(model_dir)
+    cand = load_denoiser_state(candidate)
     broken = [n for n, t in cand.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if broken:
         raise ModelError(f"{candidate}: {len(broken)} tensors hold inf/NaN (first: {broken[0]}); the checkpoint is "

@@ -32,7 +32,7 @@ from ..attacks import resolve_attack
 from ..lora import NoAllowedModules, lora_base
 from ..outputs import write_image_folder
 from ..methods import chain_uses_ratio, protect
-from ..models import SDComponents, load_sd
+from ..models import Components, load_model
 from ..outputs import mark_output, prepare_output_dir
 from ..synthetic import TINY_SD
 from .config import ExperimentConfig, check_same_config
@@ -329,14 +329,14 @@ def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> 
 
     path = heldout_data(world, subject, data_root)
     if lora_base(model_dir) is None:
-        comps = load_sd(model_dir)
+        comps = load_model(model_dir)
     else:       # a LoRA output: its base with the adapter loaded
         pipe = load_pipeline(model_dir)
-        comps = SDComponents(Path(model_dir), pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer,
-                             dict(pipe.scheduler.config))
-    schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
+        comps = Components(Path(model_dir), pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer],
+                           dict(pipe.scheduler.config))
+    schedule = NoiseSchedule.for_components(comps)
     data = load_image_captions(path)
     mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
-    comps.unet.eval()
+    comps.denoiser.eval()
     with torch.no_grad():
-        return sum(float(weighted_loss(comps.unet, mix.draw("cpu"), schedule)[0]) for _ in range(draws)) / draws
+        return sum(float(weighted_loss(comps.denoiser, mix.draw("cpu"), schedule)[0]) for _ in range(draws)) / draws

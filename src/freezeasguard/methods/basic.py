@@ -5,7 +5,7 @@ import torch
 
 from ..learn import LearnConfig, learn_mask
 from ..mask import Mask
-from ..models import fingerprint, load_sd, load_unet_state
+from ..models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from ..settings import copy_fields
 from .registry import MethodInputs, Protection, register
 
@@ -26,12 +26,12 @@ def largest(inputs: MethodInputs) -> Protection:
     a tensor's size; this mask is that size bias alone. A method that does no better than it at
     the same budget has learned nothing from the data."""
 
-    named = list(load_sd(inputs.model).unet.named_parameters())
+    named = list(load_model(inputs.model).denoiser.named_parameters())
     scores = torch.tensor([float(t.numel()) for _, t in named])
     # ties (many tensors share a size) broken by position, deterministically
     scores = scores + torch.linspace(0, 0.5, len(named))
     mask = Mask.from_scores(named, scores, inputs.ratio, inputs.settings.budget,
-                            base_fingerprint=fingerprint(load_unet_state(inputs.model).items()),
+                            base_fingerprint=fingerprint(load_denoiser_state(inputs.model).items()),
                             meta={"method": "largest"})
     return Protection(mask=mask)
 
@@ -44,10 +44,10 @@ def learned(inputs: MethodInputs) -> Protection:
     warm = inputs.work_dir / "warm-start"
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"
     result = learn_mask(inputs.model, inputs.illegal, inputs.innocent, path, cfg,
-                        finetuned_dir=warm if (warm / "unet" / "config.json").exists() else None,
+                        finetuned_dir=warm if has_denoiser(warm) else None,
                         work_dir=inputs.work_dir / f"learned-{inputs.ratio:g}.work", resume=True)
     produced = inputs.work_dir / f"learned-{inputs.ratio:g}.work" / "warm_start"
-    if not (warm / "unet" / "config.json").exists() and produced.exists():
+    if not has_denoiser(warm) and produced.exists():
         produced.rename(warm)
     result.mask.plot(inputs.work_dir / f"learned-{inputs.ratio:g}.png")
     return Protection(mask=result.mask)

@@ -140,20 +140,20 @@ def immunize(unet, modules, draw_illegal, draw_innocent, steps: int, inner_steps
 def imma(inputs: MethodInputs) -> Protection:
     s = inputs.settings
     comps, schedule, device = load_base(inputs)
-    comps.unet.train()
+    comps.denoiser.train()
 
     def loss_of(paths, seed):
         mix = data_mix(paths, comps, schedule, s.imma_batch, seed, device)
-        return lambda: weighted_loss(comps.unet, mix.draw(device), schedule)[0]
+        return lambda: weighted_loss(comps.denoiser, mix.draw(device), schedule)[0]
 
-    modules = target_modules(comps.unet, s.imma_targets)
-    history = immunize(comps.unet, modules, loss_of([inputs.illegal], 0),
+    modules = target_modules(comps.denoiser, s.imma_targets)
+    history = immunize(comps.denoiser, modules, loss_of([inputs.illegal], 0),
                        loss_of(inputs.innocent, 1) if inputs.innocent else None,
                        s.imma_steps, s.imma_inner_steps, s.imma_inner_lr, s.imma_lr, s.imma_adapter, s.imma_rank,
                        s.imma_preserve_weight)
     out = inputs.work_dir / "model"
     atomic_write_json(inputs.work_dir / "imma_history.json", history)
-    save_pipeline(inputs.model, comps.unet.cpu(), out,
+    save_pipeline(inputs.model, comps.denoiser.cpu(), out,
                   {"scheme": "imma", "targets": s.imma_targets, "immunised_modules": len(modules),
                    "steps": s.imma_steps, "inner_steps": s.imma_inner_steps, "adapter": s.imma_adapter,
                    "final_adapted_illegal_loss": history[-1]["adapted_illegal_loss"] if history else None})

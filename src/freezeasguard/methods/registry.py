@@ -15,7 +15,7 @@ from ..finetune import resolve_device
 from ..io import atomic_write_json
 from ..learn import MaskLearningSettings
 from ..mask import Mask
-from ..models import load_sd
+from ..models import load_model
 from ..settings import setting
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ def data_mix(paths, components, schedule, batch: int, seed: int, device):
 def load_base(inputs: MethodInputs):
     """The input model on the method's device, and its noise schedule: where every method starts."""
     device = resolve_device(inputs.device)
-    comps = load_sd(inputs.model).to(device)
-    return comps, NoiseSchedule.from_scheduler_config(comps.scheduler_config), device
+    comps = load_model(inputs.model).to(device)
+    return comps, NoiseSchedule.for_components(comps), device
 
 
 def register(name: str, uses_ratio: bool, summary: str):

@@ -12,7 +12,7 @@ import torch
 
 from ..batches import weighted_loss
 from ..mask import Mask
-from ..models import fingerprint, load_unet_state
+from ..models import fingerprint, load_denoiser_state
 from .registry import MethodInputs, Protection, data_mix, load_base, register
 
 
@@ -47,12 +47,12 @@ def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
 def saliency(inputs: MethodInputs) -> Protection:
     s = inputs.settings
     comps, schedule, device = load_base(inputs)
-    named = list(comps.unet.named_parameters())
-    base_fp = fingerprint(load_unet_state(inputs.model).items())
+    named = list(comps.denoiser.named_parameters())
+    base_fp = fingerprint(load_denoiser_state(inputs.model).items())
 
     def norms(paths, seed):
         mix = data_mix(paths, comps, schedule, s.mask_batch, seed, device)
-        return gradient_norms(comps.unet, mix, schedule, s.saliency_batches, device)
+        return gradient_norms(comps.denoiser, mix, schedule, s.saliency_batches, device)
 
     ill = norms([inputs.illegal], 0)
     inn = norms(inputs.innocent, 1) if s.saliency_innocent_weight and inputs.innocent else None

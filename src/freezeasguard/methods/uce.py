@@ -95,7 +95,7 @@ def apply_uce(components, erase: list[str], guide: str, preserve: list[str], era
     erase_in, guide_in, preserve_in = concept_embeddings(components, erase, guide, preserve)
     pattern = re.compile(targets)
     edited = []
-    for name, module in components.unet.named_modules():
+    for name, module in components.denoiser.named_modules():
         if pattern.search(name) and isinstance(module, torch.nn.Linear):
             w = module.weight
             dev = w.device
@@ -128,7 +128,7 @@ def uce(inputs: MethodInputs) -> Protection:
     preserve = preserve_prompts(inputs.innocent, s.uce_preserve_prompts)
     edited = apply_uce(comps, list(inputs.subjects), s.uce_guide, preserve, s.uce_erase_scale, s.uce_preserve_scale,
                        s.uce_lambda)
-    save_pipeline(inputs.model, comps.unet.cpu(), out,
+    save_pipeline(inputs.model, comps.denoiser.cpu(), out,
                   {"scheme": "uce", "erased": list(inputs.subjects), "guide": s.uce_guide,
                    "preserved_prompts": len(preserve), "edited_modules": len(edited),
                    "erase_scale": s.uce_erase_scale, "preserve_scale": s.uce_preserve_scale, "lambda": s.uce_lambda})

@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..models import load_sd
+from ..models import load_model
 from . import JUDGES, TINY_SD
 from .classifiers import Judge, train_attribute_classifier, train_recogniser, train_trait_judge
 from .world import WORLD_VERSION
@@ -28,7 +28,7 @@ def _get(filename: str, train) -> Judge:
 
 
 def _shipped_vae():
-    return load_sd(TINY_SD).vae
+    return load_model(TINY_SD).vae
 
 
 # The world's version is in every judge's file name: a judge of another world's renders is never reused.

@@ -1,0 +1,88 @@
+"""Tiny pipelines of every family, built in code (tests; nothing is downloaded): the same classes
+and the same conditioning paths as the real models, a few hundred thousand parameters each.
+
+The T5 slots of SD3 and FLUX get the offline CLIP byte-pair tokenizer (models.build_offline_tokenizer):
+a T5 tokenizer needs a trained sentencepiece model, and training reads only input ids."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..models import build_offline_tokenizer, save_tiny_pipeline, scheduler_config
+
+FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)     # SD3's scheduler config
+
+
+def _clip(tokenizer, hidden: int, projection: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                            projection_dim=projection or hidden, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _t5(tokenizer, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1,
+                                   num_heads=4, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
+
+
+def _vae(image_size: int, channels: int, shift: float | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=[32, 64],
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         layers_per_block=1, norm_num_groups=32, sample_size=image_size,
+                         scaling_factor=1.5, shift_factor=shift)
+
+
+def build_tiny(family: str, image_size: int = 16, seed: int = 0, extra_words=(), guidance_embeds: bool = True):
+    """A randomly initialised pipeline object of the family (sd, sdxl, sd3, flux)."""
+    from diffusers import (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+
+    torch.manual_seed(seed)
+    tok = build_offline_tokenizer(extra_words)
+    latent = image_size // 2
+    if family == "sdxl":
+        te1, te2 = _clip(tok, 32), _clip(tok, 32, projection=32)
+        unet = UNet2DConditionModel(
+            sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=32,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+        sched = EulerDiscreteScheduler.from_config(scheduler_config())
+        return StableDiffusionXLPipeline(vae=_vae(image_size, 4), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                         tokenizer_2=tok, unet=unet, scheduler=sched)
+    if family == "sd3":
+        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, num_layers=2,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                            caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                            pos_embed_max_size=8, qk_norm="rms_norm")
+        return StableDiffusion3Pipeline(
+            transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER),
+            vae=_vae(image_size, 16, shift=0.1), text_encoder=_clip(tok, 16, projection=32), tokenizer=tok,
+            text_encoder_2=_clip(tok, 16, projection=32), tokenizer_2=tok, text_encoder_3=_t5(tok, 32), tokenizer_3=tok)
+    if family == "flux":
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+                                             axes_dims_rope=(2, 2, 4))
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15)
+        return FluxPipeline(scheduler=sched, vae=_vae(image_size, 16, shift=0.1), text_encoder=_clip(tok, 32),
+                            tokenizer=tok, text_encoder_2=_t5(tok, 32), tokenizer_2=tok, transformer=transformer)
+    raise ValueError(f"family {family!r}: build_tiny makes sdxl, sd3 and flux (sd: models.build_tiny_pipeline)")
+
+
+def save_tiny(out_dir, family: str, **kwargs) -> Path:
+    if family == "sd":
+        return save_tiny_pipeline(out_dir, layout="sd15", **kwargs)
+    build_tiny(family, **kwargs).save_pretrained(Path(out_dir), safe_serialization=True)
+    return Path(out_dir)

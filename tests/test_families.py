@@ -1,0 +1,104 @@
+"""SDXL, SD3 and FLUX.1 through the same learn / finetune / verify: tiny pipelines of each family
+built in code, the flow-matching objective against a hand computation, and masks that refuse a
+model of another family."""
+import json
+
+import pytest
+import torch
+
+from freezeasguard.cli import main
+from freezeasguard.diffusion import NoiseSchedule, noisy_and_target
+from freezeasguard.families.flux import image_ids, pack, unpack
+from freezeasguard.families.tiny import save_tiny
+from freezeasguard.mask import Mask, MaskError
+from freezeasguard.models import load_denoiser_state, load_model
+
+FAMILIES = ["sdxl", "sd3", "flux"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    return request.param, save_tiny(tmp_path_factory.mktemp(request.param) / "model", request.param,
+                                    extra_words=["mara", "quell"])
+
+
+def test_flow_matching_noise_and_target_match_a_hand_computation():
+    n, shift = 1000, 3.0
+    schedule = NoiseSchedule.from_scheduler_config({"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                                    "num_train_timesteps": n, "shift": shift})
+    x0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    index = torch.tensor([0, 500, 999])
+    noisy, model_t, target = noisy_and_target(x0, eps, index, schedule)
+    u = (n - index.double()) / n                       # the unshifted noise level of each index
+    s = shift * u / (1 + (shift - 1) * u)              # SD3's time shift
+    s4 = s.float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - s4) * x0 + s4 * eps)
+    torch.testing.assert_close(target, eps - x0)
+    torch.testing.assert_close(model_t, (s * n).float())
+
+
+def test_v_prediction_target_matches_a_hand_computation():
+    from freezeasguard.models import scheduler_config
+    schedule = NoiseSchedule.from_scheduler_config(scheduler_config("v_prediction"))
+    x0, eps, index = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 700])
+    noisy, model_t, target = noisy_and_target(x0, eps, index, schedule)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2   # scaled_linear
+    a = torch.cumprod(1 - betas, 0)[index].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, a.sqrt() * x0 + (1 - a).sqrt() * eps)
+    torch.testing.assert_close(target, a.sqrt() * eps - (1 - a).sqrt() * x0)
+    assert torch.equal(model_t, index)
+
+
+def test_flux_packing_is_a_lossless_permutation_into_2x2_patch_tokens():
+    x = torch.randn(2, 16, 4, 6)
+    tokens = pack(x)
+    assert tokens.shape == (2, 6, 64)
+    torch.testing.assert_close(tokens[0, 1], x[0, :, 0:2, 2:4].reshape(16, 4).reshape(-1))   # patch (0, 1)
+    assert torch.equal(unpack(tokens, 4, 6), x)
+    assert image_ids(4, 6, "cpu")[1].tolist() == [0, 0, 1]
+
+
+def test_the_family_is_read_from_the_folder_and_a_short_full_finetune_lowers_the_loss(tiny, people, tmp_path):
+    from freezeasguard import FinetuneConfig, guarded_finetune
+    family, model = tiny
+    comps = load_model(model)
+    assert comps.family == family and comps.resolution == 16
+    cfg = FinetuneConfig(steps=15, batch_size=4, lr=3e-3, device="cpu", checkpoint_every=0)
+    r = guarded_finetune(model, people, tmp_path / "ft", cfg, full=True)
+    first, last = r.history[0]["loss_data"], sum(h["loss_data"] for h in r.history[-5:]) / 5
+    assert last < first
+
+
+def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people, logos, tmp_path, capsys):
+    family, model = tiny
+    mask = tmp_path / "mask.safetensors"
+    assert main(["learn", "--model", str(model), "--illegal", str(people), "--innocent", str(logos), "--ratio", "0.3",
+                 "--warm-start-steps", "2", "--steps", "2", "--inner-steps", "1", "--batch-size", "2",
+                 "--device", "cpu", "--out", str(mask)]) == 0
+    learned = Mask.load(mask)
+    assert learned.frozen_names and learned.tensor_ratio == pytest.approx(0.3, abs=0.01)
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--out", str(ft)]) == 0
+    folder = "unet" if family == "sdxl" else "transformer"
+    assert (ft / folder / "diffusion_pytorch_model.safetensors").is_file()
+    base, tuned = load_denoiser_state(model), load_denoiser_state(ft)
+    frozen = set(learned.frozen_names)
+    assert all(torch.equal(base[n], tuned[n]) for n in frozen)
+    assert any(not torch.equal(base[n], tuned[n]) for n in base if n not in frozen)
+    assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(ft)]) == 0
+    lora = tmp_path / "lora"
+    assert main(["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "2",
+                 "--batch-size", "2", "--device", "cpu", "--lora-rank", "2", "--out", str(lora)]) == 0
+    assert json.loads((lora / "freezeasguard_manifest.json").read_text())["lora"]["modules"]
+    capsys.readouterr()
+    assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(lora)]) == 0
+    for fmt in ("peft", "ai-toolkit", "onetrainer"):
+        assert main(["mask", "export", str(mask), "--format", fmt]) == 0
+
+
+def test_a_mask_for_one_family_is_refused_on_another_naming_both(tmp_path):
+    sdxl, flux = save_tiny(tmp_path / "sdxl", "sdxl"), save_tiny(tmp_path / "flux", "flux")
+    mask = Mask.random(list(load_denoiser_state(sdxl).items()), 0.3, seed=0)
+    with pytest.raises(MaskError, match="made for a sdxl model .* is a flux model"):
+        mask.check_matches(list(load_model(flux).denoiser.named_parameters()))
