@@ -102,3 +102,16 @@ def test_a_mask_for_one_family_is_refused_on_another_naming_both(tmp_path):
     mask = Mask.random(list(load_denoiser_state(sdxl).items()), 0.3, seed=0)
     with pytest.raises(MaskError, match="made for a sdxl model .* is a flux model"):
         mask.check_matches(list(load_model(flux).denoiser.named_parameters()))
+
+
+@pytest.mark.slow
+def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_device():
+    from freezeasguard.families.shapes import PUBLISHED, guarded_full_gb, memory_plan, meta_model
+    counts = {name: sum(p.numel() for p in meta_model(name).parameters()) for name in PUBLISHED}
+    assert counts["sdxl"] == 2_567_463_684            # SDXL base UNet, as reported with the model
+    assert counts["flux1-dev"] == 11_901_408_320      # FLUX.1-dev transformer
+    assert abs(counts["sd35-large"] / 8.1e9 - 1) < 0.01   # "8.1 billion parameters"
+    assert abs(counts["sd35-medium"] / 2.5e9 - 1) < 0.15  # "2.5 billion" counts more than the transformer
+    plan = memory_plan(counts["flux1-dev"])
+    assert plan["mask_learning_fp32_gb"] == pytest.approx(12 * counts["flux1-dev"] / 2**30)
+    assert guarded_full_gb(1000, 0.75) == pytest.approx(1000 * (4 + 3) / 2**30)

@@ -1,0 +1,60 @@
+"""The published denoiser configs of the big models, as numbers (no download), and the memory plan
+computed from their real shapes built on the meta device (no memory is allocated)."""
+from __future__ import annotations
+
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2, 10],
+    attention_head_dim=[5, 10, 20], cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32)
+SD35_LARGE = dict(  # stabilityai/stable-diffusion-3.5-large transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64, num_attention_heads=38,
+    joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X)
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=list(range(13)), qk_norm="rms_norm")
+FLUX1_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json (schnell: guidance_embeds false)
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+
+PUBLISHED = {   # name -> (diffusers class, config, published parameter count of the denoiser)
+    "sdxl": ("UNet2DConditionModel", SDXL_UNET, 2.6e9),
+    "sd35-medium": ("SD3Transformer2DModel", SD35_MEDIUM, 2.5e9),
+    "sd35-large": ("SD3Transformer2DModel", SD35_LARGE, 8.1e9),
+    "flux1-dev": ("FluxTransformer2DModel", FLUX1_DEV, 12e9),
+}
+
+
+def meta_model(name: str):
+    """The denoiser with its real shapes on the meta device: counts and names, no memory."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls_name, config, _ = PUBLISHED[name]
+    with init_empty_weights():
+        return getattr(diffusers, cls_name)(**config)
+
+
+def memory_plan(params: int, activations_gb: float = 0.0) -> dict:
+    """GB per device for one replica, by plan (B = bytes per parameter):
+    - mask learning, fp32: theta(m) 4 + theta_d 4 + gradient 4 (+ logits, negligible);
+    - mask learning, bf16 theta_d: theta(m) 4 + theta_d 2 + gradient 4;
+    - guarded full fine-tuning, fp32 AdamW: weights 4 + gradient 4 + two moments 8 (frozen share 1 - rho
+      of the last three only: see guarded_full_gb);
+    - bf16 weights with fp32 AdamW moments (what diffusers' scripts do under mixed precision with a
+      bf16 copy): weights 2 + gradient 2 + moments 8 + fp32 master 4."""
+    gb = params / 2**30
+    return {"params_billion": params / 1e9,
+            "mask_learning_fp32_gb": 12 * gb, "mask_learning_bf16_theta_d_gb": 10 * gb,
+            "full_ft_fp32_adamw_gb": 16 * gb, "full_ft_bf16_mixed_gb": 16 * gb,
+            "weights_bf16_gb": 2 * gb}
+
+
+def guarded_full_gb(params: int, frozen_fraction: float) -> float:
+    """AdamW fine-tuning under a mask: every weight (4 B) plus gradient and two moments (12 B) for
+    the trainable share only."""
+    return params * (4 + 12 * (1 - frozen_fraction)) / 2**30
