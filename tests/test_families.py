@@ -95,6 +95,12 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(lora)]) == 0
     for fmt in ("peft", "ai-toolkit", "onetrainer"):
         assert main(["mask", "export", str(mask), "--format", fmt]) == 0
+    for source in (ft, lora):       # the fine-tuned pipeline, and the base with the adapter loaded
+        out = tmp_path / f"images-{source.name}"
+        assert main(["generate", "--model", str(source), "--prompt", "a photo of mara quell", "--steps", "2",
+                     "--out", str(out)]) == 0
+        from PIL import Image
+        assert Image.open(out / "grid.png").size[0] >= 16
 
 
 def test_a_mask_for_one_family_is_refused_on_another_naming_both(tmp_path):

@@ -260,11 +260,11 @@ def save_pipeline(base_dir: Path, denoiser, out_dir: Path, manifest: dict, comma
     return replace_dir(tmp, out_dir)
 
 
-def save_lora_folder(unet, out_dir: Path, manifest: dict, command: str = "finetune") -> Path:
+def save_lora_folder(unet, out_dir: Path, manifest: dict, command: str = "finetune", family: str = "sd") -> Path:
     """A folder with the adapter (diffusers' pytorch_lora_weights.safetensors) and the manifest,
     written beside the target and moved into place when complete."""
     tmp = partial_dir(out_dir, command)
-    save_lora(unet, tmp)
+    save_lora(unet, tmp, family)
     atomic_write_json(tmp / "freezeasguard_manifest.json", manifest)
     normal_permissions(tmp)
     return replace_dir(tmp, out_dir)
@@ -365,7 +365,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         "lora": {**asdict(lora), "modules": targets, "file": LORA_FILE} if targets is not None else None,
     }
     if dist.is_main() and targets is not None:
-        save_lora_folder(components.denoiser, Path(out_dir), manifest)
+        save_lora_folder(components.denoiser, Path(out_dir), manifest, family=components.family)
     elif dist.is_main():
         save_pipeline(Path(model_dir), components.denoiser, Path(out_dir), manifest)
         atomic_write_json(work_dir / "history.json", history)

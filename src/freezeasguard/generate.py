@@ -11,19 +11,24 @@ from tqdm.auto import tqdm
 
 from .io import atomic_write_json
 from .lora import lora_base
-from .models import require_pipeline_dir
+from .models import model_family, require_pipeline_dir
 from .outputs import prepare_output_dir, write_image_folder
 
 logger = logging.getLogger(__name__)
 
 
 def load_pipeline(path, device="cpu"):
-    """A pipeline folder, or a guarded-LoRA output folder (its base model with the LoRA loaded)."""
-    from diffusers import StableDiffusionPipeline
+    """A pipeline folder of any family, or a guarded-LoRA output folder (its base model with the
+    LoRA loaded)."""
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
     base = lora_base(path)
-    pipe = StableDiffusionPipeline.from_pretrained(require_pipeline_dir(base or path), safety_checker=None,
-                                                   requires_safety_checker=False, dtype=torch.float32)
+    folder = require_pipeline_dir(base or path)
+    if model_family(folder).name == "sd":
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False,
+                                                       dtype=torch.float32)
+    else:       # SDXL, SD3, FLUX: the pipeline class the folder names
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     if base is not None:
         pipe.load_lora_weights(str(path))
     pipe.set_progress_bar_config(disable=True)
@@ -47,16 +52,20 @@ def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, gu
     """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of prompt i
     uses seed + i * per_prompt + j: every image starts from its own noise, and an image does not
     depend on what else is in the batch."""
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    was_training = denoiser.training
+    denoiser.eval()
+    side = getattr(denoiser.config, "sample_size", None)      # FLUX's transformer has none: the VAE's side
+    side = side * pipe.vae_scale_factor if isinstance(side, int) else pipe.vae.config.sample_size
     jobs = [(p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
         chunk = jobs[start:start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens)
+        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   height=side, width=side)
         images += out.images
-    pipe.unet.train(was_training)
+    denoiser.train(was_training)
     return images
 
 

@@ -143,11 +143,21 @@ def lora_base(folder) -> Path | None:
     return Path(json.loads(manifest.read_text())["base_model"])
 
 
-def save_lora(unet, folder: Path) -> Path:
-    """The adapter in the diffusers/peft format (unet.<module>.lora_A.weight ...)."""
-    from diffusers import StableDiffusionPipeline
+# the pipeline class whose save_lora_weights writes each family's keys (unet. or transformer.)
+LORA_WRITERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"),
+                "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers"),
+                "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"),
+                "flux": ("FluxPipeline", "transformer_lora_layers")}
+
+
+def save_lora(denoiser, folder: Path, family: str = "sd") -> Path:
+    """The adapter in the diffusers/peft format that the family's pipeline.load_lora_weights reads
+    (unet.<module>.lora_A.weight ..., transformer.<module>... for SD3 and FLUX)."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet),
+
+    cls, arg = LORA_WRITERS[family]
+    getattr(diffusers, cls).save_lora_weights(folder, **{arg: get_peft_model_state_dict(denoiser)},
                                               safe_serialization=True)
     return folder / LORA_FILE
 
@@ -172,7 +182,8 @@ SUFFIXES = {
 }
 # longest first, so ".lora_A.default.weight" is not read as ".weight" of a module named "...default"
 _ORDERED = sorted(SUFFIXES, key=len, reverse=True)
-UNET_DOTTED_PREFIXES = ("unet.", "base_model.model.", "model.diffusion_model.")
+# a denoiser's keys: diffusers' unet. / transformer. (SD3, FLUX), peft's, the original SD checkpoints'
+UNET_DOTTED_PREFIXES = ("unet.", "transformer.", "base_model.model.", "model.diffusion_model.")
 TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.", "te2.")
 KOHYA_UNET_PREFIX = "lora_unet_"
 # old diffusers attention processors: <attn>.processor.to_q_lora.down.weight -> <attn>.to_q
