@@ -192,3 +192,11 @@ def test_runner_sweeps_attacks_keeps_adapters_off_frozen_modules_and_reports_the
     assert learned["worst"] == max(cells.values()) and cells[learned["worst_attack"]] == learned["worst"]
     assert (tmp_path / "exp" / "attack_sweep.png").stat().st_size > 0
     assert "lora-2" in (tmp_path / "exp" / "attack_sweep.md").read_text()
+
+
+def test_every_example_config_loads():
+    from pathlib import Path
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        ExperimentConfig.from_yaml(path)          # unknown keys, bad values or attacks fail here
