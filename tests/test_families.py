@@ -121,3 +121,32 @@ def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_d
     plan = memory_plan(counts["flux1-dev"])
     assert plan["mask_learning_fp32_gb"] == pytest.approx(12 * counts["flux1-dev"] / 2**30)
     assert guarded_full_gb(1000, 0.75) == pytest.approx(1000 * (4 + 3) / 2**30)
+
+
+@pytest.mark.slow
+def test_sharded_finetune_in_two_processes_gives_the_single_process_result(people, tmp_path):
+    """finetune --shard under accelerate launch (2 CPU processes, gloo, FSDP2) on a tiny FLUX: the
+    same weights as one process with the same global batch, frozen tensors byte-identical."""
+    import os
+    import subprocess
+    import sys
+    model = save_tiny(tmp_path / "flux", "flux")
+    mask = tmp_path / "mask.safetensors"
+    Mask.random(list(load_denoiser_state(model).items()), 0.3, seed=2).save(mask)
+    args = ["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "3",
+            "--batch-size", "4", "--lr", "1e-3", "--device", "cpu", "--checkpoint-every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "-m", "freezeasguard.cli", *args, "--shard", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharded the denoiser over 2 processes" in two.stderr
+    a, b, base = (load_denoiser_state(tmp_path / d) for d in ("one", "two", "flux"))
+    frozen = set(Mask.load(mask).frozen_names)
+    for n in base:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-3, atol=1e-5)    # Adam steps are ~lr = 1e-3 per weight
+        assert torch.equal(b[n], base[n]) == (n in frozen), n
+    assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(tmp_path / "two")]) == 0

@@ -239,7 +239,7 @@ def cmd_finetune(args) -> int:
                          resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
                          lora=lora, prior_data=args.prior_data)
     last = r.history[-1]["loss_data"] if r.history else float("nan")
-    what = f"a rank-{lora.rank} LoRA" if lora.rank else "the UNet"
+    what = f"a rank-{lora.rank} LoRA" if lora.rank else "the denoiser"
     print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "
           f"parameters), {len(r.history)} steps in {r.seconds:.1f}s, last loss {last:.4f}; frozen tensors checked "
           f"unchanged -> {r.out_dir}")

@@ -27,9 +27,10 @@ from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
-from .models import Components, fingerprint, load_denoiser_state, load_model, model_family
+from .models import Components, fingerprint, load_denoiser, load_denoiser_state, load_model, model_family
 from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
 from .settings import setting
+from .shard import full_state, is_sharded, local, shard_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,9 @@ class FinetuneConfig:
     seed: int = setting(0, "seed of the data order, noise and timesteps")
     mixed_precision: str = setting("no", "autocast on GPU; parameters stay fp32", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    shard: bool = setting(False, "with several processes (accelerate launch): shard weights, gradients and optimizer "
+                                 "state across them (PyTorch FSDP2) instead of replicating the model; no "
+                                 "mid-run checkpoints yet")
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: never)")
     validation_prompts: tuple[str, ...] = setting((), "prompt for validation images", flag="--validation-prompt")
     validation_every: int = setting(0, "steps between validation grids (0: none)")
@@ -114,7 +118,8 @@ def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     # Fused AdamW updates all tensors in one kernel (CUDA, and CPU since torch 2.4). On the tiny
     # UNet's 684 tensors at one CPU thread the default per-tensor loop takes 70 ms a step, fused
     # 16 ms, a tenth of a demo fine-tune step saved (benchmarks/bench_optimizer.py).
-    fused = all(p.dtype.is_floating_point and p.device.type in ("cuda", "cpu") for p in trainable)
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cuda", "cpu") and not is_sharded(p)
+                for p in trainable)
     return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
@@ -175,6 +180,7 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         unet.enable_gradient_checkpointing()
     optimizer = build_optimizer(unet, cfg)
     trainable = [p for p in unet.parameters() if p.requires_grad]
+    sharded = any(is_sharded(p) for p in trainable)     # finetune --shard: no mid-run checkpoints yet
     amp = autocast_dtype(cfg.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     ckpt = work_dir / "checkpoint.safetensors" if work_dir else None
@@ -196,7 +202,7 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         check_finite_loss(torch.cat(per_sample).detach(), step + 1, desc, cfg.lr)
         totals = domain_means(torch.cat(per_sample), batch, len(mix.domains))
         for p in trainable:
-            if p.grad is not None:
+            if p.grad is not None and not is_sharded(p):     # FSDP has reduce-scattered sharded ones
                 dist.all_reduce_sum_(p.grad)
         if scaler:
             scaler.unscale_(optimizer)
@@ -210,14 +216,15 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         record = {"step": step + 1, **{f"loss_{d.name}": v for d, v in zip(mix.domains, totals)}}
         history.append(record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
-        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main():
+        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main() \
+                and not sharded:
             atomic_save_safetensors(_checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), ckpt)
-        if cfg.validation_every and cfg.validation_prompts and work_dir is not None \
+        if cfg.validation_every and cfg.validation_prompts and work_dir is not None and not sharded \
                 and (step + 1) % cfg.validation_every == 0 and dist.is_main():
             _validation_images(components, cfg, work_dir / "validation" / f"step{step + 1:06d}.png")
             unet.train()
     unet.eval()
-    bad = [n for n, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    bad = [n for n, p in unet.named_parameters() if p.requires_grad and not torch.isfinite(local(p)).all()]
     if bad:
         raise DivergedError(f"{desc} diverged: {len(bad)} weight tensors hold inf/NaN after {cfg.steps} steps "
                             f"(first: {bad[0]}). No model was written. Lower the learning rate and run again.")
@@ -230,9 +237,9 @@ def _validation_images(components, cfg: FinetuneConfig, path: Path):
     save_grid(images, path)
 
 
-def check_frozen_unchanged(unet, base_state: dict[str, torch.Tensor], frozen_names: list[str]):
-    """Every frozen tensor must equal the base model's bit for bit."""
-    params = dict(unet.named_parameters())
+def check_frozen_unchanged(model_or_state, base_state: dict[str, torch.Tensor], frozen_names: list[str]):
+    """Every frozen tensor (of a model, or of a gathered state) must equal the base model's bit for bit."""
+    params = model_or_state if isinstance(model_or_state, dict) else dict(model_or_state.named_parameters())
     moved = [n for n in frozen_names if not torch.equal(params[n].detach().cpu(), base_state[n].to(params[n].dtype))]
     if moved:
         raise EnforcementError(f"{len(moved)} frozen tensors changed during fine-tuning (first: {moved[:3]}); "
@@ -328,6 +335,16 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     frozen = active.frozen_names if targets is not None else active.apply(components.denoiser)
     logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
                 len(active.names), 100 * active.param_fraction)
+    sharded = cfg.shard and dist.world_size() > 1
+    if sharded:
+        if targets is not None:
+            raise ValueError("--shard with --lora-rank: a LoRA's trainable state is small; run it without --shard "
+                             "(each process then holds the frozen base, as data parallelism does)")
+        if resume:
+            raise ValueError("--shard keeps no mid-run checkpoint yet, so there is nothing to --resume; run again "
+                             "without --resume (or without --shard)")
+        shard_denoiser(components.denoiser)
+        logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
     schedule = NoiseSchedule.for_components(components)
     domains = [Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)]
@@ -350,6 +367,9 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         moved = base_weights_moved(components.denoiser, base_state)
         if moved:
             raise EnforcementError(f"{len(moved)} base weights changed under a LoRA (first: {moved[0]}); nothing saved.")
+    elif sharded:
+        gathered = full_state(components.denoiser)          # every rank takes part in the gathering
+        check_frozen_unchanged(gathered, base_state, frozen)
     else:
         check_frozen_unchanged(components.denoiser, base_state, frozen)
     # --- save_pipeline
@@ -367,7 +387,11 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     if dist.is_main() and targets is not None:
         save_lora_folder(components.denoiser, Path(out_dir), manifest, family=components.family)
     elif dist.is_main():
-        save_pipeline(Path(model_dir), components.denoiser, Path(out_dir), manifest)
+        denoiser = components.denoiser
+        if sharded:     # a plain copy of the model holding the gathered weights (buffers from the base)
+            denoiser = load_denoiser(model_dir)
+            denoiser.load_state_dict(gathered, strict=False)
+        save_pipeline(Path(model_dir), denoiser, Path(out_dir), manifest)
         atomic_write_json(work_dir / "history.json", history)
     dist.barrier()
     seconds = time.time() - t0

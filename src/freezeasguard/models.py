@@ -125,18 +125,10 @@ def load_model(path, flag: str = "--model", denoiser_from=None) -> Components:
     unet/transformer folder)."""
     path = require_pipeline_dir(path, flag)
     family = model_family(path)
-    index_file = path / "model_index.json"
-    index = json.loads(index_file.read_text()) if index_file.exists() else {
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    den_dir = resolve_denoiser_dir(denoiser_from) if denoiser_from is not None else path / family.denoiser_folder
-    for f in denoiser_weight_files(den_dir):      # refuses pickles, names truncated files
-        _read_safetensors_header(f)
+    index = _model_index(path)
     weights = dict(dtype=torch.float32, use_safetensors=True)
     try:
-        # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
-        den_class = index[family.denoiser_folder]
-        denoiser = getattr(importlib.import_module("diffusers"), den_class[1]).from_pretrained(den_dir, **weights)
+        denoiser = load_denoiser(path, flag, denoiser_from)
         vae = _load_part(path, "vae", index, flag, **weights)
         encoders = [_load_part(path, enc, index, flag, **weights) for enc, _ in family.encoders]
         tokenizers = [_load_part(path, tok, index, flag) for _, tok in family.encoders]
@@ -152,6 +144,26 @@ def load_model(path, flag: str = "--model", denoiser_from=None) -> Components:
     for module in (vae, *encoders):
         module.requires_grad_(False).eval()
     return Components(path, denoiser, vae, encoders, tokenizers, scheduler_config, family.name)
+
+
+def _model_index(path: Path) -> dict:
+    index_file = path / "model_index.json"
+    return json.loads(index_file.read_text()) if index_file.exists() else {
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
+
+
+def load_denoiser(path, flag: str = "--model", denoiser_from=None):
+    """Only the denoiser of a pipeline folder (from ``denoiser_from`` when given), fp32."""
+    path = require_pipeline_dir(path, flag)
+    family = model_family(path)
+    den_dir = resolve_denoiser_dir(denoiser_from) if denoiser_from is not None else path / family.denoiser_folder
+    for f in denoiser_weight_files(den_dir):      # refuses pickles, names truncated files
+        _read_safetensors_header(f)
+    library, class_name = _model_index(path)[family.denoiser_folder]
+    # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
+    return getattr(importlib.import_module("diffusers"), class_name).from_pretrained(den_dir, dtype=torch.float32,
+                                                                                     use_safetensors=True)
 
 
 def resolve_denoiser_dir(path) -> Path:
