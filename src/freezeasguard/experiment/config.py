@@ -43,7 +43,7 @@ class ExperimentConfig(ProtectSettings):
     generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
     guidance: float = setting(7.5, "classifier-free guidance scale")
     attacks: list[str] = setting(["default"], "the illegal user's fine-tuning recipes, each run for every method, "
-                                              "ratio and seed: built-in names (freezeasguard attack-sweep --list) or "
+                                              "ratio and seed: built-in names (listed by freezeasguard attack-sweep --help) or "
                                               "ones defined under attack_recipes")
     attack_recipes: dict[str, dict] = setting({}, "name -> recipe (keys: the fields of attacks.Attack, e.g. "
                                                    "{optimizer: sgd, lr_factor: 100, lora_rank: 8})")
