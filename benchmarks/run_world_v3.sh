@@ -15,7 +15,7 @@ keep() {   # copy a run's report files into benchmarks/results
   mkdir -p "$dst"
   cp "$src"/results.md "$src"/results.json "$src"/results.csv "$src"/summary.json "$src"/config.json "$dst"/
   if [ -f "$src"/tradeoff.png ]; then cp "$src"/tradeoff.png "$dst"/; fi
-  for f in "$src"/attack_sweep.*; do if [ -f "$f" ]; then cp "$f" "$dst"/; fi; done
+  for f in "$src"/attack_sweep*; do if [ -f "$f" ]; then cp "$f" "$dst"/; fi; done
   # image grids of seed 0 under the default recipe (attack runs end in the attack's name)
   for d in "$src"/images/*-s0-*; do
     rest=$(basename "$d"); rest=${rest#*-s0-}
