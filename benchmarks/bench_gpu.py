@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from _common import PRESETS, NearbyBase, build_unet, print_table, random_batch, timed
+from freezeasguard.families.shapes import guarded_full_gb, memory_plan, meta_model  # noqa: E402  (_common puts src/ on the path)
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 
@@ -227,9 +228,15 @@ def main():
         print(f"mask learning: one iteration ({a.inner_steps} lower + 1 upper) {learning['mask_iteration_s']:.3f}s vs "
               f"{a.inner_steps} plain steps {a.inner_steps * learning['plain_step_s']:.3f}s: time_ratio "
               f"{learning['time_ratio']:.3f}, memory_ratio {learning['memory_ratio']}")
+    # the big families' memory plan from their real shapes (meta device): what this card would have to hold
+    plan = []
+    for family in ("sdxl", "flux1-dev"):
+        params = sum(p.numel() for p in meta_model(family).parameters())
+        plan.append({"model": family, **memory_plan(params), "guarded_ft_30pct_gb": guarded_full_gb(params, 0.3)})
+    print_table(plan, ["model", "params_billion", "mask_learning_fp32_gb", "full_ft_fp32_adamw_gb", "guarded_ft_30pct_gb"])
     result = {"device_name": name, "peak_bf16_tflops": peak_tflops, "preset": a.preset, "batch_size": a.batch_size,
               "mixed_precision": a.mixed_precision, "compiled": a.compile, "torch": torch.__version__, "finetune": rows,
-              "mask_learning": learning,
+              "mask_learning": learning, "memory_plan": plan,
               "goals": {"mfu": 0.40, "saving_vs_ideal": 0.95}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
