@@ -9,8 +9,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import cli_experiment
+from . import cli_experiment, cli_service
 from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
+from .cli_service import COMMANDS as SERVICE_COMMANDS
 from .exports import FORMATS as EXPORT_FORMATS
 from .exports import export as export_mask
 from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_finetune, resolve_device
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     cli_experiment.add_parsers(sub)
+    cli_service.add_parsers(sub)
     return parser
 
 
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {**COMMANDS, **EXPERIMENT_COMMANDS}[args.command](args)
+        return {**COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: checkpoints written so far are kept; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED

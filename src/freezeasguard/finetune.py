@@ -169,7 +169,7 @@ def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
 
 
 def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
-               resume: bool = False, desc: str = "fine-tune") -> list[dict]:
+               resume: bool = False, desc: str = "fine-tune", on_step=None) -> list[dict]:
     """The chosen optimizer on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
     (data and noise) once and backpropagates it in grad_accum chunks; every sample carries weight
     1/batch_size, so the accumulated gradient equals the one-batch gradient."""
@@ -215,6 +215,8 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
             optimizer.step()
         record = {"step": step + 1, **{f"loss_{d.name}": v for d, v in zip(mix.domains, totals)}}
         history.append(record)
+        if on_step is not None:      # progress for a caller (the service); raising here stops the run
+            on_step(step + 1, cfg.steps, record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main() \
                 and not sharded:
@@ -307,7 +309,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
                      work_dir=None, overwrite: bool = False, lora: LoraSettings | None = None,
-                     prior_data=None, lora_as_attacker: bool = False) -> FinetuneResult:
+                     prior_data=None, lora_as_attacker: bool = False, on_step=None) -> FinetuneResult:
     """Fine-tune the UNet (or, with ``lora.rank``, a LoRA on the modules the mask allows) on
     one dataset; the output is a pipeline folder (a LoRA folder with a LoRA) and a manifest.
     ``prior_data`` (DreamBooth's prior preservation): images of the subject's class, drawn
@@ -361,7 +363,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                                 "scheme": scheme, "frozen": frozen, "settings": settings,
                                 "lora": asdict(lora) if targets is not None else None})
     # --- train
-    history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})")
+    history = train_unet(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})", on_step=on_step)
     # --- check_frozen_unchanged (with a LoRA: every base weight)
     if targets is not None:
         moved = base_weights_moved(components.denoiser, base_state)

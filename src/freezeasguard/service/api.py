@@ -1,0 +1,186 @@
+"""The HTTP API (FastAPI; OpenAPI docs at /docs). Every call carries ``Authorization: Bearer
+<key>``; every dataset and job belongs to the tenant whose key made it, and another tenant's ids
+answer 404, as unknown ones do.
+
+    POST /datasets               upload a zip/tar of an image folder with metadata.jsonl/csv
+    GET  /datasets/{id}
+    POST /jobs                   {"dataset", "steps", "batch_size", "lr", "lora_rank", "seed"}
+    GET  /jobs, GET /jobs/{id}   state, progress, recent losses, the verify report when done
+    GET  /jobs/{id}/events       server-sent events: the job as JSON until it ends
+    POST /jobs/{id}/cancel
+    GET  /jobs/{id}/result       a zip of the verified output (weights or LoRA, manifest, verify report)
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+import shutil
+import zipfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, File, Header, HTTPException, UploadFile
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, Field
+
+from ..mask import Mask
+from ..models import fingerprint, load_denoiser_state
+from ..synthetic import TINY_SD
+from .jobs import Worker, file_hashes, verify_output
+from .settings import ServiceSettings
+from .store import ACTIVE, TERMINAL, Store
+from .uploads import UploadError, check_dataset, dataset_root, unpack
+
+SHIPPED_MASK = Path(TINY_SD).parent / "tiny-sd-mask.safetensors"
+
+
+class JobRequest(BaseModel):
+    dataset: str
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    lora_rank: int = Field(0, ge=0, description="0: full fine-tuning of what the mask leaves trainable")
+    seed: int = 0
+
+
+def _public(job: dict) -> dict:
+    result = job["result"] or {}
+    return {"id": job["id"], "dataset": job["dataset"], "state": job["state"], "step": job["step"],
+            "steps": job["steps"], "progress": job["step"] / job["steps"], "recent_losses": job["losses"],
+            "error": job["error"], "request": job["request"], "verify": result.get("verify")}
+
+
+def create_app(settings: ServiceSettings | None = None, start_worker: bool = True) -> FastAPI:
+    s = settings or ServiceSettings()
+    root = Path(s.root)
+    model = Path(s.model) if s.model else TINY_SD
+    mask_path = Path(s.mask) if s.mask else SHIPPED_MASK
+    # the mask must belong to the model before anything is accepted
+    Mask.load(mask_path).check_matches(list(load_denoiser_state(model).items()),
+                                       fingerprint(load_denoiser_state(model).items()), what=str(model),
+                                       state_dict=True)
+    store = Store(root / "service.db")
+    requeued = store.requeue_interrupted()
+    worker = Worker(store, model, mask_path, root, s.checkpoint_every)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if start_worker:
+            worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="freezeasguard fine-tuning service", lifespan=lifespan,
+                  description="Guarded fine-tuning of the publisher's model under its mask; only results that "
+                              "pass verification are released.")
+    app.state.store, app.state.worker, app.state.settings, app.state.requeued = store, worker, s, requeued
+
+    def tenant(authorization: str | None = Header(None)) -> int:
+        key = (authorization or "").removeprefix("Bearer ").strip()
+        found = store.tenant_for_key(key) if key else None
+        if found is None:
+            raise HTTPException(401, "missing or unknown API key (Authorization: Bearer <key>)")
+        return found
+
+    def own_job(job_id: str, who: int) -> dict:
+        job = store.job(job_id, who)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @app.post("/datasets", status_code=201)
+    async def upload(file: UploadFile = File(...), who: int = Depends(tenant)):
+        limit = int(s.max_upload_mb * 2**20)
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"the upload is larger than {s.max_upload_mb:g} MB")
+        dataset_id = "ds_" + secrets.token_hex(8)
+        folder = root / "datasets" / dataset_id
+        try:
+            size = unpack(data, folder, int(s.max_unpacked_mb * 2**20), s.max_files)
+            if store.storage_bytes(who) + size > s.max_storage_mb * 2**20:
+                raise UploadError(f"this upload would take the tenant past its {s.max_storage_mb:g} MB", 413)
+            images = check_dataset(folder, s.max_image_pixels)
+        except UploadError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise HTTPException(exc.status, str(exc)) from None
+        store.add_dataset(who, dataset_id, str(dataset_root(folder)), images, size)
+        return {"id": dataset_id, "images": images, "bytes": size}
+
+    @app.get("/datasets/{dataset_id}")
+    def get_dataset(dataset_id: str, who: int = Depends(tenant)):
+        found = store.dataset(who, dataset_id)
+        if found is None:
+            raise HTTPException(404, f"no dataset {dataset_id}")
+        return {"id": found["id"], "images": found["images"], "bytes": found["bytes"]}
+
+    @app.post("/jobs", status_code=201)
+    def create_job(req: JobRequest, who: int = Depends(tenant)):
+        if store.dataset(who, req.dataset) is None:
+            raise HTTPException(404, f"no dataset {req.dataset}")
+        limits = [("steps", req.steps, s.max_steps), ("batch_size", req.batch_size, s.max_batch),
+                  ("lr", req.lr, s.max_lr), ("lora_rank", req.lora_rank, s.max_lora_rank)]
+        over = [f"{name} {value:g} > {limit:g}" for name, value, limit in limits if value > limit]
+        if over:
+            raise HTTPException(422, "over the publisher's limits: " + ", ".join(over))
+        if store.active_jobs(who) >= s.max_active_jobs:
+            raise HTTPException(429, f"{s.max_active_jobs} jobs already queued or running; wait for one to end")
+        job_id = "job_" + secrets.token_hex(8)
+        store.add_job(who, job_id, req.dataset, req.model_dump())
+        return _public(store.job(job_id))
+
+    @app.get("/jobs")
+    def list_jobs(who: int = Depends(tenant)):
+        return [_public(j) for j in store.jobs(who)]
+
+    @app.get("/jobs/{job_id}")
+    def get_job(job_id: str, who: int = Depends(tenant)):
+        return _public(own_job(job_id, who))
+
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str, who: int = Depends(tenant)):
+        job = own_job(job_id, who)
+        if job["state"] in ACTIVE:
+            store.update_job(job_id, state="cancelled")
+        return _public(store.job(job_id))
+
+    @app.get("/jobs/{job_id}/events")
+    async def events(job_id: str, who: int = Depends(tenant)):
+        own_job(job_id, who)
+
+        async def stream():
+            last = None
+            while True:
+                job = _public(store.job(job_id))
+                if job != last:
+                    yield f"data: {json.dumps(job)}\n\n"
+                    last = job
+                if job["state"] in TERMINAL:
+                    return
+                await asyncio.sleep(0.3)
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/jobs/{job_id}/result")
+    def result(job_id: str, who: int = Depends(tenant)):
+        job = own_job(job_id, who)
+        if job["state"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['state']}; only a finished, verified result is released")
+        out = Path(job["result"]["path"])
+        # released only as verified: the files must still be the ones that passed, and pass again
+        if file_hashes(out) != job["result"]["hashes"]:
+            raise HTTPException(409, "the result changed on disk since it was verified; it is not released")
+        report = verify_output(model, mask_path, out)
+        if not report["compliant"]:
+            raise HTTPException(409, "the result no longer passes verification; it is not released")
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in sorted(out.rglob("*")):
+                if p.is_file():
+                    z.write(p, p.relative_to(out))
+            z.writestr("verify_report.json", json.dumps(report, indent=2))
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
+
+    return app

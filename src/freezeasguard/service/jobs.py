@@ -1,0 +1,95 @@
+"""The worker: runs queued jobs one at a time, in a thread of the server (the embedded default).
+
+A job is a guarded fine-tune (full or LoRA) of the publisher's model under the publisher's mask,
+with resumable checkpoints in the job's folder; its progress and recent losses go to the store
+as it runs. When it finishes, the output is verified against the mask, and the hashes of its
+files are recorded: a result is released only if it passed and its files still hash the same.
+A killed server leaves its running job "running"; the next start puts it back in the queue and
+it resumes from its last checkpoint (bit-exact on CPU, as ``finetune --resume``)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+from ..finetune import FinetuneConfig, guarded_finetune
+from ..lora import LoraSettings, verify_adapter
+from ..mask import Mask
+from ..verify import verify_checkpoint
+from .store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_output(model, mask_path, out: Path) -> dict:
+    """The verify report of a job's output (a LoRA folder's adapter, or a pipeline's denoiser)."""
+    lora_file = out / "pytorch_lora_weights.safetensors"
+    if lora_file.exists():
+        report = verify_adapter(model, mask_path, lora_file)
+        return {"kind": "lora", "compliant": report.compliant, **report.to_dict()}
+    report = verify_checkpoint(model, mask_path, out)
+    return {"kind": "full", **report.to_dict()}
+
+
+def run_job(store: Store, job: dict, model, mask_path, root: Path, checkpoint_every: int) -> None:
+    req = job["request"]
+    out = root / "jobs" / job["id"] / "out"
+    dataset = store.dataset(job["tenant"], job["dataset"])
+    cfg = FinetuneConfig(steps=req["steps"], batch_size=req["batch_size"], lr=req["lr"], seed=req.get("seed", 0),
+                         device="cpu", checkpoint_every=checkpoint_every)
+    lora = LoraSettings(rank=req["lora_rank"]) if req.get("lora_rank") else None
+    losses: list[float] = []
+
+    def on_step(step, total, record):
+        losses.append(record["loss_data"])
+        if store.job(job["id"])["state"] == "cancelled":
+            raise Cancelled()
+        store.update_job(job["id"], step=step, losses=losses[-50:])
+
+    store.update_job(job["id"], state="running")
+    try:
+        guarded_finetune(model, dataset["path"], out, cfg, mask=Mask.load(mask_path), lora=lora, resume=True,
+                         on_step=on_step)
+        report = verify_output(model, mask_path, out)
+        if not report["compliant"]:
+            store.update_job(job["id"], state="failed", error="the result failed verification against the mask; "
+                                                             "it is not released", result={"verify": report})
+            return
+        store.update_job(job["id"], state="done", step=req["steps"],
+                         result={"verify": report, "hashes": file_hashes(out), "path": str(out)})
+    except Cancelled:
+        logger.info("job %s cancelled", job["id"])
+    except Exception as exc:       # a job's failure is the job's, never the server's
+        logger.exception("job %s failed", job["id"])
+        store.update_job(job["id"], state="failed", error=f"{exc.__class__.__name__}: {exc}")
+
+
+class Worker(threading.Thread):
+    """Takes queued jobs in order until stopped."""
+
+    def __init__(self, store: Store, model, mask_path, root: Path, checkpoint_every: int, poll: float = 0.2):
+        super().__init__(daemon=True, name="freezeasguard-worker")
+        self.store, self.model, self.mask_path, self.root = store, model, mask_path, Path(root)
+        self.checkpoint_every, self.poll = checkpoint_every, poll
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.is_set():
+            job = self.store.next_queued()
+            if job is None:
+                self.stopping.wait(self.poll)
+                continue
+            run_job(self.store, job, self.model, self.mask_path, self.root, self.checkpoint_every)
+
+    def stop(self):
+        self.stopping.set()

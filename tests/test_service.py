@@ -1,0 +1,234 @@
+"""The publisher's fine-tuning service, through its HTTP API on the tiny pipeline: upload, job,
+progress, a verified download, tenants kept apart, and bad input refused with a 4xx."""
+import io
+import json
+import tarfile
+import time
+import zipfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from freezeasguard.cli import main
+from freezeasguard.mask import Mask
+from freezeasguard.models import load_denoiser_state
+from freezeasguard.service.api import create_app
+from freezeasguard.service.settings import ServiceSettings
+from freezeasguard.service.store import Store
+
+
+def zip_folder(folder, extra: dict | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in sorted(folder.iterdir()):
+            z.write(p, f"data/{p.name}")
+        for name, content in (extra or {}).items():
+            z.writestr(name, content)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def service(tiny_sd, tmp_path):
+    mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+    settings = ServiceSettings(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2,
+                               max_steps=50, max_active_jobs=2)
+    store = Store(tmp_path / "svc" / "service.db")
+    keys = {name: store.add_tenant(name) for name in ("alice", "bob")}
+    with TestClient(create_app(settings)) as client:
+        yield client, keys, tmp_path, mask
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait(client, key, job_id, timeout=180):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+        if job["state"] in ("done", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not end: {job}")
+
+
+def upload(client, key, data: bytes, name="data.zip"):
+    return client.post("/datasets", headers=auth(key), files={"file": (name, data, "application/octet-stream")})
+
+
+def test_upload_job_progress_and_a_verified_download_that_verify_passes(service, people, tmp_path, capsys):
+    client, keys, _, mask = service
+    ds = upload(client, keys["alice"], zip_folder(people))
+    assert ds.status_code == 201, ds.text
+    assert ds.json()["images"] == 8
+    job = client.post("/jobs", headers=auth(keys["alice"]),
+                      json={"dataset": ds.json()["id"], "steps": 4, "batch_size": 2, "lr": 1e-3}).json()
+    events = []
+    with client.stream("GET", f"/jobs/{job['id']}/events", headers=auth(keys["alice"])) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["state"] == "done" and events[-1]["progress"] == 1.0
+    assert len(events[-1]["recent_losses"]) == 4 and events[-1]["verify"]["compliant"]
+    got = client.get(f"/jobs/{job['id']}/result", headers=auth(keys["alice"]))
+    assert got.status_code == 200
+    out = tmp_path / "downloaded"
+    zipfile.ZipFile(io.BytesIO(got.content)).extractall(out)
+    assert json.loads((out / "verify_report.json").read_text())["compliant"]
+    capsys.readouterr()
+    assert main(["verify", "--model", str(client.app.state.settings.model), "--mask", str(mask),
+                 "--candidate", str(out)]) == 0
+
+
+def test_a_lora_job_releases_an_adapter_that_touches_no_frozen_module(service, people):
+    client, keys, *_ = service
+    ds = upload(client, keys["alice"], zip_folder(people)).json()
+    job = client.post("/jobs", headers=auth(keys["alice"]),
+                      json={"dataset": ds["id"], "steps": 2, "batch_size": 2, "lora_rank": 2}).json()
+    done = wait(client, keys["alice"], job["id"])
+    assert done["state"] == "done" and done["verify"]["kind"] == "lora" and done["verify"]["compliant"]
+    names = zipfile.ZipFile(io.BytesIO(client.get(f"/jobs/{job['id']}/result", headers=auth(keys["alice"])).content)).namelist()
+    assert "pytorch_lora_weights.safetensors" in names
+
+
+def test_tenants_are_kept_apart_and_keys_are_required(service, people):
+    client, keys, tmp_path, _ = service
+    ds = upload(client, keys["alice"], zip_folder(people)).json()
+    job = client.post("/jobs", headers=auth(keys["alice"]), json={"dataset": ds["id"], "steps": 1, "batch_size": 2}).json()
+    for path in (f"/datasets/{ds['id']}", f"/jobs/{job['id']}", f"/jobs/{job['id']}/result"):
+        assert client.get(path, headers=auth(keys["bob"])).status_code == 404
+    assert client.post("/jobs", headers=auth(keys["bob"]), json={"dataset": ds["id"], "steps": 1}).status_code == 404
+    assert client.post(f"/jobs/{job['id']}/cancel", headers=auth(keys["bob"])).status_code == 404
+    assert client.get("/jobs", headers=auth(keys["bob"])).json() == []
+    assert client.get("/jobs").status_code == 401 and client.get("/jobs", headers=auth("fag_guess")).status_code == 401
+    key_hashes = (tmp_path / "svc" / "service.db").read_bytes()
+    assert keys["alice"].encode() not in key_hashes                    # only hashes are stored
+    wait(client, keys["alice"], job["id"])
+
+
+def _tar_with_link() -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        info = tarfile.TarInfo("data/metadata.jsonl")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        t.addfile(info)
+    return buf.getvalue()
+
+
+def test_bad_uploads_are_refused_with_a_reason_and_pickles_are_never_loaded(service, people, tmp_path):
+    client, keys, *_ = service
+    alice = keys["alice"]
+    marker = tmp_path / "PICKLE_RAN"
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    cases = {
+        "dotdot": (zip_folder(people, {"../evil.txt": "x"}), 400, "'..'"),
+        "link": (_tar_with_link(), 400, "link"),
+        "bomb": (zip_folder(people, {"data/zeros.bin": b"\0" * (3 * 2**20)}), 413, "unpacks to more than"),
+        "not-an-image": (zip_folder(people, {"data/0000.png": b"this is not a png"}), 400, "0000.png"),
+        "missing-file": (zip_folder(people, {"data/metadata.jsonl": '{"file_name": "nope.png", "text": "x"}\n'}),
+                         400, "nope.png"),
+        "no-metadata": (zip_folder(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else b"", 400,
+                        "metadata"),
+        "not-an-archive": (b"hello", 400, "neither a zip nor a tar"),
+    }
+    client.app.state.settings.max_unpacked_mb = 2
+    for name, (data, status, words) in cases.items():
+        r = upload(client, alice, data)
+        assert r.status_code == status, (name, r.text)
+        assert words in r.json()["detail"], (name, r.json())
+    client.app.state.settings.max_unpacked_mb = 1000
+    ok = upload(client, alice, zip_folder(people, {"data/model.ckpt": pickle.dumps(Evil()),
+                                                   "data/weights.pkl": pickle.dumps(Evil())}))
+    assert ok.status_code == 201 and not marker.exists()              # ignored, never unpickled
+    client.app.state.settings.max_image_pixels = 100                  # 16 x 16 images are over it
+    assert upload(client, alice, zip_folder(people)).status_code == 413
+    client.app.state.settings.max_image_pixels, client.app.state.settings.max_upload_mb = 4096 * 4096, 0.001
+    assert upload(client, alice, zip_folder(people)).status_code == 413
+    assert not any((tmp_path / "svc" / "datasets").glob("*/*/*.txt"))   # refused uploads leave nothing
+
+
+def test_limits_quotas_and_a_tampered_result(service, people):
+    client, keys, *_ = service
+    alice = keys["alice"]
+    ds = upload(client, alice, zip_folder(people)).json()
+    over = client.post("/jobs", headers=auth(alice), json={"dataset": ds["id"], "steps": 51, "batch_size": 2})
+    assert over.status_code == 422 and "steps 51 > 50" in over.json()["detail"]
+    a = client.post("/jobs", headers=auth(alice), json={"dataset": ds["id"], "steps": 2, "batch_size": 2}).json()
+    client.post("/jobs", headers=auth(alice), json={"dataset": ds["id"], "steps": 2, "batch_size": 2})
+    assert client.post("/jobs", headers=auth(alice), json={"dataset": ds["id"], "steps": 1}).status_code == 429
+    done = wait(client, alice, a["id"])
+    assert client.get(f"/jobs/{a['id']}/result", headers=auth(alice)).status_code == 200
+    weights = next(p for p in (client.app.state.store.job(a["id"])["result"]["hashes"]) if p.endswith(".safetensors"))
+    path = client.app.state.settings.root + f"/jobs/{a['id']}/out/{weights}"
+    with open(path, "r+b") as f:                                         # one byte changed on disk
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    tampered = client.get(f"/jobs/{a['id']}/result", headers=auth(alice))
+    assert done["state"] == "done" and tampered.status_code == 409 and "changed on disk" in tampered.json()["detail"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_job_resumes_after_restart_and_gives_the_uninterrupted_result(tiny_sd, people, tmp_path):
+    """kill -9 of `freezeasguard serve` mid-job, then a restart: the job resumes from its last
+    checkpoint and its weights equal those of the same job run without interruption."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import torch
+
+    mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+    root = tmp_path / "svc"
+    key = Store(root / "service.db").add_tenant("alice")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "freezeasguard.cli", "serve", "--root", str(root), "--model", str(tiny_sd),
+           "--mask", str(mask), "--port", str(port), "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = f"http://127.0.0.1:{port}"
+
+    def start():
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(300):
+            try:
+                httpx.get(base + "/docs", timeout=1)
+                return proc
+            except httpx.TransportError:
+                time.sleep(0.2)
+        proc.kill()
+        raise AssertionError("the server did not start")
+
+    def job_state(job_id):
+        return httpx.get(f"{base}/jobs/{job_id}", headers=auth(key)).json()
+
+    server = start()
+    try:
+        ds = httpx.post(base + "/datasets", headers=auth(key), files={"file": ("d.zip", zip_folder(people))}).json()
+        request = {"dataset": ds["id"], "steps": 60, "batch_size": 2, "lr": 1e-3, "seed": 3}
+        killed = httpx.post(base + "/jobs", headers=auth(key), json=request).json()["id"]
+        while job_state(killed)["step"] < 10:
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGKILL)                 # no clean-up of any kind
+        server.wait()
+        assert Store(root / "service.db").job(killed)["state"] == "running"
+        server = start()                                     # requeues it; it resumes from its checkpoint
+        again = httpx.post(base + "/jobs", headers=auth(key), json=request).json()["id"]
+        for job_id in (killed, again):
+            while job_state(job_id)["state"] not in ("done", "failed"):
+                time.sleep(0.2)
+            assert job_state(job_id)["state"] == "done", job_state(job_id)
+    finally:
+        server.kill()
+    a = load_denoiser_state(root / "jobs" / killed / "out")
+    b = load_denoiser_state(root / "jobs" / again / "out")
+    assert all(torch.equal(a[n], b[n]) for n in a)
