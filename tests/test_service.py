@@ -78,6 +78,10 @@ def test_upload_job_progress_and_a_verified_download_that_verify_passes(service,
     capsys.readouterr()
     assert main(["verify", "--model", str(client.app.state.settings.model), "--mask", str(mask),
                  "--candidate", str(out)]) == 0
+    png = client.get(f"/jobs/{job['id']}/samples", params={"prompt": "a photo of mara quell"}, headers=auth(keys["alice"]))
+    from PIL import Image
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (4 * 16, 16)
+    assert "<progress" in client.get("/").text
 
 
 def test_a_lora_job_releases_an_adapter_that_touches_no_frozen_module(service, people):
@@ -232,3 +236,108 @@ def test_a_worker_killed_mid_job_resumes_after_restart_and_gives_the_uninterrupt
     a = load_denoiser_state(root / "jobs" / killed / "out")
     b = load_denoiser_state(root / "jobs" / again / "out")
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+@pytest.mark.slow
+def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny_sd, people, tmp_path):
+    """Debian's chromium and chromium-driver (installed by .ci/run), driven by selenium: key, upload,
+    start a job, watch its progress bar reach the end and the download button appear."""
+    import shutil
+    import threading
+
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_path, "install Debian's chromium and chromium-driver (apt-get install -y ...)"
+    mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+    settings = ServiceSettings(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2)
+    key = Store(tmp_path / "svc" / "service.db").add_tenant("alice")
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    archive = tmp_path / "data.zip"
+    archive.write_bytes(zip_folder(people))
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        driver.find_element(By.ID, "key").send_keys(key)
+        driver.find_element(By.ID, "save-key").click()
+        driver.find_element(By.ID, "file").send_keys(str(archive))
+        driver.find_element(By.ID, "upload").click()
+        WebDriverWait(driver, 30).until(lambda d: "8 images" in d.find_element(By.ID, "upload-status").text)
+        steps = driver.find_element(By.ID, "steps")
+        steps.clear()
+        steps.send_keys("6")
+        driver.find_element(By.ID, "batch").clear()
+        driver.find_element(By.ID, "batch").send_keys("2")
+        driver.find_element(By.ID, "start").click()
+        seen = set()
+
+        def finished(d):
+            bars = d.find_elements(By.CSS_SELECTOR, "#jobs progress")
+            if bars:
+                seen.add(bars[0].get_attribute("value"))
+            return d.find_elements(By.XPATH, "//button[text()='download']")
+        WebDriverWait(driver, 120, poll_frequency=0.1).until(finished)
+        assert driver.find_element(By.CSS_SELECTOR, "#jobs progress").get_attribute("value") == "1"
+        assert "done" in driver.find_element(By.CSS_SELECTOR, "#jobs .state").text
+        assert len(seen) >= 2                  # the bar moved: a value before the end, and the end
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.slow
+def test_with_a_redis_queue_a_worker_in_another_process_runs_the_job(tiny_sd, people, tmp_path):
+    """serve --queue redis://...: the job goes to Redis (a real redis-server on loopback, Debian's
+    package) and `freezeasguard worker --burst`, another process, runs it; the API sees it done."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "install Debian's redis-server (apt-get install -y redis-server)"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    redis = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+        root = tmp_path / "svc"
+        settings = ServiceSettings(root=str(root), model=str(tiny_sd), mask=str(mask), queue=url)
+        key = Store(root / "service.db").add_tenant("alice")
+        with TestClient(create_app(settings)) as client:
+            ds = upload(client, key, zip_folder(people)).json()
+            job = client.post("/jobs", headers=auth(key), json={"dataset": ds["id"], "steps": 3, "batch_size": 2}).json()
+            time.sleep(1.0)
+            assert client.get(f"/jobs/{job['id']}", headers=auth(key)).json()["state"] == "queued"   # no thread ran it
+            worker = subprocess.run([sys.executable, "-m", "freezeasguard.cli", "worker", "--root", str(root),
+                                     "--queue", url, "--burst"], capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+            assert worker.returncode == 0, worker.stderr[-3000:]
+            done = client.get(f"/jobs/{job['id']}", headers=auth(key)).json()
+            assert done["state"] == "done" and done["verify"]["compliant"], done
+            assert client.get(f"/jobs/{job['id']}/result", headers=auth(key)).status_code == 200
+    finally:
+        redis.kill()

@@ -27,6 +27,24 @@ def add_parsers(sub):
     t.add_argument("--root", default=ServiceSettings().root, help="the service's folder (as serve --root)")
 
 
+    p = sub.add_parser("worker", help="run the service's queued jobs (with serve --queue redis://...)",
+                       description="An RQ worker for the jobs `freezeasguard serve --queue URL` puts in Redis. Run one "
+                                   "per GPU (pin it with CUDA_VISIBLE_DEVICES), on any machine that shares --root "
+                                   "(the datasets, outputs and state live there).")
+    p.add_argument("--root", default=ServiceSettings().root, help="the service's folder (as serve --root)")
+    p.add_argument("--queue", required=True, help="the Redis URL serve was given, e.g. redis://127.0.0.1:6379/0")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, batch runs)")
+
+
+def cmd_worker(args) -> int:
+    from rq import Worker
+
+    from .service.jobs import redis_queue
+    queue = redis_queue(args.queue)
+    Worker([queue], connection=queue.connection, serializer=queue.serializer).work(burst=args.burst)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -46,4 +64,4 @@ def cmd_tenant(args) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "tenant": cmd_tenant}
+COMMANDS = {"serve": cmd_serve, "tenant": cmd_tenant, "worker": cmd_worker}

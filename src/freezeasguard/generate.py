@@ -69,14 +69,19 @@ def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, gu
     return images
 
 
-def save_grid(images, path, columns: int | None = None) -> Path:
-
+def grid_image(images, columns: int | None = None) -> Image.Image:
+    """The images side by side, ``columns`` to a row (default: up to 8)."""
     columns = columns or min(len(images), 8)
     rows = (len(images) + columns - 1) // columns
     w, h = images[0].size
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, img in enumerate(images):
         grid.paste(img, ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+def save_grid(images, path, columns: int | None = None) -> Path:
+    grid = grid_image(images, columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)

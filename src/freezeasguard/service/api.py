@@ -9,6 +9,8 @@ answer 404, as unknown ones do.
     GET  /jobs/{id}/events       server-sent events: the job as JSON until it ends
     POST /jobs/{id}/cancel
     GET  /jobs/{id}/result       a zip of the verified output (weights or LoRA, manifest, verify report)
+    GET  /jobs/{id}/samples?prompt=...   a PNG grid of 4 samples from a finished job's model
+    GET  /                       the web page: upload, jobs with progress bars, samples, download
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, File, Header, HTTPException, UploadFile
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from ..generate import generate_images, grid_image, load_pipeline
+from ..io import atomic_write_json
 from ..mask import Mask
 from ..models import fingerprint, load_denoiser_state
 from ..synthetic import TINY_SD
-from .jobs import Worker, file_hashes, verify_output
+from .jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
 from .settings import ServiceSettings
 from .store import ACTIVE, TERMINAL, Store
 from .uploads import UploadError, check_dataset, dataset_root, unpack
@@ -62,12 +66,18 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
                                        fingerprint(load_denoiser_state(model).items()), what=str(model),
                                        state_dict=True)
     store = Store(root / "service.db")
+    atomic_write_json(root / SETTINGS_FILE, {"model": str(model), "mask": str(mask_path),
+                                             "checkpoint_every": s.checkpoint_every})
+    queue = redis_queue(s.queue) if s.queue else None
     requeued = store.requeue_interrupted()
+    if queue is not None:       # the jobs a killed server left running go to the workers again
+        for job in store.queued():
+            queue.enqueue(run_queued_job, str(root), job["id"], job_timeout=-1)
     worker = Worker(store, model, mask_path, root, s.checkpoint_every)
 
     @asynccontextmanager
     async def lifespan(app):
-        if start_worker:
+        if start_worker and queue is None:
             worker.start()
         yield
         worker.stop()
@@ -129,6 +139,8 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
             raise HTTPException(429, f"{s.max_active_jobs} jobs already queued or running; wait for one to end")
         job_id = "job_" + secrets.token_hex(8)
         store.add_job(who, job_id, req.dataset, req.model_dump())
+        if queue is not None:
+            queue.enqueue(run_queued_job, str(root), job_id, job_timeout=-1)
         return _public(store.job(job_id))
 
     @app.get("/jobs")
@@ -182,5 +194,20 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
             z.writestr("verify_report.json", json.dumps(report, indent=2))
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
+
+    @app.get("/jobs/{job_id}/samples")
+    def samples(job_id: str, prompt: str = "a photo of a person", who: int = Depends(tenant)):
+        job = own_job(job_id, who)
+        if job["state"] != "done":
+            raise HTTPException(409, f"job {job_id} is {job['state']}; samples come from a finished job")
+        images = generate_images(load_pipeline(job["result"]["path"]), [prompt[:300]], steps=20, seed=0,
+                                 guidance=3.0, per_prompt=4)
+        buf = io.BytesIO()
+        grid_image(images).save(buf, format="PNG")
+        return Response(buf.getvalue(), media_type="image/png")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(Path(__file__).parent / "static" / "index.html")
 
     return app

@@ -9,6 +9,7 @@ it resumes from its last checkpoint (bit-exact on CPU, as ``finetune --resume``)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from pathlib import Path
@@ -72,6 +73,31 @@ def run_job(store: Store, job: dict, model, mask_path, root: Path, checkpoint_ev
     except Exception as exc:       # a job's failure is the job's, never the server's
         logger.exception("job %s failed", job["id"])
         store.update_job(job["id"], state="failed", error=f"{exc.__class__.__name__}: {exc}")
+
+
+QUEUE_NAME = "freezeasguard"
+SETTINGS_FILE = "service.json"     # what a worker process needs to know of the server that queued the job
+
+
+def redis_queue(url: str):
+    """The RQ queue, its payloads serialised as JSON (job ids only; nothing is unpickled)."""
+    from redis import Redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+    return Queue(QUEUE_NAME, connection=Redis.from_url(url), serializer=JSONSerializer)
+
+
+def run_queued_job(root: str, job_id: str) -> str:
+    """What an RQ worker runs: the job by id, with the model, mask and checkpointing the server
+    recorded in ROOT/service.json. A job cancelled while queued is skipped."""
+    root_path = Path(root)
+    conf = json.loads((root_path / SETTINGS_FILE).read_text())
+    store = Store(root_path / "service.db")
+    job = store.job(job_id)
+    if job is None or job["state"] not in ("queued", "running"):
+        return job["state"] if job else "missing"
+    run_job(store, job, conf["model"], conf["mask"], root_path, conf["checkpoint_every"])
+    return store.job(job_id)["state"]
 
 
 class Worker(threading.Thread):

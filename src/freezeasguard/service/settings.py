@@ -22,5 +22,8 @@ class ServiceSettings:
     max_active_jobs: int = setting(2, "queued + running jobs per tenant")
     max_storage_mb: float = setting(2000.0, "datasets and results per tenant, MB")
     checkpoint_every: int = setting(25, "steps between a job's resumable checkpoints")
+    queue: str | None = setting(None, "redis://host:port/db: jobs go to this Redis queue (RQ) for `freezeasguard "
+                                      "worker` processes, on this or other machines sharing --root; none: one "
+                                      "worker thread in the server")
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")

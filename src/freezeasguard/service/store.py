@@ -102,6 +102,11 @@ class Store:
             return int(db.execute("SELECT COUNT(*) FROM jobs WHERE tenant = ? AND state IN ('queued', 'running')",
                                   (tenant,)).fetchone()[0])
 
+    def queued(self) -> list[dict]:
+        with self.connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created").fetchall()
+        return [_job(r) for r in rows]
+
     def next_queued(self) -> dict | None:
         with self.connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
