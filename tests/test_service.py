@@ -119,6 +119,21 @@ def _tar_with_link() -> bytes:
     return buf.getvalue()
 
 
+def huge_png_header(width=20_000, height=20_000) -> bytes:
+    """A real 1 x 1 PNG whose header says width x height (CRC fixed): what a decoder would be asked
+    to allocate 400 M pixels for."""
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
 def test_bad_uploads_are_refused_with_a_reason_and_pickles_are_never_loaded(service, people, tmp_path):
     client, keys, *_ = service
     alice = keys["alice"]
@@ -138,6 +153,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_pickles_are_never_loaded(serv
         "no-metadata": (zip_folder(tmp_path / "empty") if (tmp_path / "empty").mkdir() is None else b"", 400,
                         "metadata"),
         "not-an-archive": (b"hello", 400, "neither a zip nor a tar"),
+        "20000x20000": (zip_folder(people, {"data/0001.png": huge_png_header()}), 413, "too large to open"),
     }
     client.app.state.settings.max_unpacked_mb = 2
     for name, (data, status, words) in cases.items():

@@ -47,7 +47,7 @@ def run_job(store: Store, job: dict, model, mask_path, root: Path, checkpoint_ev
     out = root / "jobs" / job["id"] / "out"
     dataset = store.dataset(job["tenant"], job["dataset"])
     cfg = FinetuneConfig(steps=req["steps"], batch_size=req["batch_size"], lr=req["lr"], seed=req.get("seed", 0),
-                         device="cpu", checkpoint_every=checkpoint_every)
+                         device="auto", checkpoint_every=checkpoint_every)    # a worker's GPU if it has one
     lora = LoraSettings(rank=req["lora_rank"]) if req.get("lora_rank") else None
     losses: list[float] = []
 

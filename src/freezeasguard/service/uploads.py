@@ -99,7 +99,9 @@ def check_dataset(folder: Path, max_pixels: int) -> int:
         try:
             with Image.open(record.path) as im:      # reads the header only: the size, before any pixels
                 w, h = im.size
-        except (OSError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise UploadError(f"{Path(record.path).name}: too large to open ({exc})", 413) from None
+        except OSError as exc:
             raise UploadError(f"{Path(record.path).name}: not a readable image ({exc.__class__.__name__})") from None
         if w * h > max_pixels:
             raise UploadError(f"{Path(record.path).name}: {w} x {h} pixels, more than the {max_pixels} allowed", 413)
