@@ -299,15 +299,17 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
         driver.find_element(By.ID, "batch").send_keys("2")
         driver.find_element(By.ID, "start").click()
         seen = set()
+        # the page redraws the table every second, so state is read in one script call (no stale elements)
+        read = "const p = document.querySelector('#jobs progress'), s = document.querySelector('#jobs .state');" \
+               "return p ? [p.value, s.textContent, !!document.querySelector('#jobs button')] : null;"
 
         def finished(d):
-            bars = d.find_elements(By.CSS_SELECTOR, "#jobs progress")
-            if bars:
-                seen.add(bars[0].get_attribute("value"))
-            return d.find_elements(By.XPATH, "//button[text()='download']")
-        WebDriverWait(driver, 120, poll_frequency=0.1).until(finished)
-        assert driver.find_element(By.CSS_SELECTOR, "#jobs progress").get_attribute("value") == "1"
-        assert "done" in driver.find_element(By.CSS_SELECTOR, "#jobs .state").text
+            row = d.execute_script(read)
+            if row:
+                seen.add(row[0])
+            return row if row and row[2] else False
+        value, state, _ = WebDriverWait(driver, 120, poll_frequency=0.1).until(finished)
+        assert value == 1 and "done" in state
         assert len(seen) >= 2                  # the bar moved: a value before the end, and the end
     finally:
         driver.quit()
