@@ -84,6 +84,16 @@ def test_upload_job_progress_and_a_verified_download_that_verify_passes(service,
     assert "<progress" in client.get("/").text
 
 
+def test_loose_images_and_their_captions_are_a_dataset_too(service, people):
+    client, keys, *_ = service
+    files = [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(people.iterdir())]
+    r = client.post("/datasets", headers=auth(keys["alice"]), files=files)
+    assert r.status_code == 201 and r.json()["images"] == 8, r.text
+    sneaky = [("files", ("../metadata.jsonl", b'{"file_name": "a.png", "text": "x"}', "text/plain"))]
+    r = client.post("/datasets", headers=auth(keys["alice"]), files=sneaky)
+    assert r.status_code == 400 and "plain names only" in r.json()["detail"]
+
+
 def test_a_lora_job_releases_an_adapter_that_touches_no_frozen_module(service, people):
     client, keys, *_ = service
     ds = upload(client, keys["alice"], zip_folder(people)).json()

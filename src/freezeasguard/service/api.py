@@ -2,7 +2,8 @@
 <key>``; every dataset and job belongs to the tenant whose key made it, and another tenant's ids
 answer 404, as unknown ones do.
 
-    POST /datasets               upload a zip/tar of an image folder with metadata.jsonl/csv
+    POST /datasets               upload a zip/tar of an image folder with metadata.jsonl/csv (file=...),
+                                 or the images and the metadata file themselves (files=..., repeated)
     GET  /datasets/{id}
     POST /jobs                   {"dataset", "steps", "batch_size", "lr", "lora_rank", "seed"}
     GET  /jobs, GET /jobs/{id}   state, progress, recent losses, the verify report when done
@@ -35,7 +36,7 @@ from ..synthetic import TINY_SD
 from .jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
 from .settings import ServiceSettings
 from .store import ACTIVE, TERMINAL, Store
-from .uploads import UploadError, check_dataset, dataset_root, unpack
+from .uploads import UploadError, check_dataset, dataset_root, unpack, write_loose
 
 SHIPPED_MASK = Path(TINY_SD).parent / "tiny-sd-mask.safetensors"
 
@@ -101,15 +102,24 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
         return job
 
     @app.post("/datasets", status_code=201)
-    async def upload(file: UploadFile = File(...), who: int = Depends(tenant)):
+    async def upload(file: UploadFile | None = File(None), files: list[UploadFile] | None = File(None),
+                     who: int = Depends(tenant)):
+        """One archive (``file``), or loose ``files``: the images and a metadata.jsonl/.csv naming them."""
         limit = int(s.max_upload_mb * 2**20)
-        data = await file.read(limit + 1)
-        if len(data) > limit:
-            raise HTTPException(413, f"the upload is larger than {s.max_upload_mb:g} MB")
+        if (file is None) == (not files):
+            raise HTTPException(400, "send one archive as 'file', or the images and metadata.jsonl as 'files'")
+        parts = {}
+        for part in ([file] if file is not None else files):
+            parts[part.filename] = await part.read(limit + 1)
+            if sum(len(d) for d in parts.values()) > limit:
+                raise HTTPException(413, f"the upload is larger than {s.max_upload_mb:g} MB")
         dataset_id = "ds_" + secrets.token_hex(8)
         folder = root / "datasets" / dataset_id
         try:
-            size = unpack(data, folder, int(s.max_unpacked_mb * 2**20), s.max_files)
+            if file is not None:
+                size = unpack(parts[file.filename], folder, int(s.max_unpacked_mb * 2**20), s.max_files)
+            else:
+                size = write_loose(parts, folder, s.max_files)
             if store.storage_bytes(who) + size > s.max_storage_mb * 2**20:
                 raise UploadError(f"this upload would take the tenant past its {s.max_storage_mb:g} MB", 413)
             images = check_dataset(folder, s.max_image_pixels)

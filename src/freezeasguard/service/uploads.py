@@ -80,6 +80,19 @@ def unpack(data: bytes, dest: Path, max_unpacked: int, max_files: int) -> int:
     return written
 
 
+def write_loose(parts: dict[str, bytes], dest: Path, max_files: int) -> int:
+    """Loose uploaded files into ``dest``: plain names only (no folders, no ``..``)."""
+    if len(parts) > max_files:
+        raise UploadError(f"the upload holds more than {max_files} files", 413)
+    dest.mkdir(parents=True)
+    for name, data in parts.items():
+        if not name or name != PurePosixPath(name.replace("\\", "/")).name or name in (".", ".."):
+            shutil.rmtree(dest, ignore_errors=True)
+            raise UploadError(f"file name {name!r}: plain names only (no folders or '..')")
+        (dest / name).write_bytes(data)
+    return sum(len(d) for d in parts.values())
+
+
 def dataset_root(folder: Path) -> Path:
     """The folder holding metadata.jsonl/.csv: the top, or the single folder an archive wrapped it in."""
     for candidate in [folder, *[p for p in folder.iterdir() if p.is_dir()]]:
