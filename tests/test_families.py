@@ -150,3 +150,18 @@ def test_sharded_finetune_in_two_processes_gives_the_single_process_result(peopl
         torch.testing.assert_close(b[n], a[n], rtol=1e-3, atol=1e-5)    # Adam steps are ~lr = 1e-3 per weight
         assert torch.equal(b[n], base[n]) == (n in frozen), n
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(tmp_path / "two")]) == 0
+
+
+def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniformly():
+    from freezeasguard.diffusion import draw_noise
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    sd3, flux = (NoiseSchedule.from_scheduler_config(config, family) for family in ("sd3", "flux"))
+    assert (sd3.timestep_sampling, flux.timestep_sampling) == ("logit_normal", "uniform")
+    g = torch.Generator().manual_seed(0)
+    draw = draw_noise(4000, (1, 1, 1), 1000, g, "logit_normal")
+    g = torch.Generator().manual_seed(0)                     # the same draws by hand
+    torch.randn(4000, 1, 1, 1, generator=g), torch.randn(4000, 1, 1, 1, generator=g)
+    by_hand = (torch.sigmoid(torch.randn(4000, generator=g)) * 1000).long()
+    assert torch.equal(draw.timesteps, by_hand)
+    middle = ((draw.timesteps >= 250) & (draw.timesteps < 750)).float().mean()
+    assert middle > 0.7                                      # uniform: 0.5; logit-normal(0, 1): 0.73

@@ -67,7 +67,8 @@ class DomainMix:
         for d_id, (domain, sampler) in enumerate(zip(self.domains, self.samplers)):
             entries += [(d_id, i) for i in sampler.next(domain.batch_size)]
         shape = self.domains[0].data.latent_shape
-        draw = draw_noise(len(entries), shape, self.schedule.num_train_timesteps, self.noise_generator)
+        draw = draw_noise(len(entries), shape, self.schedule.num_train_timesteps, self.noise_generator,
+                          self.schedule.timestep_sampling)
         local = list(range(dist.rank(), len(entries), dist.world_size()))
         counts = [d.batch_size for d in self.domains]
         latents, texts, weights, ids = [], [], [], []

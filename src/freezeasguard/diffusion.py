@@ -28,6 +28,7 @@ class NoiseSchedule:
     family: str = "sd"                    # how the denoiser is called (families.FAMILIES)
     sigmas: torch.Tensor | None = None    # flow matching: noise level per index (shift applied)
     flow_timesteps: torch.Tensor | None = None   # flow matching: the model's timestep per index
+    timestep_sampling: str = "uniform"    # uniform | logit_normal (SD3's training script default)
 
     @classmethod
     def from_scheduler_config(cls, config: dict, family: str = "sd") -> "NoiseSchedule":
@@ -36,7 +37,10 @@ class NoiseSchedule:
         if config.get("_class_name") in FLOW_SCHEDULERS:
             flow = FlowMatchEulerDiscreteScheduler.from_config(config)
             n = flow.config.num_train_timesteps       # the tables before set_timesteps: one entry per index
-            return cls(None, "flow", family, flow.sigmas[:n].to(torch.float64), flow.timesteps[:n].to(torch.float64))
+            # diffusers' SD3 scripts draw times logit-normally ("following the SD3 paper"), FLUX's uniformly
+            sampling = "logit_normal" if family == "sd3" else "uniform"
+            return cls(None, "flow", family, flow.sigmas[:n].to(torch.float64), flow.timesteps[:n].to(torch.float64),
+                       sampling)
         ddpm = DDPMScheduler.from_config(config)
         prediction_type = ddpm.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -64,10 +68,17 @@ class NoiseDraw:
         return NoiseDraw(self.latent_noise[index], self.noise[index], self.timesteps[index])
 
 
-def draw_noise(batch: int, latent_shape, num_train_timesteps: int, generator: torch.Generator) -> NoiseDraw:
+def draw_noise(batch: int, latent_shape, num_train_timesteps: int, generator: torch.Generator,
+               sampling: str = "uniform") -> NoiseDraw:
     latent_noise = torch.randn((batch, *latent_shape), generator=generator)
     noise = torch.randn((batch, *latent_shape), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    if sampling == "logit_normal":
+        # compute_density_for_timestep_sampling("logit_normal", mean 0, std 1): u = sigmoid(N(0, 1)),
+        # index = floor(u * N): most draws fall at middle noise levels
+        u = torch.sigmoid(torch.randn(batch, generator=generator))
+        timesteps = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+    else:
+        timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
     return NoiseDraw(latent_noise, noise, timesteps)
 
 
