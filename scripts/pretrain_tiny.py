@@ -61,7 +61,7 @@ logger = logging.getLogger("pretrain")
 MAX_TOKENS = 64     # a generic caption with every trait named is up to ~51 tokens
 # settings that define the run: a resume with any of these changed is refused
 IDENTITY = ("seed", "people", "logos", "clothes", "trait_drop", "batch", "lr", "text_lr", "ema_decay",
-            "min_snr_gamma", "vae_from", "vae_steps", "warmup", "continue_from")   # (--unet-from only starts a run)
+            "min_snr_gamma", "vae_from", "vae_steps", "warmup", "continue_from", "unet_channels", "attention_heads")   # (--unet-from only starts a run)
 
 
 def render_pool(a):
@@ -138,8 +138,9 @@ def build_models(a, tokenizer):
         # the conv and norm weights of an earlier model transfer; its cross-attention is re-learnt
         unet = UNet2DConditionModel.from_pretrained(Path(a.unet_from) / "unet")
     else:
-        unet = UNet2DConditionModel(**{**tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64),
-                                                          cross_attention_dim=64), "attention_head_dim": 1})
+        channels = tuple(int(c) for c in a.unet_channels.split(","))
+        unet = UNet2DConditionModel(**{**tiny_unet_config("sd15", sample_size=16, block_out_channels=channels,
+                                                          cross_attention_dim=64), "attention_head_dim": a.attention_heads})
     return text_encoder, unet
 
 
@@ -215,6 +216,8 @@ def main():
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--unet-from", help="a pipeline folder whose UNet weights start the UNet")
     ap.add_argument("--continue-from", help="a pipeline this script made: its VAE, text encoder and UNet start the run")
+    ap.add_argument("--unet-channels", default="32,32,64,64", help="a new UNet's block widths (the shipped model's)")
+    ap.add_argument("--attention-heads", type=int, default=1, help="a new UNet's attention heads per block")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
     ap.add_argument("--checkpoint-minutes", type=float, default=10)
     ap.add_argument("--threads", type=int, default=1)
@@ -226,7 +229,9 @@ def main():
     settings = vars(a)
     progress = json.loads((work / "progress.json").read_text()) if (work / "progress.json").exists() else None
     if progress:
-        changed = {k: (progress["settings"][k], settings[k]) for k in IDENTITY if progress["settings"].get(k) != settings[k]}
+        # a setting added after a run began is compared with its default (what that run used)
+        before = {k: progress["settings"].get(k, ap.get_default(k)) for k in IDENTITY}
+        changed = {k: (before[k], settings[k]) for k in IDENTITY if before[k] != settings[k]}
         if changed:
             sys.exit(f"error: {work} holds a run with other settings {changed} (was, now): use another --work")
 
