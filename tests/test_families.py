@@ -165,3 +165,28 @@ def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniforml
     assert torch.equal(draw.timesteps, by_hand)
     middle = ((draw.timesteps >= 250) & (draw.timesteps < 750)).float().mean()
     assert middle > 0.7                                      # uniform: 0.5; logit-normal(0, 1): 0.73
+
+
+@pytest.mark.slow
+def test_sharded_mask_learning_in_two_processes_gives_the_mask_of_one(people, logos, tmp_path):
+    """learn --shard under accelerate launch (2 CPU processes, FSDP2) on a tiny FLUX, warm start
+    included: the same frozen set as one process with the same global batch, logits within rounding."""
+    import os
+    import subprocess
+    import sys
+    model = save_tiny(tmp_path / "flux", "flux")
+    args = ["learn", "--model", str(model), "--illegal", str(people), "--innocent", str(logos), "--ratio", "0.3",
+            "--warm-start-steps", "2", "--steps", "3", "--inner-steps", "2", "--batch-size", "4",
+            "--user-lr", "1e-3", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one.safetensors")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "-m", "freezeasguard.cli", *args, "--shard", "--out", str(tmp_path / "two.safetensors")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "sharded the denoiser over 2 processes" in two.stderr
+    a, b = Mask.load(tmp_path / "one.safetensors"), Mask.load(tmp_path / "two.safetensors")
+    assert torch.equal(a.frozen, b.frozen)
+    torch.testing.assert_close(a.logits, b.logits, rtol=1e-3, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import dist
+from .shard import is_sharded, local, shard_like
 
 # ------------------------------------------------------------------------------------------
 # The maths: small pure functions, each tested against autograd
@@ -63,7 +64,8 @@ def remask_(params: list[torch.Tensor], theta_d: list[torch.Tensor], m_old: torc
 def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """<a_i, b_i> for every tensor i of two flat buffers, in one fused reduction. Overwrites flat_a."""
     flat_a.mul_(flat_b)
-    return torch.segment_reduce(flat_a, "sum", lengths=lengths.to(flat_a.device)).float()
+    # initial 0: a rank's shard of a small tensor may be empty
+    return torch.segment_reduce(flat_a, "sum", lengths=lengths.to(flat_a.device), initial=0).float()
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,12 +75,17 @@ def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.T
 
 class BilevelState:
     def __init__(self, unet, theta_pre, temperature: float):
-        """``theta_pre`` maps parameter names to the base model's tensors (any Mapping; read once)."""
+        """``theta_pre`` maps parameter names to the base model's tensors (any Mapping; read once).
+        A denoiser sharded with FSDP2 (learn --shard) works the same on each rank's shards: theta_d
+        and the gradient are kept for the local shard only, and the per-tensor dot products are
+        summed across ranks (the one reduction the update needs)."""
         self.unet = unet
         self.named = list(unet.named_parameters())
         self.params = [p for _, p in self.named]
-        device = self.params[0].device
-        numel = [p.numel() for p in self.params]
+        self.sharded = any(is_sharded(p) for p in self.params)
+        self.local = [local(p) for p in self.params]      # what this rank updates (all of it unsharded)
+        device = self.local[0].device
+        numel = [t.numel() for t in self.local]
         self.lengths = torch.tensor(numel)
         total = sum(numel)
         self.flat_grad = torch.zeros(total, device=device, dtype=torch.float32)
@@ -86,19 +93,20 @@ class BilevelState:
         self.grad_views = self._views(self.flat_grad)
         self.theta_d = self._views(self.flat_theta_d)
         with torch.no_grad():
-            for (name, p), d in zip(self.named, self.theta_d):
-                d.copy_(theta_pre[name].to(device, torch.float32) - p.float())   # theta_pre - theta_ft
+            for (name, p), t, d in zip(self.named, self.local, self.theta_d):
+                d.copy_(shard_like(theta_pre[name].to(device, torch.float32), p) - t.float())   # theta_pre - theta_ft
         for p, g in zip(self.params, self.grad_views):
             p.requires_grad_(True)
-            p.grad = g
+            if not self.sharded:
+                p.grad = g
         self.temperature = temperature
         self.logits = torch.zeros(len(self.params), dtype=torch.float32)
 
     def _views(self, flat):
         out, offset = [], 0
-        for p in self.params:
-            out.append(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for t in self.local:
+            out.append(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
         return out
 
     @property
@@ -108,8 +116,20 @@ class BilevelState:
     def zero_grad(self):
         self.flat_grad.zero_()
         for p, g in zip(self.params, self.grad_views):   # autograd may replace .grad; restore the views
-            if p.grad is not g:
+            if self.sharded:
+                p.grad = None                            # FSDP writes each shard's summed gradient
+            elif p.grad is not g:
                 p.grad = g
 
     def sync_grads(self):
-        dist.all_reduce_sum_(self.flat_grad)
+        if self.sharded:       # reduce-scatter has summed the gradients already: copy the local shards
+            for p, g in zip(self.params, self.grad_views):
+                if p.grad is not None:
+                    g.copy_(local(p.grad))
+        else:
+            dist.all_reduce_sum_(self.flat_grad)
+
+    def tensor_dots(self) -> torch.Tensor:
+        """<gradient_i, theta_d_i> for every tensor (over all shards). Overwrites the gradient buffer."""
+        dots = per_tensor_dots(self.flat_grad, self.flat_theta_d, self.lengths)
+        return dist.all_reduce_sum_(dots) if self.sharded else dots

@@ -29,13 +29,14 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
-from .bilevel import BilevelState, logit_gradient, lower_update_, per_tensor_dots, remask_
+from .bilevel import BilevelState, logit_gradient, lower_update_, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
-from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
+from .models import fingerprint, has_denoiser, load_denoiser, load_denoiser_state, load_model
+from .shard import full_state, shard_denoiser
 from .outputs import check_provenance, prepare_output_file
 from .settings import setting
 
@@ -83,6 +84,9 @@ class LearnConfig(MaskLearningSettings):
     mixed_precision: str = setting("no", "autocast on GPU; parameters, logits and theta_d stay fp32",
                                    choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    shard: bool = setting(False, "with several processes (accelerate launch): shard the denoiser, its gradient and "
+                                 "theta_d across them (PyTorch FSDP2), warm start included; no mid-run "
+                                 "checkpoints yet")
     device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
@@ -160,6 +164,12 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     if not set(param_names) <= set(theta_pre):
         raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
     theta_pre = {n: theta_pre[n] for n in param_names}    # a saved state also holds buffers (SD3's pos_embed)
+    sharded = cfg.shard and dist.world_size() > 1
+    if sharded:
+        if resume and (work_dir / "learn_checkpoint.safetensors").exists():
+            raise ValueError("--shard keeps no mid-run checkpoint yet; run again without --resume or --shard")
+        shard_denoiser(components.denoiser)
+        logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
 
     # --- init_state: theta_d = theta_pre - theta_ft; theta_pre itself is not kept (two copies only)
     state = BilevelState(components.denoiser, theta_pre, cfg.temperature)
@@ -169,7 +179,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     u = torch.rand(len(state.params), generator=g)
     state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
     with torch.no_grad():
-        remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
+        remask_(state.local, state.theta_d, torch.zeros_like(state.logits), state.m)
     schedule = NoiseSchedule.for_components(components)
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.mask_batch, cfg), schedule, cfg.seed + 1)
     amp = autocast_dtype(cfg.mixed_precision, device)
@@ -209,7 +219,8 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
         if writer is not None:
             for key, v in record.items():
                 writer.add_scalar(f"learn/{key}", v, k + 1)
-        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps and dist.is_main():
+        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps and dist.is_main() \
+                and not sharded:
             _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history)
     if writer is not None:
         writer.close()
@@ -240,7 +251,7 @@ def lower_step(state: BilevelState, closure, user_lr: float):
     loss.backward()
     state.sync_grads()
     with torch.no_grad():
-        lower_update_(state.params, state.theta_d, state.grad_views, state.m, user_lr)
+        lower_update_(state.local, state.theta_d, state.grad_views, state.m, user_lr)
     return info
 
 
@@ -256,13 +267,13 @@ def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, ob
     info = infos[-1]
     state.sync_grads()
     with torch.no_grad():
-        dots = per_tensor_dots(state.flat_grad, state.flat_theta_d, state.lengths).cpu()
+        dots = state.tensor_dots().cpu()
         m_old = state.m
         grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
                                      cfg.normalize_mask_grad)
         device = state.flat_grad.device
         state.logits = dist.broadcast_((state.logits - cfg.mask_lr * grad).to(device)).cpu()
-        remask_(state.params, state.theta_d, m_old, state.m)
+        remask_(state.local, state.theta_d, m_old, state.m)
     m = state.m
     stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()))
     return stats, info
@@ -300,9 +311,18 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
                     cfg.seed)
     ws_dir = work_dir / "warm_start.work"
     ws_dir.mkdir(parents=True, exist_ok=True)
-    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
+    sharded = cfg.shard and dist.world_size() > 1
+    if sharded:
+        shard_denoiser(components.denoiser)
+    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume and not sharded, desc="warm start")
+    denoiser = components.denoiser
+    if sharded:         # every rank gathers; the main one saves a plain copy holding the full weights
+        gathered = full_state(components.denoiser)
+        if dist.is_main():
+            denoiser = load_denoiser(model_dir)
+            denoiser.load_state_dict(gathered, strict=False)
     if dist.is_main():
-        save_pipeline(Path(model_dir), components.denoiser, out_dir,
+        save_pipeline(Path(model_dir), denoiser, out_dir,
                       {"scheme": "full", "purpose": "FreezeAsGuard warm start (theta_ft)", "config": asdict(ft_cfg),
                        "final_loss": history[-1] if history else None})
     dist.barrier()

@@ -49,3 +49,12 @@ def full_state(denoiser) -> dict[str, torch.Tensor]:
     """Every parameter in full on every rank (a collective: all ranks must call it)."""
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
             for n, p in denoiser.named_parameters()}
+
+
+def shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's shard of ``full`` as ``param`` is sharded (``full`` itself for a plain tensor).
+    Every rank holds the same ``full``, so each takes its slice without communication."""
+    if not isinstance(param, DTensor):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
