@@ -29,9 +29,11 @@ from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
 logger = logging.getLogger("freezeasguard")
 
 DESCRIPTION = """\
-FreezeAsGuard for diffusers Stable Diffusion models: learn which UNet tensors to freeze so that
-fine-tuning on an illegal domain (a real person's portraits, an artist's works) stays weak while
-innocent domains adapt freely; enforce that freezing in fine-tuning; audit fine-tuned checkpoints.
+FreezeAsGuard for diffusers text-to-image models (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1): learn which
+denoiser tensors to freeze so that fine-tuning on an illegal domain (a real person's portraits, an
+artist's works) stays weak while innocent domains adapt freely; enforce that freezing in
+fine-tuning (full or LoRA; `serve` runs it as a service); audit fine-tuned checkpoints and adapters;
+measure the protection (demo, experiment, attack-sweep).
 
 Typical use (publisher):
   freezeasguard learn    --model SD_DIR --illegal PEOPLE --innocent LOGOS --ratio 0.3 --out mask.safetensors
@@ -40,10 +42,12 @@ Typical use (publisher):
   freezeasguard generate --model FT_DIR --prompt "a photo of ..." --out IMAGES
   freezeasguard mask show mask.safetensors --plot mask.png
 Baselines: freezeasguard protect uce|imma|saliency|uce+learned --model SD_DIR --illegal PEOPLE ...
+Service:   freezeasguard tenant add alice && freezeasguard serve   (API at http://127.0.0.1:8000/docs)
 
 Models are local diffusers folders (nothing is downloaded); data are image folders with a
 metadata.jsonl or metadata.csv (file_name, text[, name]) or datasets saved with save_to_disk.
-Multi-process: prefix learn/finetune with `accelerate launch --num_processes N`.
+Multi-process: prefix learn/finetune with `accelerate launch --num_processes N` (add --shard to split
+the model over the processes instead of replicating it).
 
 Nothing you own is overwritten: --out must be new, empty, or this command's own earlier output
 (then pass --overwrite); the model and the data are never valid outputs.
