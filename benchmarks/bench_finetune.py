@@ -79,7 +79,8 @@ def build_mask(scheme: str, unet, ratio: float, scores_path: str, forward):
 def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, batch: int, repeats: int,
            scores_path: str, amp: str, checkpointing: bool) -> dict:
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig, build_optimizer
+    from freezeasguard.finetune import FinetuneConfig
+    from freezeasguard.optim import build_optimizer
     from freezeasguard.lora import LoraSettings, add_lora, choose_targets
     from freezeasguard.models import scheduler_config
 

@@ -59,7 +59,8 @@ def free_memory(device):
 
 def finetune_rows(unet, latent, text_dim, device, dtype, a) -> list[dict]:
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig, build_optimizer
+    from freezeasguard.finetune import FinetuneConfig
+    from freezeasguard.optim import build_optimizer
     from freezeasguard.mask import Mask
     from freezeasguard.models import scheduler_config
 
@@ -128,7 +129,8 @@ def logging_row(r):
 def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     from freezeasguard.bilevel import BilevelState, remask_
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig, build_optimizer
+    from freezeasguard.finetune import FinetuneConfig
+    from freezeasguard.optim import build_optimizer
     from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 

@@ -24,7 +24,8 @@ from _common import (PRESETS, NearbyBase, build_unet, peak_rss_bytes, print_tabl
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
     from freezeasguard.bilevel import BilevelState, remask_
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig, build_optimizer
+    from freezeasguard.finetune import FinetuneConfig
+    from freezeasguard.optim import build_optimizer
     from freezeasguard.learn import LearnConfig, mask_update
     from freezeasguard.models import scheduler_config
 

@@ -45,3 +45,22 @@ def warm_start(tiny_sd, people, logos, tmp_path_factory):
     guarded_finetune(tiny_sd, people, out, FinetuneConfig(steps=3, batch_size=4, lr=1e-3, device="cpu",
                                                           checkpoint_every=0), full=True)
     return out
+
+
+@pytest.fixture
+def run_cli():
+    """Run the freezeasguard command in fresh processes, one thread each; ``processes`` > 1 runs it
+    under accelerate launch (CPU, gloo), as a user runs data-parallel or sharded work. Asserts it
+    succeeded and returns its stderr (the log)."""
+    import os
+    import subprocess
+    import sys
+
+    def run(args: list[str], processes: int = 1) -> str:
+        launcher = [sys.executable, "-m", "freezeasguard.cli"] if processes == 1 else [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "-m", "freezeasguard.cli"]
+        done = subprocess.run(launcher + args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stderr
+    return run

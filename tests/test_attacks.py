@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from freezeasguard import Mask, guarded_finetune
 from freezeasguard.attacks import BUILTIN_ATTACKS, SWEEP_ATTACKS, Attack, resolve_attack
-from freezeasguard.attacks.sweep import illegal_metric, worst_case
+from freezeasguard.attacks.sweep import illegal_metrics, worst_case
 from freezeasguard.experiment.config import ExperimentConfig
 from freezeasguard.models import load_denoiser_state
 
@@ -91,7 +91,7 @@ def test_worst_case_is_the_attackers_best_recipe_and_breaks_are_judged_against_f
         _cell("learned", "default", 0.9, "prompt_accuracy", "logos"),
         _cell("learned", "default", 0.7, "prompt_accuracy", "clothes"),
     ]
-    assert illegal_metric(summary) == ("identity_recognition", 1)
+    assert illegal_metrics(summary) == [("identity_recognition", 1)]
     rows = {r["method"]: r for r in worst_case(summary, "identity_recognition", 1, {"default": 1, "lr-x10": 1,
                                                                                     "lora": 0.5},
                                                "prompt_accuracy")}
@@ -117,7 +117,7 @@ def test_nothing_breaks_when_full_ft_forges_no_more_than_the_untouched_model():
 def test_for_a_lower_is_better_forgery_metric_the_worst_case_is_the_minimum():
     summary = [_cell("full", "default", 100.0, "fid"), _cell("learned", "default", 150.0, "fid"),
                _cell("learned", "steps", 90.0, "fid"), _cell("learned", "sgd", 120.0, "fid")]
-    assert illegal_metric(summary) == ("fid", -1)
+    assert illegal_metrics(summary) == [("fid", -1)]
     (full, learned) = worst_case(summary, "fid", -1, {"default": 1, "steps": 5, "sgd": 1})
     assert (learned["worst"], learned["worst_attack"], learned["broken_by"]) == (90.0, "steps", ["steps"])
     assert learned["cheapest_break_cost"] == 5

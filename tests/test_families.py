@@ -11,12 +11,14 @@ from freezeasguard.diffusion import NoiseSchedule, noisy_and_target
 from freezeasguard.families.flux import image_ids, pack, unpack
 from freezeasguard.families.tiny import save_tiny
 from freezeasguard.mask import Mask, MaskError
-from freezeasguard.models import load_denoiser_state, load_model
+from freezeasguard.families import FAMILIES
+from freezeasguard.generate import load_pipeline
+from freezeasguard.models import Components, load_denoiser_state, load_model
 
-FAMILIES = ["sdxl", "sd3", "flux"]
+TINY_FAMILIES = ["sdxl", "sd3", "flux"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
 def tiny(request, tmp_path_factory):
     return request.param, save_tiny(tmp_path_factory.mktemp(request.param) / "model", request.param,
                                     extra_words=["mara", "quell"])
@@ -93,6 +95,9 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     assert json.loads((lora / "freezeasguard_manifest.json").read_text())["lora"]["modules"]
     capsys.readouterr()
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(lora)]) == 0
+    loaded = Components.from_pipeline(load_pipeline(lora), lora)     # the base with the adapter, as the runner reads it
+    assert loaded.family == family and len(loaded.text_encoders) == len(FAMILIES[family].encoders)
+    assert any("lora_" in n for n, _ in loaded.denoiser.named_parameters())
     for fmt in ("peft", "ai-toolkit", "onetrainer"):
         assert main(["mask", "export", str(mask), "--format", fmt]) == 0
     for source in (ft, lora):       # the fine-tuned pipeline, and the base with the adapter loaded
@@ -124,26 +129,17 @@ def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_d
 
 
 @pytest.mark.slow
-def test_sharded_finetune_in_two_processes_gives_the_single_process_result(people, tmp_path):
+def test_sharded_finetune_in_two_processes_gives_the_single_process_result(people, tmp_path, run_cli):
     """finetune --shard under accelerate launch (2 CPU processes, gloo, FSDP2) on a tiny FLUX: the
     same weights as one process with the same global batch, frozen tensors byte-identical."""
-    import os
-    import subprocess
-    import sys
     model = save_tiny(tmp_path / "flux", "flux")
     mask = tmp_path / "mask.safetensors"
     Mask.random(list(load_denoiser_state(model).items()), 0.3, seed=2).save(mask)
     args = ["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "3",
             "--batch-size", "4", "--lr", "1e-3", "--device", "cpu", "--checkpoint-every", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "-m", "freezeasguard.cli", *args, "--shard", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "sharded the denoiser over 2 processes" in two.stderr
+    run_cli([*args, "--out", str(tmp_path / "one")])
+    log = run_cli([*args, "--shard", "--out", str(tmp_path / "two")], processes=2)
+    assert "sharded the denoiser over 2 processes" in log
     a, b, base = (load_denoiser_state(tmp_path / d) for d in ("one", "two", "flux"))
     frozen = set(Mask.load(mask).frozen_names)
     for n in base:
@@ -168,25 +164,16 @@ def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniforml
 
 
 @pytest.mark.slow
-def test_sharded_mask_learning_in_two_processes_gives_the_mask_of_one(people, logos, tmp_path):
+def test_sharded_mask_learning_in_two_processes_gives_the_mask_of_one(people, logos, tmp_path, run_cli):
     """learn --shard under accelerate launch (2 CPU processes, FSDP2) on a tiny FLUX, warm start
     included: the same frozen set as one process with the same global batch, logits within rounding."""
-    import os
-    import subprocess
-    import sys
     model = save_tiny(tmp_path / "flux", "flux")
     args = ["learn", "--model", str(model), "--illegal", str(people), "--innocent", str(logos), "--ratio", "0.3",
             "--warm-start-steps", "2", "--steps", "3", "--inner-steps", "2", "--batch-size", "4",
             "--user-lr", "1e-3", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one.safetensors")],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "-m", "freezeasguard.cli", *args, "--shard", "--out", str(tmp_path / "two.safetensors")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "sharded the denoiser over 2 processes" in two.stderr
+    run_cli([*args, "--out", str(tmp_path / "one.safetensors")])
+    log = run_cli([*args, "--shard", "--out", str(tmp_path / "two.safetensors")], processes=2)
+    assert "sharded the denoiser over 2 processes" in log
     a, b = Mask.load(tmp_path / "one.safetensors"), Mask.load(tmp_path / "two.safetensors")
     assert torch.equal(a.frozen, b.frozen)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-3, atol=1e-4)

@@ -120,7 +120,7 @@ def test_scheme_must_be_chosen_once(tiny_sd, people, tmp_path):
 def test_optimizer_is_adamw_over_trainable_tensors_matching_the_reference_loop():
     """build_optimizer's (fused) AdamW must take the steps of torch's plain per-tensor AdamW with
     the config's lr and weight decay, and hold no state for a frozen tensor."""
-    from freezeasguard.finetune import build_optimizer
+    from freezeasguard.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))

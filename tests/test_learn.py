@@ -1,7 +1,4 @@
 """Mask learning on the tiny SD-layout pipeline: exact ratio, resume, multi-process."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -62,18 +59,12 @@ def test_resume_after_a_kill_gives_the_same_mask_bit_exactly(tiny_sd, people, lo
 
 @pytest.mark.slow
 def test_two_processes_give_the_mask_of_one_with_the_same_global_batch(tiny_sd, people, logos, warm_start,
-                                                                      tmp_path):
+                                                                      tmp_path, run_cli):
     args = ["learn", "--model", str(tiny_sd), "--illegal", str(people), "--innocent", str(logos),
             "--finetuned", str(warm_start), "--steps", "3", "--inner-steps", "2", "--batch-size", "4",
             "--user-lr", "1e-3", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "one.safetensors")],
-                         capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "-m", "freezeasguard.cli", *args, "--out", str(tmp_path / "two.safetensors")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli([*args, "--out", str(tmp_path / "one.safetensors")])
+    run_cli([*args, "--out", str(tmp_path / "two.safetensors")], processes=2)
     a, b = Mask.load(tmp_path / "one.safetensors"), Mask.load(tmp_path / "two.safetensors")
     assert torch.equal(a.frozen, b.frozen)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,7 @@ import torch
 from . import dist
 from .data import DomainSampler, EncodedData
 from .diffusion import NoiseSchedule, diffusion_loss, draw_noise
-from .families.base import cat_cond, cond_rows, cond_to
+from .families.base import cond_apply, cond_join
 
 
 @dataclass
@@ -42,7 +42,7 @@ class LocalBatch:
         out = []
         for s in range(0, len(self.weights), size):
             sl = slice(s, s + size)
-            out.append(LocalBatch(self.latents[sl], cond_rows(self.text, sl), self.noise[sl], self.timesteps[sl],
+            out.append(LocalBatch(self.latents[sl], cond_apply(self.text, lambda v: v[sl]), self.noise[sl], self.timesteps[sl],
                                   self.weights[sl], self.domain_ids[sl], self.domain_counts))
         return out
 
@@ -83,7 +83,7 @@ class DomainMix:
             weights.append(torch.full((len(pos),), w))
             ids.append(torch.full((len(pos),), d_id))
         order = [p for d_id in range(len(self.domains)) for p in local if entries[p][0] == d_id]
-        return LocalBatch(torch.cat(latents).to(device), cond_to(cat_cond(texts), device),
+        return LocalBatch(torch.cat(latents).to(device), cond_apply(cond_join(texts, torch.cat), lambda v: v.to(device)),
                           draw.noise[order].to(device), draw.timesteps[order].to(device),
                           torch.cat(weights).to(device), torch.cat(ids), counts)
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .families import FAMILIES
-from .families.base import cond_rows, stack_cond
+from .families.base import cond_apply, cond_join
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +225,9 @@ class EncodedData:
             pixels = torch.stack([preprocess(self.data.records[i].load(), c.resolution) for i in todo])
             dist = c.vae.encode(pixels.to(self.device, c.vae.dtype)).latent_dist
             cond = FAMILIES[c.family].encode(c, [self.data.records[i].caption for i in todo])
-            cond = {k: v.float() for k, v in cond.items()} if isinstance(cond, dict) else cond.float()
+            cond = cond_apply(cond, torch.Tensor.float)
             for j, i in enumerate(todo):
-                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), cond_rows(cond, j))
+                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), cond_apply(cond, lambda v: v[j]))
         return self._cache
 
     def batch(self, indices: list[int], latent_noise: torch.Tensor):
@@ -236,7 +236,7 @@ class EncodedData:
         cache = self._encode(indices)
         mean = torch.stack([cache[i][0] for i in indices])
         std = torch.stack([cache[i][1] for i in indices])
-        cond = stack_cond([cache[i][2] for i in indices])
+        cond = cond_join([cache[i][2] for i in indices])
         config = self.components.vae.config
         scaling = getattr(config, "scaling_factor", 0.18215)
         shift = getattr(config, "shift_factor", None) or 0.0       # SD3 / FLUX VAEs

@@ -21,6 +21,13 @@ from .families import FAMILIES
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler",)
 
 
+def objective(scheduler_config: dict) -> str:
+    """What a scheduler config trains: epsilon, v_prediction, or flow (flow matching)."""
+    if scheduler_config.get("_class_name") in FLOW_SCHEDULERS:
+        return "flow"
+    return scheduler_config.get("prediction_type", "epsilon")
+
+
 @dataclass(frozen=True)
 class NoiseSchedule:
     alphas_cumprod: torch.Tensor | None   # (num_train_timesteps,) float64 on CPU; None for flow matching
@@ -34,7 +41,7 @@ class NoiseSchedule:
     def from_scheduler_config(cls, config: dict, family: str = "sd") -> "NoiseSchedule":
         from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-        if config.get("_class_name") in FLOW_SCHEDULERS:
+        if objective(config) == "flow":
             flow = FlowMatchEulerDiscreteScheduler.from_config(config)
             n = flow.config.num_train_timesteps       # the tables before set_timesteps: one entry per index
             # diffusers' SD3 scripts draw times logit-normally ("following the SD3 paper"), FLUX's uniformly

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import dist
@@ -27,15 +26,15 @@ from .generate import generate_images, pipeline_from_components, save_grid
 from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
-from .models import Components, fingerprint, load_denoiser, load_denoiser_state, load_model, model_family
+from .models import Components, fingerprint, load_denoiser_state, load_model, model_family
 from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
+from .optim import OPTIMIZERS, build_optimizer, checkpoint_tensors, restore_checkpoint
 from .settings import setting
-from .shard import full_state, is_sharded, local, shard_denoiser
+from .shard import full_state, is_sharded, local, plain_copy, shard_denoiser
 
 logger = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "sgd", "adafactor", "prodigy")
 
 
 class EnforcementError(RuntimeError):
@@ -98,76 +97,6 @@ def autocast_dtype(mixed_precision: str, device: torch.device):
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
 
 
-def build_optimizer(unet, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """The chosen optimizer over trainable tensors only: frozen tensors appear in no param group."""
-    trainable = [p for p in unet.parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("every UNet tensor is frozen; nothing to fine-tune")
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adafactor":
-        from transformers.optimization import Adafactor     # transformers comes with peft; seconds to import
-        # a fixed learning rate, not scaled by each tensor's RMS: cfg.lr means what it means for AdamW
-        return Adafactor(trainable, lr=cfg.lr, relative_step=False, scale_parameter=False, warmup_init=False)
-    if cfg.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise ValueError("optimizer prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        return Prodigy(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Fused AdamW updates all tensors in one kernel (CUDA, and CPU since torch 2.4). On the tiny
-    # UNet's 684 tensors at one CPU thread the default per-tensor loop takes 70 ms a step, fused
-    # 16 ms, a tenth of a demo fine-tune step saved (benchmarks/bench_optimizer.py).
-    fused = all(p.dtype.is_floating_point and p.device.type in ("cuda", "cpu") and not is_sharded(p)
-                for p in trainable)
-    return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
-def _checkpoint_tensors(unet, optimizer, mix: DomainMix, step: int, scaler=None) -> dict:
-    """Trainable weights, the optimizer's state (per tensor, and the numbers some optimizers keep
-    per group, such as Prodigy's step-size estimate), the data order and the step: a resume is
-    bit-exact whatever the optimizer."""
-    names = {p: n for n, p in unet.named_parameters()}
-    tensors = {f"param/{n}": p.detach() for n, p in unet.named_parameters() if p.requires_grad}
-    for p, state in optimizer.state.items():
-        for k, v in state.items():
-            # "@" marks a Python number (Adafactor counts steps in an int): restored as one
-            tensors[f"opt/{names[p]}/{k}" if torch.is_tensor(v) else f"opt/{names[p]}/{k}@"] = \
-                v if torch.is_tensor(v) else torch.tensor(v)
-    for i, group in enumerate(optimizer.param_groups):
-        for k, v in group.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                tensors[f"optgroup/{i}/{k}"] = torch.tensor(v, dtype=torch.float64 if isinstance(v, float) else torch.int64)
-    tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
-    tensors["step"] = torch.tensor([step])
-    if scaler is not None:
-        tensors["scaler/scale"] = torch.tensor([scaler.get_scale()])
-    return tensors
-
-
-def _restore_checkpoint(path: Path, unet, optimizer, mix: DomainMix) -> int:
-
-    state = load_file(str(path))
-    params = dict(unet.named_parameters())
-    with torch.no_grad():
-        for key, value in state.items():
-            if key.startswith("param/"):
-                params[key[6:]].copy_(value)
-    for p in optimizer.param_groups[0]["params"]:
-        name = next(n for n, q in params.items() if q is p)
-        entries = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"opt/{name}/")}
-        if entries:
-            optimizer.state[p] = {k[:-1] if k.endswith("@") else k:
-                                  v.item() if k.endswith("@") else v if k == "step" else v.to(p.device)
-                                  for k, v in entries.items()}
-    for key, value in state.items():
-        if key.startswith("optgroup/"):
-            _, i, k = key.split("/", 2)
-            optimizer.param_groups[int(i)][k] = value.item()
-    mix.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mix/")})
-    return int(state["step"][0])
-
-
 def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work_dir: Path | None = None,
                resume: bool = False, desc: str = "fine-tune", on_step=None) -> list[dict]:
     """The chosen optimizer on the UNet's trainable tensors. Gradient accumulation draws the step's whole batch
@@ -186,7 +115,7 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
     ckpt = work_dir / "checkpoint.safetensors" if work_dir else None
     start = 0
     if resume and ckpt is not None and ckpt.exists():
-        start = _restore_checkpoint(ckpt, unet, optimizer, mix)
+        start = restore_checkpoint(ckpt, unet, optimizer, mix)
         logger.info("resumed %s from step %d (%s)", desc, start, ckpt)
     history = []
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not dist.is_main(), initial=start, total=cfg.steps)
@@ -220,7 +149,7 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
         if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main() \
                 and not sharded:
-            atomic_save_safetensors(_checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), ckpt)
+            atomic_save_safetensors(checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), ckpt)
         if cfg.validation_every and cfg.validation_prompts and work_dir is not None and not sharded \
                 and (step + 1) % cfg.validation_every == 0 and dist.is_main():
             _validation_images(components, cfg, work_dir / "validation" / f"step{step + 1:06d}.png")
@@ -389,10 +318,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     if dist.is_main() and targets is not None:
         save_lora_folder(components.denoiser, Path(out_dir), manifest, family=components.family)
     elif dist.is_main():
-        denoiser = components.denoiser
-        if sharded:     # a plain copy of the model holding the gathered weights (buffers from the base)
-            denoiser = load_denoiser(model_dir)
-            denoiser.load_state_dict(gathered, strict=False)
+        denoiser = plain_copy(model_dir, gathered) if sharded else components.denoiser
         save_pipeline(Path(model_dir), denoiser, Path(out_dir), manifest)
         atomic_write_json(work_dir / "history.json", history)
     dist.barrier()

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .io import atomic_write_json
 from .lora import lora_base
-from .models import model_family, require_pipeline_dir
+from .models import image_side, model_family, require_pipeline_dir
 from .outputs import prepare_output_dir, write_image_folder
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, gu
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     was_training = denoiser.training
     denoiser.eval()
-    side = getattr(denoiser.config, "sample_size", None)      # FLUX's transformer has none: the VAE's side
-    side = side * pipe.vae_scale_factor if isinstance(side, int) else pipe.vae.config.sample_size
+    side = image_side(dict(denoiser.config), dict(pipe.vae.config))
     jobs = [(p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):

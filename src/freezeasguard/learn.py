@@ -35,10 +35,10 @@ from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
 from .io import atomic_save_safetensors, atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
-from .models import fingerprint, has_denoiser, load_denoiser, load_denoiser_state, load_model
-from .shard import full_state, shard_denoiser
+from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import setting
+from .shard import full_state, plain_copy, shard_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -315,13 +315,9 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     if sharded:
         shard_denoiser(components.denoiser)
     history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume and not sharded, desc="warm start")
-    denoiser = components.denoiser
-    if sharded:         # every rank gathers; the main one saves a plain copy holding the full weights
-        gathered = full_state(components.denoiser)
-        if dist.is_main():
-            denoiser = load_denoiser(model_dir)
-            denoiser.load_state_dict(gathered, strict=False)
+    gathered = full_state(components.denoiser) if sharded else None     # every rank takes part
     if dist.is_main():
+        denoiser = plain_copy(model_dir, gathered) if sharded else components.denoiser
         save_pipeline(Path(model_dir), denoiser, out_dir,
                       {"scheme": "full", "purpose": "FreezeAsGuard warm start (theta_ft)", "config": asdict(ft_cfg),
                        "final_loss": history[-1] if history else None})

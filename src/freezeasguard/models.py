@@ -57,23 +57,30 @@ class Components:
 
     @property
     def resolution(self) -> int:
-        """Image side the denoiser was built for: its sample_size in latent pixels (UNets, SD3),
-        else the VAE's sample_size (FLUX's transformer has none)."""
-        side = getattr(self.denoiser.config, "sample_size", None)
-        if side is None:
-            return int(self.vae.config.sample_size)
-        return int(side if isinstance(side, int) else side[0]) * self.vae_scale_factor
+        return image_side(dict(self.denoiser.config), dict(self.vae.config))
 
-    @property
-    def prediction_type(self) -> str:
-        if self.scheduler_config.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
-            return "flow"
-        return self.scheduler_config.get("prediction_type", "epsilon")
+    @classmethod
+    def from_pipeline(cls, pipe, path) -> "Components":
+        """The parts of a loaded diffusers pipeline (e.g. a base with a LoRA loaded), any family."""
+        family = family_of_pipeline_class(type(pipe).__name__)
+        return cls(Path(path), getattr(pipe, family.denoiser_folder), pipe.vae,
+                   [getattr(pipe, enc) for enc, _ in family.encoders], [getattr(pipe, tok) for _, tok in family.encoders],
+                   dict(pipe.scheduler.config), family.name)
 
     def to(self, device) -> "Components":
         for module in (self.denoiser, self.vae, *self.text_encoders):
             module.to(device)
         return self
+
+
+def image_side(denoiser_config: dict, vae_config: dict) -> int:
+    """The image side a denoiser was built for: its sample_size in latent pixels times the VAE's
+    downscaling (UNets, SD3), else the VAE's own sample_size (FLUX's transformer has none)."""
+    side = denoiser_config.get("sample_size")
+    if side is None:
+        return int(vae_config["sample_size"])
+    side = side[0] if isinstance(side, (list, tuple)) else side
+    return int(side) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
 def model_family(path) -> Family:

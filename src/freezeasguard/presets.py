@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .models import model_family, require_pipeline_dir
+from .diffusion import objective
+from .models import image_side, model_family, require_pipeline_dir
 
 # The paper's settings (Appendix F), the same for every SD model it used; keyed by each command's
 # settings-dataclass field, so that a preset's value is what the command runs with.
@@ -97,13 +98,10 @@ def describe_folder(model_dir) -> dict:
     den = json.loads((path / family.denoiser_folder / "config.json").read_text())
     vae = json.loads((path / "vae" / "config.json").read_text())
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-    side = den.get("sample_size")
-    side = side[0] if isinstance(side, list) else side
     return {
         "family": family.name,
-        "resolution": int(side) * 2 ** (len(vae["block_out_channels"]) - 1) if side else int(vae["sample_size"]),
-        "prediction_type": "flow" if sched.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
-        else sched.get("prediction_type", "epsilon"),
+        "resolution": image_side(den, vae),
+        "prediction_type": objective(sched),
         "text_width": int(den.get("cross_attention_dim") or den.get("joint_attention_dim")),
         "latent_channels": int(vae.get("latent_channels", 4)),
         "depth": den.get("num_layers") if family.denoiser_folder == "transformer" else None,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
+from .models import load_denoiser
+
 
 def shardable_blocks(denoiser) -> list[torch.nn.Module]:
     """The units FSDP gathers one at a time: a UNet's down/mid/up blocks, a transformer's blocks."""
@@ -58,3 +60,11 @@ def shard_like(full: torch.Tensor, param) -> torch.Tensor:
         return full
     from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def plain_copy(model_dir, gathered: dict[str, torch.Tensor]):
+    """An unsharded copy of the base model's denoiser holding the gathered weights (its buffers,
+    which no one trains, from the base): what gets saved."""
+    denoiser = load_denoiser(model_dir)
+    denoiser.load_state_dict(gathered, strict=False)
+    return denoiser

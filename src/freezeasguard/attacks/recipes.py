@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..finetune import OPTIMIZERS, FinetuneConfig
+from ..finetune import FinetuneConfig
+from ..optim import OPTIMIZERS
 from ..lora import LoraSettings
 
 

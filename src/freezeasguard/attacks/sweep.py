@@ -33,11 +33,6 @@ def illegal_metrics(summary: list[dict]) -> list[tuple[str, int]]:
     return [(m, sign) for m, sign in ILLEGAL_METRICS if m in present]
 
 
-def illegal_metric(summary: list[dict]) -> tuple[str, int] | None:
-    found = illegal_metrics(summary)
-    return found[0] if found else None
-
-
 def worst_case(summary: list[dict], metric: str, sign: int, costs: dict[str, float],
                innocent_metric: str | None = None) -> list[dict]:
     """One row per (method, ratio) that was attacked: the illegal metric under the default recipe

@@ -104,7 +104,7 @@ class Runner:
         model: returned as it is, with the reason."""
         recipe = resolve_attack(attack, self.cfg.attack_recipes)
         tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
-        tag += f"-{attack}" if attack != "default" else ""
+        tag += attack_suffix(attack)
         out = self.root / "finetunes" / tag
 
         def run():
@@ -156,7 +156,7 @@ class Runner:
 
     # ---- evaluation of one fine-tuned model -------------------------------------------------
     def eval_people(self, model_dir, method, ratio, seed, subject, attack: str = "default") -> list[dict]:
-        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_") + (f"-{attack}" if attack != "default" else "")
+        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_") + attack_suffix(attack)
 
         def run():
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
@@ -168,7 +168,7 @@ class Runner:
                  "domain": "people", **r} for r in rows]
 
     def eval_innocent(self, model_dir, method, ratio, seed, domain, attack: str = "default") -> list[dict]:
-        tag = f"{method}-{ratio:g}-s{seed}-{domain}" + (f"-{attack}" if attack != "default" else "")
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}" + attack_suffix(attack)
 
         def run():
             prompts, attrs, real = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
@@ -324,6 +324,11 @@ def heldout_data(world, subject, data_root) -> Path:
     return path
 
 
+def attack_suffix(attack: str) -> str:
+    """What an attack adds to a stage's name (nothing for the default recipe: earlier runs' stages keep theirs)."""
+    return "" if attack == "default" else f"-{attack}"
+
+
 def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
     """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
 
@@ -331,9 +336,7 @@ def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> 
     if lora_base(model_dir) is None:
         comps = load_model(model_dir)
     else:       # a LoRA output: its base with the adapter loaded
-        pipe = load_pipeline(model_dir)
-        comps = Components(Path(model_dir), pipe.unet, pipe.vae, [pipe.text_encoder], [pipe.tokenizer],
-                           dict(pipe.scheduler.config))
+        comps = Components.from_pipeline(load_pipeline(model_dir), model_dir)
     schedule = NoiseSchedule.for_components(comps)
     data = load_image_captions(path)
     mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)

@@ -32,22 +32,12 @@ def penultimate_and_pooled(encoder, ids):
 
 
 # Conditioning is a tensor (SD's text embeddings) or a dict of tensors (the other families), each
-# with the batch first; these take rows of it and put rows together, whatever its form.
-def cond_rows(cond, index):
-    return {k: v[index] for k, v in cond.items()} if isinstance(cond, dict) else cond[index]
+# with the batch first; these apply a function to it, or join several, whatever its form.
+def cond_apply(cond, fn):
+    return {k: fn(v) for k, v in cond.items()} if isinstance(cond, dict) else fn(cond)
 
 
-def stack_cond(rows: list):
-    if isinstance(rows[0], dict):
-        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-    return torch.stack(rows)
-
-
-def cond_to(cond, device):
-    return {k: v.to(device) for k, v in cond.items()} if isinstance(cond, dict) else cond.to(device)
-
-
-def cat_cond(parts: list):
+def cond_join(parts: list, join=torch.stack):
     if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
+        return {k: join([p[k] for p in parts]) for k in parts[0]}
+    return join(parts)
