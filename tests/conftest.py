@@ -50,17 +50,17 @@ def warm_start(tiny_sd, people, logos, tmp_path_factory):
 @pytest.fixture
 def run_cli():
     """Run the freezeasguard command in fresh processes, one thread each; ``processes`` > 1 runs it
-    under accelerate launch (CPU, gloo), as a user runs data-parallel or sharded work. Asserts it
-    succeeded and returns its stderr (the log)."""
+    under accelerate launch (CPU, gloo), as a user runs data-parallel or sharded work. Asserts its
+    exit code (``code``, 0 unless told) and returns its stderr (the log)."""
     import os
     import subprocess
     import sys
 
-    def run(args: list[str], processes: int = 1) -> str:
+    def run(args: list[str], processes: int = 1, code: int = 0) -> str:
         launcher = [sys.executable, "-m", "freezeasguard.cli"] if processes == 1 else [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "-m", "freezeasguard.cli"]
         done = subprocess.run(launcher + args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == code, done.stderr[-3000:]
         return done.stderr
     return run

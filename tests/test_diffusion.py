@@ -58,3 +58,20 @@ def test_min_snr_weights_by_hand():
         if prediction == "epsilon":
             # clean steps (SNR far above 5) are down-weighted; the noisiest keep weight 1
             assert w[0] < 0.01 and w[-1] == 1.0
+
+
+def test_min_snr_floor_adds_x0_weight_at_every_noise_level():
+    """With a floor, the weight an x0 error gets (an epsilon loss is SNR times the x0 error, a v
+    loss SNR + 1 times) is min(SNR, gamma) + floor: at t = 950 that is ~1 instead of ~0.008."""
+    for prediction in ("epsilon", "v_prediction"):
+        schedule = NoiseSchedule.from_scheduler_config(scheduler_config(prediction))
+        t = torch.tensor([0, 500, 950, 999])
+        w = min_snr_weights(t, schedule, gamma=5.0, floor=1.0)
+        for ti, wi in zip(t.tolist(), w.tolist()):
+            a = float(schedule.alphas_cumprod[ti])
+            snr = a / (1 - a)
+            on_x0 = wi * (snr if prediction == "epsilon" else snr + 1)
+            assert abs(on_x0 - (min(snr, 5.0) + 1.0)) < 1e-4 * on_x0
+    eps = NoiseSchedule.from_scheduler_config(scheduler_config("epsilon"))
+    plain, floored = (min_snr_weights(torch.tensor([950]), eps, 5.0, f) for f in (0.0, 1.0))
+    assert floored / plain > 100          # the noisiest steps count >100x more

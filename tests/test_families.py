@@ -148,6 +148,58 @@ def test_sharded_finetune_in_two_processes_gives_the_single_process_result(peopl
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(tmp_path / "two")]) == 0
 
 
+@pytest.mark.slow
+def test_a_sharded_finetune_resumes_from_its_per_process_checkpoints_bit_exactly(people, tmp_path, run_cli):
+    """finetune --shard checkpoints each process's shards (weights and Adam moments) beside an
+    index of the last complete step; a resume in as many processes gives the uninterrupted run's
+    weights bit for bit, and one in another number of processes is refused, saying how to resume."""
+    from safetensors.torch import load_file
+    model = save_tiny(tmp_path / "flux", "flux")
+    mask = tmp_path / "mask.safetensors"
+    Mask.random(list(load_denoiser_state(model).items()), 0.3, seed=2).save(mask)
+    args = ["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--batch-size", "4",
+            "--lr", "1e-3", "--device", "cpu", "--checkpoint-every", "2", "--shard"]
+    run_cli([*args, "--steps", "4", "--out", str(tmp_path / "whole")], processes=2)
+    run_cli([*args, "--steps", "2", "--out", str(tmp_path / "part")], processes=2)
+    work = tmp_path / "part.work"
+    files = ["checkpoint.step2.rank0-of-2.safetensors", "checkpoint.step2.rank1-of-2.safetensors"]
+    assert json.loads((work / "checkpoint.shards.json").read_text()) == {"step": 2, "world_size": 2, "files": files}
+    shards = [load_file(work / f) for f in files]
+    base = load_denoiser_state(model)
+    trainable = [n for n in base if n not in set(Mask.load(mask).frozen_names)]
+    for n in trainable:                   # each process holds its rows; together, the whole tensor once
+        assert sum(s[f"param/{n}"].numel() for s in shards) == base[n].numel()
+    assert all(f"opt/{n}/exp_avg#shard" in shards[0] for n in trainable)
+
+    log = run_cli([*args, "--steps", "4", "--out", str(tmp_path / "part"), "--resume"], code=2)
+    assert "sharded over 2 processes" in log and "--num_processes 2" in log
+    log = run_cli([*args, "--steps", "4", "--out", str(tmp_path / "part"), "--resume"], processes=2)
+    assert "from step 2" in log
+    assert sorted(p.name for p in work.glob("checkpoint*")) == [
+        "checkpoint.shards.json", "checkpoint.step4.rank0-of-2.safetensors", "checkpoint.step4.rank1-of-2.safetensors"]
+    whole, resumed = load_denoiser_state(tmp_path / "whole"), load_denoiser_state(tmp_path / "part")
+    assert all(torch.equal(whole[n], resumed[n]) for n in whole)
+
+
+@pytest.mark.slow
+def test_sharded_mask_learning_resumes_bit_exactly(people, logos, tmp_path, run_cli):
+    """learn --shard checkpoints each process's shards of theta(m) and theta_d with the logits
+    (and its warm start checkpoints like finetune --shard): stopped after update 1 and resumed,
+    it gives the uninterrupted run's logits bit for bit."""
+    model = save_tiny(tmp_path / "flux", "flux")
+    args = ["learn", "--model", str(model), "--illegal", str(people), "--innocent", str(logos), "--ratio", "0.3",
+            "--warm-start-steps", "2", "--inner-steps", "2", "--batch-size", "4", "--user-lr", "1e-3",
+            "--device", "cpu", "--checkpoint-every", "1", "--shard"]
+    run_cli([*args, "--steps", "3", "--out", str(tmp_path / "whole.safetensors")], processes=2)
+    run_cli([*args, "--steps", "2", "--out", str(tmp_path / "part.safetensors")], processes=2)
+    assert json.loads((tmp_path / "part.safetensors.work" / "learn_checkpoint.shards.json").read_text())["step"] == 1
+    log = run_cli([*args, "--steps", "3", "--out", str(tmp_path / "part.safetensors"), "--resume"], processes=2)
+    assert "resumed mask learning at update 1/3" in log
+    whole, resumed = Mask.load(tmp_path / "whole.safetensors"), Mask.load(tmp_path / "part.safetensors")
+    assert torch.equal(whole.logits, resumed.logits)
+    assert torch.equal(whole.frozen, resumed.frozen)
+
+
 def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniformly():
     from freezeasguard.diffusion import draw_noise
     config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}

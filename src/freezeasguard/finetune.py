@@ -23,14 +23,23 @@ from .batches import Domain, DomainMix, domain_means, weighted_loss
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .generate import generate_images, pipeline_from_components, save_grid
-from .io import atomic_save_safetensors, atomic_write_json, normal_permissions
+from .io import atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
 from .models import Components, fingerprint, load_denoiser_state, load_model, model_family
 from .outputs import MARKER, check_provenance, mark_output, partial_dir, prepare_output_dir, replace_dir
 from .optim import OPTIMIZERS, build_optimizer, checkpoint_tensors, restore_checkpoint
 from .settings import setting
-from .shard import full_state, is_sharded, local, plain_copy, shard_denoiser
+from .shard import (
+    checkpoint_exists,
+    full_state,
+    is_sharded,
+    load_checkpoint,
+    local,
+    plain_copy,
+    save_checkpoint,
+    shard_denoiser,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +78,8 @@ class FinetuneConfig:
     mixed_precision: str = setting("no", "autocast on GPU; parameters stay fp32", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
     shard: bool = setting(False, "with several processes (accelerate launch): shard weights, gradients and optimizer "
-                                 "state across them (PyTorch FSDP2) instead of replicating the model; no "
-                                 "mid-run checkpoints yet")
+                                 "state across them (PyTorch FSDP2) instead of replicating the model; "
+                                 "checkpoints are a file per process, and --resume needs as many processes")
     checkpoint_every: int = setting(100, "steps between resumable checkpoints (0: never)")
     validation_prompts: tuple[str, ...] = setting((), "prompt for validation images", flag="--validation-prompt")
     validation_every: int = setting(0, "steps between validation grids (0: none)")
@@ -109,13 +118,13 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         unet.enable_gradient_checkpointing()
     optimizer = build_optimizer(unet, cfg)
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    sharded = any(is_sharded(p) for p in trainable)     # finetune --shard: no mid-run checkpoints yet
+    sharded = any(is_sharded(p) for p in trainable)     # finetune --shard: a checkpoint file per rank
     amp = autocast_dtype(cfg.mixed_precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     ckpt = work_dir / "checkpoint.safetensors" if work_dir else None
     start = 0
-    if resume and ckpt is not None and ckpt.exists():
-        start = restore_checkpoint(ckpt, unet, optimizer, mix)
+    if resume and ckpt is not None and checkpoint_exists(ckpt, sharded):
+        start = restore_checkpoint(load_checkpoint(ckpt, sharded)[0], unet, optimizer, mix)
         logger.info("resumed %s from step %d (%s)", desc, start, ckpt)
     history = []
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not dist.is_main(), initial=start, total=cfg.steps)
@@ -147,9 +156,8 @@ def train_unet(components: Components, mix: DomainMix, cfg: FinetuneConfig, work
         if on_step is not None:      # progress for a caller (the service); raising here stops the run
             on_step(step + 1, cfg.steps, record)
         bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k != "step"})
-        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and dist.is_main() \
-                and not sharded:
-            atomic_save_safetensors(checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), ckpt)
+        if ckpt is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, checkpoint_tensors(unet, optimizer, mix, step + 1, scaler), step + 1, sharded)
         if cfg.validation_every and cfg.validation_prompts and work_dir is not None and not sharded \
                 and (step + 1) % cfg.validation_every == 0 and dist.is_main():
             _validation_images(components, cfg, work_dir / "validation" / f"step{step + 1:06d}.png")
@@ -271,9 +279,6 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         if targets is not None:
             raise ValueError("--shard with --lora-rank: a LoRA's trainable state is small; run it without --shard "
                              "(each process then holds the frozen base, as data parallelism does)")
-        if resume:
-            raise ValueError("--shard keeps no mid-run checkpoint yet, so there is nothing to --resume; run again "
-                             "without --resume (or without --shard)")
         shard_denoiser(components.denoiser)
         logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
     data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import dist
@@ -33,12 +32,12 @@ from .bilevel import BilevelState, logit_gradient, lower_update_, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_write_json
 from .mask import BUDGETS, Mask, check_ratio
 from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import setting
-from .shard import full_state, plain_copy, shard_denoiser
+from .shard import checkpoint_exists, full_state, load_checkpoint, plain_copy, save_checkpoint, shard_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +84,8 @@ class LearnConfig(MaskLearningSettings):
                                    choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
     shard: bool = setting(False, "with several processes (accelerate launch): shard the denoiser, its gradient and "
-                                 "theta_d across them (PyTorch FSDP2), warm start included; no mid-run "
-                                 "checkpoints yet")
+                                 "theta_d across them (PyTorch FSDP2), warm start included; checkpoints are a "
+                                 "file per process, and --resume needs as many processes")
     device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
@@ -166,8 +165,6 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     theta_pre = {n: theta_pre[n] for n in param_names}    # a saved state also holds buffers (SD3's pos_embed)
     sharded = cfg.shard and dist.world_size() > 1
     if sharded:
-        if resume and (work_dir / "learn_checkpoint.safetensors").exists():
-            raise ValueError("--shard keeps no mid-run checkpoint yet; run again without --resume or --shard")
         shard_denoiser(components.denoiser)
         logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
 
@@ -189,11 +186,11 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
 
     ckpt = work_dir / "learn_checkpoint.safetensors"
     start, history = 0, []
-    if ckpt.exists():
+    if checkpoint_exists(ckpt, sharded):
         if not resume:
             raise FileExistsError(f"{ckpt} exists from an earlier run: pass --resume to continue it, "
                                   f"or remove {work_dir} to start over.")
-        start, history = _load_learn_checkpoint(ckpt, state, mix, cfg)
+        start, history = _load_learn_checkpoint(ckpt, state, mix, cfg, sharded)
         logger.info("resumed mask learning at update %d/%d", start, cfg.mask_steps)
     writer = _tensorboard(tensorboard_dir)
     upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
@@ -219,9 +216,8 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
         if writer is not None:
             for key, v in record.items():
                 writer.add_scalar(f"learn/{key}", v, k + 1)
-        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps and dist.is_main() \
-                and not sharded:
-            _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history)
+        if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps:
+            _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history, sharded)
     if writer is not None:
         writer.close()
 
@@ -314,7 +310,7 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     sharded = cfg.shard and dist.world_size() > 1
     if sharded:
         shard_denoiser(components.denoiser)
-    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume and not sharded, desc="warm start")
+    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
     gathered = full_state(components.denoiser) if sharded else None     # every rank takes part
     if dist.is_main():
         denoiser = plain_copy(model_dir, gathered) if sharded else components.denoiser
@@ -324,29 +320,28 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     dist.barrier()
 
 
-def _save_learn_checkpoint(path, state: BilevelState, mix, cfg, update: int, history):
+def _save_learn_checkpoint(path, state: BilevelState, mix, cfg, update: int, history, sharded: bool):
+    """The logits, theta_d and the weights theta(m) (of a sharded model: this rank's shards), the
+    data order: what a bit-exact resume needs."""
     tensors = {"logits": state.logits, "theta_d": state.flat_theta_d, "update": torch.tensor([update])}
-    tensors.update({f"param/{n}": p.detach() for n, p in state.named})
+    tensors.update({f"param/{n}": t.detach() for (n, _), t in zip(state.named, state.local)})
     tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
     meta = {"config": json.dumps(cfg.resume_key()), "history": json.dumps(history)}
-    atomic_save_safetensors(tensors, path, meta)
+    save_checkpoint(path, tensors, update, sharded, meta)
 
 
-def _load_learn_checkpoint(path, state: BilevelState, mix, cfg) -> tuple[int, list]:
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        saved_cfg = json.loads(meta["config"])
-        if saved_cfg != cfg.resume_key():
-            diff = {k: (saved_cfg.get(k), v) for k, v in cfg.resume_key().items() if saved_cfg.get(k) != v}
-            raise ValueError(f"cannot resume {path}: settings differ from the interrupted run {diff} "
-                             f"(checkpoint value, now).")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+def _load_learn_checkpoint(path, state: BilevelState, mix, cfg, sharded: bool) -> tuple[int, list]:
+    tensors, meta = load_checkpoint(path, sharded)
+    saved_cfg = json.loads(meta["config"])
+    if saved_cfg != cfg.resume_key():
+        diff = {k: (saved_cfg.get(k), v) for k, v in cfg.resume_key().items() if saved_cfg.get(k) != v}
+        raise ValueError(f"cannot resume {path}: settings differ from the interrupted run {diff} "
+                         f"(checkpoint value, now).")
     with torch.no_grad():
         state.logits = tensors["logits"].clone()
         state.flat_theta_d.copy_(tensors["theta_d"])
-        for n, p in state.named:
-            p.copy_(tensors[f"param/{n}"])
+        for (n, _), t in zip(state.named, state.local):
+            t.copy_(tensors[f"param/{n}"])
     mix.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mix/")})
     return int(tensors["update"][0]), json.loads(meta["history"])
 

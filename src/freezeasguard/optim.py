@@ -3,12 +3,10 @@ Prodigy) over the trainable tensors only, and the checkpoint that makes a resume
 whatever the optimizer (shared by guarded fine-tuning and mask learning's warm start)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .shard import is_sharded
+from .shard import is_sharded, local
 
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "prodigy")
 
@@ -41,14 +39,18 @@ def build_optimizer(unet, cfg) -> torch.optim.Optimizer:
 def checkpoint_tensors(unet, optimizer, mix, step: int, scaler=None) -> dict:
     """Trainable weights, the optimizer's state (per tensor, and the numbers some optimizers keep
     per group, such as Prodigy's step-size estimate), the data order and the step: a resume is
-    bit-exact whatever the optimizer."""
+    bit-exact whatever the optimizer. Of a sharded model, this rank's shards only ("#shard" marks
+    optimizer state kept as shards of a parameter-shaped tensor)."""
     names = {p: n for n, p in unet.named_parameters()}
-    tensors = {f"param/{n}": p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+    tensors = {f"param/{n}": local(p).detach() for n, p in unet.named_parameters() if p.requires_grad}
     for p, state in optimizer.state.items():
         for k, v in state.items():
             # "@" marks a Python number (Adafactor counts steps in an int): restored as one
-            tensors[f"opt/{names[p]}/{k}" if torch.is_tensor(v) else f"opt/{names[p]}/{k}@"] = \
-                v if torch.is_tensor(v) else torch.tensor(v)
+            if is_sharded(v):
+                tensors[f"opt/{names[p]}/{k}#shard"] = local(v).detach()
+            else:
+                tensors[f"opt/{names[p]}/{k}" if torch.is_tensor(v) else f"opt/{names[p]}/{k}@"] = \
+                    v if torch.is_tensor(v) else torch.tensor(v)
     for i, group in enumerate(optimizer.param_groups):
         for k, v in group.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -60,20 +62,29 @@ def checkpoint_tensors(unet, optimizer, mix, step: int, scaler=None) -> dict:
     return tensors
 
 
-def restore_checkpoint(path: Path, unet, optimizer, mix) -> int:
+def _restored(key: str, value: torch.Tensor, p):
+    if key.endswith("@"):
+        return value.item()
+    if key.endswith("#shard"):            # a shard of a parameter-shaped state: rebuilt as p is sharded
+        full = torch.zeros_like(p)
+        with torch.no_grad():
+            local(full).copy_(value)
+        return full
+    return value if key == "step" else value.to(p.device)
 
-    state = load_file(str(path))
+
+def restore_checkpoint(state: dict[str, torch.Tensor], unet, optimizer, mix) -> int:
+    """Put back what checkpoint_tensors saved (this rank's shards, for a sharded model); returns the step."""
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
             if key.startswith("param/"):
-                params[key[6:]].copy_(value)
+                local(params[key[6:]]).copy_(value)
     for p in optimizer.param_groups[0]["params"]:
         name = next(n for n, q in params.items() if q is p)
         entries = {k.rsplit("/", 1)[1]: v for k, v in state.items() if k.startswith(f"opt/{name}/")}
         if entries:
-            optimizer.state[p] = {k[:-1] if k.endswith("@") else k:
-                                  v.item() if k.endswith("@") else v if k == "step" else v.to(p.device)
+            optimizer.state[p] = {k.removesuffix("@").removesuffix("#shard"): _restored(k, v, p)
                                   for k, v in entries.items()}
     for key, value in state.items():
         if key.startswith("optgroup/"):

@@ -7,12 +7,23 @@ FSDP2 keeps each parameter's requires_grad, so frozen tensors stay frozen and ge
 no optimizer state; after training the full weights are gathered and checked bit for bit like an
 unsharded run's. Each rank's share of the batch is weighted so that the gradients' sum over ranks
 is the global batch's gradient (batches.py), so reduce-scatter sums instead of averaging.
+
+Mid-run checkpoints of a sharded run are one safetensors file per rank holding that rank's shards
+(weights, optimizer state, theta_d) and an index naming the step whose files are all complete;
+nothing is gathered, so a checkpoint costs each rank its own share of the state, and a resume
+needs the same number of processes.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 
+from . import dist
+from .io import atomic_save_safetensors, atomic_write_json
 from .models import load_denoiser
 
 
@@ -68,3 +79,64 @@ def plain_copy(model_dir, gathered: dict[str, torch.Tensor]):
     denoiser = load_denoiser(model_dir)
     denoiser.load_state_dict(gathered, strict=False)
     return denoiser
+
+
+def index_file(path: Path) -> Path:
+    """The index of a sharded checkpoint ``path``: which step's rank files are complete."""
+    return path.with_name(path.stem + ".shards.json")
+
+
+def rank_file(path: Path, step: int, rank: int, world: int) -> Path:
+    return path.with_name(f"{path.stem}.step{step}.rank{rank}-of-{world}.safetensors")
+
+
+def _index(path: Path) -> dict | None:
+    f = index_file(path)
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def save_checkpoint(path, tensors: dict, step: int, sharded: bool, metadata: dict | None = None) -> None:
+    """Unsharded: one file, written by the main process (every rank holds the same state).
+    Sharded: every rank writes its own file, then (after all have) the main process points the
+    index at this step, and each rank removes its file of the step before. A kill at any moment
+    leaves the index naming a complete set. Every rank must call this."""
+    path = Path(path)
+    if not sharded:
+        if dist.is_main():
+            atomic_save_safetensors(tensors, path, metadata)
+        return
+    rank, world = dist.rank(), dist.world_size()
+    before = _index(path)                     # read before the main process can move it
+    atomic_save_safetensors(tensors, rank_file(path, step, rank, world), metadata)
+    dist.barrier()
+    if dist.is_main():
+        atomic_write_json(index_file(path), {"step": step, "world_size": world,
+                                             "files": [rank_file(path, step, r, world).name for r in range(world)]})
+    dist.barrier()
+    if before and before["step"] != step:
+        rank_file(path, before["step"], rank, before["world_size"]).unlink(missing_ok=True)
+
+
+def checkpoint_exists(path, sharded: bool) -> bool:
+    """Whether ``path`` holds a checkpoint this run can resume; one written by a run sharded over
+    another number of processes (or by an unsharded run, or vice versa) is an error naming how
+    to resume it."""
+    path = Path(path)
+    index = _index(path)
+    if index is not None and (not sharded or index["world_size"] != dist.world_size()):
+        n = index["world_size"]
+        raise ValueError(f"{path.parent} holds a checkpoint of a run sharded over {n} processes (--shard); resume "
+                         f"it the same way: accelerate launch --num_processes {n} ... --shard --resume")
+    if sharded and path.exists():
+        raise ValueError(f"{path} is the checkpoint of an unsharded run; resume it without --shard")
+    return index is not None if sharded else path.exists()
+
+
+def load_checkpoint(path, sharded: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """This rank's tensors of the checkpoint ``path`` and its metadata (see save_checkpoint)."""
+    path = Path(path)
+    if sharded:
+        index = _index(path)
+        path = rank_file(path, index["step"], dist.rank(), index["world_size"])
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
