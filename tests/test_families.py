@@ -39,6 +39,30 @@ def test_flow_matching_noise_and_target_match_a_hand_computation():
     torch.testing.assert_close(model_t, (s * n).float())
 
 
+def test_sd3_loss_is_on_the_preconditioned_output_as_its_training_script_and_flux_on_the_flow(monkeypatch):
+    """diffusers' SD3 scripts (--precondition_outputs 1): loss = mean((x_t - s * pred - x0)^2);
+    FLUX's: mean((pred - (eps - x0))^2). Checked with a stand-in denoiser whose prediction is known."""
+    import freezeasguard.diffusion as diffusion
+    from freezeasguard.diffusion import diffusion_loss
+
+    class Fixed:
+        @staticmethod
+        def predict(denoiser, noisy, model_t, cond):
+            return 0.3 * noisy + cond
+
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    x0, eps, cond = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    index = torch.tensor([3, 400, 990])
+    for family in ("sd3", "flux"):
+        monkeypatch.setitem(diffusion.FAMILIES, family, Fixed)
+        schedule = NoiseSchedule.from_scheduler_config(config, family)
+        s = schedule.sigmas[index].float().view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * eps
+        pred = 0.3 * noisy + cond
+        by_hand = ((noisy - s * pred - x0) ** 2 if family == "sd3" else (pred - (eps - x0)) ** 2).flatten(1).mean(1)
+        torch.testing.assert_close(diffusion_loss(None, x0, cond, eps, index, schedule), by_hand)
+
+
 def test_v_prediction_target_matches_a_hand_computation():
     from freezeasguard.models import scheduler_config
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config("v_prediction"))

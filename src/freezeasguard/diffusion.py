@@ -5,7 +5,9 @@ Three objectives, chosen by the model's own scheduler config:
   which SD folders ship, has no get_velocity); x_t = sqrt(a) x0 + sqrt(1-a) eps;
 - flow matching (SD3, FLUX; a FlowMatchEulerDiscreteScheduler config): x_t = (1-s) x0 + s eps,
   target eps - x0, with s and the model's timestep taken from the scheduler's own tables at a
-  uniformly drawn index, its shift applied, as diffusers' SD3/FLUX training scripts do.
+  uniformly drawn index, its shift applied, as diffusers' SD3/FLUX training scripts do; SD3's
+  scripts also precondition the output (their --precondition_outputs 1, the default): the loss
+  compares x0 = x_t - s * prediction with the latents, which is the flow loss times s^2.
 How the denoiser is called is its family's (families/).
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ class NoiseSchedule:
     sigmas: torch.Tensor | None = None    # flow matching: noise level per index (shift applied)
     flow_timesteps: torch.Tensor | None = None   # flow matching: the model's timestep per index
     timestep_sampling: str = "uniform"    # uniform | logit_normal (SD3's training script default)
+    precondition_outputs: bool = False    # flow matching: the loss on x0 = x_t - s * pred (SD3's scripts)
 
     @classmethod
     def from_scheduler_config(cls, config: dict, family: str = "sd") -> "NoiseSchedule":
@@ -47,7 +50,7 @@ class NoiseSchedule:
             # diffusers' SD3 scripts draw times logit-normally ("following the SD3 paper"), FLUX's uniformly
             sampling = "logit_normal" if family == "sd3" else "uniform"
             return cls(None, "flow", family, flow.sigmas[:n].to(torch.float64), flow.timesteps[:n].to(torch.float64),
-                       sampling)
+                       sampling, precondition_outputs=family == "sd3")
         ddpm = DDPMScheduler.from_config(config)
         prediction_type = ddpm.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):
@@ -122,7 +125,11 @@ def diffusion_loss(denoiser, latents: torch.Tensor, cond, noise: torch.Tensor, t
     the family's conditioning (SD: the text embeddings); ``timesteps``: indices into the schedule."""
     noisy, model_t, target = noisy_and_target(latents, noise, timesteps.to(latents.device), schedule)
     pred = FAMILIES[schedule.family].predict(denoiser, noisy, model_t, cond)
-    return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    losses = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if schedule.precondition_outputs:
+        # x_t - s * pred - x0 = s * (target - pred): the same loss without forming x0 again
+        losses = losses * schedule.sigmas.to(latents.device)[timesteps.to(latents.device)].float() ** 2
+    return losses
 
 
 def min_snr_weights(timesteps: torch.Tensor, schedule: NoiseSchedule, gamma: float = 5.0,
