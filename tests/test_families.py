@@ -152,6 +152,40 @@ def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_d
     assert guarded_full_gb(1000, 0.75) == pytest.approx(1000 * (4 + 3) / 2**30)
 
 
+@pytest.mark.parametrize("preset", ["sdxl", "sd35-medium", "flux1-dev"])
+def test_presets_run_learn_finetune_and_verify_end_to_end_on_models_shaped_like_theirs(preset, people, logos,
+                                                                                      tmp_path, capsys):
+    """`--preset P` on a tiny model with the published model's checked numbers (native side 1024,
+    text width 2048 / 4096, depth 24 / 19, guidance embedding): the folder check passes, the
+    preset's published settings are what runs (where no flag was typed), and learn -> finetune ->
+    verify works at --resolution 16. A side the model cannot take is refused, naming one it can."""
+    from freezeasguard.families.tiny import build_preset_shaped
+    from freezeasguard.presets import PRESETS
+    model, mask, ft = tmp_path / "model", tmp_path / "mask.safetensors", tmp_path / "ft"
+    build_preset_shaped(PRESETS[preset], extra_words=["mara", "quell"]).save_pretrained(model, safe_serialization=True)
+    common = ["--preset", preset, "--model", str(model), "--device", "cpu"]
+    assert main(["learn", *common, "--resolution", "16", "--illegal", str(people), "--innocent", str(logos),
+                 "--ratio", "0.3", "--warm-start-steps", "1", "--steps", "2", "--inner-steps", "1", "--batch-size", "2",
+                 "--out", str(mask)]) == 0
+    used = Mask.load(mask).meta["hyperparameters"]
+    assert used["user_lr"] == PRESETS[preset].settings["learn"]["user_lr"] and used["resolution"] == 16
+    assert main(["finetune", *common, "--resolution", "16", "--data", str(people), "--mask", str(mask),
+                 "--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--out", str(ft)]) == 0
+    config = json.loads((ft / "freezeasguard_manifest.json").read_text())["config"]
+    published = {k: v for k, v in PRESETS[preset].settings["finetune"].items()
+                 if k not in ("steps", "batch_size", "grad_accum")}
+    assert published and all(config[k] == v for k, v in published.items())
+    base, tuned = load_denoiser_state(model), load_denoiser_state(ft)
+    frozen = set(Mask.load(mask).frozen_names)
+    assert all(torch.equal(base[n], tuned[n]) for n in frozen)
+    assert any(not torch.equal(base[n], tuned[n]) for n in base if n not in frozen)
+    assert main(["verify", "--preset", preset, "--model", str(model), "--mask", str(mask), "--candidate", str(ft)]) == 0
+    capsys.readouterr()
+    assert main(["finetune", *common, "--resolution", "18", "--data", str(people), "--mask", str(mask),
+                 "--steps", "1", "--out", str(tmp_path / "odd")]) == 2
+    assert "--resolution 18: this model takes multiples of 4 px; use 16" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sharded_finetune_in_two_processes_gives_the_single_process_result(people, tmp_path, run_cli):
     """finetune --shard under accelerate launch (2 CPU processes, gloo, FSDP2) on a tiny FLUX: the

@@ -62,8 +62,9 @@ EXIT_USAGE, EXIT_DIVERGED, EXIT_ENFORCEMENT, EXIT_INTERNAL, EXIT_INTERRUPTED = 2
 
 def _add_preset(p):
     p.add_argument("--preset", choices=list(PRESETS),
-                   help="check that --model is this model (resolution, prediction type, text width) before "
-                        "starting, and take the paper's settings for it for every flag not typed")
+                   help="check that --model is this model (family, native resolution, objective, text width, "
+                        "latent channels, depth, guidance embedding) before starting, and take its published "
+                        "training settings for every flag not typed")
 
 
 def _check_preset(args):
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "LoKr lokr_*, DoRA dora_scale, diff/diff_b) and maps every key to the UNet "
                                    "parameter it changes.")
     p.add_argument("--model", required=True, help="the base model the mask was made for")
+    _add_preset(p)
     p.add_argument("--mask", required=True, help="mask file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, a .safetensors UNet state dict, "
@@ -253,6 +255,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    _check_preset(args)
     if not args.lora and args.candidate and (Path(args.candidate) / LORA_FILE).is_file():
         args.lora = str(Path(args.candidate) / LORA_FILE)    # a guarded-LoRA output folder: audit its adapter
     if args.lora:

@@ -83,6 +83,7 @@ class LearnConfig(MaskLearningSettings):
     mixed_precision: str = setting("no", "autocast on GPU; parameters, logits and theta_d stay fp32",
                                    choices=("no", "bf16", "fp16"))
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    resolution: int = setting(0, "image side to train at, warm start included (0: the model's own)")
     shard: bool = setting(False, "with several processes (accelerate launch): shard the denoiser, its gradient and "
                                  "theta_d across them (PyTorch FSDP2), warm start included; checkpoints are a "
                                  "file per process, and --resume needs as many processes")
@@ -158,7 +159,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
             _warm_start(model_dir, illegal, innocent, cfg, device, finetuned_dir, work_dir, resume)
         else:
             logger.info("reusing warm start %s", finetuned_dir)
-    components = load_model(model_dir, denoiser_from=finetuned_dir).to(device)
+    components = load_model(model_dir, denoiser_from=finetuned_dir).to(device).set_resolution(cfg.resolution)
     param_names = [n for n, _ in components.denoiser.named_parameters()]
     if not set(param_names) <= set(theta_pre):
         raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
@@ -297,10 +298,11 @@ def _domain_losses(info, num_domains) -> list[float]:
 
 def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir: Path, work_dir: Path, resume):
     logger.info("warm start: %d full fine-tuning steps on illegal + innocent data", cfg.warm_start_steps)
-    components = load_model(model_dir).to(device)
+    components = load_model(model_dir).to(device).set_resolution(cfg.resolution)
     schedule = NoiseSchedule.for_components(components)
     ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch, lr=cfg.warm_start_lr,
                             seed=cfg.seed, mixed_precision=cfg.mixed_precision, device=str(device),
+                            resolution=cfg.resolution,
                             gradient_checkpointing=cfg.gradient_checkpointing,
                             checkpoint_every=max(1, cfg.checkpoint_every * cfg.inner_steps))
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.warm_start_batch, cfg), schedule,

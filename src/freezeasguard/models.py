@@ -42,6 +42,7 @@ class Components:
     tokenizers: list
     scheduler_config: dict
     family: str = "sd"
+    train_resolution: int | None = None    # set_resolution: train at another side than the model's own
 
     @property
     def text_encoder(self):
@@ -57,7 +58,30 @@ class Components:
 
     @property
     def resolution(self) -> int:
-        return image_side(dict(self.denoiser.config), dict(self.vae.config))
+        """The image side training uses: the model's own, unless set_resolution chose another."""
+        return self.train_resolution or image_side(dict(self.denoiser.config), dict(self.vae.config))
+
+    @property
+    def resolution_step(self) -> int:
+        """What a training side must be a multiple of: the VAE's downscaling times the denoiser's
+        (a UNet halves the latent once per down block but the last; SD3 patches, FLUX packs 2x2)."""
+        config = dict(self.denoiser.config)
+        if "down_block_types" in config:
+            factor = 2 ** (len(config["down_block_types"]) - 1)
+        else:
+            factor = 2 if self.family == "flux" else int(config.get("patch_size", 1))
+        return self.vae_scale_factor * factor
+
+    def set_resolution(self, side: int) -> "Components":
+        """Train at ``side`` px (0: the model's own), as diffusers' scripts' --resolution; a side the
+        model cannot take is an error naming the nearest that it can."""
+        if side:
+            step = self.resolution_step
+            if side < step or side % step:
+                near = max(step, round(side / step) * step)
+                raise ModelError(f"--resolution {side}: this model takes multiples of {step} px; use {near}")
+        self.train_resolution = side or None
+        return self
 
     @classmethod
     def from_pipeline(cls, pipe, path) -> "Components":

@@ -17,18 +17,20 @@ FLOW_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)     # SD3's scheduler
 def _clip(tokenizer, hidden: int, projection: int | None = None):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-                            projection_dim=projection or hidden, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    # a wide encoder (a preset's text width) gets one layer and a narrow MLP: its width is what counts
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=min(2 * hidden, 64),
+                            num_attention_heads=4, num_hidden_layers=2 if hidden <= 64 else 1,
+                            max_position_embeddings=77, projection_dim=projection or hidden,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _t5(tokenizer, width: int):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=2 * width, num_layers=1,
-                                   num_heads=4, pad_token_id=tokenizer.pad_token_id,
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=min(2 * width, 64),
+                                   num_layers=1, num_heads=4, pad_token_id=tokenizer.pad_token_id,
                                    eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0))
 
 
@@ -41,44 +43,61 @@ def _vae(image_size: int, channels: int, shift: float | None = None):
                          scaling_factor=1.5, shift_factor=shift)
 
 
-def build_tiny(family: str, image_size: int = 16, seed: int = 0, extra_words=(), guidance_embeds: bool = True):
-    """A randomly initialised pipeline object of the family (sd, sdxl, sd3, flux)."""
+def build_tiny(family: str, image_size: int = 16, seed: int = 0, extra_words=(), guidance_embeds: bool = True,
+               text_width: int | None = None, depth: int | None = None, native_side: int | None = None):
+    """A randomly initialised pipeline object of the family (sd, sdxl, sd3, flux). ``text_width``,
+    ``depth`` and ``native_side`` (the side its configs declare; it trains at any side with
+    --resolution) make it look like a published model to a preset's folder check."""
     from diffusers import (EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
                            StableDiffusionXLPipeline, UNet2DConditionModel)
 
     torch.manual_seed(seed)
     tok = build_offline_tokenizer(extra_words)
-    latent = image_size // 2
+    native = native_side or image_size
     if family == "sdxl":
-        te1, te2 = _clip(tok, 32), _clip(tok, 32, projection=32)
+        width = text_width or 64          # the two encoders' penultimate states side by side
+        te1, te2 = _clip(tok, width // 2), _clip(tok, width // 2, projection=32)
         unet = UNet2DConditionModel(
-            sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
+            sample_size=native // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-            cross_attention_dim=64, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=32,
+            cross_attention_dim=width, attention_head_dim=[2, 4], use_linear_projection=True, norm_num_groups=32,
             addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
         sched = EulerDiscreteScheduler.from_config(scheduler_config())
         return StableDiffusionXLPipeline(vae=_vae(image_size, 4), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
                                          tokenizer_2=tok, unet=unet, scheduler=sched)
     if family == "sd3":
-        transformer = SD3Transformer2DModel(sample_size=latent, patch_size=2, in_channels=16, num_layers=2,
-                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+        width = text_width or 32          # T5's width; the CLIP states are padded to it
+        transformer = SD3Transformer2DModel(sample_size=native // 2, patch_size=2, in_channels=16, num_layers=depth or 2,
+                                            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=width,
                                             caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
                                             pos_embed_max_size=8, qk_norm="rms_norm")
         return StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER),
             vae=_vae(image_size, 16, shift=0.1), text_encoder=_clip(tok, 16, projection=32), tokenizer=tok,
-            text_encoder_2=_clip(tok, 16, projection=32), tokenizer_2=tok, text_encoder_3=_t5(tok, 32), tokenizer_3=tok)
+            text_encoder_2=_clip(tok, 16, projection=32), tokenizer_2=tok, text_encoder_3=_t5(tok, width),
+            tokenizer_3=tok)
     if family == "flux":
-        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
-                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        width = text_width or 32          # T5's width
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=depth or 1, num_single_layers=1,
+                                             attention_head_dim=8, num_attention_heads=2, joint_attention_dim=width,
                                              pooled_projection_dim=32, guidance_embeds=guidance_embeds,
                                              axes_dims_rope=(2, 2, 4))
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15)
-        return FluxPipeline(scheduler=sched, vae=_vae(image_size, 16, shift=0.1), text_encoder=_clip(tok, 32),
-                            tokenizer=tok, text_encoder_2=_t5(tok, 32), tokenizer_2=tok, transformer=transformer)
+        return FluxPipeline(scheduler=sched, vae=_vae(native, 16, shift=0.1), text_encoder=_clip(tok, 32),
+                            tokenizer=tok, text_encoder_2=_t5(tok, width), tokenizer_2=tok, transformer=transformer)
     raise ValueError(f"family {family!r}: build_tiny makes sdxl, sd3 and flux (sd: models.build_tiny_pipeline)")
+
+
+def build_preset_shaped(preset, seed: int = 0, extra_words=()):
+    """A tiny pipeline that passes ``preset``'s folder check (presets.Preset of the sdxl, sd3 or
+    flux family): its family, objective, latent channels, native side, text width, depth and
+    guidance embedding are the published model's, everything else is tiny (the wide text
+    encoders have one layer and a 64-wide MLP). It trains at 16 px with --resolution 16."""
+    return build_tiny(preset.family, seed=seed, extra_words=extra_words, text_width=preset.text_width,
+                      depth=preset.depth, native_side=preset.resolution,
+                      guidance_embeds=bool(preset.guidance_embeds))
 
 
 def save_tiny(out_dir, family: str, **kwargs) -> Path:
