@@ -62,7 +62,7 @@ MAX_TOKENS = 64     # a generic caption with every trait named is up to ~51 toke
 # settings that define the run: a resume with any of these changed is refused
 IDENTITY = ("seed", "people", "logos", "clothes", "trait_drop", "batch", "lr", "text_lr", "ema_decay",
             "min_snr_gamma", "vae_from", "vae_steps", "warmup", "continue_from", "unet_channels", "attention_heads",
-            "pooled_text_heads", "x0_weight_floor")   # (--unet-from only starts a run)
+            "pooled_text_heads", "x0_weight_floor", "zero_terminal_snr")   # (--unet-from only starts a run)
 
 
 def render_pool(a):
@@ -206,10 +206,24 @@ def run_summary(step: int, losses: list[float], seconds: float) -> dict:
             "torch": torch.__version__}
 
 
-def export_pipeline(out: Path, vae, tokenizer, text_encoder, unet, info: dict):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-                                   scheduler=PNDMScheduler.from_config(scheduler_config("epsilon")),
+def noise_schedule_config(zero_terminal_snr: bool) -> dict:
+    """SD's schedule (epsilon, sampled with PNDM), or with --zero-terminal-snr (Lin et al., 2024)
+    its betas rescaled so the last step is pure noise, v-prediction (epsilon is undefined there)
+    and DDIM from the last step ("trailing"). SD's schedule keeps 7% of the image at its last step,
+    which training learns to read (the colours of a 16x16 latent's large regions) and sampling,
+    starting from pure noise, cannot: the prompt's colours then lose to the noise's."""
+    if not zero_terminal_snr:
+        return {"_class_name": "PNDMScheduler", **scheduler_config("epsilon")}
+    return {"_class_name": "DDIMScheduler", **scheduler_config("v_prediction"), "rescale_betas_zero_snr": True,
+            "timestep_spacing": "trailing"}
+
+
+def export_pipeline(out: Path, vae, tokenizer, text_encoder, unet, info: dict, zero_terminal_snr: bool = False):
+    import diffusers
+    config = noise_schedule_config(zero_terminal_snr)
+    sampler = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=sampler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     normal_permissions(out)
@@ -240,6 +254,9 @@ def main():
     ap.add_argument("--x0-weight-floor", type=float, default=0.0,
                     help="x0 weight added to min-SNR's at every noise level (1: v-prediction's weight at high noise; "
                          "0: plain min-SNR, the v3 model)")
+    ap.add_argument("--zero-terminal-snr", action="store_true",
+                    help="rescale the noise schedule to end in pure noise, train v-prediction, sample with DDIM "
+                         "(trailing); a --continue-from model relearns its output")
     ap.add_argument("--vae-from", help="a pipeline folder whose VAE to keep (else one is trained here)")
     ap.add_argument("--vae-steps", type=int, default=4000)
     ap.add_argument("--unet-from", help="a pipeline folder whose UNet weights start the UNet")
@@ -307,10 +324,11 @@ def main():
             "unet_params": sum(p.numel() for p in unet.parameters()), "unet_tensors": len(list(unet.parameters())),
             "text_encoder_params": sum(p.numel() for p in text_encoder.parameters())}
     if a.export_only:
-        export_pipeline(out, vae, tokenizer, ema_text, ema_unet, {**info, **run_summary(step, losses, progress["seconds"])})
+        export_pipeline(out, vae, tokenizer, ema_text, ema_unet, {**info, **run_summary(step, losses, progress["seconds"])},
+                        a.zero_terminal_snr)
         return
 
-    schedule = NoiseSchedule.from_scheduler_config(scheduler_config("epsilon"))
+    schedule = NoiseSchedule.from_scheduler_config(noise_schedule_config(a.zero_terminal_snr))
     empty_ids = tokenizer([""], padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     unet.train()
     text_encoder.train()
@@ -360,7 +378,7 @@ def main():
             return
     bar.close()
     info.update(run_summary(step, losses, seconds_before + time.time() - t_run))
-    export_pipeline(out, vae, tokenizer, ema_text, ema_unet, info)
+    export_pipeline(out, vae, tokenizer, ema_text, ema_unet, info, a.zero_terminal_snr)
     logger.info("pre-trained %d steps -> %s", step, out)
 
 

@@ -36,11 +36,14 @@ def load_pipeline(path, device="cpu"):
 
 
 def pipeline_from_components(components):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    import diffusers
 
-    pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
+    # the folder's own sampler (PNDM in SD's folders): a schedule such as zero terminal SNR exists
+    # only in the classes that implement it, and another class would sample from other noise levels
+    sampler = getattr(diffusers, components.scheduler_config.get("_class_name") or "PNDMScheduler")
+    pipe = diffusers.StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
                                    tokenizer=components.tokenizer, unet=components.denoiser,
-                                   scheduler=PNDMScheduler.from_config(components.scheduler_config),
+                                   scheduler=sampler.from_config(components.scheduler_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
