@@ -1,4 +1,5 @@
-"""Image generation from a (fine-tuned) pipeline folder, with PNDM as the paper (50 steps)."""
+"""Image generation from a (fine-tuned) pipeline folder with the folder's own scheduler (PNDM in
+SD's folders, as the paper, 50 steps; DDIM from pure noise in the shipped tiny model's)."""
 from __future__ import annotations
 
 import logging
