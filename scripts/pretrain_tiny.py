@@ -69,7 +69,7 @@ MAX_TOKENS = 64     # a generic caption with every trait named is up to ~51 toke
 # settings that define the run: a resume with any of these changed is refused
 IDENTITY = ("seed", "people", "logos", "clothes", "trait_drop", "batch", "lr", "text_lr", "ema_decay",
             "min_snr_gamma", "vae_from", "vae_steps", "warmup", "continue_from", "unet_channels", "attention_heads",
-            "pooled_text_heads", "x0_weight_floor", "zero_terminal_snr")   # (--unet-from only starts a run)
+            "x0_weight_floor", "zero_terminal_snr")   # (--unet-from only starts a run)
 
 
 def render_pool(a):
@@ -142,38 +142,14 @@ def build_models(a, tokenizer):
             sys.exit(f"error: {a.continue_from} has another vocabulary ({text_encoder.config.vocab_size} tokens, this "
                      f"world has {len(tokenizer)}); start a new run with --unet-from instead")
         unet = UNet2DConditionModel.from_pretrained(Path(a.continue_from) / "unet")
-        if a.pooled_text_heads and unet.config.addition_embed_type != "text":
-            unet = with_pooled_text(unet, a.pooled_text_heads)
     elif a.unet_from:
         # the conv and norm weights of an earlier model transfer; its cross-attention is re-learnt
         unet = UNet2DConditionModel.from_pretrained(Path(a.unet_from) / "unet")
     else:
         channels = tuple(int(c) for c in a.unet_channels.split(","))
         unet = UNet2DConditionModel(**{**tiny_unet_config("sd15", sample_size=16, block_out_channels=channels,
-                                                          cross_attention_dim=64), "attention_head_dim": a.attention_heads,
-                                       **pooled_text_config(a.pooled_text_heads)})
+                                                          cross_attention_dim=64), "attention_head_dim": a.attention_heads})
     return text_encoder, unet
-
-
-def pooled_text_config(heads: int) -> dict:
-    """A second way in for the text: the prompt's tokens pooled by attention into one vector that
-    is added to the time embedding, so it shifts every ResNet block (what SDXL and class-conditional
-    models do with a pooled embedding). Cross-attention alone lets a small UNet follow a word only
-    where a pixel attends to it: the shipped model drew faces in colours no skin has."""
-    return {"addition_embed_type": "text", "addition_embed_type_num_heads": heads} if heads else {}
-
-
-def with_pooled_text(unet, heads: int):
-    """``unet`` with the pooled-text path added; the new path's output starts at exactly zero (its
-    last LayerNorm's scale and shift), so the model starts out drawing what ``unet`` drew."""
-    from diffusers import UNet2DConditionModel
-    grown = UNet2DConditionModel.from_config({**unet.config, **pooled_text_config(heads)})
-    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("add_embedding.") for k in missing), (missing, unexpected)
-    with torch.no_grad():
-        grown.add_embedding.norm2.weight.zero_()
-        grown.add_embedding.norm2.bias.zero_()
-    return grown
 
 
 def flat_state(prefix: str, module) -> dict:
@@ -270,9 +246,6 @@ def main():
     ap.add_argument("--continue-from", help="a pipeline this script made: its VAE, text encoder and UNet start the run")
     ap.add_argument("--unet-channels", default="32,32,64,64", help="a new UNet's block widths (the shipped model's)")
     ap.add_argument("--attention-heads", type=int, default=1, help="a new UNet's attention heads per block")
-    ap.add_argument("--pooled-text-heads", type=int, default=0,
-                    help="add a pooled-text path to the time embedding with this many attention-pooling heads "
-                         "(0: none, the v3 model); a --continue-from model gains it, starting at zero")
     ap.add_argument("--max-minutes", type=float, default=0, help="stop (after a checkpoint) after this long")
     ap.add_argument("--checkpoint-minutes", type=float, default=10)
     ap.add_argument("--threads", type=int, default=1)

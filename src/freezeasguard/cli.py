@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the report as JSON here")
 
     # generate
-    p = sub.add_parser("generate", help="generate images from a pipeline folder with its own scheduler (PNDM for SD, as the paper)")
+    p = sub.add_parser("generate", help="generate images from a pipeline folder with its own scheduler "
+                                        "(PNDM for SD, as the paper)")
     p.add_argument("--model", required=True, help="pipeline folder (base or fine-tuned)")
     _add_preset(p)
     group = p.add_mutually_exclusive_group(required=True)
