@@ -137,3 +137,89 @@ def test_bilevel_state_views_share_memory_with_flat_buffers():
     model(torch.randn(2, 3)).sum().backward()
     assert state.flat_grad.abs().sum() > 0                     # autograd wrote into the flat buffer
     assert all(p.grad.data_ptr() == g.data_ptr() for p, g in zip(model.parameters(), state.grad_views))
+
+
+def test_parameter_weighted_sparsity_gradient_equals_autograd():
+    torch.manual_seed(6)
+    n, T, rho, c = 9, 0.2, 0.3, 4.0
+    sizes = torch.tensor([1, 7, 300, 2, 50, 50, 1000, 3, 12])
+    dots = torch.randn(n, dtype=torch.float64)
+    w = (torch.randn(n, dtype=torch.float64) * 0.4).requires_grad_(True)
+    m = soft_mask(w, T)
+    # the paper's objective with a parameter-counting sparsity term: L = <dots, m> + c (sum(n m)/sum(n) - rho)^2
+    ((dots * m).sum() + c * sparsity_loss(m, rho, sizes)).backward()
+    ours, _ = logit_gradient(dots, m.detach(), T, rho, c, normalize=False, numel=sizes)
+    torch.testing.assert_close(ours, w.grad, rtol=1e-10, atol=1e-12)
+    # by hand: the share's derivative is n_i / sum(n)
+    share = float((sizes * m.detach()).sum() / sizes.sum())
+    by_hand = (dots + c * 2 * (share - rho) * sizes / sizes.sum()) * m.detach() * (1 - m.detach()) / T
+    torch.testing.assert_close(ours, by_hand)
+
+
+def test_normalized_parameter_sparsity_pulls_each_tensor_in_proportion_to_its_size():
+    m = torch.full((4,), 0.5)
+    sizes = torch.tensor([1, 1, 10, 100])
+    grad, _ = logit_gradient(torch.zeros(4), m, 0.2, 0.3, 5.0, normalize=True, numel=sizes)
+    torch.testing.assert_close(grad / grad[0], sizes.double().float() / 1.0)
+    tensors, _ = logit_gradient(torch.zeros(4), m, 0.2, 0.3, 5.0, normalize=True)
+    # averaged over tensors the two pulls agree when every tensor has the same m: mean(n_i / mean(n)) = 1
+    torch.testing.assert_close(grad.mean(), tensors.mean())
+
+
+def _brute_force_knapsack(values, sizes, capacity):
+    import itertools
+    best, best_set = 0.0, ()
+    for k in range(len(sizes) + 1):
+        for subset in itertools.combinations(range(len(sizes)), k):
+            if sum(sizes[i] for i in subset) <= capacity:
+                v = sum(values[i] for i in subset)
+                if v > best + 1e-12:
+                    best, best_set = v, subset
+    return best, best_set
+
+
+def test_knapsack_is_exact_against_brute_force():
+    from freezeasguard.mask import knapsack_select
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        n = int(torch.randint(1, 11, (1,), generator=g))
+        sizes = [int(x) for x in torch.randint(1, 60, (n,), generator=g)]
+        values = torch.rand(n, generator=g, dtype=torch.float64)
+        capacity = int(torch.randint(0, sum(sizes) + 1, (1,), generator=g))
+        chosen = knapsack_select(values, sizes, capacity)
+        got = float(values[chosen].sum())
+        assert sum(s for s, c in zip(sizes, chosen.tolist()) if c) <= capacity
+        assert abs(got - _brute_force_knapsack(values.tolist(), sizes, capacity)[0]) < 1e-9
+
+
+def test_knapsack_prefers_value_per_parameter_where_greedy_takes_the_top_score():
+    # one large tensor with the top score would take the whole budget; three small ones are worth more
+    values = torch.tensor([1.0, 0.9, 0.9, 0.9])
+    sizes = [90, 30, 30, 30]
+    greedy = select_frozen(values, sizes, 0.5, "params", "greedy")      # budget 90 parameters
+    knapsack = select_frozen(values, sizes, 0.5, "params", "knapsack", values)
+    assert greedy.tolist() == [True, False, False, False]
+    assert knapsack.tolist() == [False, True, True, True]
+
+
+def test_knapsack_at_scale_stays_within_budget_and_near_the_exact_optimum():
+    from freezeasguard.mask import knapsack_select
+    g = torch.Generator().manual_seed(8)
+    sizes = [int(x) for x in torch.randint(1, 200_000, (300,), generator=g)] + [1] * 20
+    values = torch.rand(len(sizes), generator=g, dtype=torch.float64)
+    capacity = sum(sizes) // 3
+    coarse = knapsack_select(values, sizes, capacity, resolution=2_000)
+    fine = knapsack_select(values, sizes, capacity, resolution=200_000)
+    assert sum(s for s, c in zip(sizes, coarse.tolist()) if c) <= capacity
+    assert float(values[coarse].sum()) >= 0.98 * float(values[fine].sum())
+    # an upper bound on the optimum: the fractional (LP) knapsack, greedy by value per parameter
+    order = sorted(range(len(sizes)), key=lambda i: -float(values[i]) / sizes[i])
+    left, bound = capacity, 0.0
+    for i in order:
+        take = min(1.0, left / sizes[i])
+        bound += take * float(values[i])
+        left -= take * sizes[i]
+        if left <= 0:
+            break
+    assert float(values[fine].sum()) <= bound + 1e-9
+    assert float(values[fine].sum()) >= 0.99 * bound

@@ -15,31 +15,51 @@ def soft_mask(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.sigmoid(logits / temperature)
 
 
-def sparsity_loss(m: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Eq. 6: (sum(m)/N - rho)^2."""
-    return (m.mean() - ratio) ** 2
+def frozen_share(m: torch.Tensor, numel: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft share frozen: of tensors (mean(m), the paper's) or, given each tensor's size, of
+    parameters (sum(n m) / sum(n))."""
+    if numel is None:
+        return m.mean()
+    n = numel.to(m.dtype)
+    return (n * m).sum() / n.sum()
+
+
+def sparsity_loss(m: torch.Tensor, ratio: float, numel: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 6, (frozen share - rho)^2: the share of tensors (the paper's sum(m)/N), or of parameters
+    when ``numel`` is given."""
+    return (frozen_share(m, numel) - ratio) ** 2
 
 
 def logit_gradient(dots: torch.Tensor, m: torch.Tensor, temperature: float, ratio: float,
-                   sparsity_weight: float, normalize: bool) -> tuple[torch.Tensor, dict]:
+                   sparsity_weight: float, normalize: bool, numel: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, dict]:
     """dL/dw for every tensor, with the true sigmoid derivative m(1-m)/T (the paper's
     sigma(w/T) sigma(1-w/T) in Eq. 8/11 is a typo). ``dots[i]`` = <dL_upper/dtheta(m)_i, theta_d_i>
     = dL_upper/dm_i.
 
-    normalize=False, the paper's objective:  L = L_upper + c * (mean(m) - rho)^2.
-    normalize=True, ours:                    L = L_upper / rms(dots) + c * N * (mean(m) - rho)^2,
+    normalize=False, the paper's objective:  L = L_upper + c * sparsity_loss(m, rho)
+    normalize=True, ours:                    L = L_upper / rms(dots) + c * N * sparsity_loss(m, rho),
     i.e. a data term with per-tensor RMS 1 whatever the loss scale, model size or warm-start
-    distance, and a sparsity term of the same per-tensor scale (c counts per tensor)."""
+    distance, and a sparsity term of the same per-tensor scale (c counts per tensor).
+
+    With ``numel`` the sparsity term counts parameters: its pull on tensor i is n_i / mean(n)
+    times the tensor-count one, a price per parameter, so the learner weighs what freezing a
+    tensor buys against how much of the budget it spends (a Lagrangian relaxation of the
+    parameter budget, as constrained pruning uses)."""
     n = m.numel()
+    if numel is None:
+        price = torch.full_like(m, 1.0 / n)                  # d mean(m) / d m_i
+    else:
+        sizes = numel.to(m.dtype)
+        price = sizes / sizes.sum()                          # d share / d m_i
     if normalize:
         rms = float(dots.pow(2).mean().sqrt())
         scale = 1.0 / rms if rms > 0 else 0.0
-        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio)
+        sparse = sparsity_weight * n * 2.0 * float(frozen_share(m, numel) - ratio) * price
     else:
         scale = 1.0
-        sparse_per_tensor = sparsity_weight * 2.0 * float(m.mean() - ratio) / n
+        sparse = sparsity_weight * 2.0 * float(frozen_share(m, numel) - ratio) * price
     data = dots * scale
-    sparse = torch.full_like(m, sparse_per_tensor)
     dsig = m * (1 - m) / temperature
     stats = {"data_grad_rms": float((data * dsig).pow(2).mean().sqrt()),
              "sparsity_grad_rms": float((sparse * dsig).pow(2).mean().sqrt()), "data_scale": scale}
@@ -87,6 +107,7 @@ class BilevelState:
         device = self.local[0].device
         numel = [t.numel() for t in self.local]
         self.lengths = torch.tensor(numel)
+        self.sizes = torch.tensor([p.numel() for p in self.params])    # whole tensors, also when sharded
         total = sum(numel)
         self.flat_grad = torch.zeros(total, device=device, dtype=torch.float32)
         self.flat_theta_d = torch.zeros(total, device=device, dtype=torch.float32)

@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
-from .bilevel import BilevelState, logit_gradient, lower_update_, remask_
+from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
 from .io import atomic_write_json
-from .mask import BUDGETS, Mask, check_ratio
+from .mask import BUDGETS, SELECTIONS, Mask, check_ratio
 from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import setting
@@ -48,7 +48,15 @@ class MaskLearningSettings:
     protection methods and the experiment config (ProtectSettings). Defaults are the paper's
     (Appendix F) unless noted."""
     budget: str = setting("tensors", "what the ratio counts: tensors (the paper's) or params (what memory "
-                                     "savings follow)", choices=BUDGETS)
+                                     "savings follow, and what makes masks comparable at an equal cost)",
+                          choices=BUDGETS)
+    sparsity_counts: str = setting("budget", "what the sparsity term counts: budget (what --budget counts: under "
+                                             "params each tensor's pull grows with its size, a price per parameter) "
+                                             "or tensors (the paper's mean(m), whatever the budget)",
+                                   choices=("budget", "tensors"))
+    selection: str = setting("knapsack", "the final mask under --budget params: knapsack (the tensors worth most "
+                                         "in total within the budget, each worth its soft mask m) or greedy (the "
+                                         "highest logits that still fit)", choices=SELECTIONS)
     mask_steps: int = setting(100, "mask updates K", flag="--steps")
     inner_steps: int = setting(10, "simulated-user steps per mask update L (Appendix B)")
     upper_batches: int = setting(1, "batches averaged into each mask gradient (ours; 1 = the paper's; more = "
@@ -226,9 +234,11 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     meta = {"method": "learned", "hyperparameters": asdict(cfg), "seed": cfg.seed, "temperature": cfg.temperature,
             "illegal": str(illegal_dir), "illegal_subject": illegal_subject,
             "innocent": [str(d) for d in innocent_dirs], "final_soft_ratio": float(state.m.mean()),
-            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.mask_steps}
+            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.mask_steps,
+            "final_soft_param_share": float(frozen_share(state.m, state.sizes))}
     mask = Mask.from_scores([(n, shapes[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
-                            cfg.budget, base_fingerprint=base_fp, meta=meta)
+                            cfg.budget, base_fingerprint=base_fp, meta=meta, selection=cfg.selection,
+                            values=state.m.double())
     if dist.is_main():
         mask.save(out_path)
         atomic_write_json(work_dir / "learn_history.json", history)
@@ -267,13 +277,19 @@ def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, ob
         dots = state.tensor_dots().cpu()
         m_old = state.m
         grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
-                                     cfg.normalize_mask_grad)
+                                     cfg.normalize_mask_grad, sparsity_sizes(state, cfg))
         device = state.flat_grad.device
         state.logits = dist.broadcast_((state.logits - cfg.mask_lr * grad).to(device)).cpu()
         remask_(state.local, state.theta_d, m_old, state.m)
     m = state.m
-    stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()))
+    stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()),
+                 soft_param_share=float(frozen_share(m, state.sizes)))
     return stats, info
+
+
+def sparsity_sizes(state: BilevelState, cfg: MaskLearningSettings) -> torch.Tensor | None:
+    """Tensor sizes when the sparsity term counts parameters, None when it counts tensors."""
+    return state.sizes if cfg.budget == "params" and cfg.sparsity_counts == "budget" else None
 
 
 def mask_update(state: BilevelState, lower_closure, upper_closure, cfg: LearnConfig) -> tuple[dict, list, object]:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..attacks.sweep import write_attack_sweep
+from .frontier import write_frontier
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import method_label
 
@@ -31,11 +32,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
-                "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑", "prompt_accuracy": "accuracy ↑",
+                "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑",
+                "subject_recognition": "brand recognised ↑", "prompt_accuracy": "accuracy ↑",
                 "attribute_accuracy": "attributes ↑",
                 "clip_score": "CLIP score ↑", "topiq_fr": "TOPIQ-FR ↓"}
 # a metric scored in both domains: on innocent images higher quality is what the publisher wants
 INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
+# beside an innocent subject, the attribute prompts measure what the rest of the domain keeps
+OTHER_PROMPTS_COLUMN_NAMES = {"prompt_accuracy": "others right ↑", "attribute_accuracy": "others' attributes ↑"}
 
 
 def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
@@ -56,11 +60,17 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
                 cols.append((domain, metric, COLUMN_NAMES.get(metric, metric)))
             else:
                 name = INNOCENT_COLUMN_NAMES.get(metric) or COLUMN_NAMES.get(metric, metric)
+                if "subject_recognition" in metrics and metric in OTHER_PROMPTS_COLUMN_NAMES:
+                    name = OTHER_PROMPTS_COLUMN_NAMES[metric]
                 cols.append((domain, metric, f"{domain.capitalize()} {name}"))
     attack_order = {a: i for i, a in enumerate(getattr(cfg, "attacks", ["default"]))}
+    method_order = {m: i for i, m in enumerate(cfg.methods)}
     keys = sorted({(s["method"], s["ratio"], s["attack"]) for s in summary},
-                  key=lambda k: (k[0] != "pretrained", k[0] != "full", k[0], k[1], attack_order.get(k[2], 0)))
-    lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {', '.join(cfg.innocent)}; "
+                  key=lambda k: (k[0] != "pretrained", k[0] != "full", method_order.get(k[0], 99), k[0], k[1],
+                                 attack_order.get(k[2], 0)))
+    named = {r["domain"]: r["subject"] for r in rows if r["domain"] != "people" and r.get("subject")}
+    innocent = ", ".join(d + (f" ({named[d]})" if d in named else "") for d in cfg.innocent)
+    lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {innocent}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for method, ratio, attack in keys:
@@ -79,6 +89,8 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     _tradeoff_plot(root, [s for s in summary if s["attack"] == "default"], cfg)
     if several_attacks:
         write_attack_sweep(root, summary, cfg)
+    if len(cfg.ratios) > 1:
+        write_frontier(root, summary, cfg)
     return "\n".join(lines)
 
 
@@ -89,7 +101,8 @@ def _tradeoff_plot(root, summary, cfg):
     people = {s["metric"] for s in summary if s["domain"] == "people"}
     innocent = {s["metric"] for s in summary if s["domain"] == domain}
     x_metric = next((m for m in ("identity_recognition", "fid", "fid_features", "feature_fid") if m in people), None)
-    y_metric = next((m for m in ("attribute_accuracy", "prompt_accuracy", "clip_score") if m in innocent), None)
+    y_metric = next((m for m in ("subject_recognition", "attribute_accuracy", "prompt_accuracy", "clip_score")
+                     if m in innocent), None)
     if x_metric is None or y_metric is None:
         return
     pts = {}

@@ -167,7 +167,10 @@ class Runner:
         return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject,
                  "domain": "people", **r} for r in rows]
 
-    def eval_innocent(self, model_dir, method, ratio, seed, domain, attack: str = "default") -> list[dict]:
+    def eval_innocent(self, model_dir, method, ratio, seed, domain, attack: str = "default",
+                      subject: str | None = None) -> list[dict]:
+        """An innocent user's model: its innocent subject (where the world has one: a brand the user
+        fine-tuned on) and the domain's attribute prompts (what the rest of the domain still draws)."""
         tag = f"{method}-{ratio:g}-s{seed}-{domain}" + attack_suffix(attack)
 
         def run():
@@ -175,8 +178,20 @@ class Runner:
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
             return self.world.score_innocent(domain, images, prompts, attrs, real)
         rows = self.stage(f"eval-{tag}", run)
-        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": None, "domain": domain,
+        if subject:
+            subject_tag = f"{tag}-{subject}".replace(" ", "_")
+
+            def run_subject():
+                prompts, expected, _ = self.world.innocent_subject_prompts(subject, self.cfg.eval_images, seed)
+                images = self.generate(model_dir, prompts, seed, self.root / "images" / subject_tag)
+                return self.world.score_innocent_subject(domain, images, expected)
+            rows = self.stage(f"eval-{subject_tag}", run_subject) + rows
+        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
                  **r} for r in rows]
+
+    def innocent_subject(self, domain: str) -> str | None:
+        """The innocent user's subject in this domain, where the world has them (the built-in one)."""
+        return self.world.innocent_subject(domain) if hasattr(self.world, "innocent_subject") else None
 
     def sanity(self) -> dict:
         """The judges on real data, and (where the world can say) the untouched model's prior."""
@@ -198,6 +213,8 @@ class Runner:
         # the untouched model (recognition should be near zero), then one job per user fine-tune
         baseline = [("pretrained", 0.0, seed, "people", subject, "default") for seed in cfg.seeds
                     for subject in self.subjects]
+        baseline += [("pretrained", 0.0, seed, domain, self.innocent_subject(domain), "default") for seed in cfg.seeds
+                     for domain in cfg.innocent]
         innocent_attacks = cfg.attacks if cfg.attack_innocent else ["default"]
         jobs = []
         for method in cfg.methods:
@@ -205,8 +222,8 @@ class Runner:
                 for seed in cfg.seeds:
                     jobs += [(method, ratio, seed, "people", subject, attack) for attack in cfg.attacks
                              for subject in self.subjects]
-                    jobs += [(method, ratio, seed, domain, None, attack) for attack in innocent_attacks
-                             for domain in cfg.innocent]
+                    jobs += [(method, ratio, seed, domain, self.innocent_subject(domain), attack)
+                             for attack in innocent_attacks for domain in cfg.innocent]
         if cfg.workers > 1 and self._own_world:
             self._prepare_shared(jobs)
             rows = run_jobs_in_processes(cfg, baseline + jobs, protection_groups(jobs))
@@ -222,14 +239,16 @@ class Runner:
         """One user's fine-tune with the attack's recipe and its evaluation: the illegal user
         (people) or an innocent one; method "pretrained" evaluates the untouched model."""
         if method == "pretrained":
-            return self.eval_people(self.model, method, ratio, seed, subject)
+            if domain == "people":
+                return self.eval_people(self.model, method, ratio, seed, subject)
+            return self.eval_innocent(self.model, method, ratio, seed, domain, subject=subject)
         ft, info = self.finetune(method, ratio, seed, domain, subject, attack)
         if domain == "people":
             rows = [] if info.get("skipped") else [
                 {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
                  "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}]
             return rows + self.eval_people(ft, method, ratio, seed, subject, attack)
-        return self.eval_innocent(ft, method, ratio, seed, domain, attack)
+        return self.eval_innocent(ft, method, ratio, seed, domain, attack, subject)
 
     def _prepare_shared(self, jobs):
         """What several jobs read, made once before they run side by side (no two processes write
