@@ -149,22 +149,94 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     methods = {s["method"] for s in summary["summary"]}
-    assert methods == {"pretrained", "full", "random", "learned"}
+    assert methods == {"pretrained", "full", "learned", "saliency", "random", "largest"}
     assert 0 <= summary["sanity"]["prior_trait_accuracy"] <= 1
-    assert "FreezeAsGuard-30%" in (tmp_path / "demo" / "results.md").read_text()
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert "FreezeAsGuard-30% params" in table and "Logos brand recognised" in table
+    # every freezing method froze the same share of parameters (at most 30%, short by less than a tensor)
+    shares = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_param_fraction"
+              and s["method"] not in ("full",)}
+    assert all(0.25 <= v <= 0.3 for v in shares.values()), shares
+    # the innocent user fine-tuned on the world's brand, and the untouched model was judged on it too
+    rows = json.loads((tmp_path / "demo" / "results.json").read_text())
+    brand = {r["subject"] for r in rows if r["metric"] == "subject_recognition"}
+    assert brand == {"Uldortor"} and {r["method"] for r in rows if r["metric"] == "subject_recognition"} == methods
+    # the paper's budget as a second table, labelled as such
+    paper = (tmp_path / "demo" / "tensor-budget" / "results.md").read_text()
+    assert "FreezeAsGuard-30% |" in paper and "tensors budget" in paper
+    assert "The paper's budget" in capsys.readouterr().out
 
 
-def test_demo_presets_are_read_and_the_param_budget_adds_the_controls(tmp_path):
+def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
+    from freezeasguard.cli import build_parser
     from freezeasguard.cli_experiment import demo_config
     from freezeasguard.experiment import DEMO
-    cfg = demo_config(tmp_path / "d", budget="params")
-    assert cfg.methods == ["full", "random", "learned", "saliency", "largest"] and cfg.budget == "params"
+    args = build_parser().parse_args(["demo"])
+    assert args.budget == "params" and not args.frontier
+    cfg = demo_config(tmp_path / "d")
+    assert cfg.methods == ["full", "learned", "saliency", "random", "largest"] and cfg.budget == "params"
+    assert demo_config(tmp_path / "t", budget="tensors").methods == ["full", "learned", "random"]
     assert all(getattr(cfg, k) == v for k, v in DEMO.items())
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("preset: demo\nfinetune_steps: 7\n")
     from_file = ExperimentConfig.from_yaml(yaml_path)
     assert from_file.finetune_steps == 7 and from_file.mask_steps == DEMO["mask_steps"]
     assert from_file.guidance == DEMO["guidance"] != ExperimentConfig().guidance
+
+
+def test_operating_point_is_the_lowest_forgery_that_keeps_innocent_users_by_hand():
+    from freezeasguard.experiment.frontier import operating_point
+    pts = [{"ratio": 0.1, "illegal": 0.9, "innocent": 0.95}, {"ratio": 0.3, "illegal": 0.4, "innocent": 0.9},
+           {"ratio": 0.5, "illegal": 0.1, "innocent": 0.5}, {"ratio": 0.7, "illegal": 0.0, "innocent": 0.2}]
+    assert operating_point(pts, 1.0)["ratio"] == 0.3            # 0.9 >= 0.9 * 1.0; 0.5 is not
+    assert operating_point(pts, 0.5)["ratio"] == 0.5             # 0.5 >= 0.45 keeps; 0.2 does not
+    assert operating_point(pts, 2.0) is None
+
+
+def test_frontier_points_and_report_from_a_hand_made_summary(tmp_path):
+    import types
+
+    from freezeasguard.experiment.frontier import write_frontier
+
+    def cell(method, ratio, domain, metric, mean):
+        return {"method": method, "ratio": ratio, "attack": "default", "domain": domain, "metric": metric,
+                "mean": mean, "std": 0.01, "n": 3}
+    summary = [cell("pretrained", 0.0, "people", "identity_recognition", 0.0),
+               cell("pretrained", 0.0, "logos", "subject_recognition", 0.0),
+               cell("full", 0.0, "people", "identity_recognition", 1.0),
+               cell("full", 0.0, "logos", "subject_recognition", 1.0)]
+    for ratio, (ill_a, inn_a, ill_b, inn_b) in {0.1: (0.8, 1.0, 0.9, 0.95), 0.5: (0.2, 0.92, 0.1, 0.6)}.items():
+        summary += [cell("learned", ratio, "people", "identity_recognition", ill_a),
+                    cell("learned", ratio, "logos", "subject_recognition", inn_a),
+                    cell("learned", ratio, "people", "frozen_param_fraction", ratio),
+                    cell("random", ratio, "people", "identity_recognition", ill_b),
+                    cell("random", ratio, "logos", "subject_recognition", inn_b)]
+    cfg = types.SimpleNamespace(innocent=["logos"], budget="params")
+    result = write_frontier(tmp_path, summary, cfg)
+    assert result["illegal_metric"] == "identity_recognition" and result["innocent_metric"] == "subject_recognition"
+    assert result["operating_points"]["learned"]["ratio"] == 0.5        # 0.92 >= 0.9: kept, and fewer forgeries
+    assert result["operating_points"]["random"]["ratio"] == 0.1         # at 50% random loses the innocent user
+    md = (tmp_path / "frontier.md").read_text()
+    assert "| 50% | 0.200 / 0.920 | 0.100 / 0.600 |" in md
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert (tmp_path / "frontier.csv").read_text().count("\n") == 1 + 2 + 4    # header, full/untouched, 4 points
+
+
+@pytest.mark.slow
+def test_quick_frontier_writes_one_curve_per_freezing_method(tmp_path, capsys):
+    from freezeasguard.cli import main
+    out = tmp_path / "f"
+    assert main(["demo", "--quick", "--frontier", "--ratios", "0.1,0.5", "--out", str(out)]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    curves = {}
+    for p in result["points"]:
+        curves.setdefault(p["method"], []).append(p["ratio"])
+    assert curves == {"pretrained": [0.0], "full": [0.0], "learned": [0.1, 0.5], "saliency": [0.1, 0.5],
+                      "random": [0.1, 0.5], "largest": [0.1, 0.5]}
+    frozen = {(p["method"], p["ratio"]): p["frozen_params"] for p in result["points"] if p["ratio"]}
+    assert all(r - 0.06 <= f <= r for (_, r), f in frozen.items()), frozen
+    assert set(result["operating_points"]) == {"learned", "saliency", "random", "largest"}
+    assert (out / "frontier.png").stat().st_size > 0 and "Operating point" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -69,3 +69,45 @@ def test_two_processes_give_the_mask_of_one_with_the_same_global_batch(tiny_sd, 
     assert torch.equal(a.frozen, b.frozen)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-5)
     assert int(a.frozen.sum()) == round(0.3 * 686)
+
+
+def test_saliency_start_ranks_logits_by_an_independent_gradient_computation(tiny_sd, people, logos, warm_start,
+                                                                             tmp_path):
+    """--init-from saliency: with no mask update the logits are the start, in the order of each
+    tensor's illegal-gradient RMS at the warm start, as saliency's own gradient_norms computes it."""
+    from freezeasguard.batches import Domain, DomainMix
+    from freezeasguard.data import EncodedData, load_image_captions
+    from freezeasguard.diffusion import NoiseSchedule
+    from freezeasguard.methods.saliency import gradient_norms
+    from freezeasguard.models import load_model
+    cfg = _cfg(mask_steps=0, budget="params", init_from="saliency", init_logit_low=-3.0, init_logit_high=-1.0,
+               init_batches=2)
+    r = learn_mask(tiny_sd, people, [logos], tmp_path / "s.safetensors", cfg, finetuned_dir=warm_start)
+    comps = load_model(tiny_sd, denoiser_from=warm_start)
+    schedule = NoiseSchedule.for_components(comps)
+    mix = DomainMix([Domain("illegal", EncodedData(load_image_captions(people), comps, "cpu"), cfg.mask_batch,
+                            cfg.lambda_illegal)], schedule, cfg.seed + 2)
+    norms = gradient_norms(comps.denoiser, mix, schedule, 2, "cpu").double()
+    rms = norms / torch.tensor([p.numel() for p in comps.denoiser.parameters()]).double().sqrt()
+    # the same order up to float32 rounding of near-equal gradients: rank correlation and the top 100 as sets
+    rank_a, rank_b = rms.argsort().argsort().double(), r.mask.logits.double().argsort().argsort().double()
+    assert torch.corrcoef(torch.stack([rank_a, rank_b]))[0, 1] > 0.999
+    assert set(rms.argsort()[-100:].tolist()) == set(r.mask.logits.argsort()[-100:].tolist())
+    assert abs(float(r.mask.logits.min()) / 0.2 + 3.0) < 1e-5 and abs(float(r.mask.logits.max()) / 0.2 + 1.0) < 1e-5
+
+
+def test_parameter_budget_learning_counts_parameters_and_fills_by_knapsack(tiny_sd, people, logos, warm_start,
+                                                                           tmp_path):
+    from freezeasguard.bilevel import frozen_share, soft_mask
+    from freezeasguard.mask import knapsack_select
+    r = learn_mask(tiny_sd, people, [logos], tmp_path / "k.safetensors", _cfg(mask_steps=3, budget="params"),
+                   finetuned_dir=warm_start)
+    assert r.mask.meta["selection"] == "knapsack" and 0.29 < r.mask.param_fraction <= 0.3
+    m = soft_mask(r.mask.logits.double(), 0.2)
+    assert torch.equal(r.mask.frozen, knapsack_select(m, r.mask.numel, round(0.3 * sum(r.mask.numel))))
+    sizes = torch.tensor(r.mask.numel)
+    assert abs(r.history[-1]["soft_param_share"] - float(frozen_share(m, sizes))) < 1e-6
+    paper = learn_mask(tiny_sd, people, [logos], tmp_path / "g.safetensors",
+                       _cfg(mask_steps=3, budget="params", sparsity_counts="tensors", selection="greedy"),
+                       finetuned_dir=warm_start, work_dir=tmp_path / "gw")
+    assert paper.mask.meta["selection"] == "greedy" and not torch.equal(paper.mask.frozen, r.mask.frozen)

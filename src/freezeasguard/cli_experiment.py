@@ -33,13 +33,17 @@ def add_parsers(sub):
     w.add_argument("--out", required=True)
     w.add_argument("-n", type=int, default=100, help="images (per subject for people; default 100)")
     w.add_argument("--seed", type=int, default=0, help="render seed (default 0)")
-    w.add_argument("--cast-seed", type=int, default=0, help="which cast of people (default 0)")
-    w.add_argument("--subject", action="append", help="people only: a cast member's name (repeatable; default all)")
+    w.add_argument("--cast-seed", type=int, default=0, help="which world: its cast of people, brands and clothing "
+                                                             "lines (default 0)")
+    w.add_argument("--subject", action="append", help="a cast member's name (people) or a brand / clothing line "
+                                                      "(logos / clothes: renders of it, captioned by its name); "
+                                                      "repeatable; see `world cast`")
     w.add_argument("--generic", action="store_true",
                    help="people only: random unnamed people, captioned 'a person with <traits>'")
     w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     w.add_argument("--overwrite", action="store_true", help="replace an earlier `world export` output in --out")
-    wsub.add_parser("cast", help="list the people of a cast").add_argument("--cast-seed", type=int, default=0)
+    wsub.add_parser("cast", help="list a world's people, brands and clothing lines (the first of each is the "
+                                 "demo's subject)").add_argument("--cast-seed", type=int, default=0)
 
     # protect
     table = "\n".join(f"  {m.name:<9} {m.summary}" for m in METHODS.values())
@@ -159,11 +163,18 @@ def _add_world_flags(p):
 def cmd_world(args) -> int:
 
     if args.world_command == "cast":
+        print("people (illegal subjects):")
         for p in make_cast(args.cast_seed):
-            print(f"{p.name:<18} {trait_phrase(p.traits())}")
+            print(f"  {p.name:<18} {trait_phrase(p.traits())}")
+        world = SyntheticWorld(args.cast_seed)
+        for domain, what in (("logos", "brands"), ("clothes", "clothing lines")):
+            print(f"{what} (innocent subjects; the last {len(world.publisher_brands(domain))} are named in the "
+                  f"mask-learning data):")
+            for b in world.brands[domain]:
+                print(f"  {b.name:<18} " + ", ".join(f"{k} {v}" for k, v in b.design))
         return 0
-    if args.domain == "people" and args.subject:
-        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, "people", args.n, "export", args.subject,
+    if args.subject:
+        out = SyntheticWorld(args.cast_seed, size=args.size).export(args.out, args.domain, args.n, "export", args.subject,
                                                                      command="world export", overwrite=args.overwrite)
     else:
         out = export_imagefolder(args.out, args.domain, args.n, args.seed, args.size, args.cast_seed,

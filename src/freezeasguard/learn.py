@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
-from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, remask_
+from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, per_tensor_dots, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
@@ -77,6 +77,11 @@ class MaskLearningSettings:
     # range, because a wide random spread survives into the final top-k (benchmarks/mask_agreement.py)
     init_logit_low: float = setting(-2.02, "lower end of the initial w/T")
     init_logit_high: float = setting(-1.98, "upper end of the initial w/T")
+    init_from: str = setting("random", "where in that range each logit starts: random (the paper's) or saliency (by the "
+                                       "rank of the illegal loss gradient at the warm start: per parameter, its RMS, "
+                                       "under --budget params, else its norm; widen the range to make it count)",
+                             choices=("random", "saliency"))
+    init_batches: int = setting(4, "illegal batches whose gradients rank the tensors for --init-from saliency")
     warm_start_steps: int = setting(200, "full fine-tuning steps that give theta_ft before mask learning")
     warm_start_lr: float = setting(1e-5, "AdamW learning rate of the warm start")
     warm_start_batch: int = setting(4, "samples per warm-start step and domain group")
@@ -101,6 +106,10 @@ class LearnConfig(MaskLearningSettings):
         check_ratio(self.ratio)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection {self.selection!r}: use one of {SELECTIONS}")
+        if self.sparsity_counts not in ("budget", "tensors"):
+            raise ValueError(f"sparsity_counts {self.sparsity_counts!r}: use budget or tensors")
         if self.upper_batches < 1 or self.inner_steps < 0:
             raise ValueError("upper_batches must be >= 1 and inner_steps >= 0")
         if self.temperature <= 0:
@@ -181,17 +190,20 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     state = BilevelState(components.denoiser, theta_pre, cfg.temperature)
     shapes = {n: torch.empty(t.shape, device="meta") for n, t in theta_pre.items()}
     del theta_pre
-    g = torch.Generator().manual_seed(cfg.seed)
-    u = torch.rand(len(state.params), generator=g)
-    state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
-    with torch.no_grad():
-        remask_(state.local, state.theta_d, torch.zeros_like(state.logits), state.m)
     schedule = NoiseSchedule.for_components(components)
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.mask_batch, cfg), schedule, cfg.seed + 1)
     amp = autocast_dtype(cfg.mixed_precision, device)
     if cfg.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
     components.denoiser.train()
+    if cfg.init_from == "saliency":     # at theta_ft: the parameters hold the warm start until the first re-mask
+        u = saliency_ranks(state, DomainMix(mix.domains[:1], schedule, cfg.seed + 2), schedule, device, amp,
+                           cfg.init_batches, per_parameter=cfg.budget == "params")
+    else:
+        u = torch.rand(len(state.params), generator=torch.Generator().manual_seed(cfg.seed))
+    state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
+    with torch.no_grad():
+        remask_(state.local, state.theta_d, torch.zeros_like(state.logits), state.m)
 
     ckpt = work_dir / "learn_checkpoint.safetensors"
     start, history = 0, []
@@ -248,6 +260,27 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
                 int(mask.frozen.sum()), len(mask.names), 100 * mask.tensor_ratio, 100 * mask.param_fraction,
                 cfg.mask_steps, seconds, out_path)
     return LearnResult(mask, history, seconds)
+
+
+def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batches: int,
+                   per_parameter: bool) -> torch.Tensor:
+    """Each tensor's rank (0 lowest .. 1 highest) by the norm of the illegal loss gradient summed
+    over ``batches`` draws, or by its RMS (norm / sqrt(size)) when ``per_parameter``."""
+    state.zero_grad()
+    for _ in range(batches):
+        loss, _ = weighted_loss(state.unet, illegal_mix.draw(device), schedule, amp)
+        (loss / batches).backward()
+    state.sync_grads()
+    with torch.no_grad():
+        squares = state.flat_grad.clone()
+        norms = per_tensor_dots(squares, state.flat_grad, state.lengths)
+        norms = (dist.all_reduce_sum_(norms) if state.sharded else norms).cpu().double().sqrt()
+    state.zero_grad()
+    if per_parameter:
+        norms = norms / state.sizes.double().sqrt()
+    ranks = torch.empty(len(norms), dtype=torch.float32)
+    ranks[torch.sort(norms, stable=True).indices] = torch.arange(len(norms), dtype=torch.float32)
+    return ranks / max(1, len(norms) - 1)
 
 
 def lower_step(state: BilevelState, closure, user_lr: float):

@@ -87,7 +87,7 @@ class Runner:
         name = f"{domain}-{subject or 'all'}-{split}" + (f"-n{n}" if n != default_n else "")
         name = name.replace(" ", "_")
         path = self.root / "data" / name
-        subjects = [subject] if subject else self.subjects
+        subjects = [subject] if subject else (self.subjects if domain == "people" else None)
         self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, subjects)))
         return path
 

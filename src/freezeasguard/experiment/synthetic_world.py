@@ -80,7 +80,12 @@ class SyntheticWorld:
         """An image folder of the domain for a split (the runner's own folders are replaced when redone)."""
         if domain == "people":
             samples = [s for name in subjects for s in self._people_samples(name, n, split)]
-        elif subjects and all(name in self._brands for name in subjects):
+        elif subjects:
+            known = [b.name for b in self.brands[domain]]
+            unknown = [name for name in subjects if name not in known]
+            if unknown:
+                raise ValueError(f"{unknown} are not {domain} subjects of world {self.cast_seed} ({', '.join(known)}; "
+                                 f"`freezeasguard world cast --cast-seed {self.cast_seed}` lists them)")
             samples = [s for name in subjects for s in self._brand_samples(name, n, split)]
         else:
             samples = self._innocent_samples(domain, n, split)
