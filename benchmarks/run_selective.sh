@@ -4,7 +4,8 @@
 #   variant-*      the mask learner's variants at 30% of the parameters on cast 0 + logos (where
 #                  settings are picked): the paper's tensor-count sparsity with a greedy fill, the
 #                  parameter-counting sparsity with a greedy fill or a knapsack, 4x the updates, and
-#                  the knapsack with logits started from the saliency ranking
+#                  the knapsack with logits started from the saliency ranking, with 4 batches per mask
+#                  gradient, or with a 4x logit step
 #   demo-*         `freezeasguard demo` (equal parameter budget + the paper's tensor budget)
 #   frontier-*     `freezeasguard demo --frontier`
 # Heavy outputs (fine-tuned models, data) stay under runs/brands/; reports are copied to
@@ -29,9 +30,9 @@ keep() {   # copy a run's report files into benchmarks/results
     if [ -f "$d/grid.png" ]; then cp "$d/grid.png" "$dst/grid-$(basename "$d").png"; fi
   done
 }
-variant() {   # variant NAME KEY: VALUE ...: FreezeAsGuard alone at 30% of the parameters, cast 0 + logos
+variant() {   # variant NAME KEY: VALUE ...: FreezeAsGuard (or $METHODS) alone at 30% of the parameters, cast 0 + logos
   local name=$1; shift
-  { echo "preset: demo"; echo "out: $runs/$name"; echo "methods: [learned]"; echo "budget: params"
+  { echo "preset: demo"; echo "out: $runs/$name"; echo "methods: ${METHODS:-[learned]}"; echo "budget: params"
     echo "innocent: [logos]"; echo "workers: 2"; for kv in "$@"; do echo "$kv"; done; } > $runs/$name.yaml
   $fag experiment $runs/$name.yaml
 }
@@ -44,6 +45,12 @@ for step in $steps; do
     variant-knapsack)     variant $step ;;
     variant-knapsack-4x)  variant $step "mask_steps: 120" ;;
     variant-knapsack-saliency-start) variant $step "init_from: saliency" "init_logit_low: -3.0" "init_logit_high: -1.0" ;;
+    variant-knapsack-upper4) variant $step "upper_batches: 4" ;;
+    variant-knapsack-step4x) variant $step "mask_lr: 0.2" ;;
+    control-smallest)     METHODS="[smallest]" variant $step ;;
+    variant-knapsack-generic-people) variant $step "mask_generic_people: true" ;;
+    variant-knapsack-user-lr-1e-2) variant $step "user_lr: 0.01" ;;
+    variant-knapsack-user-lr-1e-2-inner20) variant $step "user_lr: 0.01" "inner_steps: 20" ;;
     demo-cast0-logos)     $fag demo --out $runs/$step ;;
     demo-cast1-clothes)   $fag demo --cast-seed 1 --innocent clothes --out $runs/$step ;;
     demo-cast2-logos)     $fag demo --cast-seed 2 --out $runs/$step ;;

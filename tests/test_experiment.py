@@ -272,3 +272,23 @@ def test_every_example_config_loads():
     assert examples
     for path in examples:
         ExperimentConfig.from_yaml(path)          # unknown keys, bad values or attacks fail here
+
+
+def test_generic_people_join_the_mask_learning_innocent_data_only_when_asked(tmp_path, monkeypatch):
+    from freezeasguard.data import load_image_captions
+    seen = {}
+
+    def fake_protect(method, model, illegal, innocent, subjects, ratio, work, cfg, device="auto"):
+        seen[cfg.mask_generic_people] = innocent
+        return None
+    monkeypatch.setattr(experiment, "protect", fake_protect)
+    for flag in (False, True):
+        cfg = ExperimentConfig(out=str(tmp_path / f"e{flag}"), mask_images=6, mask_generic_people=flag)
+        Runner(cfg).protection("learned", 0.3)
+    assert len(seen[False]) == 1 and len(seen[True]) == 2
+    generic = load_image_captions(seen[True][1]).records
+    assert len(generic) == 6 and all(r.caption.startswith("a photo of a person") for r in generic)
+    logos = [r.caption for r in load_image_captions(seen[True][0]).records]
+    assert sum(c.startswith("a logo of ") for c in logos) == 3        # every other one names a publisher's brand
+    with pytest.raises(ValueError, match="only the built-in world"):
+        ExperimentConfig(out=str(tmp_path / "x"), mask_generic_people=True, people_data=str(tmp_path))

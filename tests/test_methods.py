@@ -170,3 +170,15 @@ def test_largest_freezes_the_biggest_tensors_up_to_the_budget(tiny_sd, people, l
     # a protection the runner can use: random masks of the same budget get it too
     assert protect("random", tiny_sd, people, [logos], [], 0.3, tmp_path / "r",
                    ProtectSettings(budget=budget)).finetune_kwargs() == {"random_ratio": 0.3, "budget": budget}
+
+
+def test_smallest_freezes_the_most_tensors_a_parameter_budget_buys(tiny_sd, people, logos, tmp_path):
+    from freezeasguard.mask import tensor_kind
+    from freezeasguard.models import load_denoiser_state
+    prot = protect("smallest", tiny_sd, people, [logos], [], 0.3, tmp_path / "p", ProtectSettings(budget="params"))
+    sizes = {n: t.numel() for n, t in load_denoiser_state(tiny_sd).items()}
+    frozen = set(prot.mask.frozen_names)
+    free = [sizes[n] for n in sizes if n not in frozen]
+    assert max(sizes[n] for n in frozen) <= min(free)       # no larger tensor frozen before a smaller one
+    assert all(n in frozen for n in sizes if tensor_kind(n) in ("bias", "norm"))
+    assert sum(sizes[n] for n in frozen) <= 0.3 * sum(sizes.values()) < sum(sizes[n] for n in frozen) + min(free)

@@ -51,6 +51,9 @@ class ExperimentConfig(ProtectSettings):
                                            "default recipe only)")
     attack_class_prompt: str = setting("a photo of a person", "the class prompt of DreamBooth-style attacks: the "
                                                               "starting model's samples of it are the prior images")
+    mask_generic_people: bool = setting(False, "built-in world: the mask-learning innocent data also holds photos of "
+                                               "unnamed people (portraits in general stay legal), so that what the "
+                                               "mask learns to block is the named person, not drawing people")
     # real data instead of the synthetic world (see experiment/folder_world.py)
     people_data: str | None = setting(None, "FF25-style folder: metadata with file_name, text, name")
     innocent_data: dict[str, str] = setting({}, "domain -> image folder or saved dataset")
@@ -88,6 +91,9 @@ class ExperimentConfig(ProtectSettings):
         for name in ("finetune_lr", "warm_start_lr", "user_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.mask_generic_people and self.people_data:
+            raise ValueError("mask_generic_people: only the built-in world draws unnamed people; with people_data, add "
+                             "a folder of such portraits under innocent_data instead")
         if not self.people_data:
             unknown = [d for d in self.innocent if d not in ("logos", "clothes")]
             if unknown:

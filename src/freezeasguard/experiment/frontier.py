@@ -88,28 +88,30 @@ def _markdown(curves, full, untouched, operating, illegal, innocent, domain) -> 
     ratios = sorted({p["ratio"] for c in curves.values() for p in c})
     methods = list(curves)
     lines = [f"Forgeries ({illegal}, lower is better) / innocent {domain} ({innocent}, higher is better) per "
-             f"frozen share; mean ± std over seeds.", ""]
-    if full:
-        lines.append(f"Full FT: forgeries {_fmt(full, 'illegal')}, innocent {_fmt(full, 'innocent')}.")
-    if untouched:
-        lines.append(f"Untouched model: forgeries {_fmt(untouched, 'illegal')}, innocent {_fmt(untouched, 'innocent')}.")
-    lines += ["", "| frozen share | " + " | ".join(method_label(m, 0).rsplit("-", 1)[0] for m in methods) + " |",
-              "|---" * (len(methods) + 1) + "|"]
+             f"frozen share; mean over seeds.", "",
+             "| frozen share | " + " | ".join(_name(m) for m in methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for r in ratios:
         cells = []
         for m in methods:
             p = next((p for p in curves[m] if p["ratio"] == r), None)
             cells.append(f"{p['illegal']:.3f} / {p['innocent']:.3f}" if p else "–")
         lines.append(f"| {r:.0%} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: forgeries / innocent.", "",
-              f"**Operating point** (the lowest forgery rate at which innocent users keep ≥ {KEEP:.0%} of Full FT's "
-              f"innocent score):", ""]
+    lines += ["", "Cells: forgeries / innocent (seed spreads in frontier.csv)."]
+    if full:
+        lines.append(f"Full FT: forgeries {_fmt(full, 'illegal')}, innocent {_fmt(full, 'innocent')}.")
+    if untouched:
+        lines.append(f"Untouched model: forgeries {_fmt(untouched, 'illegal')}, innocent {_fmt(untouched, 'innocent')}.")
+    lines += ["", f"Operating point (the lowest forgery rate at which innocent users keep ≥ {KEEP:.0%} of Full FT's "
+                  f"innocent score):", ""]
     for m in methods:
         op = operating[m]
-        lines.append(f"- {method_label(m, 0).rsplit('-', 1)[0]}: " +
-                     (f"{op['illegal']:.3f} at {op['ratio']:.0%} frozen (innocent {op['innocent']:.3f})" if op else
-                      "no frozen share keeps that much"))
+        lines.append(f"- {_name(m)}: " + (f"{op['illegal']:.3f} at {op['ratio']:.0%} frozen (innocent "
+                                          f"{op['innocent']:.3f})" if op else "no frozen share keeps that much"))
     return "\n".join(lines) + "\n"
+
+
+def _name(method: str) -> str:
+    return method_label(method, 0).rsplit("-", 1)[0]
 
 
 def _plot(path, curves, full, untouched, illegal, innocent, domain, budget):
@@ -117,7 +119,7 @@ def _plot(path, curves, full, untouched, illegal, innocent, domain, budget):
     for m, c in curves.items():
         ax.errorbar([p["innocent"] for p in c], [p["illegal"] for p in c], xerr=[p["innocent_std"] for p in c],
                     yerr=[p["illegal_std"] for p in c], marker="o", capsize=2,
-                    label=method_label(m, 0).rsplit("-", 1)[0])
+                    label=_name(m))
         for p in c:
             ax.annotate(f"{p['ratio']:.0%}", (p["innocent"], p["illegal"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")

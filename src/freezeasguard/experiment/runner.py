@@ -93,8 +93,10 @@ class Runner:
 
     def protection(self, method: str, ratio: float):
         """The method's output for this ratio (cached under protect/ by the registry)."""
-        return protect(method, self.model, self.data("people", "mask"),
-                       [self.data(d, "mask") for d in self.cfg.innocent], self.subjects, ratio,
+        innocent = [self.data(d, "mask") for d in self.cfg.innocent]
+        if self.cfg.mask_generic_people:
+            innocent.append(self.data("generic-people", "mask"))
+        return protect(method, self.model, self.data("people", "mask"), innocent, self.subjects, ratio,
                        self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
 
     def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
@@ -255,7 +257,7 @@ class Runner:
         the same file): data exports, held-out sets, judges. Protections are made by the workers
         (run_jobs_in_processes), each group by one process."""
         self.data("people", "mask")
-        for domain in self.cfg.innocent:
+        for domain in self.cfg.innocent + (["generic-people"] if self.cfg.mask_generic_people else []):
             self.data(domain, "mask")
         for _, _, _, domain, subject, attack in jobs:
             self.data(domain, "finetune", subject,

@@ -80,6 +80,9 @@ class SyntheticWorld:
         """An image folder of the domain for a split (the runner's own folders are replaced when redone)."""
         if domain == "people":
             samples = [s for name in subjects for s in self._people_samples(name, n, split)]
+        elif domain == "generic-people":     # unnamed people captioned by their traits, scenes as the cast's
+            rng = random.Random(f"{split}-generic-{self.cast_seed}")
+            samples = [render_generic_person(rng, self.size) for _ in range(n)]
         elif subjects:
             known = [b.name for b in self.brands[domain]]
             unknown = [name for name in subjects if name not in known]

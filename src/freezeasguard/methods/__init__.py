@@ -16,6 +16,8 @@ learned    FreezeAsGuard's learned mask (bilevel mask learning)             yes
 saliency   a mask of the tensors with the largest illegal-loss gradients     yes
 largest    a mask of the largest tensors (a data-free control: the size     yes
            bias of gradient-based rankings, and nothing else)
+smallest   a mask of the smallest tensors (a data-free control: the most     yes
+           tensors a parameter budget buys, every bias and norm first)
 uce        a base model whose cross-attention maps the subjects' names       no
            onto a guide concept (closed-form edit, Gandikota et al. 2024)
 imma       a base model whose cross-attention resists adaptation to the      no

@@ -1,4 +1,4 @@
-"""full, random, largest (a data-free control) and learned (FreezeAsGuard)."""
+"""full, random, largest and smallest (data-free controls) and learned (FreezeAsGuard)."""
 from __future__ import annotations
 
 import torch
@@ -25,14 +25,25 @@ def largest(inputs: MethodInputs) -> Protection:
     """Gradient-based rankings (saliency, and the learned mask's data term <g, theta_d>) grow with
     a tensor's size; this mask is that size bias alone. A method that does no better than it at
     the same budget has learned nothing from the data."""
+    return _by_size(inputs, sign=1.0, method="largest")
 
+
+@register("smallest", uses_ratio=True, summary="the smallest tensors up to the budget (a data-free control)")
+def smallest(inputs: MethodInputs) -> Protection:
+    """Under a parameter budget, the most tensors the budget buys: every bias and norm first. A
+    learned mask that spends its budget on many small tensors (a knapsack over soft masks does)
+    must do better than this to have learned anything."""
+    return _by_size(inputs, sign=-1.0, method="smallest")
+
+
+def _by_size(inputs: MethodInputs, sign: float, method: str) -> Protection:
     named = list(load_model(inputs.model).denoiser.named_parameters())
-    scores = torch.tensor([float(t.numel()) for _, t in named])
+    scores = sign * torch.tensor([float(t.numel()) for _, t in named])
     # ties (many tensors share a size) broken by position, deterministically
     scores = scores + torch.linspace(0, 0.5, len(named))
     mask = Mask.from_scores(named, scores, inputs.ratio, inputs.settings.budget,
                             base_fingerprint=fingerprint(load_denoiser_state(inputs.model).items()),
-                            meta={"method": "largest"})
+                            meta={"method": method})
     return Protection(mask=mask)
 
 

@@ -130,7 +130,7 @@ def parse_chain(spec: str) -> list[Method]:
                          f"(chain them with '+', e.g. uce+learned)")
     chain = [METHODS[n] for n in names]
     if sum(m.uses_ratio for m in chain) > 1:
-        raise ValueError(f"{spec}: at most one freezing method (random, learned, saliency, largest) per chain")
+        raise ValueError(f"{spec}: at most one freezing method (random, learned, saliency, largest, smallest) per chain")
     if "full" in names and len(names) > 1:
         raise ValueError(f"{spec}: 'full' means no protection and does not chain")
     return chain
@@ -146,7 +146,7 @@ def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
     if method == "pretrained":
         return "Pre-trained (no FT)"
     names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
-             "largest": "Largest", "uce": "UCE", "imma": "IMMA"}
+             "largest": "Largest", "smallest": "Smallest", "uce": "UCE", "imma": "IMMA"}
     parts = method.split("+")
     label = "+".join(names.get(p, p) for p in parts)
     if not chain_uses_ratio(method):
