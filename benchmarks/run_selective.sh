@@ -55,6 +55,7 @@ for step in $steps; do
     demo-cast1-clothes)   $fag demo --cast-seed 1 --innocent clothes --out $runs/$step ;;
     demo-cast2-logos)     $fag demo --cast-seed 2 --out $runs/$step ;;
     frontier-cast1-clothes) $fag demo --frontier --cast-seed 1 --innocent clothes --out $runs/$step ;;
+    frontier-cast2-logos) $fag demo --frontier --cast-seed 2 --out $runs/$step ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step brands-$step

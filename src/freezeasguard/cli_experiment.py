@@ -151,8 +151,11 @@ def add_parsers(sub):
 def _add_world_flags(p):
     """The built-in world's flags, shared by demo and attack-sweep."""
     p.add_argument("--quick", action="store_true", help="a smoke run: few steps, one seed (CI)")
-    p.add_argument("--cast-seed", type=int, default=0, help="another cast of people (the recogniser is trained for it)")
-    p.add_argument("--innocent", choices=["logos", "clothes"], default="logos")
+    p.add_argument("--cast-seed", type=int, default=0, help="another world: its cast of people, brands and clothing "
+                                                             "lines (a recogniser is trained for a new cast, ~1 min)")
+    p.add_argument("--innocent", choices=["logos", "clothes"], default="logos",
+                   help="the innocent domain: its user fine-tunes on the world's first brand (logos) or clothing line "
+                        "(clothes); default logos")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
     p.add_argument("--workers", type=int, default=None,
