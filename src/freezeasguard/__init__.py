@@ -4,7 +4,8 @@ freezing in fine-tuning, and audit fine-tuned checkpoints.
 
     from freezeasguard import LearnConfig, learn_mask, FinetuneConfig, guarded_finetune, Mask, verify_checkpoint
 """
-from .finetune import DivergedError, EnforcementError, FinetuneConfig, FinetuneResult, guarded_finetune
+from .finetune import EnforcementError, FinetuneConfig, FinetuneResult, guarded_finetune
+from .train import DivergedError, RunSettings
 from .generate import generate_to_folder, load_pipeline
 from .learn import LearnConfig, LearnResult, learn_mask
 from .mask import Mask, MaskError, select_frozen

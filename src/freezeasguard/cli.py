@@ -14,7 +14,8 @@ from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
 from .cli_service import COMMANDS as SERVICE_COMMANDS
 from .exports import FORMATS as EXPORT_FORMATS
 from .exports import export as export_mask
-from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_finetune, resolve_device
+from .finetune import EnforcementError, FinetuneConfig, guarded_finetune
+from .train import DivergedError, resolve_device
 from .generate import generate_to_folder
 from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask

@@ -97,7 +97,7 @@ class Runner:
         if self.cfg.mask_generic_people:
             innocent.append(self.data("generic-people", "mask"))
         return protect(method, self.model, self.data("people", "mask"), innocent, self.subjects, ratio,
-                       self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
+                       self.root / "protect", self.cfg, device="auto")
 
     def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
                  attack: str = "default") -> tuple[Path, dict]:
