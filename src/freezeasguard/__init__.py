@@ -9,7 +9,8 @@ from .train import DivergedError, RunSettings
 from .generate import generate_to_folder, load_pipeline
 from .learn import LearnConfig, LearnResult, learn_mask
 from .mask import Mask, MaskError, select_frozen
-from .models import build_tiny_pipeline, load_model, save_tiny_pipeline
+from .models import load_model
+from .families.tiny import build_tiny_pipeline, save_tiny_pipeline
 from .verify import VerifyReport, verify_checkpoint, verify_state
 from .version import __version__
 

@@ -21,7 +21,7 @@ from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
 from .lora import LORA_FILE, LoraSettings, report_text, verify_adapter
 from .mask import Mask
-from .models import save_tiny_pipeline
+from .families.tiny import save_tiny_pipeline
 from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
