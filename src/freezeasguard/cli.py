@@ -19,13 +19,13 @@ from .train import DivergedError, resolve_device
 from .generate import generate_to_folder
 from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
-from .lora import LORA_FILE, LoraSettings, report_text, verify_adapter
+from .lora import LORA_FILE, LoraSettings
 from .mask import Mask
 from .families.tiny import save_tiny_pipeline
 from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
-from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
+from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, report_text, verify_adapter, verify_checkpoint
 
 logger = logging.getLogger("freezeasguard")
 

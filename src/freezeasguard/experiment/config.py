@@ -40,7 +40,7 @@ class ExperimentConfig(ProtectSettings):
     finetune_steps: int = setting(_PAPER_FINETUNE.steps, "users' fine-tuning steps")
     finetune_batch: int = setting(_PAPER_FINETUNE.batch_size, "users' fine-tuning batch")
     finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
-    generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
+    generate_steps: int = setting(50, "sampler steps per generated image, with the model's own scheduler (the paper's 50 PNDM steps)")
     guidance: float = setting(7.5, "classifier-free guidance scale")
     attacks: list[str] = setting(["default"], "the illegal user's fine-tuning recipes, each run for every method, "
                                               "ratio and seed: built-in names (listed by freezeasguard attack-sweep --help) or "
