@@ -248,6 +248,9 @@ def cmd_finetune(args) -> int:
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
                          resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
                          lora=lora, prior_data=args.prior_data)
+    if r.already_complete:
+        print(f"{r.out_dir} is already complete ({cfg.steps} steps, same inputs and settings): left as it is")
+        return 0
     last = r.history[-1]["loss_data"] if r.history else float("nan")
     what = f"a rank-{lora.rank} LoRA" if lora.rank else "the denoiser"
     print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "

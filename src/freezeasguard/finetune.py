@@ -9,6 +9,7 @@ Named steps, as a recipe: setup -> train -> check_frozen_unchanged -> save_pipel
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,24 @@ class FinetuneResult:
     frozen_param_fraction: float
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    already_complete: bool = False
+
+
+def finished_output(out_dir: Path, work_dir: Path, cfg: FinetuneConfig) -> FinetuneResult | None:
+    """The result of an earlier run of this command that wrote ``out_dir`` to the end (its manifest
+    names as many steps as asked); None when there is none. Called after the provenance check, so
+    the inputs and settings are the same."""
+    manifest_path = out_dir / "freezeasguard_manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("config", {}).get("steps") != cfg.steps:
+        return None
+    history_path = work_dir / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else (
+        [manifest["final_loss"]] if manifest.get("final_loss") else [])
+    return FinetuneResult(out_dir, manifest["scheme"], manifest["frozen_tensors"], manifest["frozen_param_fraction"],
+                          history, already_complete=True)
 
 
 def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = None, seed: int = 0,
@@ -164,6 +183,11 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                                 "prior_data": data_fingerprint(prior) if prior is not None else None,
                                 "scheme": scheme, "frozen": frozen, "settings": settings,
                                 "lora": asdict(lora) if targets is not None else None})
+    if resume:
+        finished = finished_output(Path(out_dir), work_dir, cfg)
+        if finished is not None:
+            logger.info("%s is already complete (%d steps, same inputs and settings): left as it is", out_dir, cfg.steps)
+            return finished
     # --- train
     history = train_denoiser(components, mix, cfg, work_dir, resume=resume, desc=f"fine-tune ({scheme})", on_step=on_step)
     # --- check_frozen_unchanged (with a LoRA: every base weight)
