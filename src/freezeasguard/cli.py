@@ -20,7 +20,7 @@ from .generate import generate_to_folder
 from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
 from .lora import LORA_FILE, LoraSettings
-from .mask import Mask
+from .mask import BUDGETS, Mask
 from .families.tiny import save_tiny_pipeline
 from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheme.add_argument("--mask", help="a learned mask file")
     scheme.add_argument("--random-ratio", type=float, help="freeze exactly round(R * N) random tensors (seeded)")
     scheme.add_argument("--full", action="store_true", help="no freezing")
-    p.add_argument("--budget", choices=["tensors", "params"], default="tensors", help="for --random-ratio")
+    p.add_argument("--budget", choices=BUDGETS, default="tensors", help="for --random-ratio")
     add_flags(p.add_argument_group("fine-tuning (each flag is a field of FinetuneConfig)"), FinetuneConfig)
     add_flags(p.add_argument_group("guarded LoRA (each flag is a field of LoraSettings): adapters only on modules "
                                    "the mask leaves trainable; --out then holds pytorch_lora_weights.safetensors"),
