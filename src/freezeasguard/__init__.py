@@ -1,4 +1,4 @@
-"""freezeasguard: learn which UNet tensors to freeze so that fine-tuning a diffusion model on
+"""freezeasguard: learn which denoiser tensors to freeze so that fine-tuning a diffusion model on
 illegal domains stays weak while innocent domains adapt freely (FreezeAsGuard), enforce that
 freezing in fine-tuning, and audit fine-tuned checkpoints.
 

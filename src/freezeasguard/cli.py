@@ -78,7 +78,7 @@ def _check_preset(args):
 
 
 def _add_common_train(p):
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (the base model)")
     _add_preset(p)
     p.add_argument("--caption-column", default="text", help="caption column of the data (default text)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # learn
     p = sub.add_parser("learn", help="learn a freezing mask (bilevel optimisation, Algorithm 1)",
-                       description="Learn which UNet tensors to freeze. A warm start (full fine-tuning on illegal "
+                       description="Learn which denoiser tensors to freeze. A warm start (full fine-tuning on illegal "
                                    "+ innocent data) gives theta_ft, then K mask updates each follow L simulated-user "
                                    "steps. The final mask freezes exactly round(ratio * N) tensors (top-k logits), "
                                    "or a parameter budget with --budget params.")

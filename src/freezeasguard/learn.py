@@ -1,7 +1,7 @@
-"""Algorithm 1 of FreezeAsGuard, corrected (docs/algorithm.md): learn which UNet tensors to freeze.
+"""Algorithm 1 of FreezeAsGuard, corrected (docs/algorithm.md): learn which denoiser tensors to freeze.
 
 Per tensor i: logit w_i, soft mask m_i = sigmoid(w_i / T) (1 = frozen). Only two copies of the
-weights live in memory: theta(m), the UNet's own parameters, and theta_d = theta_pre - theta_ft.
+weights live in memory: theta(m), the denoiser's own parameters, and theta_d = theta_pre - theta_ft.
 
   lower (simulated user):  g = dL_lower/dtheta(m);  theta_d += lr (1-m) g;  theta(m) -= lr (1-m)^2 g
   upper (publisher):       dL/dw_i = [<dL_up/dtheta(m)_i, theta_d_i> + c 2 (mean(m) - rho) / N] m_i(1-m_i)/T
@@ -262,7 +262,7 @@ def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batc
     over ``batches`` draws, or by its RMS (norm / sqrt(size)) when ``per_parameter``."""
     state.zero_grad()
     for _ in range(batches):
-        loss, _ = weighted_loss(state.unet, illegal_mix.draw(device), schedule, amp)
+        loss, _ = weighted_loss(state.denoiser, illegal_mix.draw(device), schedule, amp)
         (loss / batches).backward()
     state.sync_grads()
     with torch.no_grad():
@@ -329,7 +329,7 @@ def mask_update(state: BilevelState, lower_closure, upper_closure, cfg: LearnCon
 def _diffusion_closure(state, mix, schedule, device, amp, sign=None):
     def closure():
         batch = mix.draw(device, sign=sign)
-        loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+        loss, per_sample = weighted_loss(state.denoiser, batch, schedule, amp)
         return loss, (per_sample, batch)
     return closure
 

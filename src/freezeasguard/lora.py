@@ -28,7 +28,7 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # attention projections
 @dataclass
 class LoraSettings:
     """A guarded LoRA fine-tune (rank 0: no adapter, full fine-tuning under the mask)."""
-    rank: int = setting(0, "train a LoRA of this rank instead of the UNet's weights (0: no LoRA)", flag="--lora-rank")
+    rank: int = setting(0, "train a LoRA of this rank instead of the denoiser's weights (0: no LoRA)", flag="--lora-rank")
     alpha: float | None = setting(None, "LoRA alpha (none: the rank, i.e. scale 1)", flag="--lora-alpha")
     targets: str | None = setting(None, "modules to adapt, by peft's rules: a regex that must match the whole module "
                                         "name, or comma-separated names (a name matches itself and any module ending "

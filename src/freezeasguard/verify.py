@@ -288,5 +288,5 @@ def report_text(report: AdapterReport, limit: int = 50) -> str:
     if report.outside_unet:
         lines.append(f"note: {len(report.outside_unet)} keys adapt the text encoder, which the mask does not cover")
     if report.compliant:
-        lines.insert(0, f"COMPLIANT: the adapter changes {len(report.changed)} UNet parameters, none of them frozen.")
+        lines.insert(0, f"COMPLIANT: the adapter changes {len(report.changed)} denoiser parameters, none of them frozen.")
     return "\n".join(lines)
