@@ -41,7 +41,7 @@ def learn_scores(preset, device, path):
     from freezeasguard.bilevel import BilevelState
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.learn import LearnConfig, mask_update
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
 
     unet, latent, text_dim = build_unet(preset, device)
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
@@ -82,7 +82,7 @@ def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, 
     from freezeasguard.finetune import FinetuneConfig
     from freezeasguard.optim import build_optimizer
     from freezeasguard.lora import LoraSettings, add_lora, choose_targets
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
 
     base_rss = rss_bytes()
     unet, latent, text_dim = build_unet(preset, device)

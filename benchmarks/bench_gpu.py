@@ -62,7 +62,7 @@ def finetune_rows(unet, latent, text_dim, device, dtype, a) -> list[dict]:
     from freezeasguard.finetune import FinetuneConfig
     from freezeasguard.optim import build_optimizer
     from freezeasguard.mask import Mask
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
 
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
     x, text, noise, t = random_batch(a.batch_size, latent, text_dim, device, 0)
@@ -132,7 +132,7 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     from freezeasguard.finetune import FinetuneConfig
     from freezeasguard.optim import build_optimizer
     from freezeasguard.learn import LearnConfig, mask_update
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
 
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
     x, text, noise, t = random_batch(a.batch_size, latent, text_dim, device, 1)

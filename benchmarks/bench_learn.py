@@ -27,7 +27,7 @@ def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats:
     from freezeasguard.finetune import FinetuneConfig
     from freezeasguard.optim import build_optimizer
     from freezeasguard.learn import LearnConfig, mask_update
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
 
     base_rss = rss_bytes()
     if device.startswith("cuda"):

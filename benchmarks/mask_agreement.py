@@ -96,7 +96,7 @@ def main():
     import torch
 
     from freezeasguard import FinetuneConfig, LearnConfig, guarded_finetune, learn_mask
-    from freezeasguard.models import save_tiny_pipeline
+    from freezeasguard.families.tiny import save_tiny_pipeline
     from freezeasguard.toydata import COLORS, make_logos, make_people
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

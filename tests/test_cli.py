@@ -57,6 +57,25 @@ def test_finetune_then_verify(trained, tiny_sd, people, scheme, capsys):
         assert code == 1 and len(report["violations"]) > 0
 
 
+def test_resuming_a_finished_finetune_leaves_it_and_says_so(tiny_sd, people, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", "--model", str(tiny_sd), "--data", str(people), "--out", str(out), "--full", "--steps", "2",
+            "--batch-size", "2", "--lr", "1e-3", "--device", "cpu"]
+    assert main(args) == 0
+    weights = next(out.glob("unet/*.safetensors"))
+    stamp, before = weights.stat().st_mtime_ns, weights.read_bytes()
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "already complete" in said and "nan" not in said
+    assert weights.stat().st_mtime_ns == stamp and weights.read_bytes() == before
+    # asked for more steps than the finished run made: it trains (resuming from a checkpoint if any)
+    more = args.copy()
+    more[more.index("--steps") + 1] = "3"
+    assert main(more + ["--resume"]) == 0
+    assert "fine-tuned the denoiser" in capsys.readouterr().out and weights.read_bytes() != before
+
+
 def test_verify_unusable_input_exits_2(trained, tiny_sd, tmp_path):
     tmp, mask = trained
     assert main(["verify", "--model", str(tiny_sd), "--mask", str(tmp_path / "none.safetensors"),

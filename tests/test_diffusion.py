@@ -2,7 +2,7 @@
 import torch
 
 from freezeasguard.diffusion import NoiseSchedule, add_noise, diffusion_loss, min_snr_weights, velocity
-from freezeasguard.models import scheduler_config
+from freezeasguard.families.tiny import scheduler_config
 
 
 def test_targets_match_ddpm_scheduler():

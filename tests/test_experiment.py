@@ -105,7 +105,7 @@ def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
 
 
 @pytest.mark.slow
-def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
+def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path, capfd):
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # as the workers: the same float sums, so the same numbers
@@ -123,6 +123,10 @@ def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path):
         assert r["value"] == pytest.approx(by_key[key(r)], rel=1e-6, abs=1e-9), key(r)
     # every job's fine-tune ran in a worker and left its done-marker
     assert len(list((tmp_path / "two" / "stages").glob("finetune-*.done.json"))) == 6
+    # the workers' per-step bars went to their log files, not to the terminal the run's bar is on
+    logs = list((tmp_path / "two" / "logs").glob("worker-*.log"))
+    assert logs and any("fine-tune (" in f.read_text() for f in logs)
+    assert "fine-tune (" not in capfd.readouterr().err.split("protections and jobs", 1)[1]
 
 
 def test_protections_sharing_a_cached_first_link_are_one_group():

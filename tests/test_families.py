@@ -64,7 +64,7 @@ def test_sd3_loss_is_on_the_preconditioned_output_as_its_training_script_and_flu
 
 
 def test_v_prediction_target_matches_a_hand_computation():
-    from freezeasguard.models import scheduler_config
+    from freezeasguard.families.tiny import scheduler_config
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config("v_prediction"))
     x0, eps, index = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 700])
     noisy, model_t, target = noisy_and_target(x0, eps, index, schedule)

@@ -50,7 +50,7 @@ def test_a_moved_frozen_tensor_fails_the_run():
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_sd, people, tmp_path, monkeypatch):
-    import freezeasguard.finetune as ft
+    import freezeasguard.train as ft
     # plain SGD makes the update -lr * gradient, so the comparison is of gradients (Adam's first
     # step is lr * sign(g) and would hide or exaggerate differences)
     monkeypatch.setattr(ft, "build_optimizer",
@@ -86,7 +86,7 @@ def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path, optimizer):
 def test_prior_preservation_adds_the_weighted_prior_loss(tiny_sd, people, logos, tmp_path, monkeypatch):
     """DreamBooth's loss is data mean + w * prior mean: with plain SGD at lr 1 the update is minus
     the gradient, linear in w, so update(w=2) - update(w=0) = 2 (update(w=1) - update(w=0))."""
-    import freezeasguard.finetune as ft
+    import freezeasguard.train as ft
     monkeypatch.setattr(ft, "build_optimizer",
                         lambda unet, cfg: torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0))
     base = load_denoiser_state(tiny_sd)

@@ -19,7 +19,8 @@ def test_validation_images_sample_with_the_folders_own_scheduler(tiny_sd):
     sampled with that schedule; PNDM, which has no such option, would start from other noise
     levels. An SD folder with PNDM keeps PNDM."""
     from freezeasguard.generate import pipeline_from_components
-    from freezeasguard.models import load_model, scheduler_config
+    from freezeasguard.models import load_model
+    from freezeasguard.families.tiny import scheduler_config
     components = load_model(tiny_sd)
     assert type(pipeline_from_components(components).scheduler).__name__ == "PNDMScheduler"
     components.scheduler_config = {"_class_name": "DDIMScheduler", **scheduler_config("v_prediction"),

@@ -1,14 +1,16 @@
-"""freezeasguard: learn which UNet tensors to freeze so that fine-tuning a diffusion model on
+"""freezeasguard: learn which denoiser tensors to freeze so that fine-tuning a diffusion model on
 illegal domains stays weak while innocent domains adapt freely (FreezeAsGuard), enforce that
 freezing in fine-tuning, and audit fine-tuned checkpoints.
 
     from freezeasguard import LearnConfig, learn_mask, FinetuneConfig, guarded_finetune, Mask, verify_checkpoint
 """
-from .finetune import DivergedError, EnforcementError, FinetuneConfig, FinetuneResult, guarded_finetune
+from .finetune import EnforcementError, FinetuneConfig, FinetuneResult, guarded_finetune
+from .train import DivergedError, RunSettings
 from .generate import generate_to_folder, load_pipeline
 from .learn import LearnConfig, LearnResult, learn_mask
 from .mask import Mask, MaskError, select_frozen
-from .models import build_tiny_pipeline, load_model, save_tiny_pipeline
+from .models import load_model
+from .families.tiny import build_tiny_pipeline, save_tiny_pipeline
 from .verify import VerifyReport, verify_checkpoint, verify_state
 from .version import __version__
 

@@ -89,18 +89,18 @@ def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.T
 
 
 # ------------------------------------------------------------------------------------------
-# The bilevel state: theta(m) are the UNet's own parameters; grads and theta_d are flat buffers
+# The bilevel state: theta(m) are the denoiser's own parameters; grads and theta_d are flat buffers
 # (one fused all-reduce and one segment reduction per step) viewed per tensor.
 # ------------------------------------------------------------------------------------------
 
 class BilevelState:
-    def __init__(self, unet, theta_pre, temperature: float):
+    def __init__(self, denoiser, theta_pre, temperature: float):
         """``theta_pre`` maps parameter names to the base model's tensors (any Mapping; read once).
         A denoiser sharded with FSDP2 (learn --shard) works the same on each rank's shards: theta_d
         and the gradient are kept for the local shard only, and the per-tensor dot products are
         summed across ranks (the one reduction the update needs)."""
-        self.unet = unet
-        self.named = list(unet.named_parameters())
+        self.denoiser = denoiser
+        self.named = list(denoiser.named_parameters())
         self.params = [p for _, p in self.named]
         self.sharded = any(is_sharded(p) for p in self.params)
         self.local = [local(p) for p in self.params]      # what this rank updates (all of it unsharded)

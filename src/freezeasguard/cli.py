@@ -14,17 +14,18 @@ from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
 from .cli_service import COMMANDS as SERVICE_COMMANDS
 from .exports import FORMATS as EXPORT_FORMATS
 from .exports import export as export_mask
-from .finetune import DivergedError, EnforcementError, FinetuneConfig, guarded_finetune, resolve_device
+from .finetune import EnforcementError, FinetuneConfig, guarded_finetune
+from .train import DivergedError, resolve_device
 from .generate import generate_to_folder
 from .io import atomic_write_json, atomic_write_text
 from .learn import LearnConfig, learn_mask
-from .lora import LORA_FILE, LoraSettings, report_text, verify_adapter
-from .mask import Mask
-from .models import save_tiny_pipeline
+from .lora import LORA_FILE, LoraSettings
+from .mask import BUDGETS, Mask
+from .families.tiny import save_tiny_pipeline
 from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
-from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
+from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, report_text, verify_adapter, verify_checkpoint
 
 logger = logging.getLogger("freezeasguard")
 
@@ -77,7 +78,7 @@ def _check_preset(args):
 
 
 def _add_common_train(p):
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (the base model)")
     _add_preset(p)
     p.add_argument("--caption-column", default="text", help="caption column of the data (default text)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # learn
     p = sub.add_parser("learn", help="learn a freezing mask (bilevel optimisation, Algorithm 1)",
-                       description="Learn which UNet tensors to freeze. A warm start (full fine-tuning on illegal "
+                       description="Learn which denoiser tensors to freeze. A warm start (full fine-tuning on illegal "
                                    "+ innocent data) gives theta_ft, then K mask updates each follow L simulated-user "
                                    "steps. The final mask freezes exactly round(ratio * N) tensors (top-k logits), "
                                    "or a parameter budget with --budget params.")
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     scheme.add_argument("--mask", help="a learned mask file")
     scheme.add_argument("--random-ratio", type=float, help="freeze exactly round(R * N) random tensors (seeded)")
     scheme.add_argument("--full", action="store_true", help="no freezing")
-    p.add_argument("--budget", choices=["tensors", "params"], default="tensors", help="for --random-ratio")
+    p.add_argument("--budget", choices=BUDGETS, default="tensors", help="for --random-ratio")
     add_flags(p.add_argument_group("fine-tuning (each flag is a field of FinetuneConfig)"), FinetuneConfig)
     add_flags(p.add_argument_group("guarded LoRA (each flag is a field of LoraSettings): adapters only on modules "
                                    "the mask leaves trainable; --out then holds pytorch_lora_weights.safetensors"),
@@ -247,6 +248,9 @@ def cmd_finetune(args) -> int:
                          full=args.full, budget=args.budget, subject=args.subject, caption_column=args.caption_column,
                          resume=args.resume, work_dir=args.work_dir, overwrite=args.overwrite,
                          lora=lora, prior_data=args.prior_data)
+    if r.already_complete:
+        print(f"{r.out_dir} is already complete ({cfg.steps} steps, same inputs and settings): left as it is")
+        return 0
     last = r.history[-1]["loss_data"] if r.history else float("nan")
     what = f"a rank-{lora.rank} LoRA" if lora.rank else "the denoiser"
     print(f"fine-tuned {what} ({r.scheme}: {r.frozen_tensors} tensors frozen, {r.frozen_param_fraction:.1%} of "

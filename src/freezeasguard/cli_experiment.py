@@ -55,7 +55,7 @@ def add_parsers(sub):
                                    "cached in OUT/work and reused when the command is run again.",
                        epilog="then: freezeasguard finetune --model <printed model> --mask <printed mask> ...")
     p.add_argument("method", help="a method name or a chain such as uce+learned")
-    p.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (the base model)")
+    p.add_argument("--model", required=True, help="local diffusers pipeline folder (the base model)")
     p.add_argument("--illegal", required=True, help="data of the illegal domain")
     p.add_argument("--innocent", action="append", default=[], help="data of an innocent domain (repeatable)")
     p.add_argument("--subject", action="append",

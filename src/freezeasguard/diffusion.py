@@ -74,9 +74,6 @@ class NoiseDraw:
     noise: torch.Tensor          # epsilon
     timesteps: torch.Tensor      # int64
 
-    def slice(self, index) -> "NoiseDraw":
-        return NoiseDraw(self.latent_noise[index], self.noise[index], self.timesteps[index])
-
 
 def draw_noise(batch: int, latent_shape, num_train_timesteps: int, generator: torch.Generator,
                sampling: str = "uniform") -> NoiseDraw:

@@ -1,7 +1,7 @@
-"""Algorithm 1 of FreezeAsGuard, corrected (docs/algorithm.md): learn which UNet tensors to freeze.
+"""Algorithm 1 of FreezeAsGuard, corrected (docs/algorithm.md): learn which denoiser tensors to freeze.
 
 Per tensor i: logit w_i, soft mask m_i = sigmoid(w_i / T) (1 = frozen). Only two copies of the
-weights live in memory: theta(m), the UNet's own parameters, and theta_d = theta_pre - theta_ft.
+weights live in memory: theta(m), the denoiser's own parameters, and theta_d = theta_pre - theta_ft.
 
   lower (simulated user):  g = dL_lower/dtheta(m);  theta_d += lr (1-m) g;  theta(m) -= lr (1-m)^2 g
   upper (publisher):       dL/dw_i = [<dL_up/dtheta(m)_i, theta_d_i> + c 2 (mean(m) - rho) / N] m_i(1-m_i)/T
@@ -31,12 +31,13 @@ from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
 from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, per_tensor_dots, remask_
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
-from .finetune import FinetuneConfig, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_unet
+from .finetune import FinetuneConfig
+from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
 from .io import atomic_write_json
 from .mask import BUDGETS, SELECTIONS, Mask, check_ratio
 from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
-from .settings import setting
+from .settings import copy_fields, setting
 from .shard import checkpoint_exists, full_state, load_checkpoint, plain_copy, save_checkpoint, shard_denoiser
 
 logger = logging.getLogger(__name__)
@@ -88,21 +89,14 @@ class MaskLearningSettings:
 
 
 @dataclass
-class LearnConfig(MaskLearningSettings):
-    """Settings of one `freezeasguard learn` run: the mask-learning hyperparameters plus the run's."""
+class LearnConfig(MaskLearningSettings, RunSettings):
+    """Settings of one `freezeasguard learn` run: the mask-learning hyperparameters plus the run's
+    (RunSettings; checkpoints count mask updates here)."""
     ratio: float = setting(0.3, "share to freeze, 0..1 (tensors, or parameters with --budget params)")
-    seed: int = setting(0, "seed of the logits' start, data order and noise")
     checkpoint_every: int = setting(10, "mask updates between atomic checkpoints (0: never)")
-    mixed_precision: str = setting("no", "autocast on GPU; parameters, logits and theta_d stay fp32",
-                                   choices=("no", "bf16", "fp16"))
-    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
-    resolution: int = setting(0, "image side to train at, warm start included (0: the model's own)")
-    shard: bool = setting(False, "with several processes (accelerate launch): shard the denoiser, its gradient and "
-                                 "theta_d across them (PyTorch FSDP2), warm start included; checkpoints are a "
-                                 "file per process, and --resume needs as many processes")
-    device: str = setting("auto", "cpu, cuda, cuda:1 ... (auto: cuda if available)")
 
     def __post_init__(self):
+        self.check_run_settings()
         check_ratio(self.ratio)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
@@ -268,7 +262,7 @@ def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batc
     over ``batches`` draws, or by its RMS (norm / sqrt(size)) when ``per_parameter``."""
     state.zero_grad()
     for _ in range(batches):
-        loss, _ = weighted_loss(state.unet, illegal_mix.draw(device), schedule, amp)
+        loss, _ = weighted_loss(state.denoiser, illegal_mix.draw(device), schedule, amp)
         (loss / batches).backward()
     state.sync_grads()
     with torch.no_grad():
@@ -335,7 +329,7 @@ def mask_update(state: BilevelState, lower_closure, upper_closure, cfg: LearnCon
 def _diffusion_closure(state, mix, schedule, device, amp, sign=None):
     def closure():
         batch = mix.draw(device, sign=sign)
-        loss, per_sample = weighted_loss(state.unet, batch, schedule, amp)
+        loss, per_sample = weighted_loss(state.denoiser, batch, schedule, amp)
         return loss, (per_sample, batch)
     return closure
 
@@ -349,11 +343,10 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     logger.info("warm start: %d full fine-tuning steps on illegal + innocent data", cfg.warm_start_steps)
     components = load_model(model_dir).to(device).set_resolution(cfg.resolution)
     schedule = NoiseSchedule.for_components(components)
-    ft_cfg = FinetuneConfig(steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch, lr=cfg.warm_start_lr,
-                            seed=cfg.seed, mixed_precision=cfg.mixed_precision, device=str(device),
-                            resolution=cfg.resolution,
-                            gradient_checkpointing=cfg.gradient_checkpointing,
-                            checkpoint_every=max(1, cfg.checkpoint_every * cfg.inner_steps))
+    # the warm start is plain fine-tuning with the run's own settings (seed, precision, resolution, ...)
+    ft_cfg = copy_fields(FinetuneConfig, cfg, steps=cfg.warm_start_steps, batch_size=cfg.warm_start_batch,
+                         lr=cfg.warm_start_lr, device=str(device),
+                         checkpoint_every=max(1, cfg.checkpoint_every * cfg.inner_steps))
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.warm_start_batch, cfg), schedule,
                     cfg.seed)
     ws_dir = work_dir / "warm_start.work"
@@ -361,7 +354,7 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
     sharded = cfg.shard and dist.world_size() > 1
     if sharded:
         shard_denoiser(components.denoiser)
-    history = train_unet(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
+    history = train_denoiser(components, mix, ft_cfg, ws_dir, resume=resume, desc="warm start")
     gathered = full_state(components.denoiser) if sharded else None     # every rank takes part
     if dist.is_main():
         denoiser = plain_copy(model_dir, gathered) if sharded else components.denoiser

@@ -1,4 +1,4 @@
-"""The mask artifact: which UNet tensors are frozen, keyed by parameter name.
+"""The mask artifact: which denoiser tensors are frozen, keyed by parameter name.
 
 A mask is a safetensors file holding, per parameter name, the learned logit
 (``logits/<name>``) and the frozen flag (``frozen/<name>``), plus JSON metadata: names, shapes,
@@ -34,7 +34,7 @@ class MaskError(ValueError):
 
 def check_ratio(ratio: float, flag: str = "--ratio") -> float:
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"{flag} {ratio}: a freezing ratio is a share of the UNet, between 0 and 1 "
+        raise ValueError(f"{flag} {ratio}: a freezing ratio is a share of the denoiser, between 0 and 1 "
                          f"(0.3 freezes 30%).")
     return float(ratio)
 
@@ -329,7 +329,7 @@ class Mask:
                 for ax in (ax_l, ax_m):
                     ax.axvline(i - 0.5, color="0.8", lw=0.5)
         ax_m.set_yticks([])
-        ax_m.set_xlabel("UNet tensor index (model order)")
+        ax_m.set_xlabel("denoiser tensor index (model order)")
         ax_m.legend(loc="upper right", fontsize=7, ncol=3)
         ax_l.set_title(f"frozen tensors: {int(self.frozen.sum())}/{len(self.names)} "
                        f"({self.tensor_ratio:.1%} of tensors, {self.param_fraction:.1%} of parameters)")

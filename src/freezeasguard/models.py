@@ -1,5 +1,5 @@
-"""Loading pipeline folders (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) from local paths, and the tiny SD
-pipelines built in code (tiny pipelines of the other families: families/tiny.py).
+"""Loading pipeline folders (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) from local paths (tiny pipelines
+built in code: families/tiny.py).
 
 Nothing here reaches a model hub: every loader takes a local folder and fails with a message
 naming the flag to pass when it is missing.
@@ -10,7 +10,6 @@ import hashlib
 import importlib
 import json
 import logging
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,113 +278,3 @@ def fingerprint(named_tensors) -> dict:
         "shapes_hash": hashlib.blake2b(json.dumps(shapes).encode(), digest_size=16).hexdigest(),
         "weights_hash": weights.hexdigest(),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Tiny pipelines built in code (tests, the walk-through, benchmarks)
-# --------------------------------------------------------------------------------------------
-
-_CAPTION_WORDS = """a an the of in on with and photo portrait person man woman wearing smiling front wall
-logo minimalist shape above below left right beside circle square triangle star red green blue yellow
-black white orange purple pink brown gray grey striped dotted plain checked scarf shirt dress hat coat
-sweater jacket background brick wooden garden sky sea room hair glasses beard mole eyes looking at
-frowning laughing neutral surprised is dog cat tree car house""".split()
-
-
-def build_offline_tokenizer(extra_words=(), model_max_length: int = 77):
-    """A real byte-pair CLIPTokenizer whose vocabulary is made here: every character plus whole-word
-    merges for common caption words. Unknown words fall back to characters, so any text tokenises."""
-    from transformers import CLIPTokenizer
-
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    seen_merges = set()
-    for word in dict.fromkeys(list(_CAPTION_WORDS) + [w.lower() for w in extra_words]):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in seen_merges:
-                seen_merges.add(pair)
-                merges.append(pair)
-            tokens.append(pair[0] + pair[1])
-            pieces = [pair[0] + pair[1]] + pieces[2:]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    assert len(tok) > 2, "transformers built a degenerate tokenizer"
-    return tok
-
-
-def tiny_unet_config(layout: str = "sd15", sample_size: int = 8, cross_attention_dim: int = 32,
-                     block_out_channels=None) -> dict:
-    """UNet configs. ``sd15``: the SD v1.5 block layout (686 parameter names, same order) with small
-    widths. ``mini``: two blocks, for the fastest tests. ``sd15-shapes``: the real SD v1.5 UNet."""
-    if layout in ("sd15", "sd15-shapes"):
-        real = layout == "sd15-shapes"
-        return dict(
-            sample_size=64 if real else sample_size,
-            in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=list(block_out_channels or ((320, 640, 1280, 1280) if real else (32, 64, 128, 128))),
-            down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            cross_attention_dim=768 if real else cross_attention_dim,
-            attention_head_dim=8, norm_num_groups=32,
-        )
-    if layout == "mini":
-        return dict(
-            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=list(block_out_channels or (32, 64)),
-            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-            cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
-        )
-    raise ValueError(f"unknown UNet layout {layout!r}; use sd15, mini or sd15-shapes")
-
-
-def scheduler_config(prediction_type: str = "epsilon") -> dict:
-    """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps). clip_sample=False as in
-    SD's own scheduler configs: DDIM/DDPM built from this config would otherwise clip each x0
-    estimate to [-1, 1], which wrecks latents (their scale is ~1, not bounded by 1)."""
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type {prediction_type!r}: use epsilon or v_prediction")
-    return dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
-                prediction_type=prediction_type)
-
-
-def build_tiny_pipeline(layout: str = "sd15", image_size: int = 16, prediction_type: str = "epsilon",
-                        seed: int = 0, extra_words=(), unet_channels=None):
-    """A randomly initialised Stable-Diffusion-shaped pipeline small enough for a CPU."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = build_offline_tokenizer(extra_words)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        block_out_channels=[32, 64], layers_per_block=1, norm_num_groups=32,
-                        sample_size=image_size)
-    latent = image_size // 2
-    if layout == "sd15" and latent % 8:
-        raise ValueError(f"image_size {image_size}: the sd15 layout needs a latent side divisible by 8 "
-                         f"(image_size a multiple of 16)")
-    unet = UNet2DConditionModel(**tiny_unet_config(layout, sample_size=latent, block_out_channels=unet_channels))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
-    scheduler = PNDMScheduler.from_config(scheduler_config(prediction_type))
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-def save_tiny_pipeline(out_dir, **kwargs) -> Path:
-    pipe = build_tiny_pipeline(**kwargs)
-    out_dir = Path(out_dir)
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    logger.info("saved a tiny %s pipeline to %s", kwargs.get("layout", "sd15"), out_dir)
-    return out_dir
-
-

@@ -15,7 +15,7 @@ def build_optimizer(unet, cfg) -> torch.optim.Optimizer:
     """The chosen optimizer over trainable tensors only: frozen tensors appear in no param group."""
     trainable = [p for p in unet.parameters() if p.requires_grad]
     if not trainable:
-        raise ValueError("every UNet tensor is frozen; nothing to fine-tune")
+        raise ValueError("every denoiser tensor is frozen; nothing to fine-tune")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(trainable, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adafactor":

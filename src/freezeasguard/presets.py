@@ -21,7 +21,7 @@ from .models import image_side, model_family, require_pipeline_dir
 PAPER_SETTINGS = {
     "learn": {"mask_batch": 16, "user_lr": 1e-5, "temperature": 0.2},        # LearnConfig
     "finetune": {"lr": 1e-5, "batch_size": 4, "steps": 2000},                # FinetuneConfig (the illegal user)
-    "generate": {"steps": 50},                                               # PNDM steps
+    "generate": {"steps": 50},                                               # sampler steps
 }
 
 

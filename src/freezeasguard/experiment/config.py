@@ -25,7 +25,8 @@ class ExperimentConfig(ProtectSettings):
     """One experiment; every field (these and the methods' settings, ProtectSettings) is a key of
     its YAML file. ``preset: demo`` takes the demo's values for every key the file does not set."""
     out: str = setting("experiment-out", "output folder")
-    preset: str | None = setting(None, "demo: the built-in demo's settings (PRESETS) for keys not set here")
+    preset: str | None = setting(None, "demo or attack-sweep: the built-in run's settings (EXPERIMENT_PRESETS) for keys "
+                                            "not set here")
     model: str | None = setting(None, "base pipeline folder; none: the shipped tiny pipeline")
     methods: list[str] = setting(["full", "random", "learned"], "methods or chains (uce+learned)")
     ratios: list[float] = setting([0.3], "freezing ratios, for methods that freeze")
@@ -40,7 +41,7 @@ class ExperimentConfig(ProtectSettings):
     finetune_steps: int = setting(_PAPER_FINETUNE.steps, "users' fine-tuning steps")
     finetune_batch: int = setting(_PAPER_FINETUNE.batch_size, "users' fine-tuning batch")
     finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
-    generate_steps: int = setting(50, "PNDM steps per generated image (the paper's 50)")
+    generate_steps: int = setting(50, "sampler steps per generated image, with the model's own scheduler (the paper's 50 PNDM steps)")
     guidance: float = setting(7.5, "classifier-free guidance scale")
     attacks: list[str] = setting(["default"], "the illegal user's fine-tuning recipes, each run for every method, "
                                               "ratio and seed: built-in names (listed by freezeasguard attack-sweep --help) or "
@@ -115,9 +116,9 @@ class ExperimentConfig(ProtectSettings):
             raise ValueError(f"{path}: unknown settings {sorted(unknown)}; known: {sorted(known)}")
         raw.update({k: v for k, v in overrides.items() if v is not None})
         if raw.get("preset") is not None:
-            if raw["preset"] not in PRESETS:
-                raise ValueError(f"{path}: preset {raw['preset']!r} is unknown; presets: {', '.join(PRESETS)}")
-            raw = {**PRESETS[raw["preset"]], **raw}
+            if raw["preset"] not in EXPERIMENT_PRESETS:
+                raise ValueError(f"{path}: preset {raw['preset']!r} is unknown; presets: {', '.join(EXPERIMENT_PRESETS)}")
+            raw = {**EXPERIMENT_PRESETS[raw["preset"]], **raw}
         hints = typing.get_type_hints(cls)
         return cls(**{k: coerce_setting(k, v, hints[k], path) for k, v in raw.items()})
 
@@ -177,7 +178,8 @@ DEMO = dict(warm_start_steps=100, warm_start_lr=1e-4, warm_start_batch=4, mask_s
             imma_lr=1e-4)
 # the attack sweep on the built-in world: the demo's settings, every baseline that freezes, every axis of attack
 ATTACK_SWEEP = dict(DEMO, methods=["full", "random", "saliency", "learned"], attacks=list(SWEEP_ATTACKS))
-PRESETS = {"demo": DEMO, "attack-sweep": ATTACK_SWEEP}
+# an experiment's `preset:` (not a model preset: those are presets.PRESETS, the published models' settings)
+EXPERIMENT_PRESETS = {"demo": DEMO, "attack-sweep": ATTACK_SWEEP}
 
 # settings that may change between a run and its resume (they do not change any result)
 RESUMABLE_SETTINGS = ("out", "workers")

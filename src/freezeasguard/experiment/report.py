@@ -81,7 +81,7 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
             s = cell.get((method, ratio, attack, d, m))
             vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
-    lines += ["", f"Frozen params: share of the UNet's parameters frozen ({cfg.budget} budget, "
+    lines += ["", f"Frozen params: share of the denoiser's parameters frozen ({cfg.budget} budget, "
                   f"ratio {', '.join(f'{r:g}' for r in cfg.ratios)}).",
               "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
               f"Total time {seconds:.0f}s."]

@@ -14,6 +14,8 @@ import hashlib
 import json
 import logging
 import multiprocessing as mp
+import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -97,7 +99,7 @@ class Runner:
         if self.cfg.mask_generic_people:
             innocent.append(self.data("generic-people", "mask"))
         return protect(method, self.model, self.data("people", "mask"), innocent, self.subjects, ratio,
-                       self.root / "protect", self.cfg, device="cpu" if not torch.cuda.is_available() else "auto")
+                       self.root / "protect", self.cfg, device="auto")
 
     def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
                  attack: str = "default") -> tuple[Path, dict]:
@@ -275,10 +277,19 @@ _WORKER_RUNNER: "Runner | None" = None
 
 
 def _init_worker(cfg_dict: dict):
+    """A worker's own output (per-step bars, loading bars, log lines) goes to a log file of its
+    own, so the terminal shows the run's one bar and not several processes' bars interleaved."""
     global _WORKER_RUNNER
     torch.set_num_threads(1)
-    logging.basicConfig(level=logging.WARNING)
-    _WORKER_RUNNER = Runner(ExperimentConfig(**cfg_dict))
+    cfg = ExperimentConfig(**cfg_dict)
+    log_dir = Path(cfg.out) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_dir / f"worker-{os.getpid()}.log", "a", buffering=1)
+    os.dup2(log.fileno(), 2)               # also what C extensions and warnings write to fd 2
+    sys.stderr = log
+    logging.basicConfig(level=logging.INFO, stream=log, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    _WORKER_RUNNER = Runner(cfg)
 
 
 def _worker_job(job) -> list[dict]:
@@ -322,12 +333,15 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
                 pending[pool.submit(_worker_job, job)] = ("job", i)
             else:
                 waiting.setdefault(g, []).append(i)
-        bar = tqdm(total=len(groups) + len(jobs), desc=f"protections and jobs ({cfg.workers} processes)")
+        bar = tqdm(total=len(groups) + len(jobs), desc=f"protections and jobs ({cfg.workers} processes; their "
+                                                           f"detail: {Path(cfg.out) / 'logs'})")
         while pending:
             done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
             for f in done:
                 kind, index = pending.pop(f)
                 result = f.result()
+                bar.set_postfix_str(("made " + "+".join(m for m, _ in groups[index])) if kind == "group" else
+                                    "done " + " ".join(str(x) for x in jobs[index][:5] if x is not None))
                 if kind == "group":
                     for i in waiting.pop(index, []):
                         pending[pool.submit(_worker_job, jobs[i])] = ("job", i)

@@ -49,8 +49,7 @@ def _by_size(inputs: MethodInputs, sign: float, method: str) -> Protection:
 
 @register("learned", uses_ratio=True, summary="FreezeAsGuard: the mask learned by bilevel optimisation")
 def learned(inputs: MethodInputs) -> Protection:
-    device = inputs.device if inputs.device != "auto" or torch.cuda.is_available() else "cpu"
-    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=device)
+    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=inputs.device)
     # the warm start (theta_ft) depends on the base model only, so every ratio shares it
     warm = inputs.work_dir / "warm-start"
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..batches import weighted_loss
-from ..finetune import save_pipeline
+from ..train import save_pipeline
 from ..io import atomic_write_json
 from .registry import MethodInputs, Protection, data_mix, load_base, register
 

@@ -11,7 +11,7 @@ from typing import Callable
 from ..batches import Domain, DomainMix
 from ..data import EncodedData, load_image_captions
 from ..diffusion import NoiseSchedule
-from ..finetune import resolve_device
+from ..train import resolve_device
 from ..io import atomic_write_json
 from ..learn import MaskLearningSettings
 from ..mask import Mask

@@ -23,7 +23,7 @@ import re
 import torch
 
 from ..data import load_image_captions
-from ..finetune import save_pipeline
+from ..train import save_pipeline
 from .registry import MethodInputs, Protection, load_base, register
 
 logger = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ import threading
 from pathlib import Path
 
 from ..finetune import FinetuneConfig, guarded_finetune
-from ..lora import LoraSettings, verify_adapter
+from ..lora import LoraSettings
 from ..mask import Mask
-from ..verify import verify_checkpoint
+from ..verify import verify_adapter, verify_checkpoint
 from .store import Store
 
 logger = logging.getLogger(__name__)
