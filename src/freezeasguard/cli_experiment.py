@@ -17,7 +17,7 @@ from .experiment.config import ATTACK_SWEEP, DEMO, ExperimentConfig
 from .experiment.runner import Runner
 from .experiment.synthetic_world import SyntheticWorld
 from .io import atomic_write_json, convert_to_safetensors
-from .mask import check_ratio
+from .mask import BUDGETS, check_ratio
 from .methods import METHODS, ProtectSettings, chain_uses_ratio, protect
 from .metrics.score import score_folder
 from .settings import add_flags, from_args
@@ -115,7 +115,7 @@ def add_parsers(sub):
     _add_world_flags(p)
     p.add_argument("--baselines", action="store_true",
                    help="also run UCE and IMMA (about twice as long)")
-    p.add_argument("--budget", choices=["params", "tensors"], default="params",
+    p.add_argument("--budget", choices=BUDGETS, default="params",
                    help="what the ratio counts. params (default): every freezing method freezes the same share of "
                         "parameters, the comparison at an equal cost, plus the paper's budget as a second table; "
                         "tensors: only the paper's table (FreezeAsGuard and Random at a share of tensors: the "
