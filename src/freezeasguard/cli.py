@@ -96,8 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_learn_parser(sub)
+    _add_finetune_parser(sub)
+    _add_verify_parser(sub)
+    _add_generate_parser(sub)
+    _add_mask_parser(sub)
+    _add_tiny_pipeline_parser(sub)
+    cli_experiment.add_parsers(sub)
+    cli_service.add_parsers(sub)
+    return parser
 
-    # learn
+
+def _add_learn_parser(sub):
+    """`freezeasguard learn`: its subcommand and flags."""
     p = sub.add_parser("learn", help="learn a freezing mask (bilevel optimisation, Algorithm 1)",
                        description="Learn which denoiser tensors to freeze. A warm start (full fine-tuning on illegal "
                                    "+ innocent data) gives theta_ft, then K mask updates each follow L simulated-user "
@@ -112,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", help="write TensorBoard logs to this folder")
     add_flags(p.add_argument_group("mask learning (each flag is a field of LearnConfig)"), LearnConfig)
 
-    # finetune
+
+def _add_finetune_parser(sub):
+    """`freezeasguard finetune`: its subcommand and flags."""
     p = sub.add_parser("finetune", help="guarded fine-tuning that enforces a freezing scheme",
                        description="Fine-tune the UNet (AdamW by default) on one dataset while the chosen tensors stay "
                                    "frozen: they get requires_grad=False, are in no optimizer group, and are "
@@ -136,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the mask leaves trainable; --out then holds pytorch_lora_weights.safetensors"),
               LoraSettings)
 
-    # verify
+
+def _add_verify_parser(sub):
+    """`freezeasguard verify`: its subcommand and flags."""
     p = sub.add_parser("verify", help="audit a fine-tuned checkpoint or a LoRA file against base model + mask",
                        description="Exit 0: nothing frozen is changed. Exit 1: violations (listed). Exit 2: unusable "
                                    "input (missing, truncated or non-finite files, a mask or adapter for another "
@@ -158,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance in tolerance mode (default 0)")
     p.add_argument("--report", help="write the report as JSON here")
 
-    # generate
+
+def _add_generate_parser(sub):
+    """`freezeasguard generate`: its subcommand and flags."""
     p = sub.add_parser("generate", help="generate images from a pipeline folder with its own scheduler "
                                         "(PNDM for SD, as the paper)")
     p.add_argument("--model", required=True, help="pipeline folder (base or fine-tuned)")
@@ -174,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--device", default="auto")
 
-    # mask show
+
+def _add_mask_parser(sub):
+    """`freezeasguard mask`: its subcommand and flags."""
     p = sub.add_parser("mask", help="inspect a mask file")
     msub = p.add_subparsers(dest="mask_command", required=True, metavar="ACTION")
     s = msub.add_parser("show", help="summary by kind and block; plot; export")
@@ -198,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the fragment to this file (default: print it)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
-    # tiny-pipeline
+
+def _add_tiny_pipeline_parser(sub):
+    """`freezeasguard tiny-pipeline`: its subcommand and flags."""
     p = sub.add_parser("tiny-pipeline", help="write a small random Stable-Diffusion-shaped pipeline (for trying things)")
     p.add_argument("--out", required=True)
     p.add_argument("--layout", choices=["sd15", "mini"], default="sd15",
@@ -206,10 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
     p.add_argument("--seed", type=int, default=0)
-
-    cli_experiment.add_parsers(sub)
-    cli_service.add_parsers(sub)
-    return parser
 
 
 def _read_prompts(args) -> list[str]:

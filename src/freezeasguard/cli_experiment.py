@@ -25,7 +25,18 @@ from .synthetic.world import export_imagefolder, make_cast, trait_phrase
 
 
 def add_parsers(sub):
-    # world export
+    """The experiment side's subcommands, one builder each."""
+    _add_world_parser(sub)
+    _add_protect_parser(sub)
+    _add_experiment_parser(sub)
+    _add_score_parser(sub)
+    _add_convert_weights_parser(sub)
+    _add_demo_parser(sub)
+    _add_attack_sweep_parser(sub)
+
+
+def _add_world_parser(sub):
+    """`freezeasguard world`: its subcommand and flags."""
     p = sub.add_parser("world", help="the built-in synthetic world: export people, logos or clothes as image folders")
     wsub = p.add_subparsers(dest="world_command", required=True, metavar="ACTION")
     w = wsub.add_parser("export", help="write a domain as an image folder with metadata.jsonl")
@@ -45,7 +56,9 @@ def add_parsers(sub):
     wsub.add_parser("cast", help="list a world's people, brands and clothing lines (the first of each is the "
                                  "demo's subject)").add_argument("--cast-seed", type=int, default=0)
 
-    # protect
+
+def _add_protect_parser(sub):
+    """`freezeasguard protect`: its subcommand and flags."""
     table = "\n".join(f"  {m.name:<9} {m.summary}" for m in METHODS.values())
     p = sub.add_parser("protect", help="run a protection method or baseline (uce, imma, saliency, learned; chains)",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -65,14 +78,18 @@ def add_parsers(sub):
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if available)")
     add_flags(p.add_argument_group("method settings (each flag is a field of ProtectSettings)"), ProtectSettings)
 
-    # experiment
+
+def _add_experiment_parser(sub):
+    """`freezeasguard experiment`: its subcommand and flags."""
     p = sub.add_parser("experiment", help="run an experiment from a YAML config (resumable)",
                        description="Methods x ratios x subjects x seeds: mask learning, fine-tunes, generation, "
                                    "metrics, report. Every stage writes a done-marker; rerunning resumes.")
     p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
     p.add_argument("--out", help="override the output folder")
 
-    # score
+
+def _add_score_parser(sub):
+    """`freezeasguard score`: its subcommand and flags."""
     p = sub.add_parser("score", help="score a folder of generated images: FID/KID, CLIP score, TOPIQ-FR, faces",
                        description="Real-model metrics on any folder of generated images (e.g. from freezeasguard "
                                    "generate). Each metric runs when its weights are given; all are local paths "
@@ -89,7 +106,9 @@ def add_parsers(sub):
                                               "convert-weights): generated image k against real image k")
     p.add_argument("--out", help="write the scores as JSON here (default: print only)")
 
-    # convert-weights
+
+def _add_convert_weights_parser(sub):
+    """`freezeasguard convert-weights`: its subcommand and flags."""
     p = sub.add_parser("convert-weights", help="turn a .pth state dict (e.g. the FID Inception) into .safetensors",
                        description="Read a PyTorch state dict with torch.load(weights_only=True) (a restricted "
                                    "unpickler: tensors and containers only, nothing in the file runs) and write it "
@@ -101,7 +120,9 @@ def add_parsers(sub):
     p.add_argument("src", help=".pth / .pt / .bin state dict")
     p.add_argument("dst", help="output .safetensors file")
 
-    # demo
+
+def _add_demo_parser(sub):
+    """`freezeasguard demo`: its subcommand and flags."""
     p = sub.add_parser("demo", help="the built-in experiment: FreezeAsGuard against the baselines at an equal "
                                     "share of parameters, on synthetic people, brands and clothing lines",
                        description="On the shipped tiny pipeline: mask learning, then the illegal user (portraits of "
@@ -127,7 +148,8 @@ def add_parsers(sub):
     p.add_argument("--ratios", help="comma-separated frozen shares for --frontier (default 0.1,0.2,0.3,0.5,0.7)")
 
 
-    # attack-sweep
+def _add_attack_sweep_parser(sub):
+    """`freezeasguard attack-sweep`: its subcommand and flags."""
     names = "\n".join(f"  {a.name:<14} {a.summary} (cost {a.cost():g}x)" for a in BUILTIN_ATTACKS.values())
     p = sub.add_parser("attack-sweep", help="does the protection hold against a stronger attacker? every method "
                                             "under every attack recipe, and the worst case",

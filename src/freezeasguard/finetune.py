@@ -129,6 +129,37 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
     return "full", Mask.none(named, base_fingerprint=base_fp)
 
 
+def _lora_targets(denoiser, active: Mask, lora: LoraSettings | None, as_attacker: bool):
+    """The modules a LoRA goes on (None: no LoRA) with the adapters added, and the LoRA's settings
+    (an attacker's rank is capped at its modules' size)."""
+    if lora is None or not lora.rank:
+        return None, lora
+    if as_attacker:
+        targets, lora = attacker_targets(denoiser, active, lora)
+    else:
+        targets = choose_targets(denoiser, active, lora)
+    add_lora(denoiser, targets, lora)
+    logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
+    return targets, lora
+
+
+def _user_data(components, data_dir, prior_data, subject, caption_column, cfg: FinetuneConfig, device):
+    """The user's data (and DreamBooth's prior images, a batch of each per step, weighted by
+    ``cfg.prior_weight``) and the mix that draws their batches."""
+    data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
+    domains = [Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)]
+    prior = load_image_captions(prior_data, caption_column=caption_column) if prior_data else None
+    if prior is not None:
+        domains.append(Domain("prior", EncodedData(prior, components, device), cfg.batch_size, cfg.prior_weight))
+    return data, prior, DomainMix(domains, NoiseSchedule.for_components(components), cfg.seed)
+
+
+def _sources(model_dir, data_dir, subject, prior_data) -> dict:
+    """What the manifest records of the inputs."""
+    return {"base_model": str(Path(model_dir).resolve()), "data": str(Path(data_dir).resolve()), "subject": subject,
+            "prior_data": str(Path(prior_data).resolve()) if prior_data else None}
+
+
 def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Mask | None = None,
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
@@ -150,14 +181,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     base_state = load_denoiser_state(model_dir)
     base_fp = fingerprint(base_state.items()) if mask is not None else None
     scheme, active = resolve_scheme(components.denoiser, mask, random_ratio, cfg.seed, full, budget, base_fp)
-    targets = None
-    if lora is not None and lora.rank:
-        if lora_as_attacker:
-            targets, lora = attacker_targets(components.denoiser, active, lora)
-        else:
-            targets = choose_targets(components.denoiser, active, lora)
-        add_lora(components.denoiser, targets, lora)
-        logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
+    targets, lora = _lora_targets(components.denoiser, active, lora, lora_as_attacker)
     frozen = active.frozen_names if targets is not None else active.apply(components.denoiser)
     logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
                 len(active.names), 100 * active.param_fraction)
@@ -168,13 +192,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                              "(each process then holds the frozen base, as data parallelism does)")
         shard_denoiser(components.denoiser)
         logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
-    data = load_image_captions(data_dir, subject=subject, caption_column=caption_column)
-    schedule = NoiseSchedule.for_components(components)
-    domains = [Domain("data", EncodedData(data, components, device), cfg.batch_size, 1.0)]
-    prior = load_image_captions(prior_data, caption_column=caption_column) if prior_data else None
-    if prior is not None:
-        domains.append(Domain("prior", EncodedData(prior, components, device), cfg.batch_size, cfg.prior_weight))
-    mix = DomainMix(domains, schedule, cfg.seed)
+    data, prior, mix = _user_data(components, data_dir, prior_data, subject, caption_column, cfg, device)
     work_dir = Path(work_dir) if work_dir else Path(str(out_dir) + ".work")
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device",
@@ -205,11 +223,9 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
         "scheme": scheme, "frozen_tensors": len(frozen), "tensors": len(active.names),
         "tensor_ratio": active.tensor_ratio, "frozen_param_fraction": active.param_fraction,
         "mask_fingerprint": active.base_fingerprint if scheme == "mask" else None,
-        "mask_meta": active.meta, "frozen_names": frozen,
-        "frozen_tensor_hashes": frozen_tensor_hashes(base_state, frozen),
-        "base_model": str(Path(model_dir).resolve()), "data": str(Path(data_dir).resolve()), "subject": subject,
-        "prior_data": str(Path(prior_data).resolve()) if prior_data else None,
-        "config": asdict(cfg), "final_loss": history[-1] if history else None,
+        "mask_meta": active.meta, "frozen_names": frozen, "frozen_tensor_hashes": frozen_tensor_hashes(base_state, frozen),
+        **_sources(model_dir, data_dir, subject, prior_data), "config": asdict(cfg),
+        "final_loss": history[-1] if history else None,
         "lora": {**asdict(lora), "modules": targets, "file": LORA_FILE} if targets is not None else None,
     }
     if dist.is_main() and targets is not None:

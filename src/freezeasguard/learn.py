@@ -190,12 +190,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     if cfg.gradient_checkpointing:
         components.denoiser.enable_gradient_checkpointing()
     components.denoiser.train()
-    if cfg.init_from == "saliency":     # at theta_ft: the parameters hold the warm start until the first re-mask
-        u = saliency_ranks(state, DomainMix(mix.domains[:1], schedule, cfg.seed + 2), schedule, device, amp,
-                           cfg.init_batches, per_parameter=cfg.budget == "params")
-    else:
-        u = torch.rand(len(state.params), generator=torch.Generator().manual_seed(cfg.seed))
-    state.logits = cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
+    state.logits = initial_logits(state, mix, schedule, device, amp, cfg)
     with torch.no_grad():
         remask_(state.local, state.theta_d, torch.zeros_like(state.logits), state.m)
 
@@ -207,9 +202,43 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
                                   f"or remove {work_dir} to start over.")
         start, history = _load_learn_checkpoint(ckpt, state, mix, cfg, sharded)
         logger.info("resumed mask learning at update %d/%d", start, cfg.mask_steps)
-    writer = _tensorboard(tensorboard_dir)
-    upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
+    # --- train: K mask updates, each L simulated-user steps and one logit step
+    history = run_mask_updates(state, mix, schedule, device, amp, cfg, start, history,
+                               lambda k, h: _save_learn_checkpoint(ckpt, state, mix, cfg, k, h, sharded),
+                               _tensorboard(tensorboard_dir))
 
+    # --- final mask: the top-k of the learned logits, or the knapsack over the parameter budget
+    mask = final_mask(state, shapes, cfg, base_fp, {"illegal": str(illegal_dir), "illegal_subject": illegal_subject,
+                                                    "innocent": [str(d) for d in innocent_dirs]})
+    if dist.is_main():
+        mask.save(out_path)
+        atomic_write_json(work_dir / "learn_history.json", history)
+    dist.barrier()
+    seconds = time.time() - t0
+    logger.info("mask: %d/%d tensors frozen (%.1f%% of tensors, %.1f%% of parameters), %d updates in %.1fs -> %s",
+                int(mask.frozen.sum()), len(mask.names), 100 * mask.tensor_ratio, 100 * mask.param_fraction,
+                cfg.mask_steps, seconds, out_path)
+    return LearnResult(mask, history, seconds)
+
+
+def initial_logits(state: BilevelState, mix: DomainMix, schedule, device, amp, cfg: LearnConfig) -> torch.Tensor:
+    """w at the start: w/T spread over [init_logit_low, init_logit_high], at random (the paper's
+    "random negative values") or by the saliency rank (the parameters hold theta_ft until the
+    first re-mask, so the ranking is at the warm start)."""
+    if cfg.init_from == "saliency":
+        u = saliency_ranks(state, DomainMix(mix.domains[:1], schedule, cfg.seed + 2), schedule, device, amp,
+                           cfg.init_batches, per_parameter=cfg.budget == "params")
+    else:
+        u = torch.rand(len(state.params), generator=torch.Generator().manual_seed(cfg.seed))
+    return cfg.temperature * (cfg.init_logit_low + (cfg.init_logit_high - cfg.init_logit_low) * u)
+
+
+def run_mask_updates(state: BilevelState, mix: DomainMix, schedule, device, amp, cfg: LearnConfig, start: int,
+                     history: list[dict], save_checkpoint_at, writer=None) -> list[dict]:
+    """Mask updates ``start`` .. K (Algorithm 1's loop), each recorded (domain losses, gradient
+    scales, soft and hard ratios); stops with DivergedError on a non-finite loss;
+    ``save_checkpoint_at(update, history)`` every ``checkpoint_every`` updates."""
+    upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
     lower_closure = _diffusion_closure(state, mix, schedule, device, amp)
     upper_closure = _diffusion_closure(state, mix, schedule, device, amp, sign=upper_sign)
     nd = len(mix.domains)
@@ -232,28 +261,22 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
             for key, v in record.items():
                 writer.add_scalar(f"learn/{key}", v, k + 1)
         if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps:
-            _save_learn_checkpoint(ckpt, state, mix, cfg, k + 1, history, sharded)
+            save_checkpoint_at(k + 1, history)
     if writer is not None:
         writer.close()
+    return history
 
-    # --- final mask: exact top-k of the learned logits
+
+def final_mask(state: BilevelState, shapes: dict, cfg: LearnConfig, base_fp: dict, inputs: dict) -> Mask:
+    """The mask the learned logits give (select_frozen: top-k, or the knapsack on soft masks), with
+    every setting and the inputs in its metadata."""
+    m = state.m
     meta = {"method": "learned", "hyperparameters": asdict(cfg), "seed": cfg.seed, "temperature": cfg.temperature,
-            "illegal": str(illegal_dir), "illegal_subject": illegal_subject,
-            "innocent": [str(d) for d in innocent_dirs], "final_soft_ratio": float(state.m.mean()),
-            "final_hard_ratio": float((state.m > 0.5).float().mean()), "mask_updates": cfg.mask_steps,
-            "final_soft_param_share": float(frozen_share(state.m, state.sizes))}
-    mask = Mask.from_scores([(n, shapes[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
+            **inputs, "final_soft_ratio": float(m.mean()), "final_hard_ratio": float((m > 0.5).float().mean()),
+            "mask_updates": cfg.mask_steps, "final_soft_param_share": float(frozen_share(m, state.sizes))}
+    return Mask.from_scores([(n, shapes[n]) for n, _ in state.named], state.logits.clone(), cfg.ratio,
                             cfg.budget, base_fingerprint=base_fp, meta=meta, selection=cfg.selection,
-                            values=state.m.double())
-    if dist.is_main():
-        mask.save(out_path)
-        atomic_write_json(work_dir / "learn_history.json", history)
-    dist.barrier()
-    seconds = time.time() - t0
-    logger.info("mask: %d/%d tensors frozen (%.1f%% of tensors, %.1f%% of parameters), %d updates in %.1fs -> %s",
-                int(mask.frozen.sum()), len(mask.names), 100 * mask.tensor_ratio, 100 * mask.param_fraction,
-                cfg.mask_steps, seconds, out_path)
-    return LearnResult(mask, history, seconds)
+                            values=m.double())
 
 
 def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batches: int,
