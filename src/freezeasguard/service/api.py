@@ -22,9 +22,10 @@ import secrets
 import shutil
 import zipfile
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, File, Header, HTTPException, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
@@ -57,7 +58,38 @@ def _public(job: dict) -> dict:
             "error": job["error"], "request": job["request"], "verify": result.get("verify")}
 
 
+@dataclass
+class Service:
+    """What every route needs: the settings, the state store, the model and its mask, the queue."""
+    settings: ServiceSettings
+    root: Path
+    model: Path
+    mask_path: Path
+    store: Store
+    queue: object | None
+
+    def tenant(self, authorization: str | None = Header(None)) -> int:
+        """The tenant whose API key the call carries (a FastAPI dependency)."""
+        key = (authorization or "").removeprefix("Bearer ").strip()
+        found = self.store.tenant_for_key(key) if key else None
+        if found is None:
+            raise HTTPException(401, "missing or unknown API key (Authorization: Bearer <key>)")
+        return found
+
+    def own_job(self, job_id: str, who: int) -> dict:
+        job = self.store.job(job_id, who)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    def enqueue(self, job_id: str):
+        if self.queue is not None:
+            self.queue.enqueue(run_queued_job, str(self.root), job_id, job_timeout=-1)
+
+
 def create_app(settings: ServiceSettings | None = None, start_worker: bool = True) -> FastAPI:
+    """setup (the mask checked against the model, the store, jobs a killed server left), then one
+    router per resource: datasets, jobs, results, the page."""
     s = settings or ServiceSettings()
     root = Path(s.root)
     model = Path(s.model) if s.model else TINY_SD
@@ -69,16 +101,16 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
     store = Store(root / "service.db")
     atomic_write_json(root / SETTINGS_FILE, {"model": str(model), "mask": str(mask_path),
                                              "checkpoint_every": s.checkpoint_every})
-    queue = redis_queue(s.queue) if s.queue else None
+    svc = Service(s, root, model, mask_path, store, redis_queue(s.queue) if s.queue else None)
     requeued = store.requeue_interrupted()
-    if queue is not None:       # the jobs a killed server left running go to the workers again
+    if svc.queue is not None:       # the jobs a killed server left running go to the workers again
         for job in store.queued():
-            queue.enqueue(run_queued_job, str(root), job["id"], job_timeout=-1)
+            svc.enqueue(job["id"])
     worker = Worker(store, model, mask_path, root, s.checkpoint_every)
 
     @asynccontextmanager
     async def lifespan(app):
-        if start_worker and queue is None:
+        if start_worker and svc.queue is None:
             worker.start()
         yield
         worker.stop()
@@ -87,23 +119,17 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
                   description="Guarded fine-tuning of the publisher's model under its mask; only results that "
                               "pass verification are released.")
     app.state.store, app.state.worker, app.state.settings, app.state.requeued = store, worker, s, requeued
+    for router in (datasets_router(svc), jobs_router(svc), results_router(svc), page_router()):
+        app.include_router(router)
+    return app
 
-    def tenant(authorization: str | None = Header(None)) -> int:
-        key = (authorization or "").removeprefix("Bearer ").strip()
-        found = store.tenant_for_key(key) if key else None
-        if found is None:
-            raise HTTPException(401, "missing or unknown API key (Authorization: Bearer <key>)")
-        return found
 
-    def own_job(job_id: str, who: int) -> dict:
-        job = store.job(job_id, who)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return job
+def datasets_router(svc: Service) -> APIRouter:
+    router, s = APIRouter(), svc.settings
 
-    @app.post("/datasets", status_code=201)
+    @router.post("/datasets", status_code=201)
     async def upload(file: UploadFile | None = File(None), files: list[UploadFile] | None = File(None),
-                     who: int = Depends(tenant)):
+                     who: int = Depends(svc.tenant)):
         """One archive (``file``), or loose ``files``: the images and a metadata.jsonl/.csv naming them."""
         limit = int(s.max_upload_mb * 2**20)
         if (file is None) == (not files):
@@ -114,30 +140,36 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
             if sum(len(d) for d in parts.values()) > limit:
                 raise HTTPException(413, f"the upload is larger than {s.max_upload_mb:g} MB")
         dataset_id = "ds_" + secrets.token_hex(8)
-        folder = root / "datasets" / dataset_id
+        folder = svc.root / "datasets" / dataset_id
         try:
             if file is not None:
                 size = unpack(parts[file.filename], folder, int(s.max_unpacked_mb * 2**20), s.max_files)
             else:
                 size = write_loose(parts, folder, s.max_files)
-            if store.storage_bytes(who) + size > s.max_storage_mb * 2**20:
+            if svc.store.storage_bytes(who) + size > s.max_storage_mb * 2**20:
                 raise UploadError(f"this upload would take the tenant past its {s.max_storage_mb:g} MB", 413)
             images = check_dataset(folder, s.max_image_pixels)
         except UploadError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise HTTPException(exc.status, str(exc)) from None
-        store.add_dataset(who, dataset_id, str(dataset_root(folder)), images, size)
+        svc.store.add_dataset(who, dataset_id, str(dataset_root(folder)), images, size)
         return {"id": dataset_id, "images": images, "bytes": size}
 
-    @app.get("/datasets/{dataset_id}")
-    def get_dataset(dataset_id: str, who: int = Depends(tenant)):
-        found = store.dataset(who, dataset_id)
+    @router.get("/datasets/{dataset_id}")
+    def get_dataset(dataset_id: str, who: int = Depends(svc.tenant)):
+        found = svc.store.dataset(who, dataset_id)
         if found is None:
             raise HTTPException(404, f"no dataset {dataset_id}")
         return {"id": found["id"], "images": found["images"], "bytes": found["bytes"]}
 
-    @app.post("/jobs", status_code=201)
-    def create_job(req: JobRequest, who: int = Depends(tenant)):
+    return router
+
+
+def jobs_router(svc: Service) -> APIRouter:
+    router, s, store = APIRouter(), svc.settings, svc.store
+
+    @router.post("/jobs", status_code=201)
+    def create_job(req: JobRequest, who: int = Depends(svc.tenant)):
         if store.dataset(who, req.dataset) is None:
             raise HTTPException(404, f"no dataset {req.dataset}")
         limits = [("steps", req.steps, s.max_steps), ("batch_size", req.batch_size, s.max_batch),
@@ -149,28 +181,27 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
             raise HTTPException(429, f"{s.max_active_jobs} jobs already queued or running; wait for one to end")
         job_id = "job_" + secrets.token_hex(8)
         store.add_job(who, job_id, req.dataset, req.model_dump())
-        if queue is not None:
-            queue.enqueue(run_queued_job, str(root), job_id, job_timeout=-1)
+        svc.enqueue(job_id)
         return _public(store.job(job_id))
 
-    @app.get("/jobs")
-    def list_jobs(who: int = Depends(tenant)):
+    @router.get("/jobs")
+    def list_jobs(who: int = Depends(svc.tenant)):
         return [_public(j) for j in store.jobs(who)]
 
-    @app.get("/jobs/{job_id}")
-    def get_job(job_id: str, who: int = Depends(tenant)):
-        return _public(own_job(job_id, who))
+    @router.get("/jobs/{job_id}")
+    def get_job(job_id: str, who: int = Depends(svc.tenant)):
+        return _public(svc.own_job(job_id, who))
 
-    @app.post("/jobs/{job_id}/cancel")
-    def cancel(job_id: str, who: int = Depends(tenant)):
-        job = own_job(job_id, who)
+    @router.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: str, who: int = Depends(svc.tenant)):
+        job = svc.own_job(job_id, who)
         if job["state"] in ACTIVE:
             store.update_job(job_id, state="cancelled")
         return _public(store.job(job_id))
 
-    @app.get("/jobs/{job_id}/events")
-    async def events(job_id: str, who: int = Depends(tenant)):
-        own_job(job_id, who)
+    @router.get("/jobs/{job_id}/events")
+    async def events(job_id: str, who: int = Depends(svc.tenant)):
+        svc.own_job(job_id, who)
 
         async def stream():
             last = None
@@ -184,16 +215,22 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
                 await asyncio.sleep(0.3)
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.get("/jobs/{job_id}/result")
-    def result(job_id: str, who: int = Depends(tenant)):
-        job = own_job(job_id, who)
+    return router
+
+
+def results_router(svc: Service) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/jobs/{job_id}/result")
+    def result(job_id: str, who: int = Depends(svc.tenant)):
+        job = svc.own_job(job_id, who)
         if job["state"] != "done":
             raise HTTPException(409, f"job {job_id} is {job['state']}; only a finished, verified result is released")
         out = Path(job["result"]["path"])
         # released only as verified: the files must still be the ones that passed, and pass again
         if file_hashes(out) != job["result"]["hashes"]:
             raise HTTPException(409, "the result changed on disk since it was verified; it is not released")
-        report = verify_output(model, mask_path, out)
+        report = verify_output(svc.model, svc.mask_path, out)
         if not report["compliant"]:
             raise HTTPException(409, "the result no longer passes verification; it is not released")
         buf = io.BytesIO()
@@ -205,9 +242,9 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
         return Response(buf.getvalue(), media_type="application/zip",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}.zip"'})
 
-    @app.get("/jobs/{job_id}/samples")
-    def samples(job_id: str, prompt: str = "a photo of a person", who: int = Depends(tenant)):
-        job = own_job(job_id, who)
+    @router.get("/jobs/{job_id}/samples")
+    def samples(job_id: str, prompt: str = "a photo of a person", who: int = Depends(svc.tenant)):
+        job = svc.own_job(job_id, who)
         if job["state"] != "done":
             raise HTTPException(409, f"job {job_id} is {job['state']}; samples come from a finished job")
         images = generate_images(load_pipeline(job["result"]["path"]), [prompt[:300]], steps=20, seed=0,
@@ -216,8 +253,14 @@ def create_app(settings: ServiceSettings | None = None, start_worker: bool = Tru
         grid_image(images).save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @app.get("/", include_in_schema=False)
+    return router
+
+
+def page_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
     def page():
         return FileResponse(Path(__file__).parent / "static" / "index.html")
 
-    return app
+    return router
