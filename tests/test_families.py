@@ -291,3 +291,18 @@ def test_sharded_mask_learning_in_two_processes_gives_the_mask_of_one(people, lo
     a, b = Mask.load(tmp_path / "one.safetensors"), Mask.load(tmp_path / "two.safetensors")
     assert torch.equal(a.frozen, b.frozen)
     torch.testing.assert_close(a.logits, b.logits, rtol=1e-3, atol=1e-4)
+
+
+def test_validation_images_use_the_familys_own_pipeline_with_the_loaded_parts(tiny, tmp_path):
+    """finetune --validation-prompt builds a pipeline over the components being trained: it must be
+    the family's own class (an SD pipeline cannot call a transformer) and sample what the folder's
+    pipeline samples from the same weights."""
+    from freezeasguard.generate import generate_images, pipeline_from_components
+    family, model = tiny
+    comps = load_model(model)
+    pipe = pipeline_from_components(comps)
+    assert type(pipe).__name__ == FAMILIES[family].pipeline_classes[0]
+    assert getattr(pipe, FAMILIES[family].denoiser_folder) is comps.denoiser
+    ours = generate_images(pipe, ["a photo of mara quell"], steps=2, seed=3, guidance=1.0)[0]
+    folder = generate_images(load_pipeline(model), ["a photo of mara quell"], steps=2, seed=3, guidance=1.0)[0]
+    assert list(ours.getdata()) == list(folder.getdata())

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .families import FAMILIES
 from .io import atomic_write_json
 from .lora import lora_base
 from .models import image_side, model_family, require_pipeline_dir
@@ -37,15 +38,22 @@ def load_pipeline(path, device="cpu"):
 
 
 def pipeline_from_components(components):
+    """A pipeline of the components' own family over the loaded parts (validation images during
+    fine-tuning): the class the family's folders name, its denoiser, text encoders, tokenizers,
+    VAE and the folder's own sampler."""
     import diffusers
 
+    family = FAMILIES[components.family]
     # the folder's own sampler (PNDM in SD's folders): a schedule such as zero terminal SNR exists
     # only in the classes that implement it, and another class would sample from other noise levels
     sampler = getattr(diffusers, components.scheduler_config.get("_class_name") or "PNDMScheduler")
-    pipe = diffusers.StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
-                                   tokenizer=components.tokenizer, unet=components.denoiser,
-                                   scheduler=sampler.from_config(components.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    parts = {family.denoiser_folder: components.denoiser, "vae": components.vae,
+             "scheduler": sampler.from_config(components.scheduler_config)}
+    for (encoder, tokenizer), e, t in zip(family.encoders, components.text_encoders, components.tokenizers):
+        parts[encoder], parts[tokenizer] = e, t
+    if components.family == "sd":
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, family.pipeline_classes[0])(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
