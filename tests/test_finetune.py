@@ -36,7 +36,14 @@ def test_pipeline_output_loads_with_from_pretrained(tiny_sd, people, tmp_path):
     out = tmp_path / "ft"
     guarded_finetune(tiny_sd, people, out, _cfg(steps=1), random_ratio=0.5)
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
-    assert pipe.unet.config.sample_size == 8
+    # what from_pretrained loads is the fine-tuned denoiser, and the other parts are the base's
+    tuned, base = load_denoiser_state(out), load_denoiser_state(tiny_sd)
+    loaded = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(loaded[n].detach(), tuned[n]) for n in tuned)
+    assert any(not torch.equal(tuned[n], base[n]) for n in tuned)
+    from freezeasguard.models import load_model
+    base_vae = load_model(tiny_sd).vae.state_dict()
+    assert all(torch.equal(v, base_vae[k]) for k, v in pipe.vae.state_dict().items())
 
 
 def test_a_moved_frozen_tensor_fails_the_run():
