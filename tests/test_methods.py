@@ -182,3 +182,15 @@ def test_smallest_freezes_the_most_tensors_a_parameter_budget_buys(tiny_sd, peop
     assert max(sizes[n] for n in frozen) <= min(free)       # no larger tensor frozen before a smaller one
     assert all(n in frozen for n in sizes if tensor_kind(n) in ("bias", "norm"))
     assert sum(sizes[n] for n in frozen) <= 0.3 * sum(sizes.values()) < sum(sizes[n] for n in frozen) + min(free)
+
+
+def test_learned_masks_of_several_ratios_share_one_warm_start(tiny_sd, people, logos, tmp_path, monkeypatch):
+    import freezeasguard.learn as learn
+    calls = []
+    real = learn._warm_start
+    monkeypatch.setattr(learn, "_warm_start", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
+    s = ProtectSettings(warm_start_steps=2, mask_steps=1, inner_steps=1, mask_batch=2, warm_start_batch=2)
+    a = protect("learned", tiny_sd, people, [logos], [], 0.3, tmp_path, s, device="cpu")
+    b = protect("learned", tiny_sd, people, [logos], [], 0.5, tmp_path, s, device="cpu")
+    assert calls == [tmp_path / "learned" / "warm_start"]          # made once, where both ratios read it
+    assert int(a.mask.frozen.sum()) == round(0.3 * 686) and int(b.mask.frozen.sum()) == round(0.5 * 686)

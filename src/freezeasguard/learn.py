@@ -142,7 +142,10 @@ def _domains(components, device, illegal, innocent, batch_size, cfg: LearnConfig
 def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: LearnConfig,
                illegal_subject: str | None = None, finetuned_dir=None, work_dir=None,
                resume: bool = False, caption_column: str = "text", tensorboard_dir=None,
-               overwrite: bool = False) -> LearnResult:
+               overwrite: bool = False, warm_start_dir=None) -> LearnResult:
+    """Learn a mask (Algorithm 1, corrected). theta_ft is ``finetuned_dir`` if given, else the warm
+    start, written to (or, when already there, read from) ``warm_start_dir`` (default
+    WORK/warm_start), so several masks of one base can share one warm start."""
     t0 = time.time()
     dist.init_from_env()
     device = resolve_device(cfg.device)
@@ -165,7 +168,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
 
     # --- warm_start: theta_ft by full fine-tuning on illegal + innocent (or a given checkpoint)
     if finetuned_dir is None:
-        finetuned_dir = work_dir / "warm_start"
+        finetuned_dir = Path(warm_start_dir) if warm_start_dir else work_dir / "warm_start"
         if not has_denoiser(finetuned_dir):
             _warm_start(model_dir, illegal, innocent, cfg, device, finetuned_dir, work_dir, resume)
         else:

@@ -5,7 +5,7 @@ import torch
 
 from ..learn import LearnConfig, learn_mask
 from ..mask import Mask
-from ..models import fingerprint, has_denoiser, load_denoiser_state, load_model
+from ..models import fingerprint, load_denoiser_state, load_model
 from ..settings import copy_fields
 from .registry import MethodInputs, Protection, register
 
@@ -50,14 +50,10 @@ def _by_size(inputs: MethodInputs, sign: float, method: str) -> Protection:
 @register("learned", uses_ratio=True, summary="FreezeAsGuard: the mask learned by bilevel optimisation")
 def learned(inputs: MethodInputs) -> Protection:
     cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=inputs.device)
-    # the warm start (theta_ft) depends on the base model only, so every ratio shares it
-    warm = inputs.work_dir / "warm-start"
+    # the warm start (theta_ft) depends on the base model and data only, so every ratio shares it
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"
     result = learn_mask(inputs.model, inputs.illegal, inputs.innocent, path, cfg,
-                        finetuned_dir=warm if has_denoiser(warm) else None,
-                        work_dir=inputs.work_dir / f"learned-{inputs.ratio:g}.work", resume=True)
-    produced = inputs.work_dir / f"learned-{inputs.ratio:g}.work" / "warm_start"
-    if not has_denoiser(warm) and produced.exists():
-        produced.rename(warm)
+                        work_dir=inputs.work_dir / f"learned-{inputs.ratio:g}.work", resume=True,
+                        warm_start_dir=inputs.work_dir / "warm_start")
     result.mask.plot(inputs.work_dir / f"learned-{inputs.ratio:g}.png")
     return Protection(mask=result.mask)
