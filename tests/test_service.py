@@ -13,7 +13,7 @@ from freezeasguard.cli import main
 from freezeasguard.mask import Mask
 from freezeasguard.models import load_denoiser_state
 from freezeasguard.service.api import create_app
-from freezeasguard.service.settings import ServiceSettings
+from freezeasguard.service.settings import ServiceConfig
 from freezeasguard.service.store import Store
 
 
@@ -30,7 +30,7 @@ def zip_folder(folder, extra: dict | None = None) -> bytes:
 @pytest.fixture()
 def service(tiny_sd, tmp_path):
     mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
-    settings = ServiceSettings(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2,
+    settings = ServiceConfig(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2,
                                max_steps=50, max_active_jobs=2)
     store = Store(tmp_path / "svc" / "service.db")
     keys = {name: store.add_tenant(name) for name in ("alice", "bob")}
@@ -280,7 +280,7 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     assert browser and driver_path, "install Debian's chromium and chromium-driver (apt-get install -y ...)"
     mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
-    settings = ServiceSettings(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2)
+    settings = ServiceConfig(root=str(tmp_path / "svc"), model=str(tiny_sd), mask=str(mask), checkpoint_every=2)
     key = Store(tmp_path / "svc" / "service.db").add_tenant("alice")
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -353,7 +353,7 @@ def test_with_a_redis_queue_a_worker_in_another_process_runs_the_job(tiny_sd, pe
             time.sleep(0.05)
         mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
         root = tmp_path / "svc"
-        settings = ServiceSettings(root=str(root), model=str(tiny_sd), mask=str(mask), queue=url)
+        settings = ServiceConfig(root=str(root), model=str(tiny_sd), mask=str(mask), queue=url)
         key = Store(root / "service.db").add_tenant("alice")
         with TestClient(create_app(settings)) as client:
             ds = upload(client, key, zip_folder(people)).json()

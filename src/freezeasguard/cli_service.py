@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .service.settings import ServiceSettings
+from .service.settings import ServiceConfig
 from .settings import add_flags, from_args
 
 
@@ -19,19 +19,19 @@ def add_parsers(sub):
                                    "Without --model/--mask: the shipped tiny model and its learned mask.\n\n"
                                    "API docs: http://HOST:PORT/docs once it runs. Make a tenant's key first:\n"
                                    "  freezeasguard tenant add alice --root freezeasguard-service")
-    add_flags(p.add_argument_group("service (each flag is a field of ServiceSettings)"), ServiceSettings)
+    add_flags(p.add_argument_group("service (each flag is a field of ServiceConfig)"), ServiceConfig)
     p = sub.add_parser("tenant", help="manage the service's tenants (API keys)")
     tsub = p.add_subparsers(dest="tenant_command", required=True, metavar="ACTION")
     t = tsub.add_parser("add", help="add a tenant and print its API key (stored only as a hash; shown once)")
     t.add_argument("name")
-    t.add_argument("--root", default=ServiceSettings().root, help="the service's folder (as serve --root)")
+    t.add_argument("--root", default=ServiceConfig().root, help="the service's folder (as serve --root)")
 
 
     p = sub.add_parser("worker", help="run the service's queued jobs (with serve --queue redis://...)",
                        description="An RQ worker for the jobs `freezeasguard serve --queue URL` puts in Redis. Run one "
                                    "per GPU (pin it with CUDA_VISIBLE_DEVICES), on any machine that shares --root "
                                    "(the datasets, outputs and state live there).")
-    p.add_argument("--root", default=ServiceSettings().root, help="the service's folder (as serve --root)")
+    p.add_argument("--root", default=ServiceConfig().root, help="the service's folder (as serve --root)")
     p.add_argument("--queue", required=True, help="the Redis URL serve was given, e.g. redis://127.0.0.1:6379/0")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty (tests, batch runs)")
 
@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from .service.api import create_app
-    settings = from_args(ServiceSettings, args)
+    settings = from_args(ServiceConfig, args)
     app = create_app(settings)
     logging.getLogger(__name__).info("serving on http://%s:%d (docs at /docs); %d interrupted jobs requeued",
                                      settings.host, settings.port, app.state.requeued)

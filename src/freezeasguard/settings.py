@@ -1,6 +1,10 @@
 """Each setting is defined once, as a dataclass field with its help text; the command-line flags
 (and the experiment config's keys, which are field names) are generated from the dataclasses.
 
+Names: a ``*Config`` holds everything one run of a command takes (LearnConfig, FinetuneConfig,
+ExperimentConfig, ServiceConfig); a ``*Settings`` is a group of settings that configs share
+(RunSettings, MaskLearningSettings, ProtectSettings, LoraSettings).
+
     @dataclass
     class FinetuneConfig:
         lr: float = setting(1e-5, "AdamW learning rate")

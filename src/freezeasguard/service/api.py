@@ -35,7 +35,7 @@ from ..mask import Mask
 from ..models import fingerprint, load_denoiser_state
 from ..synthetic import TINY_SD
 from .jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
-from .settings import ServiceSettings
+from .settings import ServiceConfig
 from .store import ACTIVE, TERMINAL, Store
 from .uploads import UploadError, check_dataset, dataset_root, unpack, write_loose
 
@@ -61,7 +61,7 @@ def _public(job: dict) -> dict:
 @dataclass
 class Service:
     """What every route needs: the settings, the state store, the model and its mask, the queue."""
-    settings: ServiceSettings
+    settings: ServiceConfig
     root: Path
     model: Path
     mask_path: Path
@@ -87,10 +87,10 @@ class Service:
             self.queue.enqueue(run_queued_job, str(self.root), job_id, job_timeout=-1)
 
 
-def create_app(settings: ServiceSettings | None = None, start_worker: bool = True) -> FastAPI:
+def create_app(settings: ServiceConfig | None = None, start_worker: bool = True) -> FastAPI:
     """setup (the mask checked against the model, the store, jobs a killed server left), then one
     router per resource: datasets, jobs, results, the page."""
-    s = settings or ServiceSettings()
+    s = settings or ServiceConfig()
     root = Path(s.root)
     model = Path(s.model) if s.model else TINY_SD
     mask_path = Path(s.mask) if s.mask else SHIPPED_MASK

@@ -7,7 +7,7 @@ from ..settings import setting
 
 
 @dataclass
-class ServiceSettings:
+class ServiceConfig:
     root: str = setting("freezeasguard-service", "folder for the database, datasets and job outputs (created)")
     model: str | None = setting(None, "the base pipeline users fine-tune; none: the shipped tiny model")
     mask: str | None = setting(None, "the mask every job runs under; none: the shipped tiny model's learned mask")
