@@ -143,18 +143,16 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
                illegal_subject: str | None = None, finetuned_dir=None, work_dir=None,
                resume: bool = False, caption_column: str = "text", tensorboard_dir=None,
                overwrite: bool = False, warm_start_dir=None) -> LearnResult:
-    """Learn a mask (Algorithm 1, corrected). theta_ft is ``finetuned_dir`` if given, else the warm
-    start, written to (or, when already there, read from) ``warm_start_dir`` (default
-    WORK/warm_start), so several masks of one base can share one warm start."""
+    """Algorithm 1, corrected; theta_ft: ``finetuned_dir``, else the warm start in ``warm_start_dir`` (shareable)."""
     t0 = time.time()
     dist.init_from_env()
     device = resolve_device(cfg.device)
     out_path = prepare_output_file(out_path, {"--model": model_dir, "--illegal": illegal_dir, "--innocent": innocent_dirs,
                                               "--finetuned": finetuned_dir}, overwrite or resume)
-    work_dir = Path(work_dir) if work_dir else out_path.with_name(out_path.name + ".work")
-    work_dir.mkdir(parents=True, exist_ok=True)
     if not innocent_dirs:
         raise ValueError("mask learning needs at least one --innocent domain")
+    work_dir = Path(work_dir) if work_dir else out_path.with_name(out_path.name + ".work")
+    work_dir.mkdir(parents=True, exist_ok=True)
 
     # --- setup
     illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column,
@@ -197,8 +195,7 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     with torch.no_grad():
         remask_(state.local, state.theta_d, torch.zeros_like(state.logits), state.m)
 
-    ckpt = work_dir / "learn_checkpoint.safetensors"
-    start, history = 0, []
+    ckpt, start, history = work_dir / "learn_checkpoint.safetensors", 0, []
     if checkpoint_exists(ckpt, sharded):
         if not resume:
             raise FileExistsError(f"{ckpt} exists from an earlier run: pass --resume to continue it, "
