@@ -99,11 +99,11 @@ class DomainMix:
             s.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"sampler{i}.")})
 
 
-def weighted_loss(unet, batch: LocalBatch, schedule: NoiseSchedule, autocast_dtype=None):
+def weighted_loss(denoiser, batch: LocalBatch, schedule: NoiseSchedule, autocast_dtype=None):
     """This rank's share of the weighted loss, and the per-sample losses (detached) for logging."""
     device_type = batch.latents.device.type
     with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        per_sample = diffusion_loss(unet, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
+        per_sample = diffusion_loss(denoiser, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
     return (per_sample * batch.weights).sum(), per_sample.detach()
 
 

@@ -43,11 +43,11 @@ def _peft_matches(spec: str, name: str) -> bool:
     return re.fullmatch(spec, name) is not None
 
 
-def choose_targets(unet, mask: Mask, settings: LoraSettings) -> list[str]:
+def choose_targets(denoiser, mask: Mask, settings: LoraSettings) -> list[str]:
     """The modules to put adapters on: requested (or default) Linear/Conv2d modules, every one
     of them trainable under the mask; a frozen request is an error naming it."""
     frozen = set(mask.frozen_names)
-    able = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    able = {n: m for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     blocked = {n for n, m in able.items() if any(f"{n}.{k}" in frozen for k, _ in m.named_parameters())}
     if settings.targets:
         chosen = [n for n in able if _peft_matches(settings.targets, n)]
@@ -74,13 +74,13 @@ class NoAllowedModules(ValueError):
     """An attacker's LoRA recipe finds no module the mask leaves trainable."""
 
 
-def attacker_targets(unet, mask: Mask, settings: LoraSettings) -> tuple[list[str], LoraSettings]:
+def attacker_targets(denoiser, mask: Mask, settings: LoraSettings) -> tuple[list[str], LoraSettings]:
     """What an illegal user gets from a LoRA recipe under the mask: the requested (or default)
     modules the mask leaves fully trainable, frozen ones left out rather than refused, and the
     rank capped at the smallest chosen module (a rank-128 recipe on a model whose projections
     are 32 wide is a rank-32 LoRA). NoAllowedModules when nothing is left."""
     frozen = set(mask.frozen_names)
-    able = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    able = {n: m for n, m in denoiser.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     allowed = [n for n, m in able.items() if not any(f"{n}.{k}" in frozen for k, _ in m.named_parameters())]
     if settings.targets:
         chosen = [n for n in allowed if _peft_matches(settings.targets, n)]
@@ -93,21 +93,21 @@ def attacker_targets(unet, mask: Mask, settings: LoraSettings) -> tuple[list[str
     return chosen, LoraSettings(rank=min(settings.rank, cap), alpha=settings.alpha, targets=settings.targets)
 
 
-def add_lora(unet, targets: list[str], settings: LoraSettings) -> None:
+def add_lora(denoiser, targets: list[str], settings: LoraSettings) -> None:
     """Freeze every UNet weight and put a fresh LoRA (peft) on exactly ``targets``."""
     from peft import LoraConfig  # imports transformers (seconds): only guarded LoRA pays for it
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
                                 target_modules=list(targets), init_lora_weights=True))
-    for name, p in unet.named_parameters():
+    for name, p in denoiser.named_parameters():
         p.requires_grad_("lora_" in name)
 
 
-def base_weights_moved(unet, base: dict[str, torch.Tensor]) -> list[str]:
+def base_weights_moved(denoiser, base: dict[str, torch.Tensor]) -> list[str]:
     """UNet weights (under their plain names) that differ from the base model's: none, after a LoRA."""
     moved = []
-    for name, p in unet.named_parameters():
+    for name, p in denoiser.named_parameters():
         if "lora_" in name:
             continue
         plain = name.replace(".base_layer", "")

@@ -11,9 +11,9 @@ from .shard import is_sharded, local
 OPTIMIZERS = ("adamw", "sgd", "adafactor", "prodigy")
 
 
-def build_optimizer(unet, cfg) -> torch.optim.Optimizer:
+def build_optimizer(denoiser, cfg) -> torch.optim.Optimizer:
     """The chosen optimizer over trainable tensors only: frozen tensors appear in no param group."""
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("every denoiser tensor is frozen; nothing to fine-tune")
     if cfg.optimizer == "sgd":
@@ -36,13 +36,13 @@ def build_optimizer(unet, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def checkpoint_tensors(unet, optimizer, mix, step: int, scaler=None) -> dict:
+def checkpoint_tensors(denoiser, optimizer, mix, step: int, scaler=None) -> dict:
     """Trainable weights, the optimizer's state (per tensor, and the numbers some optimizers keep
     per group, such as Prodigy's step-size estimate), the data order and the step: a resume is
     bit-exact whatever the optimizer. Of a sharded model, this rank's shards only ("#shard" marks
     optimizer state kept as shards of a parameter-shaped tensor)."""
-    names = {p: n for n, p in unet.named_parameters()}
-    tensors = {f"param/{n}": local(p).detach() for n, p in unet.named_parameters() if p.requires_grad}
+    names = {p: n for n, p in denoiser.named_parameters()}
+    tensors = {f"param/{n}": local(p).detach() for n, p in denoiser.named_parameters() if p.requires_grad}
     for p, state in optimizer.state.items():
         for k, v in state.items():
             # "@" marks a Python number (Adafactor counts steps in an int): restored as one
@@ -73,9 +73,9 @@ def _restored(key: str, value: torch.Tensor, p):
     return value if key == "step" else value.to(p.device)
 
 
-def restore_checkpoint(state: dict[str, torch.Tensor], unet, optimizer, mix) -> int:
+def restore_checkpoint(state: dict[str, torch.Tensor], denoiser, optimizer, mix) -> int:
     """Put back what checkpoint_tensors saved (this rank's shards, for a sharded model); returns the step."""
-    params = dict(unet.named_parameters())
+    params = dict(denoiser.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
             if key.startswith("param/"):

@@ -68,15 +68,15 @@ class Adapter:
         self.handles = []
 
 
-def target_modules(unet, pattern: str) -> dict[str, torch.nn.Linear]:
+def target_modules(denoiser, pattern: str) -> dict[str, torch.nn.Linear]:
     regex = re.compile(pattern)
-    found = {n: m for n, m in unet.named_modules() if regex.search(n) and isinstance(m, torch.nn.Linear)}
+    found = {n: m for n, m in denoiser.named_modules() if regex.search(n) and isinstance(m, torch.nn.Linear)}
     if not found:
         raise ValueError(f"imma_targets {pattern!r} matches no Linear module of the UNet")
     return found
 
 
-def adapt(unet, modules, draw_loss, steps: int, lr: float, kind: str, rank: int, seed: int) -> Adapter:
+def adapt(denoiser, modules, draw_loss, steps: int, lr: float, kind: str, rank: int, seed: int) -> Adapter:
     """The simulated attack: ``steps`` Adam steps on a fresh adapter; returns it still attached."""
     adapter = Adapter(modules, kind, rank, torch.Generator().manual_seed(seed))
     opt = torch.optim.Adam(adapter.parameters(), lr=lr)
@@ -88,33 +88,33 @@ def adapt(unet, modules, draw_loss, steps: int, lr: float, kind: str, rank: int,
     return adapter
 
 
-def adapted_loss(unet, modules, draw_loss, eval_loss, steps: int, lr: float, kind: str = "lora", rank: int = 4,
+def adapted_loss(denoiser, modules, draw_loss, eval_loss, steps: int, lr: float, kind: str = "lora", rank: int = 4,
                  seed: int = 0) -> float:
     """Illegal loss after an attacker's ``steps`` adaptation steps (the quantity IMMA raises)."""
-    requires = [p.requires_grad for p in unet.parameters()]
-    unet.requires_grad_(False)
-    adapter = adapt(unet, modules, draw_loss, steps, lr, kind, rank, seed)
+    requires = [p.requires_grad for p in denoiser.parameters()]
+    denoiser.requires_grad_(False)
+    adapter = adapt(denoiser, modules, draw_loss, steps, lr, kind, rank, seed)
     with torch.no_grad():
         value = float(eval_loss())
     adapter.remove()
-    for p, r in zip(unet.parameters(), requires):
+    for p, r in zip(denoiser.parameters(), requires):
         p.requires_grad_(r)
     return value
 
 
-def immunize(unet, modules, draw_illegal, draw_innocent, steps: int, inner_steps: int, inner_lr: float, lr: float,
+def immunize(denoiser, modules, draw_illegal, draw_innocent, steps: int, inner_steps: int, inner_lr: float, lr: float,
              kind: str = "lora", rank: int = 4, preserve_weight: float = 0.0, seed: int = 0) -> list[dict]:
     """IMMA's outer loop, in place on the target modules' weights; returns the per-step history."""
     if preserve_weight and draw_innocent is None:
         raise ValueError("imma_preserve_weight > 0 needs innocent data")
-    unet.requires_grad_(False)
+    denoiser.requires_grad_(False)
     theta = [m.weight for m in modules.values()]
     opt = torch.optim.Adam(theta, lr=lr)
     history = []
     for step in tqdm(range(steps), desc="IMMA"):
         for w in theta:
             w.requires_grad_(False)        # the attack trains the adapter only
-        adapter = adapt(unet, modules, draw_illegal, inner_steps, inner_lr, kind, rank, seed * 100003 + step)
+        adapter = adapt(denoiser, modules, draw_illegal, inner_steps, inner_lr, kind, rank, seed * 100003 + step)
         for w in theta:
             w.requires_grad_(True)
         for t in adapter.parameters():

@@ -26,15 +26,15 @@ def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | No
     return scores
 
 
-def gradient_norms(unet, mix, schedule, batches: int, device) -> torch.Tensor:
+def gradient_norms(denoiser, mix, schedule, batches: int, device) -> torch.Tensor:
     """Per-tensor norm of the loss gradient summed over ``batches`` draws of ``mix``."""
 
-    params = [p for _, p in unet.named_parameters()]
+    params = [p for _, p in denoiser.named_parameters()]
     for p in params:
         p.requires_grad_(True)
         p.grad = None
     for _ in range(batches):
-        loss, _ = weighted_loss(unet, mix.draw(device), schedule)
+        loss, _ = weighted_loss(denoiser, mix.draw(device), schedule)
         (loss / batches).backward()
     norms = torch.stack([p.grad.detach().norm() if p.grad is not None else torch.zeros((), device=p.device)
                          for p in params]).cpu()
