@@ -160,7 +160,7 @@ def test_normalized_parameter_sparsity_pulls_each_tensor_in_proportion_to_its_si
     m = torch.full((4,), 0.5)
     sizes = torch.tensor([1, 1, 10, 100])
     grad, _ = logit_gradient(torch.zeros(4), m, 0.2, 0.3, 5.0, normalize=True, numel=sizes)
-    torch.testing.assert_close(grad / grad[0], sizes.double().float() / 1.0)
+    torch.testing.assert_close(grad / grad[0], sizes.float())
     tensors, _ = logit_gradient(torch.zeros(4), m, 0.2, 0.3, 5.0, normalize=True)
     # averaged over tensors the two pulls agree when every tensor has the same m: mean(n_i / mean(n)) = 1
     torch.testing.assert_close(grad.mean(), tensors.mean())

@@ -170,7 +170,7 @@ def test_prompt_and_attribute_accuracy_by_hand():
 
 @pytest.mark.parametrize("domain", ["logos", "clothes"])
 def test_brands_are_seeded_named_and_told_apart_by_their_design(domain):
-    from freezeasguard.synthetic.world import DESIGN_ATTRIBUTES, make_brands
+    from freezeasguard.synthetic.brands import DESIGN_ATTRIBUTES, make_brands
     brands = make_brands(domain, 0)
     assert brands == make_brands(domain, 0) and brands != make_brands(domain, 1)
     assert len({b.name for b in brands}) == len(brands)
@@ -186,7 +186,7 @@ def test_brands_are_seeded_named_and_told_apart_by_their_design(domain):
 def test_brand_renders_show_the_design_and_captions_name_the_brand(domain):
     import random
 
-    from freezeasguard.synthetic.world import make_brands, render_brand
+    from freezeasguard.synthetic.brands import make_brands, render_brand
     brand = make_brands(domain, 3)[0]
     rng = random.Random(0)
     for _ in range(10):

@@ -1,11 +1,14 @@
 """The maths of the bilevel mask learning (Algorithm 1, corrected): small pure functions, each
-tested against autograd, and the two-copy state they act on (theta(m) and theta_d)."""
+tested against autograd, and the two-copy state they act on (theta(m) and theta_d) with its
+resumable checkpoint."""
 from __future__ import annotations
+
+import json
 
 import torch
 
 from . import dist
-from .shard import is_sharded, local, shard_like
+from .shard import is_sharded, load_checkpoint, local, save_checkpoint, shard_like
 
 # ------------------------------------------------------------------------------------------
 # The maths: small pure functions, each tested against autograd
@@ -154,3 +157,31 @@ class BilevelState:
         """<gradient_i, theta_d_i> for every tensor (over all shards). Overwrites the gradient buffer."""
         dots = per_tensor_dots(self.flat_grad, self.flat_theta_d, self.lengths)
         return dist.all_reduce_sum_(dots) if self.sharded else dots
+
+
+def save_bilevel_checkpoint(path, state: BilevelState, mix, resume_key: dict, update: int, history: list,
+                            sharded: bool):
+    """The logits, theta_d and the weights theta(m) (of a sharded model: this rank's shards), the
+    data order and the settings: what a bit-exact resume needs, and what it must match."""
+    tensors = {"logits": state.logits, "theta_d": state.flat_theta_d, "update": torch.tensor([update])}
+    tensors.update({f"param/{n}": t.detach() for (n, _), t in zip(state.named, state.local)})
+    tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
+    meta = {"config": json.dumps(resume_key), "history": json.dumps(history)}
+    save_checkpoint(path, tensors, update, sharded, meta)
+
+
+def load_bilevel_checkpoint(path, state: BilevelState, mix, resume_key: dict, sharded: bool) -> tuple[int, list]:
+    """Restore what save_bilevel_checkpoint wrote; a checkpoint made with other settings is refused."""
+    tensors, meta = load_checkpoint(path, sharded)
+    saved = json.loads(meta["config"])
+    if saved != resume_key:
+        diff = {k: (saved.get(k), v) for k, v in resume_key.items() if saved.get(k) != v}
+        raise ValueError(f"cannot resume {path}: settings differ from the interrupted run {diff} "
+                         f"(checkpoint value, now).")
+    with torch.no_grad():
+        state.logits = tensors["logits"].clone()
+        state.flat_theta_d.copy_(tensors["theta_d"])
+        for (n, _), t in zip(state.named, state.local):
+            t.copy_(tensors[f"param/{n}"])
+    mix.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mix/")})
+    return int(tensors["update"][0]), json.loads(meta["history"])

@@ -17,7 +17,6 @@ Named steps: setup -> warm_start -> init_state -> (lower_step x L, upper_step) x
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,17 +27,18 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
-from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, per_tensor_dots, remask_
+from .bilevel import (BilevelState, frozen_share, load_bilevel_checkpoint, logit_gradient, lower_update_,
+                      per_tensor_dots, remask_, save_bilevel_checkpoint)
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig
-from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
 from .io import atomic_write_json
 from .mask import BUDGETS, SELECTIONS, Mask, check_ratio
 from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import copy_fields, setting
-from .shard import checkpoint_exists, full_state, load_checkpoint, plain_copy, save_checkpoint, shard_denoiser
+from .shard import checkpoint_exists, full_state, plain_copy, shard_denoiser
+from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -200,11 +200,11 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
         if not resume:
             raise FileExistsError(f"{ckpt} exists from an earlier run: pass --resume to continue it, "
                                   f"or remove {work_dir} to start over.")
-        start, history = _load_learn_checkpoint(ckpt, state, mix, cfg, sharded)
+        start, history = load_bilevel_checkpoint(ckpt, state, mix, cfg.resume_key(), sharded)
         logger.info("resumed mask learning at update %d/%d", start, cfg.mask_steps)
     # --- train: K mask updates, each L simulated-user steps and one logit step
     history = run_mask_updates(state, mix, schedule, device, amp, cfg, start, history,
-                               lambda k, h: _save_learn_checkpoint(ckpt, state, mix, cfg, k, h, sharded),
+                               lambda k, h: save_bilevel_checkpoint(ckpt, state, mix, cfg.resume_key(), k, h, sharded),
                                _tensorboard(tensorboard_dir))
 
     # --- final mask: the top-k of the learned logits, or the knapsack over the parameter budget
@@ -385,32 +385,6 @@ def _warm_start(model_dir, illegal, innocent, cfg: LearnConfig, device, out_dir:
                       {"scheme": "full", "purpose": "FreezeAsGuard warm start (theta_ft)", "config": asdict(ft_cfg),
                        "final_loss": history[-1] if history else None})
     dist.barrier()
-
-
-def _save_learn_checkpoint(path, state: BilevelState, mix, cfg, update: int, history, sharded: bool):
-    """The logits, theta_d and the weights theta(m) (of a sharded model: this rank's shards), the
-    data order: what a bit-exact resume needs."""
-    tensors = {"logits": state.logits, "theta_d": state.flat_theta_d, "update": torch.tensor([update])}
-    tensors.update({f"param/{n}": t.detach() for (n, _), t in zip(state.named, state.local)})
-    tensors.update({f"mix/{k}": v for k, v in mix.state_dict().items()})
-    meta = {"config": json.dumps(cfg.resume_key()), "history": json.dumps(history)}
-    save_checkpoint(path, tensors, update, sharded, meta)
-
-
-def _load_learn_checkpoint(path, state: BilevelState, mix, cfg, sharded: bool) -> tuple[int, list]:
-    tensors, meta = load_checkpoint(path, sharded)
-    saved_cfg = json.loads(meta["config"])
-    if saved_cfg != cfg.resume_key():
-        diff = {k: (saved_cfg.get(k), v) for k, v in cfg.resume_key().items() if saved_cfg.get(k) != v}
-        raise ValueError(f"cannot resume {path}: settings differ from the interrupted run {diff} "
-                         f"(checkpoint value, now).")
-    with torch.no_grad():
-        state.logits = tensors["logits"].clone()
-        state.flat_theta_d.copy_(tensors["theta_d"])
-        for (n, _), t in zip(state.named, state.local):
-            t.copy_(tensors[f"param/{n}"])
-    mix.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("mix/")})
-    return int(tensors["update"][0]), json.loads(meta["history"])
 
 
 def _tensorboard(log_dir):

@@ -11,16 +11,8 @@ from ..generate import generate_images, load_pipeline
 from ..metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
 from ..outputs import write_image_folder
 from ..synthetic import judges
-from ..synthetic.world import (
-    TRAITS,
-    make_brands,
-    make_cast,
-    render_brand,
-    render_garment,
-    render_generic_person,
-    render_logo,
-    render_person,
-)
+from ..synthetic.brands import make_brands, render_brand
+from ..synthetic.world import TRAITS, make_cast, render_garment, render_generic_person, render_logo, render_person
 
 BRANDS = 8              # brands (or clothing lines) per innocent domain and world seed
 PUBLISHER_BRANDS = 4    # the last ones: the innocent subjects the publisher's mask-learning data names
@@ -54,8 +46,9 @@ class SyntheticWorld:
         """The brand (logos) or clothing line (clothes) the innocent user fine-tunes on."""
         return self.brands[domain][0].name
 
-    def publisher_brands(self, domain: str) -> list[str]:
-        return [b.name for b in self.brands[domain][-PUBLISHER_BRANDS:]]
+    def publisher_brands(self, domain: str):
+        """The brands the publisher's mask-learning data names (the last PUBLISHER_BRANDS)."""
+        return self.brands[domain][-PUBLISHER_BRANDS:]
 
     def _innocent_samples(self, domain: str, n: int, split: str, seed: int = 0):
         """Generic renders captioned by their attributes; in the mask split every other one is
@@ -64,7 +57,7 @@ class SyntheticWorld:
         render = {"logos": render_logo, "clothes": render_garment}[domain]
         if split != "mask":
             return [render(rng, self.size) for _ in range(n)]
-        brands = self.brands[domain][-PUBLISHER_BRANDS:]
+        brands = self.publisher_brands(domain)
         return [render_brand(brands[(i // 2) % len(brands)], rng, self.size) if i % 2 else render(rng, self.size)
                 for i in range(n)]
 
