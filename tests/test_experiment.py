@@ -268,6 +268,11 @@ def test_runner_sweeps_attacks_keeps_adapters_off_frozen_modules_and_reports_the
     assert learned["worst"] == max(cells.values()) and cells[learned["worst_attack"]] == learned["worst"]
     assert (tmp_path / "exp" / "attack_sweep.png").stat().st_size > 0
     assert "lora-2" in (tmp_path / "exp" / "attack_sweep.md").read_text()
+    # results.md: the default recipe's table with the worst case beside it, then every recipe
+    default_part, every = (tmp_path / "exp" / "results.md").read_text().split("Every recipe")
+    assert "worst of 2 recipes" in default_part and "· lora-2" not in default_part and "· lora-2" in every
+    row = next(line for line in default_part.splitlines() if line.startswith("| FreezeAsGuard"))
+    assert f"{learned['worst']:.3f} ± {learned['worst_std']:.3f} ({learned['worst_attack']})" in row
 
 
 def test_every_example_config_loads():

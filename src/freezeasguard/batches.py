@@ -36,6 +36,12 @@ class LocalBatch:
     domain_ids: torch.Tensor   # index into the domain list
     domain_counts: list[int]   # global batch size per domain
 
+    def select(self, index: torch.Tensor) -> "LocalBatch":
+        """The samples at ``index`` (weights kept as they are)."""
+        pick = index.to(self.latents.device)
+        return LocalBatch(self.latents[pick], cond_apply(self.text, lambda v: v[pick]), self.noise[pick],
+                          self.timesteps[pick], self.weights[pick], self.domain_ids[index.cpu()], self.domain_counts)
+
     def chunks(self, n: int) -> list["LocalBatch"]:
         """Split into at most n micro-batches (gradient accumulation); weights are kept as they are."""
         size = max(1, -(-len(self.weights) // n))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,8 @@ from .outputs import check_provenance, prepare_output_file
 from .settings import copy_fields, setting
 from .shard import checkpoint_exists, full_state, plain_copy, shard_denoiser
 from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
+from .users import (USER_TRAJECTORIES, USER_WEIGHTINGS, SimulatedUser, attacker_weights, combine_user_dots, draw_users,
+                    lora_tensors, parse_user_steps, user_direction_)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,26 @@ class MaskLearningSettings:
     temperature: float = setting(0.2, "T of the soft mask m = sigmoid(w / T)")
     mask_lr: float | None = setting(None, "logit step eta_1 (none: 0.05 on the normalised gradient; 10, the "
                                           "paper's, with --no-normalize-mask-grad)")
-    user_lr: float = setting(1e-5, "the simulated user's SGD step eta_2")
+    user_lr: float = setting(1e-5, "the simulated user's learning rate eta_2")
+    # who the simulated users are (users.py; docs/algorithm.md): the paper's single SGD user by default
+    simulated_users: str = setting("sgd", "the simulated users' steps, comma-separated, each user drawing one: sgd "
+                                          "(lr g, the paper's), adam (lr sign(g): Adam's first step), lora (Adam's "
+                                          "first step on a random rank --user-lora-rank LoRA of the attention "
+                                          "projections)")
+    user_lr_min_factor: float = setting(1.0, "each simulated user's learning rate is drawn log-uniformly from "
+                                             "[user_lr x this, user_lr x --user-lr-max-factor]")
+    user_lr_max_factor: float = setting(1.0, "upper end of the simulated users' learning-rate range, x user_lr")
+    user_lora_rank: int = setting(32, "rank of the lora simulated users")
+    users_per_update: int = setting(1, "simulated users per mask update K, each running --inner-steps steps from "
+                                       "the same start (K times the lower loop's cost)")
+    user_weighting: str = setting("mean", "how K users' illegal losses weigh their mask gradients: mean, max (the "
+                                          "user who learned the person best) or softmax (a soft maximum)",
+                                  choices=USER_WEIGHTINGS)
+    user_weighting_temperature: float = setting(0.05, "softmax temperature, relative to the mean illegal loss")
+    user_trajectory: str = setting("continue", "continue (the paper's: the simulated user's fine-tuning carries on "
+                                               "over mask updates, theta_d accumulates) or restart (every user starts "
+                                               "from the warm start; one more copy of the weights)",
+                                   choices=USER_TRAJECTORIES)
     lambda_illegal: float = setting(1.0, "lambda_1, weight of the illegal loss in the publisher's objective")
     lambda_innocent: float = setting(1.0, "lambda_2, weight of the innocent loss")
     sparsity_weight: float = setting(5.0, "weight c of the sparsity term (mean(m) - ratio)^2, per tensor when "
@@ -110,6 +131,13 @@ class LearnConfig(MaskLearningSettings, RunSettings):
             raise ValueError("temperature must be > 0")
         if self.init_logit_low > self.init_logit_high:
             raise ValueError("init_logit_low must be <= init_logit_high")
+        parse_user_steps(self.simulated_users)
+        if not 0 < self.user_lr_min_factor <= self.user_lr_max_factor:
+            raise ValueError("user_lr_min_factor must be > 0 and <= user_lr_max_factor")
+        if self.users_per_update < 1 or self.user_lora_rank < 1 or self.user_weighting_temperature <= 0:
+            raise ValueError("users_per_update and user_lora_rank must be >= 1, user_weighting_temperature > 0")
+        if self.user_weighting not in USER_WEIGHTINGS or self.user_trajectory not in USER_TRAJECTORIES:
+            raise ValueError(f"user_weighting: one of {USER_WEIGHTINGS}; user_trajectory: one of {USER_TRAJECTORIES}")
         if self.mask_lr is None:
             self.mask_lr = 0.05 if self.normalize_mask_grad else 10.0
 
@@ -236,30 +264,34 @@ def initial_logits(state: BilevelState, mix: DomainMix, schedule, device, amp, c
 def run_mask_updates(state: BilevelState, mix: DomainMix, schedule, device, amp, cfg: LearnConfig, start: int,
                      history: list[dict], save_checkpoint_at, writer=None) -> list[dict]:
     """Mask updates ``start`` .. K (Algorithm 1's loop), each recorded (domain losses, gradient
-    scales, soft and hard ratios); stops with DivergedError on a non-finite loss;
-    ``save_checkpoint_at(update, history)`` every ``checkpoint_every`` updates."""
-    upper_sign = [-1.0] + [1.0] * (len(mix.domains) - 1)   # L_upper = -lambda_1 L_ill + lambda_2 L_inn
-    lower_closure = _diffusion_closure(state, mix, schedule, device, amp)
-    upper_closure = _diffusion_closure(state, mix, schedule, device, amp, sign=upper_sign)
+    scales, soft and hard ratios, the simulated users); stops with DivergedError on a non-finite
+    loss; ``save_checkpoint_at(update, history)`` every ``checkpoint_every`` updates."""
+    ctx = UpdateContext(mix, schedule, device, amp, cfg, [n for n, _ in state.named])
+    if cfg.user_trajectory == "restart" or cfg.users_per_update > 1:
+        ctx.start_theta_d = state.flat_theta_d.clone()       # where each user starts (restart: the warm start)
     nd = len(mix.domains)
     bar = tqdm(range(start, cfg.mask_steps), desc="learn mask", disable=not dist.is_main(), initial=start,
                total=cfg.mask_steps)
     for k in bar:
-        stats, lower_infos, upper_info = mask_update(state, lower_closure, upper_closure, cfg)
+        users = draw_users(parse_user_steps(cfg.simulated_users), cfg.user_lr, cfg.user_lr_min_factor,
+                           cfg.user_lr_max_factor, cfg.users_per_update, cfg.seed, k)
+        stats, lower_infos, upper_info = mask_update(state, ctx, users)
         lower = [_domain_losses(i, nd) for i in lower_infos]
         upper = _domain_losses(upper_info, nd)
         record = {"update": k + 1, "upper_illegal": upper[0], "upper_innocent": sum(upper[1:]) / (nd - 1),
                   "lower_illegal": sum(x[0] for x in lower) / max(1, len(lower)),
-                  "lower_innocent": sum(sum(x[1:]) / (nd - 1) for x in lower) / max(1, len(lower)), **stats}
+                  "lower_innocent": sum(sum(x[1:]) / (nd - 1) for x in lower) / max(1, len(lower)),
+                  "users": [u.describe() for u in users], **stats}
         check_finite_loss(torch.tensor([record["upper_illegal"], record["upper_innocent"],
                                         record["lower_illegal"], record["lower_innocent"]]), k + 1,
-                          "mask learning", cfg.user_lr)
+                          "mask learning", max(u.lr for u in users))
         history.append(record)
         bar.set_postfix(ill=f"{record['upper_illegal']:.4f}", inn=f"{record['upper_innocent']:.4f}",
                         soft=f"{record['soft_ratio']:.3f}", hard=f"{record['hard_ratio']:.3f}")
         if writer is not None:
             for key, v in record.items():
-                writer.add_scalar(f"learn/{key}", v, k + 1)
+                if isinstance(v, (int, float)):
+                    writer.add_scalar(f"learn/{key}", v, k + 1)
         if cfg.checkpoint_every and (k + 1) % cfg.checkpoint_every == 0 and k + 1 < cfg.mask_steps:
             save_checkpoint_at(k + 1, history)
     if writer is not None:
@@ -300,31 +332,66 @@ def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batc
     return ranks / max(1, len(norms) - 1)
 
 
-def lower_step(state: BilevelState, closure, user_lr: float):
-    """One simulated-user step: backprop the lower loss at theta(m), then Eq. 9-10.
-    ``closure()`` runs the forward pass and returns (this rank's loss, logging info)."""
+@dataclass
+class UpdateContext:
+    """What a mask update needs besides the bilevel state: the data, the noise schedule, the
+    settings, and (restart, or several users) the theta_d every simulated user starts from."""
+    mix: DomainMix
+    schedule: object
+    device: object
+    amp: object
+    cfg: LearnConfig
+    names: list[str]
+    start_theta_d: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # L_upper = -lambda_1 L_ill + lambda_2 L_inn: the domain weights' signs
+        self.upper_sign = [-1.0] + [1.0] * (len(self.mix.domains) - 1)
+        self.lora_indices = lora_tensors(self.names)
+
+    def loss(self, state: BilevelState, batch):
+        loss, per_sample = weighted_loss(state.denoiser, batch, self.schedule, self.amp)
+        return loss, (per_sample, batch)
+
+    def lower_batch(self):
+        return self.mix.draw(self.device)
+
+    def upper_batch(self):
+        return self.mix.draw(self.device, sign=self.upper_sign)
+
+
+def lower_step(state: BilevelState, ctx: UpdateContext, user: SimulatedUser):
+    """One simulated-user step: backprop the lower loss at theta(m), turn the gradient into the
+    user's step direction, then Eq. 9-10 at the user's learning rate."""
     state.zero_grad()
-    loss, info = closure()
+    loss, info = ctx.loss(state, ctx.lower_batch())
     loss.backward()
     state.sync_grads()
     with torch.no_grad():
-        lower_update_(state.local, state.theta_d, state.grad_views, state.m, user_lr)
+        user_direction_(state.grad_views, user, ctx.lora_indices, ctx.cfg.user_lora_rank)
+        lower_update_(state.local, state.theta_d, state.grad_views, state.m, user.lr)
     return info
 
 
-def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, object]:
+def upper_step(state: BilevelState, ctx: UpdateContext) -> tuple[dict, object]:
     """One mask update on a fresh sample: logits step (Eq. 8, corrected), then re-mask theta(m).
-    ``closure()`` returns this rank's share of L_upper = -lambda_1 L_ill + lambda_2 L_inn."""
+    The batches' loss is this rank's share of L_upper = -lambda_1 L_ill + lambda_2 L_inn."""
+    cfg = ctx.cfg
     state.zero_grad()
     infos = []
     for _ in range(cfg.upper_batches):   # averaging batches lowers the noise of the mask gradient
-        loss, info = closure()
+        loss, info = ctx.loss(state, ctx.upper_batch())
         (loss / cfg.upper_batches).backward()
         infos.append(info)
-    info = infos[-1]
     state.sync_grads()
     with torch.no_grad():
         dots = state.tensor_dots().cpu()
+    return logit_step(state, dots, cfg), infos[-1]
+
+
+def logit_step(state: BilevelState, dots: torch.Tensor, cfg: LearnConfig) -> dict:
+    """w -= eta_1 dL/dw from the per-tensor dots dL_upper/dm, then theta(m) follows the new m."""
+    with torch.no_grad():
         m_old = state.m
         grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
                                      cfg.normalize_mask_grad, sparsity_sizes(state, cfg))
@@ -334,7 +401,7 @@ def upper_step(state: BilevelState, closure, cfg: LearnConfig) -> tuple[dict, ob
     m = state.m
     stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()),
                  soft_param_share=float(frozen_share(m, state.sizes)))
-    return stats, info
+    return stats
 
 
 def sparsity_sizes(state: BilevelState, cfg: MaskLearningSettings) -> torch.Tensor | None:
@@ -342,19 +409,78 @@ def sparsity_sizes(state: BilevelState, cfg: MaskLearningSettings) -> torch.Tens
     return state.sizes if cfg.budget == "params" and cfg.sparsity_counts == "budget" else None
 
 
-def mask_update(state: BilevelState, lower_closure, upper_closure, cfg: LearnConfig) -> tuple[dict, list, object]:
-    """L lower steps then one upper step: one iteration k of Algorithm 1."""
-    lower_infos = [lower_step(state, lower_closure, cfg.user_lr) for _ in range(cfg.inner_steps)]
-    stats, upper_info = upper_step(state, upper_closure, cfg)
+def mask_update(state: BilevelState, ctx: UpdateContext, users: list[SimulatedUser]) -> tuple[dict, list, object]:
+    """One iteration k of Algorithm 1: L lower steps then one upper step (the paper's single user
+    carrying on), or each of K users' L steps from the same start, their mask gradients weighted."""
+    if len(users) == 1 and ctx.cfg.user_trajectory == "continue":
+        lower_infos = [lower_step(state, ctx, users[0]) for _ in range(ctx.cfg.inner_steps)]
+        stats, upper_info = upper_step(state, ctx)
+        return stats, lower_infos, upper_info
+    return mask_update_over_users(state, ctx, users)
+
+
+def mask_update_over_users(state: BilevelState, ctx: UpdateContext, users: list[SimulatedUser]):
+    """K users each run L steps from the same theta_d, each one's mask gradient is taken on the
+    same upper batches (so they differ only by the user), and each is undone but the last
+    (continue) or all (restart); the logits then step on the weighted sum (users.py)."""
+    cfg = ctx.cfg
+    if cfg.user_trajectory == "continue":
+        ctx.start_theta_d.copy_(state.flat_theta_d)
+    batches, lower_infos, ill_dots, inn_dots, ill_losses = None, [], [], [], []
+    for k, user in enumerate(users):
+        lower_infos += [lower_step(state, ctx, user) for _ in range(cfg.inner_steps)]
+        if batches is None:      # drawn after the first user's steps: with one user, the paper's order of draws
+            batches = [ctx.upper_batch() for _ in range(cfg.upper_batches)]
+        ill, inn, ill_loss, upper_info = split_upper_dots(state, ctx, batches)
+        ill_dots.append(ill), inn_dots.append(inn), ill_losses.append(ill_loss)
+        if cfg.user_trajectory == "restart" or k < len(users) - 1:
+            undo_user_(state, ctx.start_theta_d)
+    weights = attacker_weights(torch.tensor(ill_losses), cfg.user_weighting, cfg.user_weighting_temperature)
+    dots = combine_user_dots(torch.stack(ill_dots), torch.stack(inn_dots), weights)
+    stats = logit_step(state, dots.float(), cfg)
+    stats.update(user_illegal_losses=ill_losses, user_weights=weights.tolist())
     return stats, lower_infos, upper_info
 
 
-def _diffusion_closure(state, mix, schedule, device, amp, sign=None):
-    def closure():
-        batch = mix.draw(device, sign=sign)
-        loss, per_sample = weighted_loss(state.denoiser, batch, schedule, amp)
-        return loss, (per_sample, batch)
-    return closure
+def split_upper_dots(state: BilevelState, ctx: UpdateContext, batches) -> tuple[torch.Tensor, torch.Tensor, float, object]:
+    """The user's mask gradient dL_upper/dm split into its illegal and innocent parts (a backward
+    over the illegal samples, one over the innocent: together one pass over each batch), its
+    illegal loss on these batches, and the last batch's per-sample losses for the record."""
+    per_sample = [torch.zeros(len(b.weights)) for b in batches]
+    parts = []
+    for illegal in (True, False):
+        state.zero_grad()
+        for batch, per in zip(batches, per_sample):
+            index = torch.nonzero((batch.domain_ids == 0) == illegal).flatten()
+            if len(index) == 0 and not state.sharded:
+                continue
+            # a sharded rank with no such sample still takes part in the collective passes, at weight 0
+            sub = batch.select(index) if len(index) else _zero_weights(batch)
+            loss, sub_per = weighted_loss(state.denoiser, sub, ctx.schedule, ctx.amp)
+            (loss / len(batches)).backward()
+            if len(index):
+                per[index] = sub_per.float().cpu()
+        state.sync_grads()
+        with torch.no_grad():
+            parts.append(state.tensor_dots().cpu().double())
+    nd = len(ctx.mix.domains)
+    ill_loss = sum(domain_means(per, b, nd)[0] for per, b in zip(per_sample, batches)) / len(batches)
+    return parts[0], parts[1], ill_loss, (per_sample[-1], batches[-1])
+
+
+def undo_user_(state: BilevelState, start_theta_d: torch.Tensor):
+    """Undo a simulated user's steps: theta_d back to ``start_theta_d`` and theta(m) back by (1-m)
+    times what the user added to theta_d (m does not change within a user's steps)."""
+    keep = (1.0 - state.m.double()).tolist()
+    with torch.no_grad():
+        state.flat_theta_d.sub_(start_theta_d)                 # theta_d now holds the user's own steps
+        torch._foreach_mul_(state.theta_d, keep)
+        torch._foreach_add_(state.local, state.theta_d)
+        state.flat_theta_d.copy_(start_theta_d)
+
+
+def _zero_weights(batch):
+    return replace(batch, weights=torch.zeros_like(batch.weights))
 
 
 def _domain_losses(info, num_domains) -> list[float]:

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..attacks.sweep import write_attack_sweep
+from ..attacks.sweep import illegal_metrics, write_attack_sweep
 from .frontier import write_frontier
 from ..io import atomic_write_json, atomic_write_text
 from ..methods import method_label
@@ -68,30 +68,56 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     keys = sorted({(s["method"], s["ratio"], s["attack"]) for s in summary},
                   key=lambda k: (k[0] != "pretrained", k[0] != "full", method_order.get(k[0], 99), k[0], k[1],
                                  attack_order.get(k[2], 0)))
+    # several recipes: the table is the default recipe's, with the attacker's best recipe beside it
+    worst = {(r["method"], r["ratio"]): r for r in (write_attack_sweep(root, summary, cfg) or [])} \
+        if several_attacks else {}
+    if worst:
+        first = next(i for i, c in enumerate(cols) if c[0] == "people" and c[1] == worst_metric(summary))
+        cols.insert(first + 1, ("people", "worst", f"{cols[first][2]} worst of {len(cfg.attacks)} recipes (which)"))
     named = {r["domain"]: r["subject"] for r in rows if r["domain"] != "people" and r.get("subject")}
     innocent = ", ".join(d + (f" ({named[d]})" if d in named else "") for d in cfg.innocent)
     lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {innocent}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for method, ratio, attack in keys:
-        label = method_label(method, ratio, cfg.budget) + (f" · {attack}" if several_attacks and
-                                                           method != "pretrained" else "")
-        vals = []
-        for d, m, _ in cols:
-            s = cell.get((method, ratio, attack, d, m))
-            vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
-        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    lines += _table_rows([k for k in keys if k[2] == "default" or k[0] == "pretrained"], cols, cell, worst, cfg, False)
+    if several_attacks:
+        lines += ["", "Every recipe (attack_sweep.md: the worst case per method and the cheapest recipe reaching "
+                      "Full FT's default):", "",
+                  "| Method | " + " | ".join(c[2] for c in cols if c[1] != "worst") + " |",
+                  "|---" * len(cols) + "|"]
+        lines += _table_rows(keys, [c for c in cols if c[1] != "worst"], cell, {}, cfg, True)
     lines += ["", f"Frozen params: share of the denoiser's parameters frozen ({cfg.budget} budget, "
                   f"ratio {', '.join(f'{r:g}' for r in cfg.ratios)}).",
               "Sanity: " + ", ".join(f"{k} = {v:.3f}" for k, v in sanity.items()),
               f"Total time {seconds:.0f}s."]
     atomic_write_text(root / "results.md", "\n".join(lines) + "\n")
     _tradeoff_plot(root, [s for s in summary if s["attack"] == "default"], cfg)
-    if several_attacks:
-        write_attack_sweep(root, summary, cfg)
     if len(cfg.ratios) > 1:
         write_frontier(root, summary, cfg)
     return "\n".join(lines)
+
+
+def worst_metric(summary: list[dict]) -> str | None:
+    """The illegal metric whose worst case the results table shows (the attack sweep's primary one)."""
+    found = illegal_metrics(summary)
+    return found[0][0] if found else None
+
+
+def _table_rows(keys, cols, cell, worst, cfg, label_attack: bool) -> list[str]:
+    lines = []
+    for method, ratio, attack in keys:
+        label = method_label(method, ratio, cfg.budget) + (f" · {attack}" if label_attack and
+                                                           method != "pretrained" else "")
+        vals = []
+        for d, m, _ in cols:
+            if m == "worst":
+                w = worst.get((method, ratio))
+                vals.append(f"{w['worst']:.3f} ± {w['worst_std']:.3f} ({w['worst_attack']})" if w else "–")
+                continue
+            s = cell.get((method, ratio, attack, d, m))
+            vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def _tradeoff_plot(root, summary, cfg):
