@@ -40,7 +40,9 @@ def learn_scores(preset, device, path):
     """A few mask updates on random latents: logits with a learned (not uniform) structure."""
     from freezeasguard.bilevel import BilevelState
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.learn import LearnConfig, mask_update
+    from freezeasguard.learn import LearnConfig
+    from freezeasguard.mask_updates import ClosureContext, mask_update
+    from freezeasguard.users import users_for_update
     from freezeasguard.families.tiny import scheduler_config
 
     unet, latent, text_dim = build_unet(preset, device)
@@ -57,7 +59,7 @@ def learn_scores(preset, device, path):
         return sign * per[:1].mean() + per[1:].mean(), None
 
     for _ in range(3):
-        mask_update(state, loss_fn, lambda: loss_fn(-1.0), cfg)
+        mask_update(state, ClosureContext(state, cfg, loss_fn, lambda: loss_fn(-1.0)), users_for_update(cfg, 0))
     torch.save(state.logits, path)   # our own temp file, written and read by this benchmark only
 
 

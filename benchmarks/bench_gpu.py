@@ -131,7 +131,9 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
     from freezeasguard.finetune import FinetuneConfig
     from freezeasguard.optim import build_optimizer
-    from freezeasguard.learn import LearnConfig, mask_update
+    from freezeasguard.learn import LearnConfig
+    from freezeasguard.mask_updates import ClosureContext, mask_update
+    from freezeasguard.users import users_for_update
     from freezeasguard.families.tiny import scheduler_config
 
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
@@ -166,7 +168,8 @@ def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
     with torch.no_grad():
         remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
     free_memory(device)
-    iteration = timed(lambda: mask_update(state, loss_fn, lambda: loss_fn(-1.0), cfg), device, a.mask_iterations, 1)
+    ctx = ClosureContext(state, cfg, loss_fn, lambda: loss_fn(-1.0))
+    iteration = timed(lambda: mask_update(state, ctx, users_for_update(cfg, 0)), device, a.mask_iterations, 1)
     peak = torch.cuda.max_memory_allocated() if torch.device(device).type == "cuda" else None
     return {"inner_steps": a.inner_steps, "plain_step_s": plain, "mask_iteration_s": iteration,
             "time_ratio": iteration / (a.inner_steps * plain),

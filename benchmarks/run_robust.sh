@@ -42,6 +42,10 @@ for step in $steps; do
     tune-warm-x10)   experiment $step "methods: [learned]" "innocent: [logos]" "attacks: $SHORT" "warm_start_lr: 0.001" ;;
     tune-warm-x10-adam-range) experiment $step "methods: [learned]" "innocent: [logos]" "attacks: $SHORT" \
                        "warm_start_lr: 0.001" "${ROBUST[@]}" ;;
+    tune-adam-continue) experiment $step "methods: [learned]" "innocent: [logos]" "attacks: $SHORT" \
+                       "simulated_users: adam" "user_lr_min_factor: 1" "user_lr_max_factor: 10" ;;
+    tune-adam-x3-continue) experiment $step "methods: [learned]" "innocent: [logos]" "attacks: $SHORT" \
+                       "simulated_users: adam" "user_lr_min_factor: 3" "user_lr_max_factor: 3" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step robust-$step

@@ -157,6 +157,9 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     assert 0 <= summary["sanity"]["prior_trait_accuracy"] <= 1
     table = (tmp_path / "demo" / "results.md").read_text()
     assert "FreezeAsGuard-30% params" in table and "Logos brand recognised" in table
+    # the short sweep's worst case beside the default recipe, for every method that fine-tunes
+    assert "worst of 4 recipes" in table and {r["attack"] for r in summary["summary"]} == {
+        "default", "lr-x10", "steps-x5", "lora-32"}
     # every freezing method froze the same share of parameters (at most 30%, short by less than a tensor)
     shares = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_param_fraction"
               and s["method"] not in ("full",)}

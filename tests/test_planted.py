@@ -5,7 +5,9 @@ import torch
 from torch import nn
 
 from freezeasguard.bilevel import BilevelState, remask_
-from freezeasguard.learn import LearnConfig, mask_update
+from freezeasguard.learn import LearnConfig
+from freezeasguard.mask_updates import ClosureContext, mask_update
+from freezeasguard.users import users_for_update
 from freezeasguard.mask import select_frozen
 
 
@@ -54,8 +56,9 @@ def _learn_planted(seed: int):
     with torch.no_grad():
         remask_(state.params, state.theta_d, torch.zeros_like(state.logits), state.m)
     history = []
+    ctx = ClosureContext(state, cfg, batch, lambda: batch(-1.0))
     for _ in range(40):
-        stats, _, _ = mask_update(state, batch, lambda: batch(-1.0), cfg)
+        stats, _, _ = mask_update(state, ctx, users_for_update(cfg, len(history)))
         history.append(stats)
     names = [n for n, _ in state.named]
     frozen = select_frozen(state.logits, [p.numel() for p in state.params], 0.4)

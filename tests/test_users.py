@@ -7,7 +7,7 @@ import torch
 
 from freezeasguard import LearnConfig, learn_mask
 from freezeasguard.bilevel import BilevelState, logit_gradient, lower_update_, soft_mask, sparsity_loss
-from freezeasguard.learn import undo_user_
+from freezeasguard.mask_updates import undo_user_
 from freezeasguard.users import (SimulatedUser, attacker_weights, combine_user_dots, draw_users, lora_down,
                                  lora_tensors, parse_user_steps, user_direction_)
 

@@ -146,6 +146,10 @@ def _add_demo_parser(sub):
                         "(--ratios to choose), forgeries against innocent subjects recognised: frontier.md/.json/"
                         ".csv/.png (about 30 minutes on a 2-core CPU)")
     p.add_argument("--ratios", help="comma-separated frozen shares for --frontier (default 0.1,0.2,0.3,0.5,0.7)")
+    p.add_argument("--attacks", default=",".join(DEMO_ATTACKS),
+                   help="the illegal user's recipes, comma-separated: the table shows the default recipe with the "
+                        "worst of these beside it (default %(default)s; 'default' alone skips the sweep; "
+                        "`freezeasguard attack-sweep` runs all 11)")
 
 
 def _add_attack_sweep_parser(sub):
@@ -256,11 +260,14 @@ QUICK = dict(mask_images=8, finetune_images=8, eval_images=4, warm_start_steps=4
 
 
 FRONTIER_RATIOS = [0.1, 0.2, 0.3, 0.5, 0.7]
+# the demo's short sweep: no protection is read without its weakest point (a larger learning rate,
+# more steps, a LoRA on what the mask leaves trainable)
+DEMO_ATTACKS = ["default", "lr-x10", "steps-x5", "lora-32"]
 FREEZING_BASELINES = ["saliency", "random", "largest"]
 
 
 def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
-                workers=None, budget="params", ratios=None, methods=None) -> ExperimentConfig:
+                workers=None, budget="params", ratios=None, methods=None, attacks=None) -> ExperimentConfig:
     """The demo's experiment: at a share of parameters every freezing method runs; at the paper's
     share of tensors FreezeAsGuard and Random (the paper's Table 2)."""
     methods = methods or ["full", "learned"] + (FREEZING_BASELINES if budget == "params" else ["random"])
@@ -270,6 +277,7 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
     return ExperimentConfig(**{**DEMO, **(QUICK if quick else {})}, preset="demo", out=str(out), cast_seed=cast_seed,
                             innocent=[innocent], seeds=list(range(n_seeds)),
                             ratios=[check_ratio(r) for r in (ratios or [ratio])], methods=methods, budget=budget,
+                            attacks=attacks or ["default"],
                             workers=workers or (1 if quick else default_workers()))
 
 
@@ -284,7 +292,8 @@ def cmd_demo(args) -> int:
         print((out / "frontier.md").read_text())
         print(f"report: {out}/frontier.md (also frontier.png, .json, .csv; results.md for every metric)")
         return 0
-    cfg = demo_config(out, ratio=args.ratio, baselines=args.baselines, budget=args.budget, **common)
+    attacks = list(dict.fromkeys(["default"] + [a.strip() for a in args.attacks.split(",") if a.strip()]))
+    cfg = demo_config(out, ratio=args.ratio, baselines=args.baselines, budget=args.budget, attacks=attacks, **common)
     Runner(cfg).run()
     print((out / "results.md").read_text())
     if args.budget == "params":

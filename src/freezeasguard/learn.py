@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .batches import Domain, DomainMix, domain_means, split_batch, weighted_loss
-from .bilevel import (BilevelState, frozen_share, load_bilevel_checkpoint, logit_gradient, lower_update_,
-                      per_tensor_dots, remask_, save_bilevel_checkpoint)
+from .bilevel import (BilevelState, frozen_share, load_bilevel_checkpoint, per_tensor_dots, remask_,
+                      save_bilevel_checkpoint)
 from .data import EncodedData, data_fingerprint, load_image_captions
 from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig
@@ -39,8 +39,8 @@ from .outputs import check_provenance, prepare_output_file
 from .settings import copy_fields, setting
 from .shard import checkpoint_exists, full_state, plain_copy, shard_denoiser
 from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
-from .users import (USER_TRAJECTORIES, USER_WEIGHTINGS, SimulatedUser, attacker_weights, combine_user_dots, draw_users,
-                    lora_tensors, parse_user_steps, user_direction_)
+from .mask_updates import UpdateContext, mask_update
+from .users import USER_TRAJECTORIES, USER_WEIGHTINGS, parse_user_steps, users_for_update
 
 logger = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ def run_mask_updates(state: BilevelState, mix: DomainMix, schedule, device, amp,
     bar = tqdm(range(start, cfg.mask_steps), desc="learn mask", disable=not dist.is_main(), initial=start,
                total=cfg.mask_steps)
     for k in bar:
-        users = draw_users(parse_user_steps(cfg.simulated_users), cfg.user_lr, cfg.user_lr_min_factor,
-                           cfg.user_lr_max_factor, cfg.users_per_update, cfg.seed, k)
+        users = users_for_update(cfg, k)
         stats, lower_infos, upper_info = mask_update(state, ctx, users)
         lower = [_domain_losses(i, nd) for i in lower_infos]
         upper = _domain_losses(upper_info, nd)
@@ -330,157 +329,6 @@ def saliency_ranks(state: BilevelState, illegal_mix, schedule, device, amp, batc
     ranks = torch.empty(len(norms), dtype=torch.float32)
     ranks[torch.sort(norms, stable=True).indices] = torch.arange(len(norms), dtype=torch.float32)
     return ranks / max(1, len(norms) - 1)
-
-
-@dataclass
-class UpdateContext:
-    """What a mask update needs besides the bilevel state: the data, the noise schedule, the
-    settings, and (restart, or several users) the theta_d every simulated user starts from."""
-    mix: DomainMix
-    schedule: object
-    device: object
-    amp: object
-    cfg: LearnConfig
-    names: list[str]
-    start_theta_d: torch.Tensor | None = None
-
-    def __post_init__(self):
-        # L_upper = -lambda_1 L_ill + lambda_2 L_inn: the domain weights' signs
-        self.upper_sign = [-1.0] + [1.0] * (len(self.mix.domains) - 1)
-        self.lora_indices = lora_tensors(self.names)
-
-    def loss(self, state: BilevelState, batch):
-        loss, per_sample = weighted_loss(state.denoiser, batch, self.schedule, self.amp)
-        return loss, (per_sample, batch)
-
-    def lower_batch(self):
-        return self.mix.draw(self.device)
-
-    def upper_batch(self):
-        return self.mix.draw(self.device, sign=self.upper_sign)
-
-
-def lower_step(state: BilevelState, ctx: UpdateContext, user: SimulatedUser):
-    """One simulated-user step: backprop the lower loss at theta(m), turn the gradient into the
-    user's step direction, then Eq. 9-10 at the user's learning rate."""
-    state.zero_grad()
-    loss, info = ctx.loss(state, ctx.lower_batch())
-    loss.backward()
-    state.sync_grads()
-    with torch.no_grad():
-        user_direction_(state.grad_views, user, ctx.lora_indices, ctx.cfg.user_lora_rank)
-        lower_update_(state.local, state.theta_d, state.grad_views, state.m, user.lr)
-    return info
-
-
-def upper_step(state: BilevelState, ctx: UpdateContext) -> tuple[dict, object]:
-    """One mask update on a fresh sample: logits step (Eq. 8, corrected), then re-mask theta(m).
-    The batches' loss is this rank's share of L_upper = -lambda_1 L_ill + lambda_2 L_inn."""
-    cfg = ctx.cfg
-    state.zero_grad()
-    infos = []
-    for _ in range(cfg.upper_batches):   # averaging batches lowers the noise of the mask gradient
-        loss, info = ctx.loss(state, ctx.upper_batch())
-        (loss / cfg.upper_batches).backward()
-        infos.append(info)
-    state.sync_grads()
-    with torch.no_grad():
-        dots = state.tensor_dots().cpu()
-    return logit_step(state, dots, cfg), infos[-1]
-
-
-def logit_step(state: BilevelState, dots: torch.Tensor, cfg: LearnConfig) -> dict:
-    """w -= eta_1 dL/dw from the per-tensor dots dL_upper/dm, then theta(m) follows the new m."""
-    with torch.no_grad():
-        m_old = state.m
-        grad, stats = logit_gradient(dots, m_old, cfg.temperature, cfg.ratio, cfg.sparsity_weight,
-                                     cfg.normalize_mask_grad, sparsity_sizes(state, cfg))
-        device = state.flat_grad.device
-        state.logits = dist.broadcast_((state.logits - cfg.mask_lr * grad).to(device)).cpu()
-        remask_(state.local, state.theta_d, m_old, state.m)
-    m = state.m
-    stats.update(soft_ratio=float(m.mean()), hard_ratio=float((m > 0.5).float().mean()),
-                 soft_param_share=float(frozen_share(m, state.sizes)))
-    return stats
-
-
-def sparsity_sizes(state: BilevelState, cfg: MaskLearningSettings) -> torch.Tensor | None:
-    """Tensor sizes when the sparsity term counts parameters, None when it counts tensors."""
-    return state.sizes if cfg.budget == "params" and cfg.sparsity_counts == "budget" else None
-
-
-def mask_update(state: BilevelState, ctx: UpdateContext, users: list[SimulatedUser]) -> tuple[dict, list, object]:
-    """One iteration k of Algorithm 1: L lower steps then one upper step (the paper's single user
-    carrying on), or each of K users' L steps from the same start, their mask gradients weighted."""
-    if len(users) == 1 and ctx.cfg.user_trajectory == "continue":
-        lower_infos = [lower_step(state, ctx, users[0]) for _ in range(ctx.cfg.inner_steps)]
-        stats, upper_info = upper_step(state, ctx)
-        return stats, lower_infos, upper_info
-    return mask_update_over_users(state, ctx, users)
-
-
-def mask_update_over_users(state: BilevelState, ctx: UpdateContext, users: list[SimulatedUser]):
-    """K users each run L steps from the same theta_d, each one's mask gradient is taken on the
-    same upper batches (so they differ only by the user), and each is undone but the last
-    (continue) or all (restart); the logits then step on the weighted sum (users.py)."""
-    cfg = ctx.cfg
-    if cfg.user_trajectory == "continue":
-        ctx.start_theta_d.copy_(state.flat_theta_d)
-    batches, lower_infos, ill_dots, inn_dots, ill_losses = None, [], [], [], []
-    for k, user in enumerate(users):
-        lower_infos += [lower_step(state, ctx, user) for _ in range(cfg.inner_steps)]
-        if batches is None:      # drawn after the first user's steps: with one user, the paper's order of draws
-            batches = [ctx.upper_batch() for _ in range(cfg.upper_batches)]
-        ill, inn, ill_loss, upper_info = split_upper_dots(state, ctx, batches)
-        ill_dots.append(ill), inn_dots.append(inn), ill_losses.append(ill_loss)
-        if cfg.user_trajectory == "restart" or k < len(users) - 1:
-            undo_user_(state, ctx.start_theta_d)
-    weights = attacker_weights(torch.tensor(ill_losses), cfg.user_weighting, cfg.user_weighting_temperature)
-    dots = combine_user_dots(torch.stack(ill_dots), torch.stack(inn_dots), weights)
-    stats = logit_step(state, dots.float(), cfg)
-    stats.update(user_illegal_losses=ill_losses, user_weights=weights.tolist())
-    return stats, lower_infos, upper_info
-
-
-def split_upper_dots(state: BilevelState, ctx: UpdateContext, batches) -> tuple[torch.Tensor, torch.Tensor, float, object]:
-    """The user's mask gradient dL_upper/dm split into its illegal and innocent parts (a backward
-    over the illegal samples, one over the innocent: together one pass over each batch), its
-    illegal loss on these batches, and the last batch's per-sample losses for the record."""
-    per_sample = [torch.zeros(len(b.weights)) for b in batches]
-    parts = []
-    for illegal in (True, False):
-        state.zero_grad()
-        for batch, per in zip(batches, per_sample):
-            index = torch.nonzero((batch.domain_ids == 0) == illegal).flatten()
-            if len(index) == 0 and not state.sharded:
-                continue
-            # a sharded rank with no such sample still takes part in the collective passes, at weight 0
-            sub = batch.select(index) if len(index) else _zero_weights(batch)
-            loss, sub_per = weighted_loss(state.denoiser, sub, ctx.schedule, ctx.amp)
-            (loss / len(batches)).backward()
-            if len(index):
-                per[index] = sub_per.float().cpu()
-        state.sync_grads()
-        with torch.no_grad():
-            parts.append(state.tensor_dots().cpu().double())
-    nd = len(ctx.mix.domains)
-    ill_loss = sum(domain_means(per, b, nd)[0] for per, b in zip(per_sample, batches)) / len(batches)
-    return parts[0], parts[1], ill_loss, (per_sample[-1], batches[-1])
-
-
-def undo_user_(state: BilevelState, start_theta_d: torch.Tensor):
-    """Undo a simulated user's steps: theta_d back to ``start_theta_d`` and theta(m) back by (1-m)
-    times what the user added to theta_d (m does not change within a user's steps)."""
-    keep = (1.0 - state.m.double()).tolist()
-    with torch.no_grad():
-        state.flat_theta_d.sub_(start_theta_d)                 # theta_d now holds the user's own steps
-        torch._foreach_mul_(state.theta_d, keep)
-        torch._foreach_add_(state.local, state.theta_d)
-        state.flat_theta_d.copy_(start_theta_d)
-
-
-def _zero_weights(batch):
-    return replace(batch, weights=torch.zeros_like(batch.weights))
 
 
 def _domain_losses(info, num_domains) -> list[float]:

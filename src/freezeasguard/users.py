@@ -70,6 +70,12 @@ def draw_users(kinds: tuple[str, ...], lr: float, low: float, high: float, count
     return users
 
 
+def users_for_update(cfg, update: int) -> list[SimulatedUser]:
+    """The simulated users of mask update ``update`` under mask-learning settings ``cfg``."""
+    return draw_users(parse_user_steps(cfg.simulated_users), cfg.user_lr, cfg.user_lr_min_factor,
+                      cfg.user_lr_max_factor, cfg.users_per_update, cfg.seed, update)
+
+
 def lora_tensors(names: list[str]) -> list[int]:
     """Indices of the weights a LoRA user adapts: the attention projections (to_q, to_k, to_v,
     to_out.0), as the attacks' LoRA recipes and diffusers' LoRA scripts do."""
