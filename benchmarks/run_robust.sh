@@ -3,6 +3,8 @@
 # (shipped model v3, the built-in world; 2-core CPU, 2 workers of one thread):
 #   tune-*     mask learners at 30% of the parameters on cast 0 + logos (where settings are picked),
 #              each under the short sweep (default, lr-x10, steps-x5, lora-32)
+#   ceiling    does any mask hold against the strongest recipes at a larger share (50%, 80% of the
+#              parameters), and what does the brand keep there
 #   sweep-*    `freezeasguard attack-sweep` (all 11 recipes) on casts not tuned on: Full FT, Random,
 #              Saliency, the paper's single-user learner and the learner over a range of users
 # Heavy outputs stay under runs/robust/; reports are copied to benchmarks/results/robust-*/.
@@ -46,6 +48,13 @@ for step in $steps; do
                        "simulated_users: adam" "user_lr_min_factor: 1" "user_lr_max_factor: 10" ;;
     tune-adam-x3-continue) experiment $step "methods: [learned]" "innocent: [logos]" "attacks: $SHORT" \
                        "simulated_users: adam" "user_lr_min_factor: 3" "user_lr_max_factor: 3" ;;
+    ceiling)         experiment $step "methods: [learned, saliency]" "innocent: [logos]" "ratios: [0.5, 0.8]" \
+                       "attacks: [default, lr-x3, lr-x10, steps-x5]" \
+                       "attack_recipes: {lr-x3: {lr_factor: 3, summary: AdamW at 3x the learning rate}}" ;;
+    sweep-cast1-clothes) experiment $step "cast_seed: 1" "innocent: [clothes]" ;;
+    sweep-cast2-logos)   experiment $step "cast_seed: 2" "innocent: [logos]" ;;
+    sweep-cast1-clothes-robust) experiment $step "cast_seed: 1" "innocent: [clothes]" "methods: [learned]" "${ROBUST[@]}" ;;
+    sweep-cast2-logos-robust)   experiment $step "cast_seed: 2" "innocent: [logos]" "methods: [learned]" "${ROBUST[@]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step robust-$step

@@ -171,6 +171,9 @@ def _add_attack_sweep_parser(sub):
                                              "the demo's settings")
     p.add_argument("--out", default="attack-sweep-out", help="output folder (default attack-sweep-out)")
     p.add_argument("--attacks", help="comma-separated attack names instead of the default sweep")
+    p.add_argument("--budget", choices=BUDGETS, default="params",
+                   help="what the ratio counts (built-in world): params (default, every mask at the same share of "
+                        "parameters, as the demo) or tensors (the paper's)")
     _add_world_flags(p)
 
 
@@ -319,6 +322,7 @@ def cmd_attack_sweep(args) -> int:
         settings = {**ATTACK_SWEEP, **(QUICK if args.quick else {}), "attacks": attacks or list(SWEEP_ATTACKS)}
         cfg = ExperimentConfig(**settings, preset="attack-sweep", out=str(args.out), cast_seed=args.cast_seed,
                                innocent=[args.innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(args.ratio)],
+                               budget=args.budget,
                                workers=args.workers or (1 if args.quick else default_workers()))
     Runner(cfg).run()
     sweep = Path(cfg.out) / "attack_sweep.md"
