@@ -5,6 +5,7 @@
 #              each under the short sweep (default, lr-x10, steps-x5, lora-32)
 #   ceiling    does any mask hold against the strongest recipes at a larger share (50%, 80% of the
 #              parameters), and what does the brand keep there
+#   demo-cast0-logos  `freezeasguard demo` (its table: the default recipe with the short sweep's worst case)
 #   sweep-*    `freezeasguard attack-sweep` (all 11 recipes) on casts not tuned on: Full FT, Random,
 #              Saliency, the paper's single-user learner and the learner over a range of users
 # Heavy outputs stay under runs/robust/; reports are copied to benchmarks/results/robust-*/.
@@ -20,9 +21,13 @@ keep() {   # copy a run's report files into benchmarks/results
   local src=$1 dst=benchmarks/results/$2
   mkdir -p "$dst"
   for f in results.md results.json results.csv summary.json config.json attack_sweep.md attack_sweep.json \
-           attack_sweep.csv attack_sweep.png; do
+           attack_sweep.csv attack_sweep.png attack_sweep_summary.md; do
     if [ -f "$src/$f" ]; then cp "$src/$f" "$dst/"; fi
   done
+  if [ -d "$src/tensor-budget" ]; then
+    mkdir -p "$dst/tensor-budget"
+    cp "$src"/tensor-budget/results.{md,json,csv} "$src"/tensor-budget/summary.json "$dst/tensor-budget/"
+  fi
 }
 experiment() {   # experiment NAME KEY: VALUE ...: a run at 30% of the parameters
   local name=$1; shift
@@ -55,6 +60,7 @@ for step in $steps; do
     sweep-cast2-logos)   experiment $step "cast_seed: 2" "innocent: [logos]" ;;
     sweep-cast1-clothes-robust) experiment $step "cast_seed: 1" "innocent: [clothes]" "methods: [learned]" "${ROBUST[@]}" ;;
     sweep-cast2-logos-robust)   experiment $step "cast_seed: 2" "innocent: [logos]" "methods: [learned]" "${ROBUST[@]}" ;;
+    demo-cast0-logos) $fag demo --out $runs/$step ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step robust-$step
