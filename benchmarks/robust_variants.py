@@ -1,11 +1,15 @@
-"""Mask learners against the attacker's choice of recipe: each learner variant (and the one-shot
-baselines of the same run settings) under the short sweep, one table from the results files that
-`bash benchmarks/run_robust.sh tune-...` wrote.
+"""Mask learners against the attacker's choice of recipe, from the results files that
+`bash benchmarks/run_robust.sh` wrote:
+- robust-variants/variants.md: each learner variant (and the one-shot baselines of the same run
+  settings) under the short sweep on cast 0, where settings are picked;
+- robust-sweeps/cast*.md: on casts nobody tuned on, every method under all 11 recipes, the paper's
+  single-user learner beside the learner over a range of users.
 
-    python benchmarks/robust_variants.py [--out benchmarks/results/robust-variants]
+    python benchmarks/robust_variants.py
 
-Writes variants.md (mean ± std over seeds 0-2) and variants.json. The worst case is the attack
-whose mean forgery rate is highest, as `attack-sweep` reports it."""
+Mean ± std over seeds 0-2. The worst case is the recipe whose mean forgery rate is highest, as
+`attack-sweep` reports it; a recipe reaches Full FT when it forges at least what Full FT forges
+with the default recipe."""
 import argparse
 import json
 import statistics
@@ -43,10 +47,78 @@ def fmt(c):
     return f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–"
 
 
+# held-out casts: (file name, caption, [(results folder, method, row label)])
+SWEEPS = [
+    ("cast1-clothes", "Cast 1, innocent clothes (a clothing line)", "clothes", [
+        ("robust-sweep-cast1-clothes", "full", "Full FT"),
+        ("robust-sweep-cast1-clothes", "random", "Random"),
+        ("robust-sweep-cast1-clothes", "saliency", "Saliency"),
+        ("robust-sweep-cast1-clothes", "learned", "FreezeAsGuard, the paper's single simulated user"),
+        ("robust-sweep-cast1-clothes-robust", "learned", "FreezeAsGuard, users drawn from SGD/Adam at 0.3-30x lr")]),
+    ("cast2-logos", "Cast 2, innocent logos (a brand)", "logos", [
+        ("robust-sweep-cast2-logos", "full", "Full FT"),
+        ("robust-sweep-cast2-logos", "random", "Random"),
+        ("robust-sweep-cast2-logos", "saliency", "Saliency"),
+        ("robust-sweep-cast2-logos", "learned", "FreezeAsGuard, the paper's single simulated user"),
+        ("robust-sweep-cast2-logos-robust", "learned", "FreezeAsGuard, users drawn from SGD/Adam at 0.3-30x lr")]),
+]
+TRAINED_ON = {"default", "lr-x10"}     # AdamW at 1x and 10x: inside the range-of-users learner's family (Adam-like, 0.3-30x)
+
+
+def sweep_table(caption: str, domain: str, rows_spec) -> tuple[list[dict], list[str]]:
+    """One held-out cast: per method, forgeries under each recipe, the worst case, the cheapest
+    recipe reaching Full FT's default, and the innocent subject under the default recipe."""
+    loaded, found = {}, []
+    for folder, method, label in rows_spec:
+        path = RESULTS / folder / "results.json"
+        if path.exists():
+            loaded.setdefault(folder, json.loads(path.read_text()))
+            found.append((folder, method, label))
+    if not found:
+        return [], [f"{caption}: not yet run."]
+    config = json.loads((RESULTS / found[0][0] / "config.json").read_text())
+    attacks = config["attacks"]
+    costs = json.loads((RESULTS / found[0][0] / "attack_sweep.json").read_text())["costs"]
+    full = cells(loaded[found[0][0]], "full", "identity_recognition", "people", "default")
+    table = []
+    for folder, method, label in found:
+        rows = loaded[folder]
+        per = {atk: cells(rows, method, "identity_recognition", "people", atk) for atk in attacks}
+        present = {k: v for k, v in per.items() if v}
+        worst = max(present, key=lambda k: present[k]["mean"])
+        reach = [k for k, v in present.items() if method != "full" and full and v["mean"] >= full["mean"]]
+        cheapest = min(reach, key=lambda k: costs[k]) if reach else None
+        table.append({"label": label, "source": f"{folder}/results.json", "forgeries": per, "worst_attack": worst,
+                      "worst": present[worst], "cheapest_reaching_full": cheapest,
+                      "cheapest_cost": costs.get(cheapest) if cheapest else None,
+                      "innocent": cells(rows, method, "subject_recognition", domain, "default")})
+    lines = [f"{caption}, 30% of the parameters; portraits recognised per recipe (mean over seeds 0-2; * = a "
+             f"recipe inside the range-of-users learner's family), the worst case, the cheapest recipe that "
+             f"reaches Full FT's default ({full['mean']:.3f}) with its cost, and the innocent subject recognised "
+             f"under the default recipe.", "",
+             "| mask | " + " | ".join(a + ("*" if a in TRAINED_ON else "") for a in attacks)
+             + " | worst (recipe) | reaches Full FT (cost) | innocent ↑ |", "|---" * (len(attacks) + 4) + "|"]
+    for row in table:
+        vals = [f"{row['forgeries'][a]['mean']:.2f}" if row["forgeries"][a] else "–" for a in attacks]
+        reach = (f"{row['cheapest_reaching_full']} ({row['cheapest_cost']:g}x)" if row["cheapest_reaching_full"]
+                 else "–")
+        lines.append(f"| {row['label']} | " + " | ".join(vals) + f" | {fmt(row['worst'])} ({row['worst_attack']}) | "
+                     f"{reach} | {fmt(row['innocent'])} |")
+    return table, lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(RESULTS / "robust-variants"))
+    ap.add_argument("--sweeps-out", default=str(RESULTS / "robust-sweeps"))
     a = ap.parse_args(argv)
+    sweeps_out = Path(a.sweeps_out)
+    sweeps_out.mkdir(parents=True, exist_ok=True)
+    for name, caption, domain, spec in SWEEPS:
+        table, lines = sweep_table(caption, domain, spec)
+        (sweeps_out / f"{name}.json").write_text(json.dumps(table, indent=1))
+        (sweeps_out / f"{name}.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines) + "\n")
     table, missing = [], []
     for folder, method, label in ROWS:
         path = RESULTS / folder / "results.json"

@@ -231,3 +231,10 @@ def test_a_preset_supplies_the_values_the_command_runs_with_unless_a_flag_is_typ
     args = argparse.Namespace(lr=1e-5, steps=50)          # steps typed by the user
     apply_preset(preset, "finetune", args, defaults)
     assert args.lr == 3e-4 and args.steps == 50
+
+
+def test_demo_refuses_an_unknown_attack_before_running_anything(tmp_path, capsys):
+    from freezeasguard.cli import main
+    assert main(["demo", "--attacks", "lr-x10,lr-x99", "--out", str(tmp_path / "d")]) == 2
+    assert "lr-x99" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
