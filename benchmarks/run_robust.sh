@@ -20,7 +20,7 @@ SHORT="[default, lr-x10, steps-x5, lora-32]"
 keep() {   # copy a run's report files into benchmarks/results
   local src=$1 dst=benchmarks/results/$2
   mkdir -p "$dst"
-  for f in results.md results.json results.csv summary.json config.json attack_sweep.md attack_sweep.json \
+  for f in results.md results_by_recipe.md results.json results.csv summary.json config.json attack_sweep.md attack_sweep.json \
            attack_sweep.csv attack_sweep.png attack_sweep_summary.md; do
     if [ -f "$src/$f" ]; then cp "$src/$f" "$dst/"; fi
   done
