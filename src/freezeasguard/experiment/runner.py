@@ -208,6 +208,14 @@ class Runner:
             out["prior_trait_accuracy"] = self.stage("prior", prior)
         return out
 
+    def add_elapsed(self, seconds: float) -> float:
+        """The experiment's time over all its runs (a resumed run reuses finished stages, so its
+        own time alone would understate what the results cost)."""
+        path = self.root / "elapsed.json"
+        total = (json.loads(path.read_text())["seconds"] if path.exists() else 0.0) + seconds
+        atomic_write_json(path, {"seconds": total})
+        return total
+
     # ---- the whole experiment ---------------------------------------------------------------
     def run(self) -> list[dict]:
         t0 = time.time()
@@ -235,7 +243,7 @@ class Runner:
             if cfg.workers > 1:
                 logger.warning("workers > 1 needs the runner to build its own world; running jobs one by one")
             rows = [r for job in baseline + jobs for r in self.run_job(*job)]
-        write_report(self.root, rows, sanity, self.subjects, cfg, time.time() - t0)
+        write_report(self.root, rows, sanity, self.subjects, cfg, self.add_elapsed(time.time() - t0))
         return rows
 
     def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
