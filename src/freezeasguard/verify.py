@@ -12,6 +12,7 @@ of no known pattern leaves the file uncertified.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .mask import Mask
-from .models import ModelError, fingerprint, load_denoiser_state
+from .digests import digest, dtype_name, make_record, tensor_bytes
+from .layouts import Checkpoint
+from .mask import Mask, MaskError
+from .models import ModelError, fingerprint, resolve_denoiser_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +44,16 @@ class VerifyReport:
     mode: str
     frozen_checked: int
     violations: list[Violation] = field(default_factory=list)
-    trainable_changed: int = 0
-    trainable_total: int = 0
+    trainable_changed: int | None = 0       # None: not known without the base model
+    trainable_total: int | None = 0
+    layout: str = "diffusers"
+    bytes_read: int = 0
 
     def to_dict(self) -> dict:
         return {"compliant": self.compliant, "mode": self.mode, "frozen_checked": self.frozen_checked,
                 "violations": [v.__dict__ for v in self.violations],
-                "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total}
+                "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total,
+                "layout": self.layout, "bytes_read": self.bytes_read}
 
 
 def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], mask: Mask,
@@ -88,18 +94,110 @@ def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tenso
 
 
 def verify_checkpoint(model_dir, mask_path, candidate, mode: str = "exact", atol: float = 0.0) -> VerifyReport:
+    """Audit a checkpoint against the base model (``model_dir``) or, when it is None, against the
+    digests the mask records (digests.py). Tensors are read one at a time (tensorfile.py), from a
+    diffusers folder or state file or a single-file SD/SDXL checkpoint (layouts.py)."""
+    if mode not in ("exact", "tolerance"):
+        raise ValueError(f"mode {mode!r}: use exact or tolerance")
     mask = Mask.load(mask_path)
-    base = load_denoiser_state(model_dir)
-    cand = load_denoiser_state(candidate)
-    broken = [n for n, t in cand.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise ModelError(f"{candidate}: {len(broken)} tensors hold inf/NaN (first: {broken[0]}); the checkpoint is "
-                         f"unusable (a diverged fine-tune), whatever its frozen tensors hold.")
-    report = verify_state(base, cand, mask, mode, atol)
-    logger.info("verify: %s (%d frozen tensors checked, %d violations; %d/%d trainable tensors changed)",
-                "compliant" if report.compliant else "NOT compliant", report.frozen_checked,
-                len(report.violations), report.trainable_changed, report.trainable_total)
+    record = mask.meta.get("audit")
+    if model_dir is not None:
+        base = Checkpoint(model_dir)
+        mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()],
+                           base.fingerprint(), what="the base model", state_dict=True)
+        config, base_names = denoiser_config(model_dir), set(base.names())
+    else:
+        if not record:
+            raise MaskError(f"{mask_path} records no digests of its frozen tensors, so the audit needs the base "
+                            f"model: pass --model BASE, or record them once: freezeasguard mask record {mask_path} "
+                            f"--model BASE --out MASK_WITH_DIGESTS")
+        if mode == "tolerance" and atol > 0:
+            raise MaskError("--atol above 0 compares values, which needs the base model: pass --model BASE")
+        base, config, base_names = None, record["denoiser_config"], set(record["base_names"])
+    cand = Checkpoint(candidate, config)
+    report = audit(mask, cand, base, record, base_names, mode, atol)
+    logger.info("verify: %s (%d frozen tensors checked, %d violations; %s trainable tensors changed; %d bytes read)",
+                "compliant" if report.compliant else "NOT compliant", report.frozen_checked, len(report.violations),
+                f"{report.trainable_changed}/{report.trainable_total}" if base is not None else "unknown (no base)",
+                cand.bytes_read)
     return report
+
+
+def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | None, base_names: set[str],
+          mode: str, atol: float) -> VerifyReport:
+    """One pass over the candidate's denoiser tensors: each frozen one compared with the base (or
+    its digest), each trainable one compared with the base when there is one, every one checked
+    for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds)."""
+    frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
+    violations, changed, trainable = [], 0, 0
+    for name in mask.names:
+        if name not in cand:
+            if name in frozen:
+                violations.append(Violation(name, "missing from the candidate"))
+            continue
+        if tuple(cand.shape(name)) != tuple(shapes[name]):
+            violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
+            continue
+        c = cand.read(name)
+        if c.is_floating_point() and not torch.isfinite(c).all():
+            raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
+                             f"fine-tune), whatever its frozen tensors hold.")
+        if name in frozen:
+            found = (_compare(name, c, base.read(name), mode, atol) if base is not None
+                     else _compare_digest(name, c, record, mode))
+            violations += [found] if found else []
+        elif base is not None:
+            trainable += 1
+            changed += not torch.equal(c.double(), base.read(name).to(c.dtype).double())
+    violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
+                   if n not in shapes and n not in base_names]
+    violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]
+    return VerifyReport(not violations, mode, len(frozen), violations, changed if base is not None else None,
+                        trainable if base is not None else None, cand.layout, cand.bytes_read)
+
+
+def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:
+    if mode == "exact":
+        if c.dtype != b.dtype:
+            return Violation(name, f"dtype {c.dtype}, base has {b.dtype}; use --tolerance for exports in another "
+                                   f"precision")
+        if not torch.equal(c.view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)):
+            return Violation(name, "bytes differ from the base model", float((c.double() - b.double()).abs().max()))
+        return None
+    diff = float((c.double() - b.to(c.dtype).double()).abs().max()) if c.numel() else 0.0
+    if not diff <= atol:   # also catches NaN
+        return Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} (> atol {atol:g})", diff)
+    return None
+
+
+def _compare_digest(name: str, c: torch.Tensor, record: dict, mode: str) -> Violation | None:
+    stored, kind = record["dtypes"][name], dtype_name(c.dtype)
+    if mode == "exact" and kind != stored:
+        return Violation(name, f"dtype {c.dtype}, base has torch.{stored}; use --tolerance for exports in another "
+                               f"precision")
+    expected = record["digests"][name].get(kind)
+    if expected is None:
+        raise MaskError(f"{name} is stored as {c.dtype}, a precision the mask's digests do not cover; pass --model "
+                        f"BASE to compare values")
+    if digest(tensor_bytes(c), c.dtype, c.shape) != expected:
+        return Violation(name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}"))
+    return None
+
+
+def denoiser_config(model_dir) -> dict:
+    """The denoiser's config.json of a pipeline or denoiser folder."""
+    return json.loads((resolve_denoiser_dir(model_dir) / "config.json").read_text())
+
+
+def record_digests(mask: Mask, model_dir) -> Mask:
+    """The mask with its audit record (digests.py) made from the base model in ``model_dir``, which
+    must be the mask's base (its fingerprint is checked), read one tensor at a time."""
+    base = Checkpoint(model_dir)
+    mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()], base.fingerprint(),
+                       what=str(model_dir), state_dict=True)
+    frozen = {n: base.read(n) for n in mask.frozen_names}
+    record = make_record(frozen, base.names(), denoiser_config(model_dir))
+    return Mask(mask.names, mask.shapes, mask.logits, mask.frozen, mask.base_fingerprint, {**mask.meta, "audit": record})
 
 
 # ------------------------------------------------------------------------------------------
@@ -231,10 +329,11 @@ def _check_shape(key: str, shape: tuple, weight_shape: tuple) -> str | None:
 
 
 def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask: Mask,
-                  file: str = "") -> AdapterReport:
+                  file: str = "", base_fingerprint: dict | None = None) -> AdapterReport:
     """Map every adapter key to the UNet parameter it changes; a changed frozen parameter is a
-    violation. ``adapter``: key -> shape (read_adapter)."""
-    mask.check_matches(list(base.items()), fingerprint(base.items()), what="the base model", state_dict=True)
+    violation. ``adapter``: key -> shape (read_adapter); ``base``: name -> tensor (only names and
+    shapes are used: meta tensors will do), checked against the mask with ``base_fingerprint``."""
+    mask.check_matches(list(base.items()), base_fingerprint, what="the base model", state_dict=True)
     modules, underscored = module_index(base)
     frozen = set(mask.frozen_names)
     report = AdapterReport(file, True)
@@ -272,9 +371,16 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
 
 
 def verify_adapter(model_dir, mask_path, adapter_path) -> AdapterReport:
-    """The audit of an adapter file against a base model and its mask."""
-    return audit_adapter(read_adapter(adapter_path), load_denoiser_state(model_dir), Mask.load(mask_path),
-                         str(adapter_path))
+    """The audit of an adapter file against a base model and its mask, or (``model_dir`` None)
+    against the mask alone: an adapter's keys name modules, and the mask knows every parameter's
+    name and shape."""
+    mask = Mask.load(mask_path)
+    if model_dir is None:
+        shapes = {n: torch.empty(s, device="meta") for n, s in zip(mask.names, mask.shapes)}
+        return audit_adapter(read_adapter(adapter_path), shapes, mask, str(adapter_path))
+    base = Checkpoint(model_dir)
+    shapes = {n: torch.empty(base.shape(n), device="meta") for n in base.names()}
+    return audit_adapter(read_adapter(adapter_path), shapes, mask, str(adapter_path), base.fingerprint())
 
 
 def report_text(report: AdapterReport, limit: int = 50) -> str:

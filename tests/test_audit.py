@@ -1,0 +1,221 @@
+"""Auditing what people share: single-file checkpoints (LDM layout, fp32/fp16, with and without
+the VAE and text encoders), the base-free audit against the mask's digests, and a hub's batch."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from freezeasguard import Mask, verify_checkpoint
+from freezeasguard.digests import tensor_digests
+from freezeasguard.layouts import Checkpoint, ldm_unet_names
+from freezeasguard.models import fingerprint, load_denoiser_state
+from freezeasguard.tensorfile import TensorFile, TensorFileError
+from freezeasguard.verify import denoiser_config, record_digests
+
+# ---- an LDM (A1111 / original SD) layout written independently of diffusers' converter -----
+_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _resnet(rest):
+    head, tail = rest.split(".", 1)
+    return f"{_RESNET.get(head, head)}.{tail}"
+
+
+def to_ldm_name(name: str, config: dict) -> str:
+    """The original SD layout of a diffusers UNet parameter: each down level holds layers+1 slots
+    (its resnets, then a downsampler), each up level layers+1 (its upsampler in the last slot,
+    after the attention when there is one)."""
+    layers = config["layers_per_block"]
+    for a, b in _FIXED.items():
+        if name.startswith(a + "."):
+            return b + name[len(a):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"input_blocks.{(layers + 1) * i + j + 1}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", name):
+        return f"input_blocks.{(layers + 1) * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"output_blocks.{(layers + 1) * i + j}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", name):
+        i = int(m[1])
+        slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
+        return f"output_blocks.{(layers + 1) * i + layers}.{slot}.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", name):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", name):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    raise KeyError(name)
+
+
+def write_single_file(state: dict, config: dict, path, dtype=None, other_parts: bool = True):
+    """A single-file checkpoint as A1111/ComfyUI save it: the UNet under model.diffusion_model.,
+    optionally beside (random) VAE and text-encoder tensors, in ``dtype``."""
+    out = {"model.diffusion_model." + to_ldm_name(n, config): t for n, t in state.items()}
+    if other_parts:
+        out["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
+        out["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.randn(32)
+    if dtype is not None:
+        out = {k: v.to(dtype) for k, v in out.items()}
+    save_file({k: v.contiguous() for k, v in out.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def audit_setup(tiny_sd, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("audit")
+    base = load_denoiser_state(tiny_sd)
+    named = [(n, t) for n, t in base.items()]
+    mask = Mask.random(named, 0.3, seed=2, base_fingerprint=fingerprint(base.items()))
+    plain = mask.save(tmp / "mask.safetensors")
+    recorded = record_digests(Mask.load(plain), tiny_sd).save(tmp / "mask-recorded.safetensors")
+    return tmp, base, mask, plain, recorded, denoiser_config(tiny_sd)
+
+
+def test_diffusers_single_file_map_agrees_with_an_independent_ldm_layout(tiny_sd, audit_setup):
+    _, base, _, _, _, config = audit_setup
+    ldm = {"model.diffusion_model." + to_ldm_name(n, config): n for n in base}
+    names = ldm_unet_names(list(ldm), config)
+    assert len(names) == len(base) > 600
+    assert all(ldm[key] == name for name, key in names.items())
+
+
+def test_tensorfile_reads_what_safetensors_wrote_and_refuses_a_truncated_file(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half(),
+               "d": torch.randn(2, 2).bfloat16(), "e": torch.empty(0)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    f = TensorFile(tmp_path / "t.safetensors")
+    for k, v in tensors.items():
+        assert torch.equal(f.read(k), v) and f.read(k).dtype == v.dtype
+    assert f.bytes_read == 2 * sum(v.numel() * v.element_size() for v in tensors.values())
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-7])
+    with pytest.raises(TensorFileError, match="truncated"):
+        TensorFile(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(TensorFileError):
+        TensorFile(tmp_path / "junk.safetensors")
+
+
+def test_streamed_fingerprint_equals_the_in_memory_one(tiny_sd):
+    assert Checkpoint(tiny_sd).fingerprint() == fingerprint(load_denoiser_state(tiny_sd).items())
+
+
+def test_digests_cover_the_base_dtype_and_its_roundings():
+    t = torch.randn(5, 3)
+    d = tensor_digests(t)
+    assert set(d) == {"float32", "float16", "bfloat16"}
+    assert d["float16"] == tensor_digests(t.half())["float16"]
+    bumped = t.half().clone().view(-1)
+    bumped[0] = torch.nextafter(bumped[0].float(), torch.tensor(9.0)).half()
+    assert tensor_digests(bumped.view(5, 3))["float16"] != d["float16"] or bumped[0] == t.half().view(-1)[0]
+    assert tensor_digests(t.reshape(3, 5))["float32"] != d["float32"]        # the shape is part of it
+
+
+def _cases(tmp, base, mask, config):
+    """(file, mode, expected compliant) for single-file checkpoints of the untouched base and of
+    changed ones, in fp32 and fp16, with and without the other parts."""
+    victim = mask.frozen_names[11]
+    cases = []
+    cases.append((write_single_file(base, config, tmp / "base32.safetensors"), "exact", True))
+    cases.append((write_single_file(base, config, tmp / "base32-unet.safetensors", other_parts=False), "exact", True))
+    cases.append((write_single_file(base, config, tmp / "base16.safetensors", torch.float16), "tolerance", True))
+    cases.append((tmp / "base16.safetensors", "exact", False))                     # another dtype in exact mode
+    cases.append((write_single_file(base, config, tmp / "basebf16.safetensors", torch.bfloat16), "tolerance", True))
+    one_ulp = dict(base)
+    t = one_ulp[victim].clone().view(-1)
+    t[0] = torch.nextafter(t[0], torch.tensor(float("inf")))
+    one_ulp[victim] = t.view_as(base[victim])
+    cases.append((write_single_file(one_ulp, config, tmp / "ulp32.safetensors"), "exact", False))
+    half = {k: v.half() for k, v in base.items()}
+    h = half[victim].clone().view(-1)
+    h[0] = torch.nextafter(h[0].float(), torch.tensor(float("inf"))).half()
+    if h[0] == half[victim].view(-1)[0]:
+        h[0] = h[0] + 0.01
+    half[victim] = h.view_as(base[victim])
+    cases.append((write_single_file(half, config, tmp / "ulp16.safetensors"), "tolerance", False))
+    trainable = next(n for n in mask.names if n not in set(mask.frozen_names))
+    changed = {**base, trainable: base[trainable] + 1.0}
+    cases.append((write_single_file(changed, config, tmp / "trainable.safetensors", torch.float16), "tolerance", True))
+    return cases, victim
+
+
+def test_single_files_are_read_and_base_free_verdicts_equal_base_backed_ones(tiny_sd, audit_setup):
+    tmp, base, mask, plain, recorded, config = audit_setup
+    cases, victim = _cases(tmp, base, mask, config)
+    for path, mode, expected in cases:
+        backed = verify_checkpoint(tiny_sd, plain, path, mode)
+        free = verify_checkpoint(None, recorded, path, mode)
+        assert backed.compliant == free.compliant == expected, (path.name, mode)
+        assert backed.layout == free.layout == "ldm-unet"
+        assert [v.name for v in backed.violations] == [v.name for v in free.violations]
+        if path.name.startswith("ulp"):
+            assert [v.name for v in free.violations] == [victim]
+    # base-free reads only the candidate: its bytes, not the base's
+    report = verify_checkpoint(None, recorded, tmp / "base16.safetensors", "tolerance")
+    assert report.trainable_changed is None
+    assert report.bytes_read <= (tmp / "base16.safetensors").stat().st_size
+
+
+def test_the_old_false_accusation_is_gone_and_an_unknown_layout_is_exit_2(tiny_sd, audit_setup, run_cli):
+    tmp, base, mask, plain, recorded, config = audit_setup
+    write_single_file(base, config, tmp / "base16-cli.safetensors", torch.float16)
+    out = run_cli(["verify", "--model", str(tiny_sd), "--mask", str(plain), "--candidate",
+                   str(tmp / "base16-cli.safetensors"), "--tolerance"])
+    save_file({"some.other.model.weight": torch.randn(3, 3)}, str(tmp / "unknown.safetensors"))
+    err = run_cli(["verify", "--mask", str(recorded), "--candidate", str(tmp / "unknown.safetensors")], code=2)
+    assert "cannot tell this checkpoint's layout" in err and "some.other.model.weight" in err
+    err = run_cli(["verify", "--mask", str(plain), "--candidate", str(tmp / "base16-cli.safetensors")], code=2)
+    assert "records no digests" in err
+    assert out is not None
+
+
+def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tiny_sd, audit_setup, tmp_path,
+                                                                            run_cli):
+    tmp, base, mask, plain, recorded, config = audit_setup
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    cases, victim = _cases(tmp, base, mask, config)
+    expected = {}
+    for i, (path, mode, ok) in enumerate(c for c in cases if c[1] == "tolerance" or c[2] is False):
+        if mode == "exact" and path.name.startswith("base16"):
+            continue
+        target = uploads / f"{i:02d}-{path.name}"
+        target.write_bytes(path.read_bytes())
+        expected[target.name] = "compliant" if ok else "violations"
+    good = (tmp / "base32.safetensors").read_bytes()
+    (uploads / "20-truncated.safetensors").write_bytes(good[: len(good) // 2])
+    expected["20-truncated.safetensors"] = "unreadable"
+    (uploads / "21-corrupt.safetensors").write_bytes(b"not a safetensors file at all")
+    expected["21-corrupt.safetensors"] = "unreadable"
+    save_file({"some.other.model.weight": torch.randn(3, 3)}, str(uploads / "22-unknown.safetensors"))
+    expected["22-unknown.safetensors"] = "unreadable"
+    linear = next(n for n in mask.frozen_names if n.endswith(".weight") and base[n].dim() == 2)
+    out_f, in_f = base[linear].shape
+    kohya = "lora_unet_" + linear[:-len(".weight")].replace(".", "_")
+    save_file({f"{kohya}.lora_down.weight": torch.randn(2, in_f), f"{kohya}.lora_up.weight": torch.randn(out_f, 2)},
+              str(uploads / "23-lora-frozen.safetensors"))
+    report = tmp_path / "report.json"
+    run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance", "--report", str(report)],
+            code=1)
+    rows = {r["file"]: r for r in json.loads(report.read_text())["uploads"]}
+    for name, verdict in expected.items():
+        assert rows[name]["verdict"] == verdict, (name, rows[name])
+    assert rows["23-lora-frozen.safetensors"]["format"] == "adapter"
+    assert rows["23-lora-frozen.safetensors"]["verdict"] == "violations"
+    assert rows["23-lora-frozen.safetensors"]["first_violation"] == linear
+    assert report.with_suffix(".csv").read_text().count("\n") == len(rows) + 1
+    # without the violating uploads the batch exits 2 (unreadable ones remain), then 0 when all are clean
+    for name, verdict in expected.items():
+        if verdict == "violations":
+            (uploads / name).unlink()
+    (uploads / "23-lora-frozen.safetensors").unlink()
+    run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance"], code=2)
+    for name in ("20-truncated.safetensors", "21-corrupt.safetensors", "22-unknown.safetensors"):
+        (uploads / name).unlink()
+    run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance"], code=0)
