@@ -16,7 +16,8 @@ from freezeasguard.verify import denoiser_config, record_digests
 
 # ---- an LDM (A1111 / original SD) layout written independently of diffusers' converter -----
 _FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}     # SDXL
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
            "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
 
@@ -219,3 +220,142 @@ def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tin
     for name in ("20-truncated.safetensors", "21-corrupt.safetensors", "22-unknown.safetensors"):
         (uploads / name).unlink()
     run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance"], code=0)
+
+
+def test_an_sdxl_single_file_is_read_and_a_changed_frozen_tensor_flagged(tmp_path):
+    from freezeasguard.families.tiny import save_tiny
+    model = save_tiny(tmp_path / "sdxl", "sdxl")
+    base = load_denoiser_state(model)
+    config = denoiser_config(model)
+    ldm = {"model.diffusion_model." + to_ldm_name(n, config): n for n in base}
+    assert {n: ldm[k] for n, k in ldm_unet_names(list(ldm), config).items()} == {n: n for n in base}
+    mask = Mask.random(list(base.items()), 0.5, seed=0, base_fingerprint=fingerprint(base.items()))
+    plain = mask.save(tmp_path / "mask.safetensors")
+    recorded = record_digests(mask, model).save(tmp_path / "rec.safetensors")
+    write_single_file(base, config, tmp_path / "xl16.safetensors", torch.float16)
+    victim = mask.frozen_names[0]
+    bad = {**base, victim: base[victim] * 1.01}
+    write_single_file(bad, config, tmp_path / "xl16-bad.safetensors", torch.float16)
+    for ref_model, ref_mask in ((model, plain), (None, recorded)):
+        assert verify_checkpoint(ref_model, ref_mask, tmp_path / "xl16.safetensors", "tolerance").compliant
+        report = verify_checkpoint(ref_model, ref_mask, tmp_path / "xl16-bad.safetensors", "tolerance")
+        assert [v.name for v in report.violations] == [victim]
+
+
+def test_the_flux_table_equals_diffusers_converter_at_flux_width():
+    """diffusers' convert_flux_transformer_checkpoint_to_diffusers on row-coded placeholders
+    ((rows, 1) tensors whose values say key and row) at FLUX.1's width: each parameter's rows
+    decode to the same segments as bfl_flux_segments."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from freezeasguard.layouts import bfl_flux_segments
+    inner, mlp = 3072, 12288
+
+    def rows(key):
+        return (3 * inner if ".qkv." in key else 3 * inner + mlp if "linear1" in key
+                else 2 * inner if "adaLN_modulation" in key else 5)
+    keys = []
+    for p in ("weight", "bias"):
+        keys += [f"{k}.{p}" for k in ("time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                                      "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "txt_in",
+                                      "img_in", "final_layer.linear", "final_layer.adaLN_modulation.1")]
+        for i in range(2):
+            keys += [f"double_blocks.{i}.{k}.{p}" for k in ("img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv",
+                                                             "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2",
+                                                             "img_attn.proj", "txt_attn.proj")]
+        keys += [f"single_blocks.0.{k}.{p}" for k in ("modulation.lin", "linear1", "linear2")]
+    for i in range(2):
+        keys += [f"double_blocks.{i}.{k}.scale" for k in ("img_attn.norm.query_norm", "img_attn.norm.key_norm",
+                                                          "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")]
+    keys += ["single_blocks.0.norm.query_norm.scale", "single_blocks.0.norm.key_norm.scale"]
+    coded = {k: (i * 100_000 + torch.arange(rows(k), dtype=torch.float64)).reshape(-1, 1) for i, k in enumerate(keys)}
+    converted = convert_flux_transformer_checkpoint_to_diffusers(dict(coded))
+    ours = bfl_flux_segments(keys, {"num_attention_heads": 24, "attention_head_dim": 128})
+
+    def decode(t):
+        segments = []
+        for code in t.view(-1).long().tolist():
+            key, row = keys[code // 100_000], code % 100_000
+            if segments and segments[-1][0] == key and segments[-1][2] == row:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([key, row, row + 1])
+        return [tuple(s) for s in segments]
+    assert set(converted) == set(ours) and len(ours) == 98
+    for name, t in converted.items():
+        assert decode(t) == [(k, a, b if b is not None else rows(k)) for k, a, b in ours[name]], name
+
+
+def write_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
+    """A FLUX.1 single file in BFL's layout from a diffusers transformer state: each BFL key
+    assembled from the parameters whose row ranges bfl_flux_segments puts in it."""
+    from freezeasguard.layouts import bfl_flux_segments
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    table = bfl_flux_segments(_bfl_keys(state, inner), config)
+    names_of = {}
+    for name, segs in table.items():
+        for key, _, _ in segs:
+            names_of.setdefault(key, set()).add(name)
+    total = {k: sum(state[n].shape[0] for n in names) for k, names in names_of.items()}
+    out = {k: torch.empty((total[k], *state[next(iter(names))].shape[1:])) for k, names in names_of.items()}
+    for name, segs in table.items():
+        offset = 0
+        for key, start, end in segs:
+            length = (end if end is not None else total[key]) - start
+            out[key][start:start + length] = state[name][offset:offset + length]
+            offset += length
+    out = {prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in out.items()}
+    out["text_encoders.t5xxl.transformer.shared.weight"] = torch.randn(4, 4)      # another part, not audited
+    save_file(out, str(path))
+    return path
+
+
+def test_a_flux_single_file_with_fused_qkv_is_read_and_one_ulp_in_a_slice_flagged(tmp_path):
+    from freezeasguard.families.tiny import save_tiny
+    model = save_tiny(tmp_path / "flux", "flux")
+    base = load_denoiser_state(model)
+    config = denoiser_config(model)
+    names = list(base)
+    scores = torch.tensor([1.0 if ".attn.to_k." in n or "add_v_proj" in n else 0.0 for n in names])
+    mask = Mask.from_scores([(n, base[n]) for n in names], scores, 0.1, base_fingerprint=fingerprint(base.items()))
+    victim = next(n for n in mask.frozen_names if ".attn.to_k.weight" in n)
+    plain = mask.save(tmp_path / "mask.safetensors")
+    recorded = record_digests(mask, model).save(tmp_path / "rec.safetensors")
+    write_bfl_file(base, config, tmp_path / "flux.safetensors")
+    write_bfl_file(base, config, tmp_path / "flux-comfy16.safetensors", torch.float16, prefix="model.diffusion_model.")
+    ulp = dict(base)
+    t = base[victim].clone().view(-1)
+    t[3] = torch.nextafter(t[3], torch.tensor(float("inf")))
+    ulp[victim] = t.view_as(base[victim])
+    write_bfl_file(ulp, config, tmp_path / "flux-ulp.safetensors")
+    for ref_model, ref_mask in ((model, plain), (None, recorded)):
+        ok = verify_checkpoint(ref_model, ref_mask, tmp_path / "flux.safetensors")
+        assert ok.compliant and ok.layout == "bfl-flux" and ok.frozen_checked == len(mask.frozen_names)
+        assert verify_checkpoint(ref_model, ref_mask, tmp_path / "flux-comfy16.safetensors", "tolerance").compliant
+        report = verify_checkpoint(ref_model, ref_mask, tmp_path / "flux-ulp.safetensors")
+        assert [v.name for v in report.violations] == [victim]
+
+
+def _bfl_keys(state, inner):
+    """The BFL key names (without data) a FLUX transformer state of this shape has."""
+    keys = set()
+    for p in ("weight", "bias"):
+        keys |= {f"{k}.{p}" for k in ("time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                                      "vector_in.out_layer", "txt_in", "img_in", "final_layer.linear",
+                                      "final_layer.adaLN_modulation.1")}
+        if any(n.startswith("time_text_embed.guidance_embedder") for n in state):
+            keys |= {f"guidance_in.in_layer.{p}", f"guidance_in.out_layer.{p}"}
+    doubles = {int(n.split(".")[1]) for n in state if n.startswith("transformer_blocks.")}
+    singles = {int(n.split(".")[1]) for n in state if n.startswith("single_transformer_blocks.")}
+    for i in doubles:
+        for p in ("weight", "bias"):
+            keys |= {f"double_blocks.{i}.{k}.{p}" for k in ("img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv",
+                                                            "img_mlp.0", "img_mlp.2", "txt_mlp.0", "txt_mlp.2",
+                                                            "img_attn.proj", "txt_attn.proj")}
+        keys |= {f"double_blocks.{i}.{k}.scale" for k in ("img_attn.norm.query_norm", "img_attn.norm.key_norm",
+                                                          "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")}
+    for i in singles:
+        for p in ("weight", "bias"):
+            keys |= {f"single_blocks.{i}.{k}.{p}" for k in ("modulation.lin", "linear1", "linear2")}
+        keys |= {f"single_blocks.{i}.norm.{k}.scale" for k in ("query_norm", "key_norm")}
+    return keys

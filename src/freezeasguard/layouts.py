@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .models import ModelError, denoiser_weight_files
+from .digests import tensor_bytes
 from .tensorfile import TensorFile, TensorFileError
 
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -34,14 +35,16 @@ def detect_layout(keys) -> str:
     """'ldm-unet' (an SD 1.x/2.x or SDXL single file) or 'diffusers' (the denoiser's own names);
     anything else is a LayoutError naming the keys found."""
     keys = list(keys)
+    if any(k.startswith(("double_blocks.", LDM_UNET_PREFIX + "double_blocks.")) for k in keys):
+        return "bfl-flux"
     if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return "ldm-unet"
     if any(k.startswith(("down_blocks.", "transformer_blocks.", "single_transformer_blocks.", "conv_in."))
            for k in keys):
         return "diffusers"
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
-    raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser "
-                      f"nor a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...)")
+    raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser, "
+                      f"a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...) nor a FLUX.1 one (double_blocks...)")
 
 
 def ldm_unet_names(file_keys, unet_config: dict) -> dict[str, str]:
@@ -58,31 +61,35 @@ def ldm_unet_names(file_keys, unet_config: dict) -> dict[str, str]:
 
 class Checkpoint:
     """A shared checkpoint's denoiser tensors under the denoiser's own names, each read when asked
-    for: a diffusers pipeline or denoiser folder, a denoiser state file, or a single-file SD/SDXL
-    checkpoint (``denoiser_config`` maps its LDM names)."""
+    for: a diffusers pipeline or denoiser folder, a denoiser state file, or a single file in the
+    SD/SDXL (LDM) or FLUX.1 (BFL) layout, whose names ``denoiser_config`` maps. A parameter is one
+    or more row ranges of file tensors (FLUX's fused q/k/v hold three)."""
 
     def __init__(self, path, denoiser_config: dict | None = None):
         self.path = Path(path)
         try:
-            files = [TensorFile(f) for f in denoiser_weight_files(self.path)]
+            self.files = [TensorFile(f) for f in denoiser_weight_files(self.path)]
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
-        keys = {k: f for f in files for k in f.keys()}
-        self.files = files
-        self.layout = detect_layout(keys)
+        self.file_of = {k: f for f in self.files for k in f.keys()}
+        self.layout = detect_layout(self.file_of)
+        self.unmapped, self.others = [], 0
         if self.layout == "diffusers":
-            self.where = {k: (f, k) for k, f in keys.items()}
-            self.unmapped, self.others = [], 0
+            self.where = {k: [(k, 0, None)] for k in self.file_of}
+            return
+        if denoiser_config is None:
+            raise LayoutError(f"{self.path} is a single-file checkpoint ({self.layout}); mapping its names needs the "
+                              f"denoiser's config: pass --model BASE, or a mask that records it (`freezeasguard mask "
+                              f"record`)")
+        if self.layout == "ldm-unet":
+            self.where = {n: [(k, 0, None)] for n, k in ldm_unet_names(self.file_of, denoiser_config).items()}
         else:
-            if denoiser_config is None:
-                raise LayoutError(f"{self.path} is a single-file SD/SDXL checkpoint; mapping its names needs the "
-                                  f"UNet's config: pass --model BASE, or a mask that records it "
-                                  f"(`freezeasguard mask record`)")
-            names = ldm_unet_names(keys, denoiser_config)
-            self.where = {n: (keys[k], k) for n, k in names.items()}
-            mapped = set(names.values())
-            self.unmapped = [k for k in keys if k.startswith(LDM_UNET_PREFIX) and k not in mapped]
-            self.others = sum(1 for k in keys if not k.startswith(LDM_UNET_PREFIX))
+            self.where = bfl_flux_segments(self.file_of, denoiser_config)
+        used = {seg[0] for segs in self.where.values() for seg in segs}
+        own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout == "bfl-flux"
+               and not k.startswith(LDM_OTHER_PREFIXES)]
+        self.unmapped = [k for k in own if k not in used]
+        self.others = len(self.file_of) - len(own)
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -90,24 +97,24 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
+    def _segment_shape(self, key: str, start: int, end: int | None) -> tuple[int, ...]:
+        shape = self.file_of[key].shape(key)
+        return shape if start == 0 and end is None else ((end or shape[0]) - start, *shape[1:])
+
     def shape(self, name: str) -> tuple[int, ...]:
-        f, k = self.where[name]
-        return f.shape(k)
+        shapes = [self._segment_shape(*seg) for seg in self.where[name]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
 
     def dtype(self, name: str) -> torch.dtype:
-        f, k = self.where[name]
-        return f.dtype(k)
+        key = self.where[name][0][0]
+        return self.file_of[key].dtype(key)
 
     def read(self, name: str) -> torch.Tensor:
-        f, k = self.where[name]
         try:
-            return f.read(k)
+            parts = [self.file_of[k].read_rows(k, start, end) for k, start, end in self.where[name]]
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
-
-    def read_bytes(self, name: str) -> bytearray:
-        f, k = self.where[name]
-        return f.read_bytes(k)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     @property
     def bytes_read(self) -> int:
@@ -119,9 +126,72 @@ class Checkpoint:
         weights = hashlib.blake2b(digest_size=16)
         for name in names:
             weights.update(str(self.dtype(name)).encode())
-            weights.update(bytes(self.read_bytes(name)))
+            weights.update(tensor_bytes(self.read(name)))
         shapes = [list(self.shape(n)) for n in names]
         return {"num_tensors": len(names),
                 "names_hash": hashlib.blake2b("\n".join(names).encode(), digest_size=16).hexdigest(),
                 "shapes_hash": hashlib.blake2b(json.dumps(shapes).encode(), digest_size=16).hexdigest(),
                 "weights_hash": weights.hexdigest()}
+
+
+# FLUX.1 in Black Forest Labs' layout, as diffusers' convert_flux_transformer_checkpoint_to_diffusers
+# reads it; that function fixes the width at 3072 (FLUX.1's), so the table is rebuilt here with
+# the width from the transformer's config. A segment is (file key, first row, end row): fused
+# q/k/v (and q/k/v/mlp in the single blocks) hold several parameters as row ranges, and the final
+# modulation stores (shift, scale) where diffusers holds (scale, shift).
+_FLUX_WHOLE = [("time_text_embed.timestep_embedder.linear_{}", "time_in.{}_layer"),
+               ("time_text_embed.text_embedder.linear_{}", "vector_in.{}_layer"),
+               ("time_text_embed.guidance_embedder.linear_{}", "guidance_in.{}_layer")]
+_FLUX_DOUBLE = [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+                ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
+                ("attn.to_add_out", "txt_attn.proj")]
+_FLUX_DOUBLE_NORMS = [("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                      ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+                      ("attn.norm_added_k", "txt_attn.norm.key_norm")]
+
+
+def bfl_flux_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The FLUX transformer's parameter name -> the row ranges of BFL-layout keys it is made of."""
+    keys = set(file_keys)
+    prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX + "double_blocks.") for k in keys) else ""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    split = [0, inner, 2 * inner, 3 * inner, 3 * inner + int(inner * 4.0)]
+    out: dict[str, list[tuple[str, int, int | None]]] = {}
+
+    def whole(name, key):
+        for p in ("weight", "bias"):
+            if prefix + f"{key}.{p}" in keys:
+                out[f"{name}.{p}"] = [(prefix + f"{key}.{p}", 0, None)]
+
+    for name, key in _FLUX_WHOLE:
+        whole(name.format(1), key.format("in"))
+        whole(name.format(2), key.format("out"))
+    whole("context_embedder", "txt_in")
+    whole("x_embedder", "img_in")
+    whole("proj_out", "final_layer.linear")
+    for i in sorted({int(k[len(prefix):].split(".")[1]) for k in keys if k[len(prefix):].startswith("double_blocks.")}):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for name, key in _FLUX_DOUBLE:
+            whole(d + name, b + key)
+        for name, key in _FLUX_DOUBLE_NORMS:
+            out[f"{d}{name}.weight"] = [(f"{prefix}{b}{key}.scale", 0, None)]
+        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj",
+                                                                                     "add_v_proj"))):
+            for j, n in enumerate(names):
+                for p in ("weight", "bias"):
+                    out[f"{d}attn.{n}.{p}"] = [(f"{prefix}{b}{stream}.qkv.{p}", split[j], split[j + 1])]
+    for i in sorted({int(k[len(prefix):].split(".")[1]) for k in keys if k[len(prefix):].startswith("single_blocks.")}):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        whole(d + "norm.linear", b + "modulation.lin")
+        whole(d + "proj_out", b + "linear2")
+        out[f"{d}attn.norm_q.weight"] = [(f"{prefix}{b}norm.query_norm.scale", 0, None)]
+        out[f"{d}attn.norm_k.weight"] = [(f"{prefix}{b}norm.key_norm.scale", 0, None)]
+        for j, n in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
+            for p in ("weight", "bias"):
+                out[f"{d}{n}.{p}"] = [(f"{prefix}{b}linear1.{p}", split[j], split[j + 1])]
+    for p in ("weight", "bias"):
+        key = f"{prefix}final_layer.adaLN_modulation.1.{p}"
+        if key in keys:
+            out[f"norm_out.linear.{p}"] = [(key, inner, None), (key, 0, inner)]     # (shift, scale) -> (scale, shift)
+    return {n: segs for n, segs in out.items() if all(s[0] in keys for s in segs)}

@@ -79,6 +79,27 @@ class TensorFile:
         self.bytes_read += len(buf)
         return buf
 
+    def read_rows(self, key: str, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Rows start..end of a tensor (its first dimension), reading only their bytes."""
+        shape = self.shape(key)
+        if start == 0 and end is None:
+            return self.read(key)
+        end = shape[0] if end is None else end
+        if not 0 <= start <= end <= shape[0]:
+            raise TensorFileError(f"{self.path}: rows {start}-{end} of {key} (shape {list(shape)}) do not exist")
+        row = self.nbytes(key) // shape[0] if shape[0] else 0
+        first, _ = self.entries[key]["data_offsets"]
+        buf = bytearray(row * (end - start))
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + first + row * start)
+            got = f.readinto(buf)
+        if got != len(buf):
+            raise TensorFileError(f"{self.path}: tensor {key} is cut short")
+        self.bytes_read += len(buf)
+        out_shape = (end - start, *shape[1:])
+        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(out_shape) if buf else torch.empty(out_shape,
+                                                                                                      dtype=self.dtype(key))
+
     def read(self, key: str) -> torch.Tensor:
         buf = self.read_bytes(key)
         shape = self.shape(key)
