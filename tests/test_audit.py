@@ -1,7 +1,6 @@
 """Auditing what people share: single-file checkpoints (LDM layout, fp32/fp16, with and without
 the VAE and text encoders), the base-free audit against the mask's digests, and a hub's batch."""
 import json
-import re
 
 import pytest
 import torch
@@ -9,55 +8,16 @@ from safetensors.torch import save_file
 
 from freezeasguard import Mask, verify_checkpoint
 from freezeasguard.digests import tensor_digests
-from freezeasguard.layouts import Checkpoint, ldm_unet_names
+from freezeasguard.layouts import Checkpoint, ldm_key_map, ldm_unet_names
 from freezeasguard.models import fingerprint, load_denoiser_state
 from freezeasguard.tensorfile import TensorFile, TensorFileError
 from freezeasguard.verify import denoiser_config, record_digests
 
-# ---- an LDM (A1111 / original SD) layout written independently of diffusers' converter -----
-_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}     # SDXL
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-
-
-def _resnet(rest):
-    head, tail = rest.split(".", 1)
-    return f"{_RESNET.get(head, head)}.{tail}"
-
-
-def to_ldm_name(name: str, config: dict) -> str:
-    """The original SD layout of a diffusers UNet parameter: each down level holds layers+1 slots
-    (its resnets, then a downsampler), each up level layers+1 (its upsampler in the last slot,
-    after the attention when there is one)."""
-    layers = config["layers_per_block"]
-    for a, b in _FIXED.items():
-        if name.startswith(a + "."):
-            return b + name[len(a):]
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"input_blocks.{(layers + 1) * i + j + 1}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", name):
-        return f"input_blocks.{(layers + 1) * (int(m[1]) + 1)}.0.op.{m[2]}"
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
-        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-        return f"output_blocks.{(layers + 1) * i + j}." + ("0." + _resnet(rest) if kind == "resnets" else "1." + rest)
-    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", name):
-        i = int(m[1])
-        slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
-        return f"output_blocks.{(layers + 1) * i + layers}.{slot}.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", name):
-        return f"middle_block.1.{m[1]}"
-    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", name):
-        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-    raise KeyError(name)
-
-
 def write_single_file(state: dict, config: dict, path, dtype=None, other_parts: bool = True):
     """A single-file checkpoint as A1111/ComfyUI save it: the UNet under model.diffusion_model.,
     optionally beside (random) VAE and text-encoder tensors, in ``dtype``."""
-    out = {"model.diffusion_model." + to_ldm_name(n, config): t for n, t in state.items()}
+    keys = ldm_key_map(list(state), config)
+    out = {keys[n]: t for n, t in state.items()}
     if other_parts:
         out["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
         out["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.randn(32)
@@ -78,12 +38,14 @@ def audit_setup(tiny_sd, tmp_path_factory):
     return tmp, base, mask, plain, recorded, denoiser_config(tiny_sd)
 
 
-def test_diffusers_single_file_map_agrees_with_an_independent_ldm_layout(tiny_sd, audit_setup):
+def test_the_single_file_names_round_trip_through_diffusers_converter(tiny_sd, audit_setup):
     _, base, _, _, _, config = audit_setup
-    ldm = {"model.diffusion_model." + to_ldm_name(n, config): n for n in base}
-    names = ldm_unet_names(list(ldm), config)
-    assert len(names) == len(base) > 600
-    assert all(ldm[key] == name for name, key in names.items())
+    keys = ldm_key_map(list(base), config)          # raises unless diffusers' converter maps each key back
+    assert len(set(keys.values())) == len(base) > 600
+    assert keys["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"] == \
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"     # SD 1.5's own name
+    assert keys["up_blocks.0.upsamplers.0.conv.weight"] == "model.diffusion_model.output_blocks.2.1.conv.weight"
+    assert ldm_unet_names(list(keys.values()), config) == keys
 
 
 def test_tensorfile_reads_what_safetensors_wrote_and_refuses_a_truncated_file(tmp_path):
@@ -227,8 +189,7 @@ def test_an_sdxl_single_file_is_read_and_a_changed_frozen_tensor_flagged(tmp_pat
     model = save_tiny(tmp_path / "sdxl", "sdxl")
     base = load_denoiser_state(model)
     config = denoiser_config(model)
-    ldm = {"model.diffusion_model." + to_ldm_name(n, config): n for n in base}
-    assert {n: ldm[k] for n, k in ldm_unet_names(list(ldm), config).items()} == {n: n for n in base}
+    assert ldm_unet_names(list(ldm_key_map(list(base), config).values()), config) == ldm_key_map(list(base), config)
     mask = Mask.random(list(base.items()), 0.5, seed=0, base_fingerprint=fingerprint(base.items()))
     plain = mask.save(tmp_path / "mask.safetensors")
     recorded = record_digests(mask, model).save(tmp_path / "rec.safetensors")
@@ -359,3 +320,53 @@ def _bfl_keys(state, inner):
             keys |= {f"single_blocks.{i}.{k}.{p}" for k in ("modulation.lin", "linear1", "linear2")}
         keys |= {f"single_blocks.{i}.norm.{k}.scale" for k in ("query_norm", "key_norm")}
     return keys
+
+
+def test_loras_in_original_layout_names_map_to_the_parameters_they_change(tiny_sd, audit_setup, tmp_path):
+    """ComfyUI's diffusion_model.<LDM module> and A1111/kohya's lora_unet_<LDM module> keys, with the
+    base and base-free: a LoRA on a frozen module is a violation, one on a trainable module passes."""
+    from freezeasguard.verify import verify_adapter
+    _, base, mask, plain, recorded, config = audit_setup
+    keys = ldm_key_map(list(base), config)
+    frozen = set(mask.frozen_names)
+    linears = [n for n in base if n.endswith(".weight") and base[n].dim() == 2 and ".attn" in n]
+    hit = next(n for n in linears if n in frozen)
+    free = next(n for n in linears if n not in frozen and n.replace(".weight", ".bias") not in frozen)
+
+    def lora(name, style):
+        module = keys[name][len("model.diffusion_model."):-len(".weight")]
+        out_f, in_f = base[name].shape
+        prefix = f"diffusion_model.{module}" if style == "comfy" else "lora_unet_" + module.replace(".", "_")
+        return {f"{prefix}.lora_down.weight": torch.randn(2, in_f), f"{prefix}.lora_up.weight": torch.randn(out_f, 2),
+                f"{prefix}.alpha": torch.tensor(2.0)}
+
+    for style in ("comfy", "a1111"):
+        save_file(lora(hit, style), str(tmp_path / f"hit-{style}.safetensors"))
+        save_file(lora(free, style), str(tmp_path / f"free-{style}.safetensors"))
+        for ref_model, ref_mask in ((tiny_sd, plain), (None, recorded)):
+            report = verify_adapter(ref_model, ref_mask, tmp_path / f"hit-{style}.safetensors")
+            assert report.frozen_changed == [hit] and not report.unknown
+            ok = verify_adapter(ref_model, ref_mask, tmp_path / f"free-{style}.safetensors")
+            assert ok.compliant and list(ok.changed) == [free]
+
+
+def test_a_lora_on_flux_fused_qkv_changes_all_three_projections(tmp_path):
+    from freezeasguard.families.tiny import save_tiny
+    from freezeasguard.verify import verify_adapter
+    model = save_tiny(tmp_path / "flux", "flux")
+    base = load_denoiser_state(model)
+    names = list(base)
+    scores = torch.tensor([1.0 if n == "transformer_blocks.0.attn.to_v.weight" else 0.0 for n in names])
+    mask = Mask.from_scores([(n, base[n]) for n in names], scores, 0.01, base_fingerprint=fingerprint(base.items()))
+    assert "transformer_blocks.0.attn.to_v.weight" in mask.frozen_names
+    plain = mask.save(tmp_path / "mask.safetensors")
+    recorded = record_digests(mask, model).save(tmp_path / "rec.safetensors")
+    inner = base["transformer_blocks.0.attn.to_q.weight"].shape[0]
+    width = base["transformer_blocks.0.attn.to_q.weight"].shape[1]
+    for prefix in ("diffusion_model.double_blocks.0.img_attn.qkv", "lora_unet_double_blocks_0_img_attn_qkv"):
+        save_file({f"{prefix}.lora_down.weight": torch.randn(2, width),
+                   f"{prefix}.lora_up.weight": torch.randn(3 * inner, 2)}, str(tmp_path / "qkv.safetensors"))
+        for ref_model, ref_mask in ((model, plain), (None, recorded)):
+            report = verify_adapter(ref_model, ref_mask, tmp_path / "qkv.safetensors")
+            assert sorted(report.changed) == [f"transformer_blocks.0.attn.to_{x}.weight" for x in "kqv"]
+            assert report.frozen_changed == ["transformer_blocks.0.attn.to_v.weight"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -45,6 +46,58 @@ def detect_layout(keys) -> str:
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
     raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser, "
                       f"a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...) nor a FLUX.1 one (double_blocks...)")
+
+
+# diffusers UNet names -> the original SD layout, for maps that start from the base model's names
+# (an adapter in LDM names, a test writing single files). Each down level holds layers+1 slots
+# (its resnets, then a downsampler), each up level layers+1 (the upsampler in the last, after the
+# attention when there is one). ldm_key_map checks every name against diffusers' own converter.
+_LDM_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _ldm_resnet(rest: str) -> str:
+    head, tail = rest.split(".", 1)
+    return f"{_LDM_RESNET.get(head, head)}.{tail}"
+
+
+def ldm_name(name: str, config: dict) -> str:
+    """A diffusers UNet parameter's name in the original SD layout (without model.diffusion_model.)."""
+    slots = config["layers_per_block"] + 1
+    for a, b in _LDM_FIXED.items():
+        if name.startswith(a + "."):
+            return b + name[len(a):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"input_blocks.{slots * i + j + 1}." + ("0." + _ldm_resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", name):
+        return f"input_blocks.{slots * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"output_blocks.{slots * i + j}." + ("0." + _ldm_resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", name):
+        i = int(m[1])
+        return f"output_blocks.{slots * i + slots - 1}.{2 if 'CrossAttn' in config['up_block_types'][i] else 1}.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", name):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", name):
+        return f"middle_block.{2 * int(m[1])}.{_ldm_resnet(m[2])}"
+    raise LayoutError(f"{name}: a UNet parameter the single-file layout has no place for")
+
+
+def ldm_key_map(names, config: dict) -> dict[str, str]:
+    """Every diffusers UNet parameter -> its single-file key, checked against diffusers' converter
+    (the map it gives back must be this one, name for name)."""
+    forward = {n: LDM_UNET_PREFIX + ldm_name(n, config) for n in names}
+    back = ldm_unet_names(list(forward.values()), config)
+    if back != forward:
+        wrong = sorted(set(back.items()) ^ set(forward.items()))[:2]
+        raise LayoutError(f"this UNet's layout does not round-trip through diffusers' single-file converter "
+                          f"(first differences: {wrong})")
+    return forward
 
 
 def ldm_unet_names(file_keys, unet_config: dict) -> dict[str, str]:
@@ -195,3 +248,41 @@ def bfl_flux_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int,
         if key in keys:
             out[f"norm_out.linear.{p}"] = [(key, inner, None), (key, 0, inner)]     # (shift, scale) -> (scale, shift)
     return {n: segs for n, segs in out.items() if all(s[0] in keys for s in segs)}
+
+
+def bfl_keys(names) -> set[str]:
+    """The BFL-layout keys of a FLUX transformer with these diffusers parameter names (no data)."""
+    keys = set()
+    heads = ["time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer", "txt_in", "img_in",
+             "final_layer.linear", "final_layer.adaLN_modulation.1"]
+    if any(n.startswith("time_text_embed.guidance_embedder.") for n in names):
+        heads += ["guidance_in.in_layer", "guidance_in.out_layer"]
+    doubles = {int(n.split(".")[1]) for n in names if n.startswith("transformer_blocks.")}
+    singles = {int(n.split(".")[1]) for n in names if n.startswith("single_transformer_blocks.")}
+    linear = heads + [f"double_blocks.{i}.{k}" for i in doubles for k in (
+        "img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_mlp.0", "img_mlp.2", "txt_mlp.0",
+        "txt_mlp.2", "img_attn.proj", "txt_attn.proj")]
+    linear += [f"single_blocks.{i}.{k}" for i in singles for k in ("modulation.lin", "linear1", "linear2")]
+    keys |= {f"{k}.{p}" for k in linear for p in ("weight", "bias")}
+    keys |= {f"double_blocks.{i}.{k}.scale" for i in doubles for k in (
+        "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")}
+    keys |= {f"single_blocks.{i}.norm.{k}.scale" for i in singles for k in ("query_norm", "key_norm")}
+    return keys
+
+
+def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
+    """The denoiser's modules under the original layout's names (SD/SDXL LDM, FLUX BFL) -> the
+    diffusers modules each one is (several for FLUX's fused q/k/v): what LoRA files trained on a
+    single-file checkpoint (ComfyUI's diffusion_model.*, kohya's lora_unet_* on those names) name."""
+    names = list(names)
+    if not config:
+        return {}
+    aliases: dict[str, set[str]] = {}
+    if "layers_per_block" in config:
+        for n, key in ldm_key_map(names, config).items():
+            aliases.setdefault(key[len(LDM_UNET_PREFIX):].rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
+    elif "num_single_layers" in config:
+        for n, segs in bfl_flux_segments(bfl_keys(names), config).items():
+            for key, _, _ in segs:
+                aliases.setdefault(key.rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
+    return {k: sorted(v) for k, v in aliases.items()}

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .digests import digest, dtype_name, make_record, tensor_bytes
-from .layouts import Checkpoint
+from .layouts import Checkpoint, original_module_aliases
 from .mask import Mask, MaskError
 from .models import ModelError, fingerprint, resolve_denoiser_dir
 
@@ -243,7 +243,7 @@ SUFFIXES = {
 # longest first, so ".lora_A.default.weight" is not read as ".weight" of a module named "...default"
 _ORDERED = sorted(SUFFIXES, key=len, reverse=True)
 # a denoiser's keys: diffusers' unet. / transformer. (SD3, FLUX), peft's, the original SD checkpoints'
-UNET_DOTTED_PREFIXES = ("unet.", "transformer.", "base_model.model.", "model.diffusion_model.")
+UNET_DOTTED_PREFIXES = ("unet.", "transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.", "te2.")
 KOHYA_UNET_PREFIX = "lora_unet_"
 # old diffusers attention processors: <attn>.processor.to_q_lora.down.weight -> <attn>.to_q
@@ -281,10 +281,16 @@ def module_index(param_names) -> tuple[set[str], dict[str, str]]:
     return modules, {m.replace(".", "_"): m for m in modules}
 
 
-def resolve_module(module_part: str, modules: set[str], underscored: dict[str, str]) -> str | None:
-    """The UNet module a key's module part names, or None."""
+def resolve_module(module_part: str, modules: set[str], underscored: dict[str, str],
+                   aliases: dict[str, list[str]] | None = None) -> list[str]:
+    """The UNet modules a key's module part names (several for a fused original-layout module),
+    or none. ``aliases``: original-layout module -> diffusers modules (layouts.original_module_aliases)."""
+    aliases = aliases or {}
     if module_part.startswith(KOHYA_UNET_PREFIX):
-        return underscored.get(module_part[len(KOHYA_UNET_PREFIX):])
+        name = module_part[len(KOHYA_UNET_PREFIX):]
+        if name in underscored:
+            return [underscored[name]]
+        return aliases.get(_underscored_aliases(aliases).get(name, ""), [])
     for prefix in UNET_DOTTED_PREFIXES:
         if module_part.startswith(prefix):
             module_part = module_part[len(prefix):]
@@ -292,7 +298,13 @@ def resolve_module(module_part: str, modules: set[str], underscored: dict[str, s
     m = _PROCESSOR.search(module_part)
     if m:
         module_part = module_part[: m.start()] + "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1))
-    return module_part if module_part in modules else None
+    if module_part in modules:
+        return [module_part]
+    return aliases.get(module_part, [])
+
+
+def _underscored_aliases(aliases: dict[str, list[str]]) -> dict[str, str]:
+    return {k.replace(".", "_"): k for k in aliases}
 
 
 def read_adapter(path) -> dict[str, tuple[int, ...]]:
@@ -329,7 +341,8 @@ def _check_shape(key: str, shape: tuple, weight_shape: tuple) -> str | None:
 
 
 def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask: Mask,
-                  file: str = "", base_fingerprint: dict | None = None) -> AdapterReport:
+                  file: str = "", base_fingerprint: dict | None = None,
+                  aliases: dict[str, list[str]] | None = None) -> AdapterReport:
     """Map every adapter key to the UNet parameter it changes; a changed frozen parameter is a
     violation. ``adapter``: key -> shape (read_adapter); ``base``: name -> tensor (only names and
     shapes are used: meta tensors will do), checked against the mask with ``base_fingerprint``."""
@@ -343,20 +356,23 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
             report.outside_unet.append(key)
             continue
         parts = split_key(key)
-        module = resolve_module(parts[0], modules, underscored) if parts else None
-        if module is None:
+        targets = resolve_module(parts[0], modules, underscored, aliases) if parts else []
+        if not targets:
             report.unknown.append(key)
             continue
         if parts[1] == "meta":
             continue
-        param = f"{module}.{parts[1]}"
-        if param not in base:
+        params = [f"{m}.{parts[1]}" for m in targets]
+        if any(p not in base for p in params):
             report.unknown.append(key)
             continue
-        problem = _check_shape(key, shape, tuple(base[f"{module}.weight"].shape)) if f"{module}.weight" in base else None
-        if problem:
-            mismatched.append(problem)
-        report.changed.setdefault(param, []).append(key)
+        weights = [tuple(base[f"{m}.weight"].shape) for m in targets if f"{m}.weight" in base]
+        if weights:   # a fused module's factor spans its parts' rows
+            problem = _check_shape(key, shape, (sum(w[0] for w in weights), *weights[0][1:]))
+            if problem:
+                mismatched.append(problem)
+        for param in params:
+            report.changed.setdefault(param, []).append(key)
     if mismatched:
         raise AdapterError(f"{file}: the adapter is for a model of other sizes ({len(mismatched)} factors do not fit; "
                            f"first: {mismatched[0]}). Audit it against the model it was trained on.")
@@ -375,12 +391,16 @@ def verify_adapter(model_dir, mask_path, adapter_path) -> AdapterReport:
     against the mask alone: an adapter's keys name modules, and the mask knows every parameter's
     name and shape."""
     mask = Mask.load(mask_path)
+    adapter = read_adapter(adapter_path)
     if model_dir is None:
         shapes = {n: torch.empty(s, device="meta") for n, s in zip(mask.names, mask.shapes)}
-        return audit_adapter(read_adapter(adapter_path), shapes, mask, str(adapter_path))
+        config = (mask.meta.get("audit") or {}).get("denoiser_config")
+        return audit_adapter(adapter, shapes, mask, str(adapter_path),
+                             aliases=original_module_aliases(mask.names, config))
     base = Checkpoint(model_dir)
     shapes = {n: torch.empty(base.shape(n), device="meta") for n in base.names()}
-    return audit_adapter(read_adapter(adapter_path), shapes, mask, str(adapter_path), base.fingerprint())
+    return audit_adapter(adapter, shapes, mask, str(adapter_path), base.fingerprint(),
+                         original_module_aliases(mask.names, denoiser_config(model_dir)))
 
 
 def report_text(report: AdapterReport, limit: int = 50) -> str:
