@@ -370,3 +370,17 @@ def test_a_lora_on_flux_fused_qkv_changes_all_three_projections(tmp_path):
             report = verify_adapter(ref_model, ref_mask, tmp_path / "qkv.safetensors")
             assert sorted(report.changed) == [f"transformer_blocks.0.attn.to_{x}.weight" for x in "kqv"]
             assert report.frozen_changed == ["transformer_blocks.0.attn.to_v.weight"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_fast_finite_check_agrees_with_torch(dtype):
+    from freezeasguard.tensorfile import all_finite
+    x = torch.randn(1000).to(dtype)
+    x[3] = torch.finfo(dtype).max
+    x[4] = -torch.finfo(dtype).max
+    x[5] = torch.finfo(dtype).tiny / 2          # a subnormal
+    assert all_finite(x) == bool(torch.isfinite(x).all()) is True
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        y = x.clone()
+        y[17] = bad
+        assert all_finite(y) == bool(torch.isfinite(y).all()) is False

@@ -30,9 +30,10 @@ def digest(raw, dtype: torch.dtype, shape) -> str:
     return h.hexdigest()
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
+def tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy of a contiguous CPU tensor)."""
     t = t.detach().cpu().contiguous()
-    return t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
 def tensor_digests(t: torch.Tensor) -> dict[str, str]:
@@ -41,12 +42,10 @@ def tensor_digests(t: torch.Tensor) -> dict[str, str]:
     return {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape) for d in dtypes}
 
 
-def make_record(frozen: dict[str, torch.Tensor], base_names: list[str], denoiser_config: dict | None) -> dict:
-    """What the mask keeps for a base-free audit: per frozen tensor its stored dtype and digests, the
-    base's other tensor names (buffers a checkpoint may hold), and the denoiser's config (which
-    maps single-file checkpoints' names)."""
-    return {"format": RECORD_FORMAT,
-            "dtypes": {n: dtype_name(t.dtype) for n, t in frozen.items()},
-            "digests": {n: tensor_digests(t) for n, t in frozen.items()},
-            "base_names": sorted(base_names),
+def make_record(digests: dict[str, dict[str, str]], dtypes: dict[str, str], base_names: list[str],
+                denoiser_config: dict | None) -> dict:
+    """What the mask keeps for a base-free audit: per frozen tensor its stored dtype and digests
+    (tensor_digests), the base's other tensor names (buffers a checkpoint may hold), and the
+    denoiser's config (which maps single-file checkpoints' names)."""
+    return {"format": RECORD_FORMAT, "dtypes": dtypes, "digests": digests, "base_names": sorted(base_names),
             "denoiser_config": denoiser_config}

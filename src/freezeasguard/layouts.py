@@ -125,6 +125,7 @@ class Checkpoint:
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
         self.file_of = {k: f for f in self.files for k in f.keys()}
+        self.scratch: bytearray | None = None
         self.layout = detect_layout(self.file_of)
         self.unmapped, self.others = [], 0
         if self.layout == "diffusers":
@@ -163,11 +164,21 @@ class Checkpoint:
         return self.file_of[key].dtype(key)
 
     def read(self, name: str) -> torch.Tensor:
+        """The parameter's tensor. A one-piece tensor is read into a buffer this object reuses
+        (no allocation per tensor): it is valid until the next read."""
+        segments = self.where[name]
         try:
-            parts = [self.file_of[k].read_rows(k, start, end) for k, start, end in self.where[name]]
+            if len(segments) == 1:
+                key, start, end = segments[0]
+                return self.file_of[key].read_rows(key, start, end, self._scratch())
+            return torch.cat([self.file_of[k].read_rows(k, start, end) for k, start, end in segments])
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _scratch(self) -> bytearray:
+        if self.scratch is None:
+            self.scratch = bytearray(max((f.nbytes(k) for f in self.files for k in f.keys()), default=0))
+        return self.scratch
 
     @property
     def bytes_read(self) -> int:

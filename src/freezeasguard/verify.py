@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .digests import digest, dtype_name, make_record, tensor_bytes
+from .digests import digest, dtype_name, make_record, tensor_bytes, tensor_digests
 from .layouts import Checkpoint, original_module_aliases
+from .tensorfile import all_finite
 from .mask import Mask, MaskError
 from .models import ModelError, fingerprint, resolve_denoiser_dir
 
@@ -139,7 +140,7 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
             violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
             continue
         c = cand.read(name)
-        if c.is_floating_point() and not torch.isfinite(c).all():
+        if not all_finite(c):
             raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
                              f"fine-tune), whatever its frozen tensors hold.")
         if name in frozen:
@@ -195,8 +196,11 @@ def record_digests(mask: Mask, model_dir) -> Mask:
     base = Checkpoint(model_dir)
     mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()], base.fingerprint(),
                        what=str(model_dir), state_dict=True)
-    frozen = {n: base.read(n) for n in mask.frozen_names}
-    record = make_record(frozen, base.names(), denoiser_config(model_dir))
+    digests, dtypes = {}, {}
+    for name in mask.frozen_names:       # one tensor in memory at a time
+        t = base.read(name)
+        digests[name], dtypes[name] = tensor_digests(t), dtype_name(t.dtype)
+    record = make_record(digests, dtypes, base.names(), denoiser_config(model_dir))
     return Mask(mask.names, mask.shapes, mask.logits, mask.frozen, mask.base_fingerprint, {**mask.meta, "audit": record})
 
 
