@@ -163,6 +163,39 @@ def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tin
     kohya = "lora_unet_" + linear[:-len(".weight")].replace(".", "_")
     save_file({f"{kohya}.lora_down.weight": torch.randn(2, in_f), f"{kohya}.lora_up.weight": torch.randn(out_f, 2)},
               str(uploads / "23-lora-frozen.safetensors"))
+    # more of what a hub receives
+    import shutil
+    write_single_file(base, config, uploads / "30-base32.safetensors")
+    write_single_file(base, config, uploads / "31-base32-unet-only.safetensors", other_parts=False)
+    shutil.copytree(tiny_sd, uploads / "32-diffusers-pipeline")
+    bad_state = {**base, victim: base[victim] + 1e-3}
+    save_file(bad_state, str(uploads / "33-diffusers-state-changed.safetensors"))
+    free = next(n for n in mask.names if n.endswith(".weight") and base[n].dim() == 2 and n not in set(mask.frozen_names)
+                and n.replace(".weight", ".bias") not in set(mask.frozen_names))
+    save_file({f"unet.{free[:-len('.weight')]}.lora_A.weight": torch.randn(2, base[free].shape[1]),
+               f"unet.{free[:-len('.weight')]}.lora_B.weight": torch.randn(base[free].shape[0], 2)},
+              str(uploads / "34-lora-allowed.safetensors"))
+    nan = dict(base)
+    nan[victim] = base[victim].clone()
+    nan[victim].view(-1)[0] = float("nan")
+    write_single_file(nan, config, uploads / "35-nan.safetensors")
+    (uploads / "36-empty-folder").mkdir()
+    (uploads / "37-a-mask.safetensors").write_bytes(plain.read_bytes())
+    small = {n: t[..., :1].contiguous() for n, t in base.items()}       # every width 1: another model
+    write_single_file(small, config, uploads / "38-another-model.safetensors")
+    half_state = {k: v.half() for k, v in base.items()}
+    save_file(half_state, str(uploads / "39-diffusers-state-fp16.safetensors"))
+    ldm_module = ldm_key_map(list(base), config)[linear][len("model.diffusion_model."):-len(".weight")]
+    save_file({f"diffusion_model.{ldm_module}.lora_down.weight": torch.randn(2, in_f),
+               f"diffusion_model.{ldm_module}.lora_up.weight": torch.randn(out_f, 2)},
+              str(uploads / "40-comfy-lora-frozen.safetensors"))
+    expected.update({"40-comfy-lora-frozen.safetensors": "violations", "30-base32.safetensors": "compliant", "31-base32-unet-only.safetensors": "compliant",
+                     "32-diffusers-pipeline": "compliant", "33-diffusers-state-changed.safetensors": "violations",
+                     "34-lora-allowed.safetensors": "compliant", "35-nan.safetensors": "unreadable",
+                     "36-empty-folder": "unreadable", "37-a-mask.safetensors": "unreadable",
+                     "38-another-model.safetensors": "unreadable", "39-diffusers-state-fp16.safetensors": "compliant",
+                     "23-lora-frozen.safetensors": "violations"})
+    assert len(expected) >= 20
     report = tmp_path / "report.json"
     run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance", "--report", str(report)],
             code=1)
@@ -174,13 +207,19 @@ def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tin
     assert rows["23-lora-frozen.safetensors"]["first_violation"] == linear
     assert report.with_suffix(".csv").read_text().count("\n") == len(rows) + 1
     # without the violating uploads the batch exits 2 (unreadable ones remain), then 0 when all are clean
+    # the same batch against the base model: the same verdicts
+    run_cli(["verify", "--model", str(tiny_sd), "--mask", str(plain), "--candidates", str(uploads), "--tolerance",
+             "--report", str(tmp_path / "backed.json")], code=1)
+    backed = {r["file"]: r["verdict"] for r in json.loads((tmp_path / "backed.json").read_text())["uploads"]}
+    assert backed == {name: r["verdict"] for name, r in rows.items()}
     for name, verdict in expected.items():
         if verdict == "violations":
             (uploads / name).unlink()
-    (uploads / "23-lora-frozen.safetensors").unlink()
     run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance"], code=2)
-    for name in ("20-truncated.safetensors", "21-corrupt.safetensors", "22-unknown.safetensors"):
-        (uploads / name).unlink()
+    for name, verdict in expected.items():
+        if verdict == "unreadable":
+            target = uploads / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
     run_cli(["verify", "--mask", str(recorded), "--candidates", str(uploads), "--tolerance"], code=0)
 
 

@@ -23,12 +23,11 @@ from .layouts import LayoutError
 from .mask import MaskError
 from .models import ModelError
 from .tensorfile import TensorFile, TensorFileError
-from .verify import AdapterError, verify_adapter, verify_checkpoint
+from .verify import AdapterError, split_key, verify_adapter, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
 VERDICTS = ("compliant", "violations", "uncertified", "unreadable")
-ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", ".alpha", "dora_scale", ".diff")
 COLUMNS = ["file", "format", "verdict", "frozen_changed", "largest_change", "first_violation", "bytes_read", "seconds",
            "message"]
 
@@ -45,11 +44,12 @@ def uploads(folder) -> list[Path]:
 
 
 def is_adapter(path: Path) -> bool:
-    """A file whose keys are LoRA / LyCORIS keys (read from its header only)."""
+    """A file whose keys all end as LoRA / LyCORIS keys do (verify.SUFFIXES), some of them a factor
+    rather than a scale (read from its header only)."""
     if not path.is_file():
         return False
-    keys = TensorFile(path).keys()
-    return bool(keys) and all(any(m in k for m in ADAPTER_MARKERS) for k in keys)
+    parts = [split_key(k) for k in TensorFile(path).keys()]
+    return bool(parts) and all(parts) and any(p[1] != "meta" for p in parts)
 
 
 def audit_one(path: Path, mask_path, model_dir, mode: str, atol: float) -> dict:

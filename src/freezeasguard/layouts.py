@@ -28,6 +28,10 @@ LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.",
                       "vae.")
 
 
+LAYOUT_NAMES = {"ldm-unet": "single-file SD/SDXL (LDM layout)", "bfl-flux": "single-file FLUX.1 (BFL layout)",
+                "diffusers": "diffusers"}
+
+
 class LayoutError(ValueError):
     """A checkpoint whose layout cannot be told or does not fit the base model."""
 
@@ -135,10 +139,19 @@ class Checkpoint:
             raise LayoutError(f"{self.path} is a single-file checkpoint ({self.layout}); mapping its names needs the "
                               f"denoiser's config: pass --model BASE, or a mask that records it (`freezeasguard mask "
                               f"record`)")
-        if self.layout == "ldm-unet":
-            self.where = {n: [(k, 0, None)] for n, k in ldm_unet_names(self.file_of, denoiser_config).items()}
-        else:
-            self.where = bfl_flux_segments(self.file_of, denoiser_config)
+        family = "ldm-unet" if "layers_per_block" in denoiser_config else \
+            "bfl-flux" if "num_single_layers" in denoiser_config else denoiser_config.get("_class_name", "another")
+        if family != self.layout:
+            raise LayoutError(f"{self.path} is a {LAYOUT_NAMES[self.layout]} checkpoint, and the mask's base model is "
+                              f"{LAYOUT_NAMES.get(family, family)}: audit it with a mask for its own base model")
+        try:
+            if self.layout == "ldm-unet":
+                self.where = {n: [(k, 0, None)] for n, k in ldm_unet_names(self.file_of, denoiser_config).items()}
+            else:
+                self.where = bfl_flux_segments(self.file_of, denoiser_config)
+        except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+            raise LayoutError(f"{self.path}: its {LAYOUT_NAMES[self.layout]} keys do not fit the mask's base model "
+                              f"({type(exc).__name__}: {exc})") from exc
         used = {seg[0] for segs in self.where.values() for seg in segs}
         own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout == "bfl-flux"
                and not k.startswith(LDM_OTHER_PREFIXES)]

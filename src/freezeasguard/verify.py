@@ -130,6 +130,10 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
     its digest), each trainable one compared with the base when there is one, every one checked
     for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds)."""
     frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
+    fitting = sum(1 for n in mask.names if n in cand and tuple(cand.shape(n)) == tuple(shapes[n]))
+    if fitting < len(mask.names) / 2:
+        raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "
+                         f"is a checkpoint of another model, not a derivative of this mask's base model")
     violations, changed, trainable = [], 0, 0
     for name in mask.names:
         if name not in cand:
