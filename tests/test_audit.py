@@ -423,3 +423,15 @@ def test_the_fast_finite_check_agrees_with_torch(dtype):
         y = x.clone()
         y[17] = bad
         assert all_finite(y) == bool(torch.isfinite(y).all()) is False
+
+
+def test_a_learned_mask_carries_its_digests_and_audits_without_the_base(tiny_sd, people, logos, warm_start, tmp_path):
+    from freezeasguard import LearnConfig, learn_mask
+    out = tmp_path / "m.safetensors"
+    learn_mask(tiny_sd, people, [logos], out, LearnConfig(ratio=0.3, mask_steps=1, inner_steps=1, mask_batch=2,
+                                                           device="cpu", checkpoint_every=0), finetuned_dir=warm_start)
+    mask = Mask.load(out)
+    assert set(mask.meta["audit"]["digests"]) == set(mask.frozen_names)
+    assert verify_checkpoint(None, out, tiny_sd).compliant                 # the base itself
+    report = verify_checkpoint(None, out, warm_start)                      # full fine-tuning moved frozen tensors
+    assert not report.compliant and {v.name for v in report.violations} <= set(mask.frozen_names)
