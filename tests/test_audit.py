@@ -88,7 +88,7 @@ def _cases(tmp, base, mask, config):
     cases.append((write_single_file(base, config, tmp / "base32.safetensors"), "exact", True))
     cases.append((write_single_file(base, config, tmp / "base32-unet.safetensors", other_parts=False), "exact", True))
     cases.append((write_single_file(base, config, tmp / "base16.safetensors", torch.float16), "tolerance", True))
-    cases.append((tmp / "base16.safetensors", "exact", False))                     # another dtype in exact mode
+    cases.append((tmp / "base16.safetensors", "exact", True))      # exact: the base rounded to fp16, bit for bit
     cases.append((write_single_file(base, config, tmp / "basebf16.safetensors", torch.bfloat16), "tolerance", True))
     one_ulp = dict(base)
     t = one_ulp[victim].clone().view(-1)
@@ -128,8 +128,9 @@ def test_single_files_are_read_and_base_free_verdicts_equal_base_backed_ones(tin
 def test_the_old_false_accusation_is_gone_and_an_unknown_layout_is_exit_2(tiny_sd, audit_setup, run_cli):
     tmp, base, mask, plain, recorded, config = audit_setup
     write_single_file(base, config, tmp / "base16-cli.safetensors", torch.float16)
+    # the untouched base as an fp16 A1111-layout file: compliant, exit 0, in the default (exact) mode
     out = run_cli(["verify", "--model", str(tiny_sd), "--mask", str(plain), "--candidate",
-                   str(tmp / "base16-cli.safetensors"), "--tolerance"])
+                   str(tmp / "base16-cli.safetensors")])
     save_file({"some.other.model.weight": torch.randn(3, 3)}, str(tmp / "unknown.safetensors"))
     err = run_cli(["verify", "--mask", str(recorded), "--candidate", str(tmp / "unknown.safetensors")], code=2)
     assert "cannot tell this checkpoint's layout" in err and "some.other.model.weight" in err
@@ -146,8 +147,8 @@ def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tin
     cases, victim = _cases(tmp, base, mask, config)
     expected = {}
     for i, (path, mode, ok) in enumerate(c for c in cases if c[1] == "tolerance" or c[2] is False):
-        if mode == "exact" and path.name.startswith("base16"):
-            continue
+        if (path.name, mode) == ("base16.safetensors", "exact"):
+            continue        # the same file as the tolerance case
         target = uploads / f"{i:02d}-{path.name}"
         target.write_bytes(path.read_bytes())
         expected[target.name] = "compliant" if ok else "violations"

@@ -178,8 +178,9 @@ def _add_verify_parser(sub):
                                            "and adapters mixed): a verdict each, in --report (JSON, and CSV beside "
                                            "it); exit 0 all compliant, 1 any violation, 2 any unreadable")
     p.add_argument("--tolerance", action="store_true",
-                   help="accept exports in another precision (fp16/bf16): frozen tensors must equal the base "
-                        "rounded to that precision, within --atol")
+                   help="accept frozen tensors within --atol of the base rounded to the candidate's precision (by "
+                        "default they must be that rounding bit for bit, which an honest fp16/bf16 export is); "
+                        "--atol above 0 needs --model")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance in tolerance mode (default 0)")
     p.add_argument("--report", help="write the report as JSON here")
 
