@@ -156,23 +156,28 @@ def _add_finetune_parser(sub):
 
 def _add_verify_parser(sub):
     """`freezeasguard verify`: its subcommand and flags."""
-    p = sub.add_parser("verify", help="audit a fine-tuned checkpoint or a LoRA file against base model + mask",
+    p = sub.add_parser("verify", help="audit fine-tuned checkpoints or LoRA files against a mask (and its base model)",
                        description="Exit 0: nothing frozen is changed. Exit 1: violations (listed). Exit 2: unusable "
-                                   "input (missing, truncated or non-finite files, a mask or adapter for another "
-                                   "model, adapter keys of no known pattern). --lora reads LoRA files in the "
-                                   "diffusers/peft format (unet.<module>.lora_A.weight), kohya's "
-                                   "(lora_unet_<module>.lora_down.weight, .alpha) and LyCORIS' (LoCon, LoHa hada_*, "
-                                   "LoKr lokr_*, DoRA dora_scale, diff/diff_b) and maps every key to the UNet "
-                                   "parameter it changes.")
+                                   "input (missing, truncated or non-finite files, a checkpoint whose layout cannot be "
+                                   "told, a mask or adapter for another model, adapter keys of no known pattern). "
+                                   "Checkpoints are read one tensor at a time: diffusers folders and state files, "
+                                   "single files in the original SD/SDXL layout (model.diffusion_model.input_blocks..., "
+                                   "as A1111, ComfyUI, Forge and kohya save them) and FLUX.1 in Black Forest Labs' "
+                                   "layout (fused q/k/v compared per part). Without --model, the digests the mask "
+                                   "records are the reference. --lora reads LoRA files in the diffusers/peft format "
+                                   "(unet.<module>.lora_A.weight), kohya's (lora_unet_<module>.lora_down.weight, "
+                                   ".alpha), LyCORIS' (LoCon, LoHa hada_*, LoKr lokr_*, DoRA dora_scale, diff/diff_b) "
+                                   "and ComfyUI's (diffusion_model.<module>), on diffusers' or the original layouts' "
+                                   "module names, and maps every key to the parameters it changes.")
     p.add_argument("--model", help="the base model the mask was made for; without it, the digests the mask records "
                                    "(`mask record`) are the reference, and nothing but the candidate is read")
     _add_preset(p)
     p.add_argument("--mask", required=True, help="mask file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, a .safetensors UNet state dict, "
-                                          "a single-file SD/SDXL checkpoint (A1111/ComfyUI/kohya layout, with or "
-                                          "without VAE and text encoders), or a guarded-LoRA output folder (its "
-                                          "adapter is audited as with --lora)")
+                                          "a single-file SD/SDXL or FLUX.1 checkpoint (A1111/ComfyUI/kohya/BFL "
+                                          "layouts, with or without VAE and text encoders), or a guarded-LoRA output "
+                                          "folder (its adapter is audited as with --lora)")
     what.add_argument("--lora", help="a LoRA / LyCORIS adapter file (.safetensors)")
     what.add_argument("--candidates", help="a folder of uploads (.safetensors files and model folders, checkpoints "
                                            "and adapters mixed): a verdict each, in --report (JSON, and CSV beside "
