@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -187,6 +188,33 @@ class Checkpoint:
             return torch.cat([self.file_of[k].read_rows(k, start, end) for k, start, end in segments])
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
+
+    def stream(self, names):
+        """(name, tensor) for each of ``names`` in order, the next one read by a second thread
+        while the caller works on this one (file reads and hashing release the GIL), into two
+        buffers used in turn: each tensor is valid until the caller asks for the one after it."""
+        names = list(names)
+        if not names:
+            return
+        buffers = [self._scratch(), bytearray(len(self._scratch()))]
+
+        def load(i):
+            segments = self.where[names[i]]
+            if len(segments) == 1:
+                key, start, end = segments[0]
+                return self.file_of[key].read_rows(key, start, end, buffers[i % 2])
+            return torch.cat([self.file_of[k].read_rows(k, a, b) for k, a, b in segments])
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, 0)
+            for i, name in enumerate(names):
+                try:
+                    tensor = pending.result()
+                except TensorFileError as exc:
+                    raise ModelError(str(exc)) from exc
+                if i + 1 < len(names):
+                    pending = pool.submit(load, i + 1)
+                yield name, tensor
 
     def _scratch(self) -> bytearray:
         if self.scratch is None:

@@ -119,16 +119,16 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
     if fitting < len(mask.names) / 2:
         raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "
                          f"is a checkpoint of another model, not a derivative of this mask's base model")
-    violations, changed, trainable = [], 0, 0
+    violations, changed, trainable, readable = [], 0, 0, []
     for name in mask.names:
         if name not in cand:
             if name in frozen:
                 violations.append(Violation(name, "missing from the candidate"))
-            continue
-        if tuple(cand.shape(name)) != tuple(shapes[name]):
+        elif tuple(cand.shape(name)) != tuple(shapes[name]):
             violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
-            continue
-        c = cand.read(name)
+        else:
+            readable.append(name)
+    for name, c in cand.stream(readable):     # the next tensor is read while this one is checked
         if not all_finite(c):
             raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
                              f"fine-tune), whatever its frozen tensors hold.")
