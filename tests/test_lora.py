@@ -86,10 +86,14 @@ def test_text_encoder_keys_are_reported_and_unknown_keys_are_not_certified(tiny_
 
 def test_files_that_cannot_be_audited_are_clear_errors(tiny_sd, setup, capsys):
     tmp, state, mask, frozen_module, free_module = setup
-    # another architecture: SDXL-style kohya names that are no module of this UNet
-    sdxl = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 8)}
-    code, text = verify(tiny_sd, setup, sdxl, "sdxl.safetensors", capsys)
+    # another architecture: FLUX's kohya names are no module of this UNet
+    flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 8)}
+    code, text = verify(tiny_sd, setup, flux, "flux.safetensors", capsys)
     assert code == 2 and "another model" in text
+    # original-SD names (A1111/ComfyUI) are read, and a factor of the wrong size says so
+    ldm = {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 8)}
+    code, text = verify(tiny_sd, setup, ldm, "ldm.safetensors", capsys)
+    assert code == 2 and "other sizes" in text and "input_blocks_4_1_proj_in" in text
     # right names, wrong sizes
     down, up = lora_pair(state, free_module)
     wrong = {f"unet.{free_module}.lora_A.weight": torch.zeros(2, down.shape[1] + 3),
@@ -116,10 +120,19 @@ def test_key_parsing_by_hand():
     assert split_key("lora_unet_x.alpha") == ("lora_unet_x", "meta")
     assert split_key("lora_unet_x.diff_b") == ("lora_unet_x", "bias")
     assert resolve_module("lora_unet_down_blocks_0_resnets_0_time_emb_proj", modules, underscored) == \
-        "down_blocks.0.resnets.0.time_emb_proj"
-    assert resolve_module(f"{attn}.processor.to_out_lora", modules, underscored) == f"{attn}.to_out.0"
-    assert resolve_module(f"base_model.model.{attn}.to_k", modules, underscored) == f"{attn}.to_k"
-    assert resolve_module("lora_unet_down_blocks_0_resnets_1_conv1", modules, underscored) is None
+        ["down_blocks.0.resnets.0.time_emb_proj"]
+    assert resolve_module(f"{attn}.processor.to_out_lora", modules, underscored) == [f"{attn}.to_out.0"]
+    assert resolve_module(f"base_model.model.{attn}.to_k", modules, underscored) == [f"{attn}.to_k"]
+    assert resolve_module("lora_unet_down_blocks_0_resnets_1_conv1", modules, underscored) == []
+    # original-layout names (ComfyUI's diffusion_model.*, kohya's lora_unet_* on them) through aliases
+    aliases = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k": [f"{attn}.to_k"],
+               "double_blocks.0.img_attn.qkv": ["a.to_q", "a.to_k", "a.to_v"]}
+    assert resolve_module("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k", modules, underscored,
+                          aliases) == [f"{attn}.to_k"]
+    assert resolve_module("lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k", modules, underscored,
+                          aliases) == [f"{attn}.to_k"]
+    assert resolve_module("lora_unet_double_blocks_0_img_attn_qkv", modules, underscored, aliases) == \
+        ["a.to_q", "a.to_k", "a.to_v"]
 
 
 def test_guarded_lora_trains_allowed_modules_and_both_it_and_its_merge_pass_verify(tiny_sd, people, setup, capsys):

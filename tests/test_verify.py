@@ -42,17 +42,25 @@ def test_one_ulp_in_one_frozen_tensor_is_flagged(tiny_sd, setup):
     assert 0 < report.violations[0].max_abs_diff < 1e-6
 
 
-def test_fp16_export_passes_only_in_tolerance_mode(tiny_sd, setup):
+def test_an_honest_fp16_export_passes_and_one_fp16_ulp_does_not(tiny_sd, setup):
+    """Exact mode: each frozen tensor is the base in the candidate's dtype, bit for bit (rounding to
+    fp16 is deterministic); tolerance mode: within --atol of that rounding."""
     tmp, mask, mask_path, out = setup
     half = {k: v.half() for k, v in load_denoiser_state(out).items()}
     save_file(half, str(tmp / "half.safetensors"))
-    assert not verify_checkpoint(tiny_sd, mask_path, tmp / "half.safetensors").compliant
+    assert verify_checkpoint(tiny_sd, mask_path, tmp / "half.safetensors").compliant
     assert verify_checkpoint(tiny_sd, mask_path, tmp / "half.safetensors", mode="tolerance").compliant
     victim = mask.frozen_names[3]
-    half[victim] = half[victim] + 0.01
+    t = half[victim].clone().view(-1)
+    t[0] = torch.nextafter(t[0].float(), torch.tensor(float("inf"))).half()
+    if t[0] == half[victim].view(-1)[0]:        # nextafter in fp32 may round back: step a whole fp16 ulp
+        t[0] = (t[0].float() + torch.finfo(torch.float16).eps * max(1.0, abs(float(t[0])))).half()
+    half[victim] = t.view_as(half[victim])
     save_file(half, str(tmp / "half-bad.safetensors"))
-    report = verify_checkpoint(tiny_sd, mask_path, tmp / "half-bad.safetensors", mode="tolerance")
-    assert [v.name for v in report.violations] == [victim]
+    for mode in ("exact", "tolerance"):
+        report = verify_checkpoint(tiny_sd, mask_path, tmp / "half-bad.safetensors", mode=mode)
+        assert [v.name for v in report.violations] == [victim]
+    assert verify_checkpoint(tiny_sd, mask_path, tmp / "half-bad.safetensors", mode="tolerance", atol=0.1).compliant
 
 
 def test_mask_for_another_base_is_refused(tiny_sd_v, setup):

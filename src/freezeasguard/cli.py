@@ -25,7 +25,9 @@ from .families.tiny import save_tiny_pipeline
 from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
-from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, report_text, verify_adapter, verify_checkpoint
+from .batch_audit import audit_folder, counts
+from .batch_audit import exit_code as batch_exit_code
+from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, record_digests, report_text, verify_adapter, verify_checkpoint
 
 logger = logging.getLogger("freezeasguard")
 
@@ -71,6 +73,8 @@ def _add_preset(p):
 def _check_preset(args):
     """--preset: check the model folder, then take the preset's settings for untyped flags."""
     if getattr(args, "preset", None):
+        if args.model is None:
+            raise ValueError("--preset checks the --model folder: pass --model")
         preset = get_preset(args.preset)
         check_model(preset, args.model)
         sub = next(a for a in build_parser()._actions if a.dest == "command").choices[args.command]
@@ -152,24 +156,36 @@ def _add_finetune_parser(sub):
 
 def _add_verify_parser(sub):
     """`freezeasguard verify`: its subcommand and flags."""
-    p = sub.add_parser("verify", help="audit a fine-tuned checkpoint or a LoRA file against base model + mask",
+    p = sub.add_parser("verify", help="audit fine-tuned checkpoints or LoRA files against a mask (and its base model)",
                        description="Exit 0: nothing frozen is changed. Exit 1: violations (listed). Exit 2: unusable "
-                                   "input (missing, truncated or non-finite files, a mask or adapter for another "
-                                   "model, adapter keys of no known pattern). --lora reads LoRA files in the "
-                                   "diffusers/peft format (unet.<module>.lora_A.weight), kohya's "
-                                   "(lora_unet_<module>.lora_down.weight, .alpha) and LyCORIS' (LoCon, LoHa hada_*, "
-                                   "LoKr lokr_*, DoRA dora_scale, diff/diff_b) and maps every key to the UNet "
-                                   "parameter it changes.")
-    p.add_argument("--model", required=True, help="the base model the mask was made for")
+                                   "input (missing, truncated or non-finite files, a checkpoint whose layout cannot be "
+                                   "told, a mask or adapter for another model, adapter keys of no known pattern). "
+                                   "Checkpoints are read one tensor at a time: diffusers folders and state files, "
+                                   "single files in the original SD/SDXL layout (model.diffusion_model.input_blocks..., "
+                                   "as A1111, ComfyUI, Forge and kohya save them) and FLUX.1 in Black Forest Labs' "
+                                   "layout (fused q/k/v compared per part). Without --model, the digests the mask "
+                                   "records are the reference. --lora reads LoRA files in the diffusers/peft format "
+                                   "(unet.<module>.lora_A.weight), kohya's (lora_unet_<module>.lora_down.weight, "
+                                   ".alpha), LyCORIS' (LoCon, LoHa hada_*, LoKr lokr_*, DoRA dora_scale, diff/diff_b) "
+                                   "and ComfyUI's (diffusion_model.<module>), on diffusers' or the original layouts' "
+                                   "module names, and maps every key to the parameters it changes.")
+    p.add_argument("--model", help="the base model the mask was made for; without it, the digests the mask records "
+                                   "(`mask record`) are the reference, and nothing but the candidate is read")
     _add_preset(p)
     p.add_argument("--mask", required=True, help="mask file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, a .safetensors UNet state dict, "
-                                          "or a guarded-LoRA output folder (its adapter is audited as with --lora)")
+                                          "a single-file SD/SDXL or FLUX.1 checkpoint (A1111/ComfyUI/kohya/BFL "
+                                          "layouts, with or without VAE and text encoders), or a guarded-LoRA output "
+                                          "folder (its adapter is audited as with --lora)")
     what.add_argument("--lora", help="a LoRA / LyCORIS adapter file (.safetensors)")
+    what.add_argument("--candidates", help="a folder of uploads (.safetensors files and model folders, checkpoints "
+                                           "and adapters mixed): a verdict each, in --report (JSON, and CSV beside "
+                                           "it); exit 0 all compliant, 1 any violation, 2 any unreadable")
     p.add_argument("--tolerance", action="store_true",
-                   help="accept exports in another precision (fp16/bf16): frozen tensors must equal the base "
-                        "rounded to that precision, within --atol")
+                   help="accept frozen tensors within --atol of the base rounded to the candidate's precision (by "
+                        "default they must be that rounding bit for bit, which an honest fp16/bf16 export is); "
+                        "--atol above 0 needs --model")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance in tolerance mode (default 0)")
     p.add_argument("--report", help="write the report as JSON here")
 
@@ -212,6 +228,15 @@ def _add_mask_parser(sub):
                                     "module (Linear, Conv2d) is allowed when every parameter it has is trainable "
                                     "under the mask; each export selects exactly those under the tool's own matching "
                                     "rule.")
+    r = msub.add_parser("record", help="record digests of the frozen tensors, so that verify needs no base model",
+                        description="Writes a copy of the mask with, per frozen tensor, a digest of its bytes in the "
+                                    "base's dtype and rounded to fp32/fp16/bf16, the base's tensor names and the "
+                                    "denoiser's config (which maps single-file checkpoints). The base is read one "
+                                    "tensor at a time and must be the mask's (checked).")
+    r.add_argument("mask", help="mask file")
+    r.add_argument("--model", required=True, help="the base model the mask was made for")
+    r.add_argument("--out", required=True, help="the new mask file")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file made by this command")
     e.add_argument("mask", help="mask file")
     e.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
     e.add_argument("--out", help="write the fragment to this file (default: print it)")
@@ -278,6 +303,16 @@ def cmd_finetune(args) -> int:
 
 def cmd_verify(args) -> int:
     _check_preset(args)
+    if args.candidates:
+        rows = audit_folder(args.candidates, args.mask, args.model, "tolerance" if args.tolerance else "exact",
+                            args.atol, args.report)
+        c = counts(rows)
+        print(f"{len(rows)} uploads: " + ", ".join(f"{n} {v}" for v, n in c.items()) +
+              (f"; report: {args.report} (and {Path(args.report).with_suffix('.csv')})" if args.report else ""))
+        for r in rows:
+            if r["verdict"] != "compliant":
+                print(f"  {r['file']}: {r['verdict']}" + (f" ({r['first_violation'] or r['message']})"))
+        return batch_exit_code(rows)
     if not args.lora and args.candidate and (Path(args.candidate) / LORA_FILE).is_file():
         args.lora = str(Path(args.candidate) / LORA_FILE)    # a guarded-LoRA output folder: audit its adapter
     if args.lora:
@@ -293,8 +328,11 @@ def cmd_verify(args) -> int:
     if args.report:
         atomic_write_json(args.report, report.to_dict())
     if report.compliant:
-        print(f"COMPLIANT: all {report.frozen_checked} frozen tensors match the base model ({report.mode} mode); "
-              f"{report.trainable_changed}/{report.trainable_total} trainable tensors changed.")
+        changed = (f"{report.trainable_changed}/{report.trainable_total} trainable tensors changed"
+                   if report.trainable_total is not None else "trainable tensors not compared (no base model)")
+        print(f"COMPLIANT: all {report.frozen_checked} frozen tensors match the "
+              f"{'base model' if args.model else 'digests the mask records'} ({report.mode} mode, {report.layout} "
+              f"layout); {changed}.")
         return EXIT_COMPLIANT
     print(f"VIOLATIONS: {len(report.violations)} of {report.frozen_checked} frozen tensors ({report.mode} mode):")
     for v in report.violations[:50]:
@@ -315,6 +353,13 @@ def cmd_generate(args) -> int:
 
 def cmd_mask(args) -> int:
     mask = Mask.load(args.mask)
+    if args.mask_command == "record":
+        out = prepare_output_file(args.out, {"mask": args.mask, "--model": args.model}, args.overwrite)
+        recorded = record_digests(mask, args.model)
+        recorded.save(out)
+        print(f"wrote {out}: digests of {len(recorded.frozen_names)} frozen tensors; `verify --mask {out} "
+              f"--candidate X` now needs no --model")
+        return 0
     if args.mask_command == "export":
         result = export_mask(mask, args.format)
         if args.out:

@@ -41,6 +41,7 @@ from .shard import checkpoint_exists, full_state, plain_copy, shard_denoiser
 from .train import RunSettings, autocast_dtype, check_finite_loss, resolve_device, save_pipeline, train_denoiser
 from .mask_updates import UpdateContext, mask_update
 from .users import USER_TRAJECTORIES, USER_WEIGHTINGS, parse_user_steps, users_for_update
+from .verify import record_digests
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,8 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     mask = final_mask(state, shapes, cfg, base_fp, {"illegal": str(illegal_dir), "illegal_subject": illegal_subject,
                                                     "innocent": [str(d) for d in innocent_dirs]})
     if dist.is_main():
-        mask.save(out_path)
+        # digests of the frozen tensors, so that the mask alone audits checkpoints (verify without --model)
+        record_digests(mask, model_dir).save(out_path)
         atomic_write_json(work_dir / "learn_history.json", history)
     dist.barrier()
     seconds = time.time() - t0

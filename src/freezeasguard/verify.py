@@ -12,6 +12,7 @@ of no known pattern leaves the file uncertified.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -20,8 +21,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .mask import Mask
-from .models import ModelError, fingerprint, load_denoiser_state
+from .digests import digest, dtype_name, make_record, tensor_bytes, tensor_digests
+from .layouts import Checkpoint, original_module_aliases
+from .tensorfile import all_finite
+from .mask import Mask, MaskError
+from .models import ModelError, fingerprint, resolve_denoiser_dir
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +45,21 @@ class VerifyReport:
     mode: str
     frozen_checked: int
     violations: list[Violation] = field(default_factory=list)
-    trainable_changed: int = 0
-    trainable_total: int = 0
+    trainable_changed: int | None = 0       # None: not known without the base model
+    trainable_total: int | None = 0
+    layout: str = "diffusers"
+    bytes_read: int = 0
 
     def to_dict(self) -> dict:
         return {"compliant": self.compliant, "mode": self.mode, "frozen_checked": self.frozen_checked,
                 "violations": [v.__dict__ for v in self.violations],
-                "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total}
+                "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total,
+                "layout": self.layout, "bytes_read": self.bytes_read}
 
 
 def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], mask: Mask,
                  mode: str = "exact", atol: float = 0.0, check_base_fingerprint: bool = True) -> VerifyReport:
+    """The audit of two in-memory states (verify_checkpoint reads files one tensor at a time)."""
     if mode not in ("exact", "tolerance"):
         raise ValueError(f"mode {mode!r}: use exact or tolerance")
     mask.check_matches(list(base.items()), fingerprint(base.items()) if check_base_fingerprint else None,
@@ -61,45 +69,128 @@ def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tenso
     for name in mask.frozen_names:
         if name not in candidate:
             violations.append(Violation(name, "missing from the candidate"))
-            continue
-        b, c = base[name], candidate[name]
-        if tuple(b.shape) != tuple(c.shape):
-            violations.append(Violation(name, f"shape {list(c.shape)}, base has {list(b.shape)}"))
-            continue
-        if mode == "exact":
-            if c.dtype != b.dtype:
-                violations.append(Violation(name, f"dtype {c.dtype}, base has {b.dtype}; use --tolerance for "
-                                                  f"exports in another precision"))
-            elif not torch.equal(c.view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)):
-                diff = float((c.double() - b.double()).abs().max())
-                violations.append(Violation(name, "bytes differ from the base model", diff))
-        else:
-            expected = b.to(c.dtype).double()
-            diff = float((c.double() - expected).abs().max()) if c.numel() else 0.0
-            if not diff <= atol:   # also catches NaN
-                violations.append(Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} "
-                                                  f"(> atol {atol:g})", diff))
-    unknown = [n for n in candidate if n not in base]
-    for n in unknown:
-        violations.append(Violation(n, "not a parameter of the base model"))
+        elif tuple(base[name].shape) != tuple(candidate[name].shape):
+            violations.append(Violation(name, f"shape {list(candidate[name].shape)}, base has {list(base[name].shape)}"))
+        elif found := _compare(name, candidate[name], base[name], mode, atol):
+            violations.append(found)
+    violations += [Violation(n, "not a parameter of the base model") for n in candidate if n not in base]
     trainable = [n for n in mask.names if n not in frozen and n in candidate]
     changed = sum(1 for n in trainable if not torch.equal(candidate[n].double(), base[n].to(candidate[n].dtype).double()))
     return VerifyReport(not violations, mode, len(frozen), violations, changed, len(trainable))
 
 
 def verify_checkpoint(model_dir, mask_path, candidate, mode: str = "exact", atol: float = 0.0) -> VerifyReport:
+    """Audit a checkpoint against the base model (``model_dir``) or, when it is None, against the
+    digests the mask records (digests.py). Tensors are read one at a time (tensorfile.py), from a
+    diffusers folder or state file or a single-file SD/SDXL checkpoint (layouts.py)."""
+    if mode not in ("exact", "tolerance"):
+        raise ValueError(f"mode {mode!r}: use exact or tolerance")
     mask = Mask.load(mask_path)
-    base = load_denoiser_state(model_dir)
-    cand = load_denoiser_state(candidate)
-    broken = [n for n, t in cand.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if broken:
-        raise ModelError(f"{candidate}: {len(broken)} tensors hold inf/NaN (first: {broken[0]}); the checkpoint is "
-                         f"unusable (a diverged fine-tune), whatever its frozen tensors hold.")
-    report = verify_state(base, cand, mask, mode, atol)
-    logger.info("verify: %s (%d frozen tensors checked, %d violations; %d/%d trainable tensors changed)",
-                "compliant" if report.compliant else "NOT compliant", report.frozen_checked,
-                len(report.violations), report.trainable_changed, report.trainable_total)
+    record = mask.meta.get("audit")
+    if model_dir is not None:
+        base = Checkpoint(model_dir)
+        mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()],
+                           base.fingerprint(), what="the base model", state_dict=True)
+        config, base_names = denoiser_config(model_dir), set(base.names())
+    else:
+        if not record:
+            raise MaskError(f"{mask_path} records no digests of its frozen tensors, so the audit needs the base "
+                            f"model: pass --model BASE, or record them once: freezeasguard mask record {mask_path} "
+                            f"--model BASE --out MASK_WITH_DIGESTS")
+        if mode == "tolerance" and atol > 0:
+            raise MaskError("--atol above 0 compares values, which needs the base model: pass --model BASE")
+        base, config, base_names = None, record["denoiser_config"], set(record["base_names"])
+    cand = Checkpoint(candidate, config)
+    report = audit(mask, cand, base, record, base_names, mode, atol)
+    logger.info("verify: %s (%d frozen tensors checked, %d violations; %s trainable tensors changed; %d bytes read)",
+                "compliant" if report.compliant else "NOT compliant", report.frozen_checked, len(report.violations),
+                f"{report.trainable_changed}/{report.trainable_total}" if base is not None else "unknown (no base)",
+                cand.bytes_read)
     return report
+
+
+def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | None, base_names: set[str],
+          mode: str, atol: float) -> VerifyReport:
+    """One pass over the candidate's denoiser tensors: each frozen one compared with the base (or
+    its digest), each trainable one compared with the base when there is one, every one checked
+    for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds)."""
+    frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
+    fitting = sum(1 for n in mask.names if n in cand and tuple(cand.shape(n)) == tuple(shapes[n]))
+    if fitting < len(mask.names) / 2:
+        raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "
+                         f"is a checkpoint of another model, not a derivative of this mask's base model")
+    violations, changed, trainable, readable = [], 0, 0, []
+    for name in mask.names:
+        if name not in cand:
+            if name in frozen:
+                violations.append(Violation(name, "missing from the candidate"))
+        elif tuple(cand.shape(name)) != tuple(shapes[name]):
+            violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
+        else:
+            readable.append(name)
+    for name, c in cand.stream(readable):     # the next tensor is read while this one is checked
+        if not all_finite(c):
+            raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
+                             f"fine-tune), whatever its frozen tensors hold.")
+        if name in frozen:
+            found = (_compare(name, c, base.read(name), mode, atol) if base is not None
+                     else _compare_digest(name, c, record))
+            violations += [found] if found else []
+        elif base is not None:
+            trainable += 1
+            changed += not torch.equal(c.double(), base.read(name).to(c.dtype).double())
+    violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
+                   if n not in shapes and n not in base_names]
+    violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]
+    return VerifyReport(not violations, mode, len(frozen), violations, changed if base is not None else None,
+                        trainable if base is not None else None, cand.layout, cand.bytes_read)
+
+
+def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:
+    """Exact: the candidate's bytes are the base's in the candidate's dtype (an fp16/bf16 export
+    of an untouched tensor is the base rounded to nearest even, which is deterministic).
+    Tolerance: within ``atol`` of that rounding."""
+    expected = b if c.dtype == b.dtype else b.to(c.dtype)
+    if mode == "exact":
+        if not torch.equal(c.reshape(-1).view(torch.uint8), expected.contiguous().reshape(-1).view(torch.uint8)):
+            diff = float((c.double() - b.double()).abs().max())
+            return Violation(name, "bytes differ from the base model" + ("" if c.dtype == b.dtype else
+                                                                          f" rounded to {c.dtype}"), diff)
+        return None
+    diff = float((c.double() - expected.double()).abs().max()) if c.numel() else 0.0
+    if not diff <= atol:   # also catches NaN
+        return Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} (> atol {atol:g})", diff)
+    return None
+
+
+def _compare_digest(name: str, c: torch.Tensor, record: dict) -> Violation | None:
+    stored, kind = record["dtypes"][name], dtype_name(c.dtype)
+    expected = record["digests"][name].get(kind)
+    if expected is None:
+        raise MaskError(f"{name} is stored as {c.dtype}, a precision the mask's digests do not cover; pass --model "
+                        f"BASE to compare values")
+    if digest(tensor_bytes(c), c.dtype, c.shape) != expected:
+        return Violation(name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}"))
+    return None
+
+
+def denoiser_config(model_dir) -> dict:
+    """The denoiser's config.json of a pipeline or denoiser folder."""
+    return json.loads((resolve_denoiser_dir(model_dir) / "config.json").read_text())
+
+
+def record_digests(mask: Mask, model_dir) -> Mask:
+    """The mask with its audit record (digests.py) made from the base model in ``model_dir``, which
+    must be the mask's base (its fingerprint is checked), read one tensor at a time."""
+    base = Checkpoint(model_dir)
+    mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()], base.fingerprint(),
+                       what=str(model_dir), state_dict=True)
+    digests, dtypes = {}, {}
+    for name in mask.frozen_names:       # one tensor in memory at a time
+        t = base.read(name)
+        digests[name], dtypes[name] = tensor_digests(t), dtype_name(t.dtype)
+    record = make_record(digests, dtypes, base.names(), denoiser_config(model_dir))
+    return Mask(mask.names, mask.shapes, mask.logits, mask.frozen, mask.base_fingerprint, {**mask.meta, "audit": record})
 
 
 # ------------------------------------------------------------------------------------------
@@ -145,7 +236,7 @@ SUFFIXES = {
 # longest first, so ".lora_A.default.weight" is not read as ".weight" of a module named "...default"
 _ORDERED = sorted(SUFFIXES, key=len, reverse=True)
 # a denoiser's keys: diffusers' unet. / transformer. (SD3, FLUX), peft's, the original SD checkpoints'
-UNET_DOTTED_PREFIXES = ("unet.", "transformer.", "base_model.model.", "model.diffusion_model.")
+UNET_DOTTED_PREFIXES = ("unet.", "transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
 TEXT_PREFIXES = ("text_encoder.", "text_encoder_2.", "lora_te_", "lora_te1_", "lora_te2_", "te.", "te1.", "te2.")
 KOHYA_UNET_PREFIX = "lora_unet_"
 # old diffusers attention processors: <attn>.processor.to_q_lora.down.weight -> <attn>.to_q
@@ -183,10 +274,16 @@ def module_index(param_names) -> tuple[set[str], dict[str, str]]:
     return modules, {m.replace(".", "_"): m for m in modules}
 
 
-def resolve_module(module_part: str, modules: set[str], underscored: dict[str, str]) -> str | None:
-    """The UNet module a key's module part names, or None."""
+def resolve_module(module_part: str, modules: set[str], underscored: dict[str, str],
+                   aliases: dict[str, list[str]] | None = None) -> list[str]:
+    """The UNet modules a key's module part names (several for a fused original-layout module),
+    or none. ``aliases``: original-layout module -> diffusers modules (layouts.original_module_aliases)."""
+    aliases = aliases or {}
     if module_part.startswith(KOHYA_UNET_PREFIX):
-        return underscored.get(module_part[len(KOHYA_UNET_PREFIX):])
+        name = module_part[len(KOHYA_UNET_PREFIX):]
+        if name in underscored:
+            return [underscored[name]]
+        return aliases.get(_underscored_aliases(aliases).get(name, ""), [])
     for prefix in UNET_DOTTED_PREFIXES:
         if module_part.startswith(prefix):
             module_part = module_part[len(prefix):]
@@ -194,7 +291,13 @@ def resolve_module(module_part: str, modules: set[str], underscored: dict[str, s
     m = _PROCESSOR.search(module_part)
     if m:
         module_part = module_part[: m.start()] + "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1))
-    return module_part if module_part in modules else None
+    if module_part in modules:
+        return [module_part]
+    return aliases.get(module_part, [])
+
+
+def _underscored_aliases(aliases: dict[str, list[str]]) -> dict[str, str]:
+    return {k.replace(".", "_"): k for k in aliases}
 
 
 def read_adapter(path) -> dict[str, tuple[int, ...]]:
@@ -231,10 +334,12 @@ def _check_shape(key: str, shape: tuple, weight_shape: tuple) -> str | None:
 
 
 def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask: Mask,
-                  file: str = "") -> AdapterReport:
+                  file: str = "", base_fingerprint: dict | None = None,
+                  aliases: dict[str, list[str]] | None = None) -> AdapterReport:
     """Map every adapter key to the UNet parameter it changes; a changed frozen parameter is a
-    violation. ``adapter``: key -> shape (read_adapter)."""
-    mask.check_matches(list(base.items()), fingerprint(base.items()), what="the base model", state_dict=True)
+    violation. ``adapter``: key -> shape (read_adapter); ``base``: name -> tensor (only names and
+    shapes are used: meta tensors will do), checked against the mask with ``base_fingerprint``."""
+    mask.check_matches(list(base.items()), base_fingerprint, what="the base model", state_dict=True)
     modules, underscored = module_index(base)
     frozen = set(mask.frozen_names)
     report = AdapterReport(file, True)
@@ -244,20 +349,23 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
             report.outside_unet.append(key)
             continue
         parts = split_key(key)
-        module = resolve_module(parts[0], modules, underscored) if parts else None
-        if module is None:
+        targets = resolve_module(parts[0], modules, underscored, aliases) if parts else []
+        if not targets:
             report.unknown.append(key)
             continue
         if parts[1] == "meta":
             continue
-        param = f"{module}.{parts[1]}"
-        if param not in base:
+        params = [f"{m}.{parts[1]}" for m in targets]
+        if any(p not in base for p in params):
             report.unknown.append(key)
             continue
-        problem = _check_shape(key, shape, tuple(base[f"{module}.weight"].shape)) if f"{module}.weight" in base else None
-        if problem:
-            mismatched.append(problem)
-        report.changed.setdefault(param, []).append(key)
+        weights = [tuple(base[f"{m}.weight"].shape) for m in targets if f"{m}.weight" in base]
+        if weights:   # a fused module's factor spans its parts' rows
+            problem = _check_shape(key, shape, (sum(w[0] for w in weights), *weights[0][1:]))
+            if problem:
+                mismatched.append(problem)
+        for param in params:
+            report.changed.setdefault(param, []).append(key)
     if mismatched:
         raise AdapterError(f"{file}: the adapter is for a model of other sizes ({len(mismatched)} factors do not fit; "
                            f"first: {mismatched[0]}). Audit it against the model it was trained on.")
@@ -272,9 +380,20 @@ def audit_adapter(adapter: dict[str, tuple], base: dict[str, torch.Tensor], mask
 
 
 def verify_adapter(model_dir, mask_path, adapter_path) -> AdapterReport:
-    """The audit of an adapter file against a base model and its mask."""
-    return audit_adapter(read_adapter(adapter_path), load_denoiser_state(model_dir), Mask.load(mask_path),
-                         str(adapter_path))
+    """The audit of an adapter file against a base model and its mask, or (``model_dir`` None)
+    against the mask alone: an adapter's keys name modules, and the mask knows every parameter's
+    name and shape."""
+    mask = Mask.load(mask_path)
+    adapter = read_adapter(adapter_path)
+    if model_dir is None:
+        shapes = {n: torch.empty(s, device="meta") for n, s in zip(mask.names, mask.shapes)}
+        config = (mask.meta.get("audit") or {}).get("denoiser_config")
+        return audit_adapter(adapter, shapes, mask, str(adapter_path),
+                             aliases=original_module_aliases(mask.names, config))
+    base = Checkpoint(model_dir)
+    shapes = {n: torch.empty(base.shape(n), device="meta") for n in base.names()}
+    return audit_adapter(adapter, shapes, mask, str(adapter_path), base.fingerprint(),
+                         original_module_aliases(mask.names, denoiser_config(model_dir)))
 
 
 def report_text(report: AdapterReport, limit: int = 50) -> str:

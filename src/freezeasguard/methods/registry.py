@@ -12,6 +12,7 @@ from ..batches import Domain, DomainMix
 from ..data import EncodedData, load_image_captions
 from ..diffusion import NoiseSchedule
 from ..train import resolve_device
+from ..verify import record_digests
 from ..io import atomic_write_json
 from ..learn import MaskLearningSettings
 from ..mask import Mask
@@ -174,6 +175,7 @@ def protect(spec: str, model: Path, illegal: Path, innocent: list[Path], subject
             mask_path = None
             if step.mask is not None:
                 mask_path = work / f"mask-{ratio:g}.safetensors"
+                step.mask = record_digests(step.mask, current)      # the mask alone then audits checkpoints
                 step.mask.save(mask_path)
             atomic_write_json(marker, step.to_json(mask_path))
         if step.model is not None:

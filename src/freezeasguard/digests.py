@@ -1,0 +1,51 @@
+"""The mask's audit record: a digest of every frozen tensor's bytes, so that a checkpoint can be
+audited without the base model.
+
+A hub that audits uploads cannot keep every base model beside its queue, and reading a 24 GB
+base for every upload doubles the work. What a frozen tensor must hold is known when the mask is
+made: the base's bytes, or (for an export in another precision) the base rounded to fp16 or
+bf16, which is deterministic (round to nearest even, as ``tensor.half()`` and every exporter do).
+So the record keeps, per frozen tensor, a digest of each; a candidate's tensor matches when its
+own digest is the one for its dtype. Shape and dtype are part of what is hashed.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+ROUNDINGS = (torch.float32, torch.float16, torch.bfloat16)
+RECORD_FORMAT = "freezeasguard-audit/1"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def digest(raw, dtype: torch.dtype, shape) -> str:
+    """A tensor's identity: its dtype, shape and bytes (blake2b, 128 bits)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{dtype_name(dtype)}|{list(shape)}|".encode())
+    h.update(raw)
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor):
+    """The tensor's bytes as a buffer (no copy of a contiguous CPU tensor)."""
+    t = t.detach().cpu().contiguous()
+    return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+def tensor_digests(t: torch.Tensor) -> dict[str, str]:
+    """The digest of a base tensor as stored and of its roundings to fp32, fp16 and bf16."""
+    dtypes = [t.dtype] + ([d for d in ROUNDINGS if d != t.dtype] if t.is_floating_point() else [])
+    return {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape) for d in dtypes}
+
+
+def make_record(digests: dict[str, dict[str, str]], dtypes: dict[str, str], base_names: list[str],
+                denoiser_config: dict | None) -> dict:
+    """What the mask keeps for a base-free audit: per frozen tensor its stored dtype and digests
+    (tensor_digests), the base's other tensor names (buffers a checkpoint may hold), and the
+    denoiser's config (which maps single-file checkpoints' names)."""
+    return {"format": RECORD_FORMAT, "dtypes": dtypes, "digests": digests, "base_names": sorted(base_names),
+            "denoiser_config": denoiser_config}

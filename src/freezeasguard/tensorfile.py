@@ -1,0 +1,106 @@
+"""Read a safetensors file one tensor at a time, with plain reads rather than a memory map.
+
+An audit reads every tensor of a checkpoint once. Through a memory map, each page read stays
+mapped (and counted in the process's memory) until the file is closed, so auditing a 24 GB
+checkpoint would look like a 24 GB process; with positioned reads the memory in use is the
+tensor being compared. The format: 8 bytes (little-endian header length), a JSON header
+(name -> dtype, shape, data_offsets), then the data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER = 100 * 2**20        # the format's own limit
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in ``t``: its largest and smallest values are finite (max and min propagate
+    NaN; two reductions without a temporary, ~25x faster than torch.isfinite(t).all() on fp16)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.max())) and bool(torch.isfinite(t.min()))
+
+
+class TensorFileError(ValueError):
+    """A file that is not a readable safetensors file (truncated, corrupt, another format)."""
+
+
+class TensorFile:
+    """The tensors of one safetensors file, each read when asked for."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.bytes_read = 0
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise TensorFileError("shorter than a safetensors header")
+                (n,) = struct.unpack("<Q", head)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise TensorFileError(f"header length {n} does not fit a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, struct.error) as exc:
+            raise TensorFileError(f"{self.path}: not a readable safetensors file ({exc})") from exc
+        except TensorFileError as exc:
+            raise TensorFileError(f"{self.path}: {exc}; it is truncated or not a safetensors file") from exc
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries = header
+        for name, e in header.items():
+            start, end = e["data_offsets"]
+            if e.get("dtype") not in DTYPES or self.data_start + end > size or start > end:
+                raise TensorFileError(f"{self.path}: tensor {name} ({e.get('dtype')}, bytes {start}-{end}) does not fit "
+                                      f"the {size}-byte file; it is truncated or corrupt")
+        self.header_bytes = self.data_start
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self.entries[key]["dtype"]]
+
+    def nbytes(self, key: str) -> int:
+        start, end = self.entries[key]["data_offsets"]
+        return end - start
+
+    def read_rows(self, key: str, start: int = 0, end: int | None = None, scratch: bytearray | None = None
+                  ) -> torch.Tensor:
+        """Rows start..end of a tensor (its first dimension), reading only their bytes; into
+        ``scratch`` when given (no allocation: the tensor is then valid until its next use)."""
+        shape = self.shape(key)
+        end = shape[0] if end is None and shape else end
+        if shape and not 0 <= start <= end <= shape[0]:
+            raise TensorFileError(f"{self.path}: rows {start}-{end} of {key} (shape {list(shape)}) do not exist")
+        first, last = self.entries[key]["data_offsets"]
+        if shape and shape[0]:
+            row = (last - first) // shape[0]
+            first, last, out_shape = first + row * start, first + row * end, (end - start, *shape[1:])
+        else:
+            out_shape = shape
+        n = last - first
+        buf = memoryview(scratch)[:n] if scratch is not None and len(scratch) >= n else bytearray(n)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + first)
+            got = f.readinto(buf)
+        if got != n:
+            raise TensorFileError(f"{self.path}: tensor {key} is cut short ({got} of {n} bytes)")
+        self.bytes_read += n
+        if n == 0:
+            return torch.empty(out_shape, dtype=self.dtype(key))
+        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(out_shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.read_rows(key)
