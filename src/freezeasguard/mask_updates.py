@@ -9,7 +9,6 @@ publisher's upper step on the logits. learn.py runs K of them; users.py says who
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,8 +17,8 @@ from .batches import DomainMix, domain_means, weighted_loss
 from .bilevel import BilevelState, frozen_share, logit_gradient, lower_update_, remask_
 from .users import SimulatedUser, attacker_weights, combine_user_dots, lora_tensors, user_direction_
 
-if TYPE_CHECKING:      # the settings live with the command (learn.py), which imports this module
-    from .learn import LearnConfig, MaskLearningSettings
+# ``cfg`` below is a learn.LearnConfig (MaskLearningSettings + ratio and run settings); it is not
+# imported here because learn.py imports this module.
 
 
 @dataclass
@@ -30,7 +29,7 @@ class UpdateContext:
     schedule: object
     device: object
     amp: object
-    cfg: LearnConfig
+    cfg: object
     names: list[str]
     start_theta_d: torch.Tensor | None = None
 
@@ -55,7 +54,7 @@ class ClosureContext:
     user's (loss, info), ``upper()`` the publisher's signed one. One user per update (a closure's
     loss cannot be split into its illegal and innocent parts)."""
 
-    def __init__(self, state: BilevelState, cfg: "LearnConfig", lower, upper):
+    def __init__(self, state: BilevelState, cfg, lower, upper):
         if cfg.users_per_update > 1:
             raise ValueError("ClosureContext runs one simulated user per update")
         self.cfg, self.lora_indices = cfg, lora_tensors([n for n, _ in state.named])
@@ -103,7 +102,7 @@ def upper_dots(state: BilevelState, ctx: UpdateContext, batches) -> tuple[torch.
         return state.tensor_dots().cpu(), info
 
 
-def logit_step(state: BilevelState, dots: torch.Tensor, cfg: LearnConfig) -> dict:
+def logit_step(state: BilevelState, dots: torch.Tensor, cfg) -> dict:
     """w -= eta_1 dL/dw from the per-tensor dots dL_upper/dm, then theta(m) follows the new m."""
     with torch.no_grad():
         m_old = state.m
@@ -118,7 +117,7 @@ def logit_step(state: BilevelState, dots: torch.Tensor, cfg: LearnConfig) -> dic
     return stats
 
 
-def sparsity_sizes(state: BilevelState, cfg: MaskLearningSettings) -> torch.Tensor | None:
+def sparsity_sizes(state: BilevelState, cfg) -> torch.Tensor | None:
     """Tensor sizes when the sparsity term counts parameters, None when it counts tensors."""
     return state.sizes if cfg.budget == "params" and cfg.sparsity_counts == "budget" else None
 
