@@ -35,13 +35,18 @@ METRICS = [("frozen_param_fraction", "people", "frozen params"), ("identity_reco
            ("subject_recognition", "logos", "brand recognised ↑"), ("prompt_accuracy", "logos", "other logos right ↑")]
 
 
-def cell(rows, method, metric, domain):
+def cell(rows, method, metric, domain, attack="default"):
+    """Mean and spread of one metric of one method's results under one recipe, or None."""
     values = [r["value"] for r in rows if r["method"] == method and r["metric"] == metric and r["domain"] == domain
-              and r.get("attack", "default") == "default"]
+              and r.get("attack", "default") == attack]
     if not values:
         return None
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
+
+
+def fmt(c) -> str:
+    return f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–"
 
 
 def main(argv=None):
@@ -64,7 +69,7 @@ def main(argv=None):
              "seeds 0-2.", "", "| mask | " + " | ".join(n for _, _, n in METRICS) + " |",
              "|---" * (len(METRICS) + 1) + "|"]
     for row in table:
-        vals = [f"{row[n]['mean']:.3f} ± {row[n]['std']:.3f}" if row[n] else "–" for _, _, n in METRICS]
+        vals = [fmt(row[n]) for _, _, n in METRICS]
         lines.append(f"| {row['label']} | " + " | ".join(vals) + " |")
     if missing:
         lines += ["", f"Not yet run: {', '.join(dict.fromkeys(missing))}."]

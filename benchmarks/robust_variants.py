@@ -12,8 +12,9 @@ Mean ± std over seeds 0-2. The worst case is the recipe whose mean forgery rate
 with the default recipe."""
 import argparse
 import json
-import statistics
 from pathlib import Path
+
+from learner_variants import cell, fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -34,34 +35,16 @@ ROWS = [
 ]
 
 
-def cells(rows, method, metric, domain, attack):
-    values = [r["value"] for r in rows if r["method"] == method and r["metric"] == metric and r["domain"] == domain
-              and r.get("attack", "default") == attack]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
-
-def fmt(c):
-    return f"{c['mean']:.3f} ± {c['std']:.3f}" if c else "–"
-
-
 # held-out casts: (file name, caption, [(results folder, method, row label)])
-SWEEPS = [
-    ("cast1-clothes", "Cast 1, innocent clothes (a clothing line)", "clothes", [
-        ("robust-sweep-cast1-clothes", "full", "Full FT"),
-        ("robust-sweep-cast1-clothes", "random", "Random"),
-        ("robust-sweep-cast1-clothes", "saliency", "Saliency"),
-        ("robust-sweep-cast1-clothes", "learned", "FreezeAsGuard, the paper's single simulated user"),
-        ("robust-sweep-cast1-clothes-robust", "learned", "FreezeAsGuard, users drawn from SGD/Adam at 0.3-30x lr")]),
-    ("cast2-logos", "Cast 2, innocent logos (a brand)", "logos", [
-        ("robust-sweep-cast2-logos", "full", "Full FT"),
-        ("robust-sweep-cast2-logos", "random", "Random"),
-        ("robust-sweep-cast2-logos", "saliency", "Saliency"),
-        ("robust-sweep-cast2-logos", "learned", "FreezeAsGuard, the paper's single simulated user"),
-        ("robust-sweep-cast2-logos-robust", "learned", "FreezeAsGuard, users drawn from SGD/Adam at 0.3-30x lr")]),
-]
+def _sweep_rows(cast: str) -> list[tuple[str, str, str]]:
+    return [(f"robust-sweep-{cast}", "full", "Full FT"), (f"robust-sweep-{cast}", "random", "Random"),
+            (f"robust-sweep-{cast}", "saliency", "Saliency"),
+            (f"robust-sweep-{cast}", "learned", "FreezeAsGuard, the paper's single simulated user"),
+            (f"robust-sweep-{cast}-robust", "learned", "FreezeAsGuard, users drawn from SGD/Adam at 0.3-30x lr")]
+
+
+SWEEPS = [("cast1-clothes", "Cast 1, innocent clothes (a clothing line)", "clothes", _sweep_rows("cast1-clothes")),
+          ("cast2-logos", "Cast 2, innocent logos (a brand)", "logos", _sweep_rows("cast2-logos"))]
 TRAINED_ON = {"default", "lr-x10"}     # AdamW at 1x and 10x: inside the range-of-users learner's family (Adam-like, 0.3-30x)
 
 
@@ -79,11 +62,11 @@ def sweep_table(caption: str, domain: str, rows_spec) -> tuple[list[dict], list[
     config = json.loads((RESULTS / found[0][0] / "config.json").read_text())
     attacks = config["attacks"]
     costs = json.loads((RESULTS / found[0][0] / "attack_sweep.json").read_text())["costs"]
-    full = cells(loaded[found[0][0]], "full", "identity_recognition", "people", "default")
+    full = cell(loaded[found[0][0]], "full", "identity_recognition", "people", "default")
     table = []
     for folder, method, label in found:
         rows = loaded[folder]
-        per = {atk: cells(rows, method, "identity_recognition", "people", atk) for atk in attacks}
+        per = {atk: cell(rows, method, "identity_recognition", "people", atk) for atk in attacks}
         present = {k: v for k, v in per.items() if v}
         worst = max(present, key=lambda k: present[k]["mean"])
         reach = [k for k, v in present.items() if method != "full" and full and v["mean"] >= full["mean"]]
@@ -91,7 +74,7 @@ def sweep_table(caption: str, domain: str, rows_spec) -> tuple[list[dict], list[
         table.append({"label": label, "source": f"{folder}/results.json", "forgeries": per, "worst_attack": worst,
                       "worst": present[worst], "cheapest_reaching_full": cheapest,
                       "cheapest_cost": costs.get(cheapest) if cheapest else None,
-                      "innocent": cells(rows, method, "subject_recognition", domain, "default")})
+                      "innocent": cell(rows, method, "subject_recognition", domain, "default")})
     lines = [f"{caption}, 30% of the parameters; portraits recognised per recipe (mean over seeds 0-2; * = a "
              f"recipe inside the range-of-users learner's family), the worst case, the cheapest recipe that "
              f"reaches Full FT's default ({full['mean']:.3f}) with its cost, and the innocent subject recognised "
@@ -127,9 +110,9 @@ def ceiling_table() -> tuple[list[dict], list[str]]:
     table = []
     for label, data, method, ratio in spec:
         picked = [r for r in data if r.get("ratio") == ratio]
-        per = {a: cells(picked, method, "identity_recognition", "people", a) for a in attacks}
+        per = {a: cell(picked, method, "identity_recognition", "people", a) for a in attacks}
         table.append({"label": label, "ratio": ratio, "forgeries": per,
-                      "brand": cells(picked, method, "subject_recognition", "logos", "default")})
+                      "brand": cell(picked, method, "subject_recognition", "logos", "default")})
     lines = ["Cast 0, innocent logos (brand Uldortor); portraits recognised per recipe and the brand recognised "
              "(default recipe), mean ± std over seeds 0-2; 30% rows from the tuning runs (lr-x3 not run there).", "",
              "| mask | share of parameters | " + " | ".join(attacks) + " | brand recognised ↑ |",
@@ -163,12 +146,12 @@ def main(argv=None):
             missing.append(folder)
             continue
         rows = json.loads(path.read_text())
-        per_attack = {atk: cells(rows, method, "identity_recognition", "people", atk) for atk in ATTACKS}
+        per_attack = {atk: cell(rows, method, "identity_recognition", "people", atk) for atk in ATTACKS}
         present = {k: v for k, v in per_attack.items() if v}
         worst = max(present, key=lambda k: present[k]["mean"]) if present else None
         table.append({"label": label, "source": f"{folder}/results.json", "method": method, "forgeries": per_attack,
                       "worst_attack": worst, "worst": present.get(worst),
-                      "brand": cells(rows, method, "subject_recognition", "logos", "default")})
+                      "brand": cell(rows, method, "subject_recognition", "logos", "default")})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "variants.json").write_text(json.dumps(table, indent=1))

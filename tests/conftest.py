@@ -48,6 +48,25 @@ def warm_start(tiny_sd, people, logos, tmp_path_factory):
 
 
 @pytest.fixture
+def kill_mask_learning_at(monkeypatch):
+    """``kill_mask_learning_at(n)``: learn's n-th mask update raises KeyboardInterrupt, as a killed run
+    would stop; returns the counter of calls (updates run, also by a later resumed run)."""
+    import freezeasguard.learn as learn
+
+    def arm(n: int) -> dict:
+        real, calls = learn.mask_update, {"n": 0}
+
+        def dies(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt("simulated kill")
+            return real(*a, **k)
+        monkeypatch.setattr(learn, "mask_update", dies)
+        return calls
+    return arm
+
+
+@pytest.fixture
 def run_cli():
     """Run the freezeasguard command in fresh processes, one thread each; ``processes`` > 1 runs it
     under accelerate launch (CPU, gloo), as a user runs data-parallel or sharded work. Asserts its

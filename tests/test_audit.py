@@ -365,7 +365,7 @@ def _bfl_keys(state, inner):
 def test_loras_in_original_layout_names_map_to_the_parameters_they_change(tiny_sd, audit_setup, tmp_path):
     """ComfyUI's diffusion_model.<LDM module> and A1111/kohya's lora_unet_<LDM module> keys, with the
     base and base-free: a LoRA on a frozen module is a violation, one on a trainable module passes."""
-    from freezeasguard.verify import verify_adapter
+    from freezeasguard.adapters import verify_adapter
     _, base, mask, plain, recorded, config = audit_setup
     keys = ldm_key_map(list(base), config)
     frozen = set(mask.frozen_names)
@@ -392,7 +392,7 @@ def test_loras_in_original_layout_names_map_to_the_parameters_they_change(tiny_s
 
 def test_a_lora_on_flux_fused_qkv_changes_all_three_projections(tmp_path):
     from freezeasguard.families.tiny import save_tiny
-    from freezeasguard.verify import verify_adapter
+    from freezeasguard.adapters import verify_adapter
     model = save_tiny(tmp_path / "flux", "flux")
     base = load_denoiser_state(model)
     names = list(base)

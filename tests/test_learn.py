@@ -32,18 +32,9 @@ def test_learned_mask_hits_the_ratio_and_records_its_settings(tiny_sd, people, l
 
 
 def test_resume_after_a_kill_gives_the_same_mask_bit_exactly(tiny_sd, people, logos, warm_start, tmp_path,
-                                                            monkeypatch):
-    import freezeasguard.learn as learn
+                                                            kill_mask_learning_at):
     whole = learn_mask(tiny_sd, people, [logos], tmp_path / "a.safetensors", _cfg(), finetuned_dir=warm_start)
-    real, calls = learn.mask_update, {"n": 0}
-
-    def dies_after_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(learn, "mask_update", dies_after_two)
+    calls = kill_mask_learning_at(3)
     with pytest.raises(KeyboardInterrupt):
         learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start)
     assert not (tmp_path / "b.safetensors").exists()

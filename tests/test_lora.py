@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from freezeasguard.cli import main
-from freezeasguard.verify import module_index, resolve_module, split_key
+from freezeasguard.adapters import module_index, resolve_module, split_key
 from freezeasguard.mask import Mask
 from freezeasguard.models import load_denoiser_state
 

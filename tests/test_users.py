@@ -159,8 +159,7 @@ def _cfg(**kw):
 
 
 def test_learning_over_a_range_of_users_resumes_bit_exactly_and_records_them(tiny_sd, people, logos, warm_start,
-                                                                            tmp_path, monkeypatch):
-    import freezeasguard.learn as learn
+                                                                            tmp_path, kill_mask_learning_at):
     whole = learn_mask(tiny_sd, people, [logos], tmp_path / "a.safetensors", _cfg(), finetuned_dir=warm_start)
     first = whole.history[0]
     assert len(first["users"]) == 2 and len(first["user_weights"]) == 2
@@ -168,15 +167,7 @@ def test_learning_over_a_range_of_users_resumes_bit_exactly_and_records_them(tin
     # the weights are the softmax of the users' own illegal losses
     expected = attacker_weights(torch.tensor(first["user_illegal_losses"]), "softmax", 0.05)
     assert torch.allclose(torch.tensor(first["user_weights"], dtype=torch.float64), expected)
-    real, calls = learn.mask_update, {"n": 0}
-
-    def dies_after_two(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return real(*a, **k)
-
-    monkeypatch.setattr(learn, "mask_update", dies_after_two)
+    calls = kill_mask_learning_at(3)
     with pytest.raises(KeyboardInterrupt):
         learn_mask(tiny_sd, people, [logos], tmp_path / "b.safetensors", _cfg(), finetuned_dir=warm_start)
     with pytest.raises(ValueError, match="differ in: settings"):

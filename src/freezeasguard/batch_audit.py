@@ -23,7 +23,8 @@ from .layouts import LayoutError
 from .mask import MaskError
 from .models import ModelError
 from .tensorfile import TensorFile, TensorFileError
-from .verify import AdapterError, split_key, verify_adapter, verify_checkpoint
+from .adapters import AdapterError, audit_adapter_file, split_key
+from .verify import Reference, audit_checkpoint, reference
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +53,13 @@ def is_adapter(path: Path) -> bool:
     return bool(parts) and all(parts) and any(p[1] != "meta" for p in parts)
 
 
-def audit_one(path: Path, mask_path, model_dir, mode: str, atol: float) -> dict:
+def audit_one(path: Path, ref: Reference, mode: str, atol: float) -> dict:
     t0 = time.time()
     row = {"file": path.name, "format": "", "verdict": "unreadable", "frozen_changed": 0, "largest_change": None,
            "first_violation": "", "bytes_read": 0, "message": ""}
     try:
         if is_adapter(path):
-            report = verify_adapter(model_dir, mask_path, path)
+            report = audit_adapter_file(ref, path)
             row.update(format="adapter", frozen_changed=len(report.frozen_changed),
                        first_violation=report.frozen_changed[0] if report.frozen_changed else "",
                        bytes_read=TensorFile(path).header_bytes)
@@ -67,7 +68,7 @@ def audit_one(path: Path, mask_path, model_dir, mode: str, atol: float) -> dict:
             if report.unknown:
                 row["message"] = f"{len(report.unknown)} keys of no known pattern (first: {report.unknown[0]})"
         else:
-            report = verify_checkpoint(model_dir, mask_path, path, mode, atol)
+            report = audit_checkpoint(ref, path, mode, atol)
             diffs = [v.max_abs_diff for v in report.violations if v.max_abs_diff is not None]
             row.update(format=report.layout, verdict="compliant" if report.compliant else "violations",
                        frozen_changed=len(report.violations), largest_change=max(diffs) if diffs else None,
@@ -82,9 +83,8 @@ def audit_one(path: Path, mask_path, model_dir, mode: str, atol: float) -> dict:
 def audit_folder(folder, mask_path, model_dir=None, mode: str = "exact", atol: float = 0.0,
                  report_path=None) -> list[dict]:
     """Every upload in ``folder`` audited; the report written to ``report_path`` (.json, and .csv beside it)."""
-    if not Path(mask_path).is_file():
-        raise MaskError(f"{mask_path}: no such mask file")
-    rows = [audit_one(p, mask_path, model_dir, mode, atol) for p in tqdm(uploads(folder), desc="audit", unit="file")]
+    ref = reference(model_dir, mask_path)         # the mask, and the base's fingerprint, read once for the batch
+    rows = [audit_one(p, ref, mode, atol) for p in tqdm(uploads(folder), desc="audit", unit="file")]
     if report_path:
         report_path = Path(report_path)
         atomic_write_json(report_path, {"mask": str(mask_path), "base": str(model_dir) if model_dir else None,

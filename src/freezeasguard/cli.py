@@ -2,32 +2,30 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from . import cli_experiment, cli_service
+from . import cli_experiment, cli_mask, cli_service
 from .cli_experiment import COMMANDS as EXPERIMENT_COMMANDS
+from .cli_mask import COMMANDS as MASK_COMMANDS
 from .cli_service import COMMANDS as SERVICE_COMMANDS
-from .exports import FORMATS as EXPORT_FORMATS
-from .exports import export as export_mask
 from .finetune import EnforcementError, FinetuneConfig, guarded_finetune
 from .train import DivergedError, resolve_device
 from .generate import generate_to_folder
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json
 from .learn import LearnConfig, learn_mask
 from .lora import LORA_FILE, LoraSettings
 from .mask import BUDGETS, Mask
 from .families.tiny import save_tiny_pipeline
-from .outputs import prepare_output_file
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
 from .batch_audit import audit_folder, counts
 from .batch_audit import exit_code as batch_exit_code
-from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, record_digests, report_text, verify_adapter, verify_checkpoint
+from .adapters import report_text, verify_adapter
+from .verify import EXIT_COMPLIANT, EXIT_VIOLATIONS, verify_checkpoint
 
 logger = logging.getLogger("freezeasguard")
 
@@ -104,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     _add_verify_parser(sub)
     _add_generate_parser(sub)
-    _add_mask_parser(sub)
+    cli_mask.add_parsers(sub)
     _add_tiny_pipeline_parser(sub)
     cli_experiment.add_parsers(sub)
     cli_service.add_parsers(sub)
@@ -206,41 +204,6 @@ def _add_generate_parser(sub):
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--device", default="auto")
-
-
-def _add_mask_parser(sub):
-    """`freezeasguard mask`: its subcommand and flags."""
-    p = sub.add_parser("mask", help="inspect a mask file")
-    msub = p.add_subparsers(dest="mask_command", required=True, metavar="ACTION")
-    s = msub.add_parser("show", help="summary by kind and block; plot; export")
-    s.add_argument("mask", help="mask file")
-    s.add_argument("--plot", help="write a Figure 16-style PNG of the mask")
-    s.add_argument("--export", choices=["names", "regex"],
-                   help="print the frozen names, one per line, or a regex matching exactly them")
-    s.add_argument("--json", action="store_true", help="print the summary as JSON")
-    e = msub.add_parser("export", help="the fragment a trainer reads to keep adapters off frozen modules",
-                        description="peft: LoraConfig target_modules (a full-match regex of the allowed modules) and "
-                                    "exclude_modules (the frozen ones), as JSON. diffusers: the value of --lora_layers "
-                                    "for diffusers' LoRA training scripts. onetrainer: layer_filter + "
-                                    "layer_filter_regex. ai-toolkit: network_kwargs.only_if_contains. kohya: block "
-                                    "learning-rate weights for --network_args (rounded to blocks, freezing more). "
-                                    "An adapter-able "
-                                    "module (Linear, Conv2d) is allowed when every parameter it has is trainable "
-                                    "under the mask; each export selects exactly those under the tool's own matching "
-                                    "rule.")
-    r = msub.add_parser("record", help="record digests of the frozen tensors, so that verify needs no base model",
-                        description="Writes a copy of the mask with, per frozen tensor, a digest of its bytes in the "
-                                    "base's dtype and rounded to fp32/fp16/bf16, the base's tensor names and the "
-                                    "denoiser's config (which maps single-file checkpoints). The base is read one "
-                                    "tensor at a time and must be the mask's (checked).")
-    r.add_argument("mask", help="mask file")
-    r.add_argument("--model", required=True, help="the base model the mask was made for")
-    r.add_argument("--out", required=True, help="the new mask file")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing --out file made by this command")
-    e.add_argument("mask", help="mask file")
-    e.add_argument("--format", required=True, choices=list(EXPORT_FORMATS))
-    e.add_argument("--out", help="write the fragment to this file (default: print it)")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def _add_tiny_pipeline_parser(sub):
@@ -351,46 +314,6 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_mask(args) -> int:
-    mask = Mask.load(args.mask)
-    if args.mask_command == "record":
-        out = prepare_output_file(args.out, {"mask": args.mask, "--model": args.model}, args.overwrite)
-        recorded = record_digests(mask, args.model)
-        recorded.save(out)
-        print(f"wrote {out}: digests of {len(recorded.frozen_names)} frozen tensors; `verify --mask {out} "
-              f"--candidate X` now needs no --model")
-        return 0
-    if args.mask_command == "export":
-        result = export_mask(mask, args.format)
-        if args.out:
-            atomic_write_text(prepare_output_file(args.out, {"mask": args.mask}, args.overwrite), result.fragment + "\n")
-            print(f"wrote {args.out}; {result.how_to_use}")
-        else:
-            print(result.fragment)
-            print(f"# {result.how_to_use}", file=sys.stderr)
-        return 0
-    if args.export == "names":
-        sys.stdout.write(mask.export_names())
-        return 0
-    if args.export == "regex":
-        print(mask.export_regex())
-        return 0
-    s = mask.summary()
-    if args.json:
-        print(json.dumps(s, indent=2))
-    else:
-        print(f"{args.mask}: {s['frozen_tensors']}/{s['tensors']} tensors frozen "
-              f"({s['tensor_ratio']:.1%} of tensors, {s['param_fraction']:.1%} of parameters); "
-              f"method {s['method']}, target {s['target_ratio']} ({s['budget']} budget)")
-        print("by kind:   " + ", ".join(f"{k} {f}/{t}" for k, (f, t) in s["by_kind"].items()))
-        print("by block:")
-        for block, (f, t) in s["by_block"].items():
-            print(f"  {block:<22} {f:>4}/{t:<4} {'#' * round(20 * f / t) if t else ''}")
-    if args.plot:
-        print(f"plot: {mask.plot(args.plot)}")
-    return 0
-
-
 def cmd_tiny(args) -> int:
     out = save_tiny_pipeline(args.out, layout=args.layout, image_size=args.image_size,
                              prediction_type=args.prediction_type, seed=args.seed)
@@ -399,7 +322,7 @@ def cmd_tiny(args) -> int:
 
 
 COMMANDS = {"learn": cmd_learn, "finetune": cmd_finetune, "verify": cmd_verify, "generate": cmd_generate,
-            "mask": cmd_mask, "tiny-pipeline": cmd_tiny}
+            "tiny-pipeline": cmd_tiny}
 
 
 def main(argv=None) -> int:
@@ -412,7 +335,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return {**COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
+        return {**COMMANDS, **MASK_COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
         print("interrupted: checkpoints written so far are kept; rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -225,13 +225,16 @@ class Checkpoint:
     def bytes_read(self) -> int:
         return sum(f.bytes_read + f.header_bytes for f in self.files)
 
-    def fingerprint(self) -> dict:
-        """models.fingerprint of the denoiser's tensors, one tensor in memory at a time."""
+    def fingerprint(self, visit=None) -> dict:
+        """models.fingerprint of the denoiser's tensors, one tensor in memory at a time;
+        ``visit(name, tensor)`` sees each tensor on the way (one pass for whatever else needs them)."""
         names = sorted(self.where)
         weights = hashlib.blake2b(digest_size=16)
-        for name in names:
-            weights.update(str(self.dtype(name)).encode())
-            weights.update(tensor_bytes(self.read(name)))
+        for name, t in self.stream(names):
+            weights.update(str(t.dtype).encode())
+            weights.update(tensor_bytes(t))
+            if visit is not None:
+                visit(name, t)
         shapes = [list(self.shape(n)) for n in names]
         return {"num_tensors": len(names),
                 "names_hash": hashlib.blake2b("\n".join(names).encode(), digest_size=16).hexdigest(),

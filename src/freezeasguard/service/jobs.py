@@ -17,7 +17,8 @@ from pathlib import Path
 from ..finetune import FinetuneConfig, guarded_finetune
 from ..lora import LoraSettings
 from ..mask import Mask
-from ..verify import verify_adapter, verify_checkpoint
+from ..adapters import verify_adapter
+from ..verify import verify_checkpoint
 from .store import Store
 
 logger = logging.getLogger(__name__)
