@@ -75,8 +75,8 @@ def test_digests_cover_the_base_dtype_and_its_roundings():
     assert set(d) == {"float32", "float16", "bfloat16"}
     assert d["float16"] == tensor_digests(t.half())["float16"]
     bumped = t.half().clone().view(-1)
-    bumped[0] = torch.nextafter(bumped[0].float(), torch.tensor(9.0)).half()
-    assert tensor_digests(bumped.view(5, 3))["float16"] != d["float16"] or bumped[0] == t.half().view(-1)[0]
+    bumped.view(torch.int16)[0] += 1                                     # one fp16 ulp
+    assert tensor_digests(bumped.view(5, 3))["float16"] != d["float16"]
     assert tensor_digests(t.reshape(3, 5))["float32"] != d["float32"]        # the shape is part of it
 
 
@@ -97,9 +97,7 @@ def _cases(tmp, base, mask, config):
     cases.append((write_single_file(one_ulp, config, tmp / "ulp32.safetensors"), "exact", False))
     half = {k: v.half() for k, v in base.items()}
     h = half[victim].clone().view(-1)
-    h[0] = torch.nextafter(h[0].float(), torch.tensor(float("inf"))).half()
-    if h[0] == half[victim].view(-1)[0]:
-        h[0] = h[0] + 0.01
+    h.view(torch.int16)[0] += 1                                          # one fp16 ulp
     half[victim] = h.view_as(base[victim])
     cases.append((write_single_file(half, config, tmp / "ulp16.safetensors"), "tolerance", False))
     trainable = next(n for n in mask.names if n not in set(mask.frozen_names))
@@ -136,7 +134,7 @@ def test_the_old_false_accusation_is_gone_and_an_unknown_layout_is_exit_2(tiny_s
     assert "cannot tell this checkpoint's layout" in err and "some.other.model.weight" in err
     err = run_cli(["verify", "--mask", str(plain), "--candidate", str(tmp / "base16-cli.safetensors")], code=2)
     assert "records no digests" in err
-    assert out is not None
+    assert "verify: compliant" in out                  # the log; run_cli asserted exit 0
 
 
 def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tiny_sd, audit_setup, tmp_path,
