@@ -15,7 +15,7 @@ from freezeasguard.families import FAMILIES
 from freezeasguard.generate import load_pipeline
 from freezeasguard.models import Components, fingerprint, load_denoiser_state, load_model
 
-TINY_FAMILIES = ["sdxl", "sd3", "flux"]
+TINY_FAMILIES = ["sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"]
 
 
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
@@ -88,8 +88,9 @@ def test_the_family_is_read_from_the_folder_and_a_short_full_finetune_lowers_the
     from freezeasguard import FinetuneConfig, guarded_finetune
     family, model = tiny
     comps = load_model(model)
-    assert comps.family == family and comps.resolution == 16
-    cfg = FinetuneConfig(steps=15, batch_size=4, lr=3e-3, device="cpu", checkpoint_every=0)
+    # Qwen-Image's configs name no side: the pipeline's default, 1024
+    assert comps.family == family and comps.resolution == (1024 if family == "qwenimage" else 16)
+    cfg = FinetuneConfig(steps=15, batch_size=4, lr=3e-3, device="cpu", checkpoint_every=0, resolution=16)
     r = guarded_finetune(model, people, tmp_path / "ft", cfg, full=True)
     first, last = r.history[0]["loss_data"], sum(h["loss_data"] for h in r.history[-5:]) / 5
     assert last < first
@@ -100,12 +101,12 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     mask = tmp_path / "mask.safetensors"
     assert main(["learn", "--model", str(model), "--illegal", str(people), "--innocent", str(logos), "--ratio", "0.3",
                  "--warm-start-steps", "2", "--steps", "2", "--inner-steps", "1", "--batch-size", "2",
-                 "--device", "cpu", "--out", str(mask)]) == 0
+                 "--device", "cpu", "--resolution", "16", "--out", str(mask)]) == 0
     learned = Mask.load(mask)
     assert learned.frozen_names and learned.tensor_ratio == pytest.approx(0.3, abs=0.01)
     ft = tmp_path / "ft"
     assert main(["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "2",
-                 "--batch-size", "2", "--device", "cpu", "--out", str(ft)]) == 0
+                 "--batch-size", "2", "--device", "cpu", "--resolution", "16", "--out", str(ft)]) == 0
     folder = "unet" if family == "sdxl" else "transformer"
     assert (ft / folder / "diffusion_pytorch_model.safetensors").is_file()
     base, tuned = load_denoiser_state(model), load_denoiser_state(ft)
@@ -115,7 +116,8 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(ft)]) == 0
     lora = tmp_path / "lora"
     assert main(["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "2",
-                 "--batch-size", "2", "--device", "cpu", "--lora-rank", "2", "--out", str(lora)]) == 0
+                 "--batch-size", "2", "--device", "cpu", "--lora-rank", "2", "--resolution", "16",
+                 "--out", str(lora)]) == 0
     assert json.loads((lora / "freezeasguard_manifest.json").read_text())["lora"]["modules"]
     capsys.readouterr()
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(lora)]) == 0
@@ -127,7 +129,7 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     for source in (ft, lora):       # the fine-tuned pipeline, and the base with the adapter loaded
         out = tmp_path / f"images-{source.name}"
         assert main(["generate", "--model", str(source), "--prompt", "a photo of mara quell", "--steps", "2",
-                     "--out", str(out)]) == 0
+                     "--resolution", "16", "--out", str(out)]) == 0
         from PIL import Image
         assert Image.open(out / "grid.png").size[0] >= 16
 
@@ -303,6 +305,7 @@ def test_validation_images_use_the_familys_own_pipeline_with_the_loaded_parts(ti
     pipe = pipeline_from_components(comps)
     assert type(pipe).__name__ == FAMILIES[family].pipeline_classes[0]
     assert getattr(pipe, FAMILIES[family].denoiser_folder) is comps.denoiser
-    ours = generate_images(pipe, ["a photo of mara quell"], steps=2, seed=3, guidance=1.0)[0]
-    folder = generate_images(load_pipeline(model), ["a photo of mara quell"], steps=2, seed=3, guidance=1.0)[0]
+    ours = generate_images(pipe, ["a photo of mara quell"], steps=2, seed=3, guidance=1.0, side=16)[0]
+    folder = generate_images(load_pipeline(model), ["a photo of mara quell"], steps=2, seed=3, guidance=1.0,
+                             side=16)[0]
     assert list(ours.getdata()) == list(folder.getdata())

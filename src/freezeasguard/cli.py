@@ -203,6 +203,8 @@ def _add_generate_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--resolution", type=int, default=0,
+                   help="image side in px (default 0: the model's own; Qwen-Image folders name none: 1024)")
     p.add_argument("--device", default="auto")
 
 
@@ -309,7 +311,8 @@ def cmd_verify(args) -> int:
 def cmd_generate(args) -> int:
     _check_preset(args)
     files = generate_to_folder(args.model, _read_prompts(args), args.out, args.steps, args.seed, args.guidance,
-                               args.num_images, resolve_device(args.device), overwrite=args.overwrite)
+                               args.num_images, resolve_device(args.device), overwrite=args.overwrite,
+                               side=args.resolution or None)
     print(f"wrote {len(files)} images and grid.png to {args.out}")
     return 0
 

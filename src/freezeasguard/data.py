@@ -211,7 +211,7 @@ class EncodedData:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.components.resolution // self.components.vae_scale_factor
-        return (self.components.vae.config.latent_channels, side, side)
+        return (self.components.latent_channels, side, side)
 
     ENCODE_CHUNK = 16
 
@@ -223,25 +223,26 @@ class EncodedData:
         for chunk in sorted({i // self.ENCODE_CHUNK for i in indices if i not in self._cache}):
             todo = list(range(chunk * self.ENCODE_CHUNK, min(len(self.data), (chunk + 1) * self.ENCODE_CHUNK)))
             pixels = torch.stack([preprocess(self.data.records[i].load(), c.resolution) for i in todo])
-            dist = c.vae.encode(pixels.to(self.device, c.vae.dtype)).latent_dist
+            mean, std = FAMILIES[c.family].latents.posterior(c.vae, pixels.to(self.device, c.vae.dtype))
             cond = FAMILIES[c.family].encode(c, [self.data.records[i].caption for i in todo])
             cond = cond_apply(cond, torch.Tensor.float)
             for j, i in enumerate(todo):
-                self._cache[i] = (dist.mean[j].float(), dist.std[j].float(), cond_apply(cond, lambda v: v[j]))
+                self._cache[i] = (mean[j].float(), std[j].float(), cond_apply(cond, lambda v: v[j]))
         return self._cache
 
     def batch(self, indices: list[int], latent_noise: torch.Tensor):
-        """Latents (sampled with the given noise, shifted and scaled as the VAE's config says) and
-        the conditioning for ``indices``."""
+        """Latents (sampled with the given noise, or the posterior's mode where the family's script
+        takes it, then shifted and scaled as the family does) and the conditioning for ``indices``."""
         cache = self._encode(indices)
         mean = torch.stack([cache[i][0] for i in indices])
         std = torch.stack([cache[i][1] for i in indices])
         cond = cond_join([cache[i][2] for i in indices])
-        config = self.components.vae.config
-        scaling = getattr(config, "scaling_factor", 0.18215)
-        shift = getattr(config, "shift_factor", None) or 0.0       # SD3 / FLUX VAEs
-        latents = (mean + std * latent_noise.to(mean.device) - shift) * scaling
-        return latents, cond
+        latents_of = FAMILIES[self.components.family].latents
+        shift, scale = latents_of.normalization(self.components.vae)
+        if isinstance(shift, torch.Tensor):
+            shift, scale = shift.to(mean.device), scale.to(mean.device)
+        sample = mean + std * latent_noise.to(mean.device) if latents_of.sample else mean
+        return (sample - shift) * scale, cond
 
 
 class DomainSampler:

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .families import FAMILIES
+from .families import FAMILIES, family_of_pipeline_class
 from .io import atomic_write_json
 from .lora import lora_base
 from .models import image_side, model_family, require_pipeline_dir
@@ -60,20 +60,21 @@ def pipeline_from_components(components):
 
 @torch.no_grad()
 def generate_images(pipe, prompts: list[str], steps: int = 50, seed: int = 0, guidance: float = 7.5,
-                    per_prompt: int = 1, batch_size: int = 16, progress: bool = False):
+                    per_prompt: int = 1, batch_size: int = 16, progress: bool = False, side: int | None = None):
     """One list of PIL images, ``per_prompt`` per prompt in prompt order; image j of prompt i
     uses seed + i * per_prompt + j: every image starts from its own noise, and an image does not
-    depend on what else is in the batch."""
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    depend on what else is in the batch. ``side``: image side in px (default: the model's own)."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
     was_training = denoiser.training
     denoiser.eval()
-    side = image_side(dict(denoiser.config), dict(pipe.vae.config))
+    family = family_of_pipeline_class(type(pipe).__name__).name
+    side = side or image_side(dict(denoiser.config), dict(pipe.vae.config), family)
     jobs = [(p, seed + i * per_prompt + j) for i, p in enumerate(prompts) for j in range(per_prompt)]
     images = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
         chunk = jobs[start:start + batch_size]
         gens = [torch.Generator(device="cpu").manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+        out = pipe(prompt=[p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                    height=side, width=side)
         images += out.images
     denoiser.train(was_training)
@@ -104,12 +105,12 @@ def slug(text: str, limit: int = 60) -> str:
 
 
 def generate_to_folder(model_dir, prompts: list[str], out_dir, steps=50, seed=0, guidance=7.5, per_prompt=1,
-                       device="cpu", overwrite: bool = False) -> list[Path]:
+                       device="cpu", overwrite: bool = False, side: int | None = None) -> list[Path]:
     """Write PNGs named <index>_<prompt>_<seed>.png, metadata.jsonl (file_name, text, seed), a
     grid.png, and prompts.json mapping files to prompts."""
     prepare_output_dir(out_dir, "generate", {"--model": model_dir}, overwrite)
     pipe = load_pipeline(model_dir, device)
-    images = generate_images(pipe, prompts, steps, seed, guidance, per_prompt, progress=True)
+    images = generate_images(pipe, prompts, steps, seed, guidance, per_prompt, progress=True, side=side)
     # image k used seed + k
     rows = [{"file_name": f"{k:04d}_{slug(prompts[k // per_prompt])}_s{seed + k}.png", "text": prompts[k // per_prompt],
              "seed": seed + k} for k in range(len(images))]

@@ -45,8 +45,9 @@ def detect_layout(keys) -> str:
         return "bfl-flux"
     if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return "ldm-unet"
-    if any(k.startswith(("down_blocks.", "transformer_blocks.", "single_transformer_blocks.", "conv_in."))
-           for k in keys):
+    # UNets; SD3, FLUX.1/2 and Qwen-Image transformers; Z-Image's (layers, refiners)
+    if any(k.startswith(("down_blocks.", "transformer_blocks.", "single_transformer_blocks.", "conv_in.",
+                         "context_refiner.", "noise_refiner.")) for k in keys):
         return "diffusers"
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
     raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser, "

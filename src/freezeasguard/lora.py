@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .families import FAMILIES
 from .mask import Mask
 from .settings import setting
 
@@ -125,20 +126,14 @@ def lora_base(folder) -> Path | None:
     return Path(json.loads(manifest.read_text())["base_model"])
 
 
-# the pipeline class whose save_lora_weights writes each family's keys (unet. or transformer.)
-LORA_WRITERS = {"sd": ("StableDiffusionPipeline", "unet_lora_layers"),
-                "sdxl": ("StableDiffusionXLPipeline", "unet_lora_layers"),
-                "sd3": ("StableDiffusion3Pipeline", "transformer_lora_layers"),
-                "flux": ("FluxPipeline", "transformer_lora_layers")}
-
-
 def save_lora(denoiser, folder: Path, family: str = "sd") -> Path:
     """The adapter in the diffusers/peft format that the family's pipeline.load_lora_weights reads
-    (unet.<module>.lora_A.weight ..., transformer.<module>... for SD3 and FLUX)."""
+    (unet.<module>.lora_A.weight ..., transformer.<module>... for the transformer families), written
+    by that pipeline class's own save_lora_weights."""
     import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    cls, arg = LORA_WRITERS[family]
-    getattr(diffusers, cls).save_lora_weights(folder, **{arg: get_peft_model_state_dict(denoiser)},
-                                              safe_serialization=True)
+    fam = FAMILIES[family]
+    getattr(diffusers, fam.pipeline_classes[0]).save_lora_weights(
+        folder, **{f"{fam.denoiser_folder}_lora_layers": get_peft_model_state_dict(denoiser)}, safe_serialization=True)
     return folder / LORA_FILE

@@ -1,4 +1,4 @@
-"""Loading pipeline folders (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) from local paths (tiny pipelines
+"""Loading pipeline folders (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2, Qwen-Image, Z-Image) from local paths (tiny pipelines
 built in code: families/tiny.py).
 
 Nothing here reaches a model hub: every loader takes a local folder and fails with a message
@@ -53,23 +53,22 @@ class Components:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image pixels per side of one of the denoiser's latent pixels (FLUX.2 folds 2x2 latents)."""
+        return FAMILIES[self.family].latents.geometry(dict(self.vae.config))[1]
+
+    @property
+    def latent_channels(self) -> int:
+        return FAMILIES[self.family].latents.geometry(dict(self.vae.config))[0]
 
     @property
     def resolution(self) -> int:
         """The image side training uses: the model's own, unless set_resolution chose another."""
-        return self.train_resolution or image_side(dict(self.denoiser.config), dict(self.vae.config))
+        return self.train_resolution or image_side(dict(self.denoiser.config), dict(self.vae.config), self.family)
 
     @property
     def resolution_step(self) -> int:
-        """What a training side must be a multiple of: the VAE's downscaling times the denoiser's
-        (a UNet halves the latent once per down block but the last; SD3 patches, FLUX packs 2x2)."""
-        config = dict(self.denoiser.config)
-        if "down_block_types" in config:
-            factor = 2 ** (len(config["down_block_types"]) - 1)
-        else:
-            factor = 2 if self.family == "flux" else int(config.get("patch_size", 1))
-        return self.vae_scale_factor * factor
+        """What a training side must be a multiple of: the latents' downscaling times the denoiser's."""
+        return self.vae_scale_factor * denoiser_downscale(dict(self.denoiser.config), FAMILIES[self.family])
 
     def set_resolution(self, side: int) -> "Components":
         """Train at ``side`` px (0: the model's own), as diffusers' scripts' --resolution; a side the
@@ -96,14 +95,23 @@ class Components:
         return self
 
 
-def image_side(denoiser_config: dict, vae_config: dict) -> int:
+def image_side(denoiser_config: dict, vae_config: dict, family: str = "sd") -> int:
     """The image side a denoiser was built for: its sample_size in latent pixels times the VAE's
-    downscaling (UNets, SD3), else the VAE's own sample_size (FLUX's transformer has none)."""
+    downscaling (UNets, SD3), else the VAE's own sample_size (FLUX's transformers have none), else
+    the family's pipeline default (Qwen-Image's configs name no side)."""
     side = denoiser_config.get("sample_size")
     if side is None:
-        return int(vae_config["sample_size"])
+        return int(vae_config.get("sample_size") or FAMILIES[family].default_side)
     side = side[0] if isinstance(side, (list, tuple)) else side
     return int(side) * 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def denoiser_downscale(denoiser_config: dict, family: Family) -> int:
+    """How many latent pixels per side one denoiser token or output pixel covers: a UNet halves
+    once per down block but the last; SD3 and Qwen-Image patch (patch_size), FLUX.1 packs 2x2."""
+    if "down_block_types" in denoiser_config:
+        return 2 ** (len(denoiser_config["down_block_types"]) - 1)
+    return family.patch or int(denoiser_config.get("patch_size", 1))
 
 
 def model_family(path) -> Family:
@@ -122,7 +130,7 @@ def require_pipeline_dir(path, flag: str = "--model") -> Path:
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{flag} {path}: no such folder. Pass a local diffusers pipeline folder (Stable Diffusion "
-                         f"1.x/2.x, SDXL, SD3/3.5 or FLUX.1: model_index.json and the parts it lists); nothing is "
+                         f"1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2, Qwen-Image or Z-Image: model_index.json and the parts it lists); nothing is "
                          f"downloaded.")
     family = model_family(path)
     parts = [family.denoiser_folder, "vae", "scheduler"] + [p for pair in family.encoders for p in pair]

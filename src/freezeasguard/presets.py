@@ -100,12 +100,12 @@ def describe_folder(model_dir) -> dict:
     sched = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return {
         "family": family.name,
-        "resolution": image_side(den, vae),
+        "resolution": image_side(den, vae, family.name),
         "prediction_type": objective(sched),
-        "text_width": int(den.get("cross_attention_dim") or den.get("joint_attention_dim")),
-        "latent_channels": int(vae.get("latent_channels", 4)),
-        "depth": den.get("num_layers") if family.denoiser_folder == "transformer" else None,
-        "guidance_embeds": den.get("guidance_embeds") if family.name == "flux" else None,
+        "text_width": int(den[family.text_width_key]),
+        "latent_channels": int(vae.get("latent_channels") or vae.get("z_dim") or 4),   # the VAE's own
+        "depth": den.get(family.depth_key) if family.depth_key else None,
+        "guidance_embeds": den.get(family.guidance_key) if family.guidance_key else None,
     }
 
 

@@ -28,9 +28,11 @@ from .models import load_denoiser
 
 
 def shardable_blocks(denoiser) -> list[torch.nn.Module]:
-    """The units FSDP gathers one at a time: a UNet's down/mid/up blocks, a transformer's blocks."""
+    """The units FSDP gathers one at a time: a UNet's down/mid/up blocks, a transformer's blocks
+    (Z-Image's: its refiners' and main layers)."""
     blocks: list[torch.nn.Module] = []
-    for attr in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+    for attr in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks",
+                 "noise_refiner", "context_refiner", "layers"):
         blocks += list(getattr(denoiser, attr, None) or [])
     if getattr(denoiser, "mid_block", None) is not None:
         blocks.append(denoiser.mid_block)

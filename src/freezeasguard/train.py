@@ -137,7 +137,7 @@ def train_denoiser(components: Components, mix: DomainMix, cfg, work_dir: Path |
 
 def _validation_images(components, cfg, path: Path):
     pipe = pipeline_from_components(components)
-    images = generate_images(pipe, list(cfg.validation_prompts), steps=20, seed=cfg.seed)
+    images = generate_images(pipe, list(cfg.validation_prompts), steps=20, seed=cfg.seed, side=components.resolution)
     save_grid(images, path)
 
 

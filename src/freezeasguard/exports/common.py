@@ -20,7 +20,7 @@ def adapter_modules(mask: Mask) -> tuple[list[str], list[str]]:
     frozen_params = set(mask.frozen_names)
     order, shapes, frozen = [], {}, set()
     for name, shape in zip(mask.names, mask.shapes):
-        module, kind = name.rsplit(".", 1)
+        module, _, kind = name.rpartition(".")    # Z-Image has parameters of no module (x_pad_token)
         if module not in shapes:
             order.append(module)
             shapes[module] = None

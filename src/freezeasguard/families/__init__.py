@@ -1,10 +1,12 @@
-"""Denoiser families: what differs between SD 1.x/2.x, SDXL, SD3/3.5 and FLUX.1 for training.
+"""Denoiser families: what differs between SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2, Qwen-Image and
+Z-Image for training.
 
 Everything else (the mask, mask learning, guarded fine-tuning, LoRA, verify, exports) works over
 "the model's trainable module", the denoiser, by parameter name. A family says only:
 - which folder holds the denoiser (``unet/`` or ``transformer/``) and which text encoders and
   tokenizers the pipeline has;
 - how a batch of captions becomes the denoiser's conditioning (``encode``);
+- how images become its latents (``latents``: the VAE posterior, its normalisation, the shape);
 - how the denoiser is called on noisy latents (``predict``); the objective (epsilon,
   v-prediction, flow matching) comes from the scheduler config (diffusion.NoiseSchedule).
 
@@ -14,11 +16,14 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import FLUX
+from .flux2 import FLUX2
+from .qwenimage import QWENIMAGE
 from .sd import SD
 from .sd3 import SD3
 from .sdxl import SDXL
+from .zimage import ZIMAGE
 
-FAMILIES = {f.name: f for f in (SD, SDXL, SD3, FLUX)}
+FAMILIES = {f.name: f for f in (SD, SDXL, SD3, FLUX, FLUX2, QWENIMAGE, ZIMAGE)}
 _BY_PIPELINE = {cls: f for f in FAMILIES.values() for cls in f.pipeline_classes}
 
 
@@ -34,6 +39,12 @@ def family_from_names(names) -> str | None:
     """The family whose denoiser has these parameter names (a mask holds names, not classes)."""
     names = list(names)
     has = lambda prefix: any(n.startswith(prefix) for n in names)   # noqa: E731
+    if has("double_stream_modulation_img."):
+        return "flux2"
+    if has("context_refiner.") or has("cap_pad_token"):
+        return "zimage"
+    if has("txt_norm.") and has("img_in."):
+        return "qwenimage"
     if has("single_transformer_blocks."):
         return "flux"
     if has("transformer_blocks.") and has("pos_embed."):

@@ -51,4 +51,5 @@ def predict(denoiser, noisy, timesteps, cond):
 
 
 FLUX = Family("flux", ("FluxPipeline",), "transformer", (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")),
-              encode, predict, "FLUX.1 dev/schnell: packed-latent flow transformer, CLIP + T5 encoders")
+              encode, predict, "FLUX.1 dev/schnell: packed-latent flow transformer, CLIP + T5 encoders", patch=2,
+              text_width_key="joint_attention_dim", depth_key="num_layers", guidance_key="guidance_embeds")

@@ -28,4 +28,5 @@ def predict(denoiser, noisy, timesteps, cond):
 
 SD3 = Family("sd3", ("StableDiffusion3Pipeline",), "transformer",
              (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3")),
-             encode, predict, "SD3/SD3.5: MMDiT, two CLIP + T5 encoders, rectified flow")
+             encode, predict, "SD3/SD3.5: MMDiT, two CLIP + T5 encoders, rectified flow",
+             text_width_key="joint_attention_dim", depth_key="num_layers")

@@ -200,17 +200,32 @@ def build_tiny(family: str, image_size: int = 16, seed: int = 0, extra_words=(),
 
 
 def build_preset_shaped(preset, seed: int = 0, extra_words=()):
-    """A tiny pipeline that passes ``preset``'s folder check (presets.Preset of the sdxl, sd3 or
-    flux family): its family, objective, latent channels, native side, text width, depth and
+    """A tiny pipeline that passes ``preset``'s folder check (presets.Preset of a transformer or
+    SDXL family): its family, objective, latent channels, native side, text width, depth and
     guidance embedding are the published model's, everything else is tiny (the wide text
     encoders have one layer and a 64-wide MLP). It trains at 16 px with --resolution 16."""
+    if preset.family in LLM_FAMILIES:
+        from .tiny_llm import build_tiny_llm
+
+        return build_tiny_llm(preset.family, seed=seed, extra_words=extra_words, text_width=preset.text_width,
+                              depth=preset.depth, native_side=preset.resolution,
+                              latent_channels=preset.latent_channels, guidance_embeds=bool(preset.guidance_embeds))
     return build_tiny(preset.family, seed=seed, extra_words=extra_words, text_width=preset.text_width,
                       depth=preset.depth, native_side=preset.resolution,
                       guidance_embeds=bool(preset.guidance_embeds))
 
 
+LLM_FAMILIES = ("flux2", "qwenimage", "zimage")     # built by tiny_llm.build_tiny_llm
+
+
 def save_tiny(out_dir, family: str, **kwargs) -> Path:
     if family == "sd":
         return save_tiny_pipeline(out_dir, layout="sd15", **kwargs)
-    build_tiny(family, **kwargs).save_pretrained(Path(out_dir), safe_serialization=True)
+    if family in LLM_FAMILIES:
+        from .tiny_llm import build_tiny_llm     # tiny_llm imports this module
+
+        pipe = build_tiny_llm(family, **{k: v for k, v in kwargs.items() if k != "native_side"})
+    else:
+        pipe = build_tiny(family, **kwargs)
+    pipe.save_pretrained(Path(out_dir), safe_serialization=True)
     return Path(out_dir)
