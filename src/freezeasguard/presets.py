@@ -1,10 +1,11 @@
-"""Model presets: what SD v1.4 / v1.5 / v2.1, SDXL, SD3.5 and FLUX.1 are, and the settings to train them.
+"""Model presets: what SD v1.4 / v1.5 / v2.1, SDXL, SD3.5, FLUX.1, FLUX.2 [dev], Qwen-Image and Z-Image
+are, and the settings to train them.
 
 ``--preset sd15`` checks that the --model folder is that model (family, resolution, objective,
 text width, latent channels, depth, guidance embedding) before hours of work start, and supplies
 the preset's settings for every flag the user did not type. SD 1.x/2.x: the paper's (Appendix F):
 mask learning (batch 16, user lr 1e-5, T 0.2), illegal-user fine-tuning (Adam lr 1e-5, batch 4,
-2,000 steps), generation (PNDM, 50 steps). SDXL, SD3.5, FLUX.1: the published settings of the
+2,000 steps), generation (PNDM, 50 steps). The other families: the published settings of the
 diffusers training example each family's users start from (cited at each table).
 """
 from __future__ import annotations
@@ -43,17 +44,35 @@ FLUX_SETTINGS = {   # examples/dreambooth/README_flux.md (train_dreambooth_flux.
     "learn": {"user_lr": 1e-4, "mixed_precision": "bf16"},
 }
 
+# The families with a language model as text encoder: the commands of diffusers' DreamBooth LoRA
+# READMEs for each (train_batch_size 1 x gradient_accumulation_steps 4; 500 steps). FLUX.2's runs
+# --do_fp8_training, which has no CPU/fp32 counterpart here: bf16 autocast is the nearest.
+FLUX2_SETTINGS = {  # examples/dreambooth/README_flux2.md (train_dreambooth_lora_flux2.py, FLUX.2 [dev])
+    "finetune": {"optimizer": "adamw", "lr": 1e-4, "batch_size": 4, "grad_accum": 4, "steps": 500,
+                 "mixed_precision": "bf16", "gradient_checkpointing": True},
+    "learn": {"user_lr": 1e-4, "mixed_precision": "bf16", "gradient_checkpointing": True},
+}
+QWEN_IMAGE_SETTINGS = {  # examples/dreambooth/README_qwen.md (train_dreambooth_lora_qwen_image.py)
+    "finetune": {"lr": 2e-4, "batch_size": 4, "grad_accum": 4, "steps": 500, "mixed_precision": "bf16"},
+    "learn": {"user_lr": 2e-4, "mixed_precision": "bf16"},
+}
+Z_IMAGE_SETTINGS = {  # examples/dreambooth/README_z_image.md (train_dreambooth_lora_z_image.py, Z-Image)
+    "finetune": {"optimizer": "adamw", "lr": 1e-4, "batch_size": 4, "grad_accum": 4, "steps": 500,
+                 "mixed_precision": "bf16", "gradient_checkpointing": True},
+    "learn": {"user_lr": 1e-4, "mixed_precision": "bf16", "gradient_checkpointing": True},
+}
+
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str                   # sd | sdxl | sd3 | flux (families/)
+    family: str                   # sd | sdxl | sd3 | flux | flux2 | qwenimage | zimage (families/)
     resolution: int               # image side the denoiser was trained at
     prediction_type: str          # the objective: epsilon | v_prediction | flow
     text_width: int               # the denoiser's text width: cross_attention_dim (UNets) or joint_attention_dim
-    latent_channels: int = 4      # the VAE's latent channels (16 for SD3 and FLUX)
+    latent_channels: int = 4      # the VAE's latent channels (16 for SD3, FLUX.1, Qwen-Image, Z-Image; 32 FLUX.2)
     depth: int | None = None      # transformer blocks (num_layers): tells SD3.5 medium from large
-    guidance_embeds: bool | None = None   # FLUX: dev embeds guidance, schnell does not
+    guidance_embeds: bool | None = None   # FLUX.1/2: dev embeds guidance, schnell does not
     settings: dict = field(default_factory=lambda: PAPER_SETTINGS)   # command -> {field: value}
 
 
@@ -69,6 +88,11 @@ PRESETS = {
                         settings=FLUX_SETTINGS),
     "flux1-schnell": Preset("flux1-schnell", "flux", 1024, "flow", 4096, 16, depth=19, guidance_embeds=False,
                             settings=FLUX_SETTINGS),
+    # text width: Mistral Small 3.1's 5120 x the 3 layers FLUX.2 stacks; Qwen2.5-VL-7B's 3584; Qwen3-4B's 2560
+    "flux2-dev": Preset("flux2-dev", "flux2", 1024, "flow", 15360, 32, depth=8, guidance_embeds=True,
+                        settings=FLUX2_SETTINGS),
+    "qwen-image": Preset("qwen-image", "qwenimage", 1024, "flow", 3584, 16, depth=60, settings=QWEN_IMAGE_SETTINGS),
+    "z-image": Preset("z-image", "zimage", 1024, "flow", 2560, 16, depth=30, settings=Z_IMAGE_SETTINGS),
 }
 CHECKED = ("family", "resolution", "prediction_type", "text_width", "latent_channels", "depth", "guidance_embeds")
 

@@ -21,11 +21,26 @@ FLUX1_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json (schne
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
 
+FLUX2_DEV = dict(  # black-forest-labs/FLUX.2-dev transformer/config.json ("32 billion parameter")
+    patch_size=1, in_channels=128, num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+    joint_attention_dim=15360, timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
+    rope_theta=2000, guidance_embeds=True)
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json ("a 20B MMDiT")
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+Z_IMAGE = dict(  # Tongyi-MAI/Z-Image transformer/config.json ("6B parameters")
+    all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30,
+    n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0,
+    axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+
 PUBLISHED = {   # name -> (diffusers class, config, published parameter count of the denoiser)
     "sdxl": ("UNet2DConditionModel", SDXL_UNET, 2.6e9),
     "sd35-medium": ("SD3Transformer2DModel", SD35_MEDIUM, 2.5e9),
     "sd35-large": ("SD3Transformer2DModel", SD35_LARGE, 8.1e9),
     "flux1-dev": ("FluxTransformer2DModel", FLUX1_DEV, 12e9),
+    "flux2-dev": ("Flux2Transformer2DModel", FLUX2_DEV, 32e9),
+    "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE, 20e9),
+    "z-image": ("ZImageTransformer2DModel", Z_IMAGE, 6e9),
 }
 
 
