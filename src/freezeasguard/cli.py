@@ -19,7 +19,8 @@ from .io import atomic_write_json
 from .learn import LearnConfig, learn_mask
 from .lora import LORA_FILE, LoraSettings
 from .mask import BUDGETS, Mask
-from .families.tiny import save_tiny_pipeline
+from .families import FAMILIES
+from .families.tiny import save_tiny, save_tiny_pipeline
 from .presets import PRESETS, apply_preset, check_model, get_preset
 from .settings import add_flags, from_args
 from .batch_audit import audit_folder, counts
@@ -210,8 +211,11 @@ def _add_generate_parser(sub):
 
 def _add_tiny_pipeline_parser(sub):
     """`freezeasguard tiny-pipeline`: its subcommand and flags."""
-    p = sub.add_parser("tiny-pipeline", help="write a small random Stable-Diffusion-shaped pipeline (for trying things)")
+    p = sub.add_parser("tiny-pipeline", help="write a small random pipeline of any family (for trying things)")
     p.add_argument("--out", required=True)
+    p.add_argument("--family", choices=list(FAMILIES), default="sd",
+                   help="sd (default; --layout, --prediction-type apply), or a tiny sdxl, sd3, flux, flux2, "
+                        "qwenimage, zimage pipeline (16 px; train and generate it with --resolution 16)")
     p.add_argument("--layout", choices=["sd15", "mini"], default="sd15",
                    help="sd15: SD v1.5 block layout, 686 tensors (default); mini: 2 blocks")
     p.add_argument("--image-size", type=int, default=32)
@@ -318,6 +322,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tiny(args) -> int:
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; tiny-pipeline writes a new folder only (choose another path)")
+    if args.family != "sd":
+        out = save_tiny(args.out, args.family, seed=args.seed)
+        print(f"wrote a tiny {args.family} pipeline to {out}")
+        return 0
     out = save_tiny_pipeline(args.out, layout=args.layout, image_size=args.image_size,
                              prediction_type=args.prediction_type, seed=args.seed)
     print(f"wrote a tiny {args.layout} pipeline to {out}")
