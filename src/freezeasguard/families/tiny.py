@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny_llm import build_tiny_llm
+
 logger = logging.getLogger(__name__)
 
 
@@ -205,8 +207,6 @@ def build_preset_shaped(preset, seed: int = 0, extra_words=()):
     guidance embedding are the published model's, everything else is tiny (the wide text
     encoders have one layer and a 64-wide MLP). It trains at 16 px with --resolution 16."""
     if preset.family in LLM_FAMILIES:
-        from .tiny_llm import build_tiny_llm
-
         return build_tiny_llm(preset.family, seed=seed, extra_words=extra_words, text_width=preset.text_width,
                               depth=preset.depth, native_side=preset.resolution,
                               latent_channels=preset.latent_channels, guidance_embeds=bool(preset.guidance_embeds))
@@ -222,8 +222,6 @@ def save_tiny(out_dir, family: str, **kwargs) -> Path:
     if family == "sd":
         return save_tiny_pipeline(out_dir, layout="sd15", **kwargs)
     if family in LLM_FAMILIES:
-        from .tiny_llm import build_tiny_llm     # tiny_llm imports this module
-
         pipe = build_tiny_llm(family, **{k: v for k, v in kwargs.items() if k != "native_side"})
     else:
         pipe = build_tiny(family, **kwargs)

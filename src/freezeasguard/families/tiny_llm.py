@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from .tiny import FLOW_SCHEDULER
+from .flux2 import TEXT_LAYERS
 
 _CAPTIONS = """a an the of in on with and photo portrait person man woman wearing smiling logo minimalist shape circle
 square triangle star red green blue yellow black white orange purple shirt dress hat scarf background dog cat""".split()
@@ -106,8 +106,6 @@ def build_tiny_llm(family: str, image_size: int = 16, seed: int = 0, extra_words
 def _flux2(diffusers, image_size, extra_words, text_width, depth, guidance_embeds, channels):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
-    from .flux2 import TEXT_LAYERS
-
     tok = mistral_tokenizer(extra_words)
     hidden = (text_width or 48) // len(TEXT_LAYERS)     # the pipeline stacks three layers' states
     ids = {k: tok.convert_tokens_to_ids(v) for k, v in (("bos", "<s>"), ("eos", "</s>"), ("pad", "<pad>"))}
@@ -171,8 +169,6 @@ def _qwenimage(diffusers, extra_words, text_width, depth, channels):
 def _zimage(diffusers, image_size, extra_words, text_width, depth):
     from transformers import Qwen3Config, Qwen3Model
 
-    from .tiny import _vae
-
     tok = qwen_tokenizer(extra_words, chat_template=QWEN3_TEMPLATE)
     width = text_width or 16
     config = Qwen3Config(hidden_size=width, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
@@ -183,6 +179,11 @@ def _zimage(diffusers, image_size, extra_words, text_width, depth):
     with torch.no_grad():       # made with torch.empty: whatever memory held
         transformer.x_pad_token.normal_(0, 0.02)
         transformer.cap_pad_token.normal_(0, 0.02)
-    sched = diffusers.FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULER)
-    return diffusers.ZImagePipeline(scheduler=sched, vae=_vae(image_size, 16, shift=0.1), tokenizer=tok,
+    # Z-Image's VAE is FLUX.1's (16 channels, its published scaling and shift), its schedule a fixed shift of 3
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[32, 64],
+                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                                  layers_per_block=1, norm_num_groups=32, sample_size=image_size,
+                                  scaling_factor=0.3611, shift_factor=0.1159)
+    sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return diffusers.ZImagePipeline(scheduler=sched, vae=vae, tokenizer=tok,
                                     text_encoder=Qwen3Model(config).eval(), transformer=transformer)
