@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from freezeasguard.cli import main
 from freezeasguard.diffusion import NoiseSchedule, noisy_and_target
@@ -114,6 +115,12 @@ def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people,
     assert all(torch.equal(base[n], tuned[n]) for n in frozen)
     assert any(not torch.equal(base[n], tuned[n]) for n in base if n not in frozen)
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(ft)]) == 0
+    changed = sorted(frozen)[0]                     # the same weights with one frozen tensor moved
+    tampered = tmp_path / "tampered.safetensors"
+    save_file({**tuned, changed: tuned[changed] + 1e-3}, str(tampered))
+    capsys.readouterr()
+    assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(tampered)]) == 1
+    assert changed in capsys.readouterr().out
     lora = tmp_path / "lora"
     assert main(["finetune", "--model", str(model), "--data", str(people), "--mask", str(mask), "--steps", "2",
                  "--batch-size", "2", "--device", "cpu", "--lora-rank", "2", "--resolution", "16",
