@@ -1,8 +1,9 @@
 """Shared set-up for the benchmarks: a UNet, random latents, peak memory, timing.
 
 Memory on CPU is the peak resident set of a fresh subprocess during the measured loop (the peak
-is reset after set-up) minus its resident set after the imports, so it counts the model, the
-training state and activations; on CUDA it is torch.cuda.max_memory_allocated. Times are medians over repeated steps after warm-up.
+is reset after set-up) minus its resident set after the imports (diffusers and transformers
+included) and minus the library code paged in during the run (RssBaseline), so it counts the
+model, the training state, activations and the allocator's overhead; on CUDA it is torch.cuda.max_memory_allocated. Times are medians over repeated steps after warm-up.
 """
 from __future__ import annotations
 
@@ -32,6 +33,31 @@ PRESETS = {
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def file_rss_bytes() -> int:
+    """The file-backed part of the resident set: library code pages (libtorch's kernels are paged
+    in as they are first used), shared and reclaimable, not training memory."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssBaseline:
+    """The resident set before a measured run, after importing what the run imports (diffusers and
+    transformers are ~150 MB before the first tensor); ``peak_above()`` is the run's peak minus it,
+    less the library code paged in meanwhile: the memory that tensors and the allocator took."""
+
+    def __init__(self):
+        # diffusers imports lazily: the model classes themselves are ~80 MB more
+        from diffusers import UNet2DConditionModel  # noqa: F401
+        import transformers  # noqa: F401
+        self.rss, self.file = rss_bytes(), file_rss_bytes()
+
+    def peak_above(self) -> int:
+        return peak_rss_bytes() - self.rss - (file_rss_bytes() - self.file)
 
 
 def reset_peak_rss():
@@ -158,7 +184,9 @@ def saved_activations(model, run) -> dict:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             records.append((current["name"], storage.data_ptr(), storage.nbytes()))
-        return t
+        # detached: a pack hook that returns an op's own output makes a cycle (node -> saved output
+        # -> its grad_fn -> node) that nothing frees: ~100 MB of activations left behind per call
+        return t.detach()
 
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from _common import (PRESETS, NearbyBase, build_unet, forward_order, peak_rss_bytes, print_table,  # noqa: I001
-                     random_batch, reset_peak_rss, rss_bytes, run_isolated, saved_activations, timed)
+from _common import (PRESETS, NearbyBase, RssBaseline, build_unet, forward_order, print_table,  # noqa: I001
+                     random_batch, reset_peak_rss, run_isolated, saved_activations, timed)
 from tqdm.auto import tqdm
 
 def learn_scores(preset, device, path):
@@ -86,7 +86,7 @@ def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, 
     from freezeasguard.lora import LoraSettings, add_lora, choose_targets
     from freezeasguard.families.tiny import scheduler_config
 
-    base_rss = rss_bytes()
+    baseline = RssBaseline()
     unet, latent, text_dim = build_unet(preset, device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -120,7 +120,7 @@ def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, 
 
     reset_peak_rss()
     seconds = timed(step, device, repeats)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes() - base_rss
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else baseline.peak_above()
     param_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     trainable_params = sum(p.numel() for p in trainable)
     state_bytes = trainable_params * 3 * 4        # gradient + two AdamW moments, fp32

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _common import (PRESETS, NearbyBase, build_unet, peak_rss_bytes, print_table, random_batch,  # noqa: I001
-                     reset_peak_rss, rss_bytes, run_isolated, timed)
+from _common import (PRESETS, NearbyBase, RssBaseline, build_unet, print_table, random_batch,  # noqa: I001
+                     reset_peak_rss, run_isolated, timed)
 
 
 # the simulated users of each mask-learning mode (LearnConfig fields)
@@ -54,7 +54,7 @@ def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats:
     from freezeasguard.users import draw_users, parse_user_steps
     from freezeasguard.families.tiny import scheduler_config
 
-    base_rss = rss_bytes()
+    baseline = RssBaseline()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     unet, latent, text_dim = build_unet(preset, device)
@@ -101,7 +101,7 @@ def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = peak_rss_bytes() - base_rss
+        peak = baseline.peak_above()
     return {"mode": mode, "seconds": seconds, "peak_bytes": peak,
             "params": sum(p.numel() for p in unet.parameters()), "tensors": len(list(unet.parameters()))}
 

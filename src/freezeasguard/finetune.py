@@ -24,7 +24,7 @@ from .diffusion import NoiseSchedule
 from .io import atomic_write_json, normal_permissions
 from .lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from .mask import Mask, check_ratio
-from .models import fingerprint, load_denoiser_state, load_model
+from .models import LazyState, fingerprint, load_model
 from .optim import OPTIMIZERS
 from .outputs import check_provenance, partial_dir, prepare_output_dir, replace_dir
 from .settings import setting
@@ -178,8 +178,8 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     prepare_output_dir(out_dir, "finetune", inputs, overwrite, resume)
     device = resolve_device(cfg.device)
     components = load_model(model_dir).to(device).set_resolution(cfg.resolution)
-    base_state = load_denoiser_state(model_dir)
-    base_fp = fingerprint(base_state.items()) if mask is not None else None
+    base_state = LazyState(model_dir)      # read tensor by tensor when checked: no second copy of the weights
+    base_fp = fingerprint(base_state) if mask is not None else None
     scheme, active = resolve_scheme(components.denoiser, mask, random_ratio, cfg.seed, full, budget, base_fp)
     targets, lora = _lora_targets(components.denoiser, active, lora, lora_as_attacker)
     frozen = active.frozen_names if targets is not None else active.apply(components.denoiser)
@@ -197,7 +197,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "checkpoint_every", "device",
                                                                   "validation_prompts", "validation_every")}
-    check_provenance(work_dir, {"model": base_fp or fingerprint(base_state.items()), "data": data_fingerprint(data),
+    check_provenance(work_dir, {"model": base_fp or fingerprint(base_state), "data": data_fingerprint(data),
                                 "prior_data": data_fingerprint(prior) if prior is not None else None,
                                 "scheme": scheme, "frozen": frozen, "settings": settings,
                                 "lora": asdict(lora) if targets is not None else None})

@@ -34,7 +34,7 @@ from .diffusion import NoiseSchedule
 from .finetune import FinetuneConfig
 from .io import atomic_write_json
 from .mask import BUDGETS, SELECTIONS, Mask, check_ratio
-from .models import fingerprint, has_denoiser, load_denoiser_state, load_model
+from .models import LazyState, fingerprint, has_denoiser, load_model
 from .outputs import check_provenance, prepare_output_file
 from .settings import copy_fields, setting
 from .shard import checkpoint_exists, full_state, plain_copy, shard_denoiser
@@ -187,8 +187,8 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     illegal = load_image_captions(illegal_dir, subject=illegal_subject, caption_column=caption_column,
                                   subject_flag="--illegal-subject")
     innocent = [load_image_captions(d, caption_column=caption_column) for d in innocent_dirs]
-    theta_pre = load_denoiser_state(model_dir)
-    base_fp = fingerprint(theta_pre.items())
+    theta_pre = LazyState(model_dir)        # read tensor by tensor: no second copy of the weights
+    base_fp = fingerprint(theta_pre)
     check_provenance(work_dir, {"model": base_fp, "illegal": data_fingerprint(illegal),
                                 "innocent": [data_fingerprint(d) for d in innocent], "settings": cfg.resume_key(),
                                 "finetuned": str(Path(finetuned_dir).resolve()) if finetuned_dir else None})
@@ -204,15 +204,14 @@ def learn_mask(model_dir, illegal_dir, innocent_dirs: list, out_path, cfg: Learn
     param_names = [n for n, _ in components.denoiser.named_parameters()]
     if not set(param_names) <= set(theta_pre):
         raise ValueError(f"--finetuned {finetuned_dir} has other parameter names than --model {model_dir}")
-    theta_pre = {n: theta_pre[n] for n in param_names}    # a saved state also holds buffers (SD3's pos_embed)
     sharded = cfg.shard and dist.world_size() > 1
     if sharded:
         shard_denoiser(components.denoiser)
         logger.info("sharded the denoiser over %d processes (FSDP2)", dist.world_size())
 
-    # --- init_state: theta_d = theta_pre - theta_ft; theta_pre itself is not kept (two copies only)
+    # --- init_state: theta_d = theta_pre - theta_ft, theta_pre read a tensor at a time (two copies only)
     state = BilevelState(components.denoiser, theta_pre, cfg.temperature)
-    shapes = {n: torch.empty(t.shape, device="meta") for n, t in theta_pre.items()}
+    shapes = {n: torch.empty(p.shape, device="meta") for n, p in state.named}    # whole shapes, also sharded
     del theta_pre
     schedule = NoiseSchedule.for_components(components)
     mix = DomainMix(_domains(components, device, illegal, innocent, cfg.mask_batch, cfg), schedule, cfg.seed + 1)

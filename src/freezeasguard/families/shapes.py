@@ -2,6 +2,8 @@
 computed from their real shapes built on the meta device (no memory is allocated)."""
 from __future__ import annotations
 
+from ..memplan import gb, stage_plan
+
 SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=[320, 640, 1280],
     down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
@@ -55,21 +57,22 @@ def meta_model(name: str):
 
 
 def memory_plan(params: int, activations_gb: float = 0.0) -> dict:
-    """GB per device for one replica, by plan (B = bytes per parameter):
+    """GB per device for one replica, before activations (memplan.stage_plan, B = bytes per parameter):
     - mask learning, fp32: theta(m) 4 + theta_d 4 + gradient 4 (+ logits, negligible);
-    - mask learning, bf16 theta_d: theta(m) 4 + theta_d 2 + gradient 4;
-    - guarded full fine-tuning, fp32 AdamW: weights 4 + gradient 4 + two moments 8 (frozen share 1 - rho
-      of the last three only: see guarded_full_gb);
-    - bf16 weights with fp32 AdamW moments (what diffusers' scripts do under mixed precision with a
-      bf16 copy): weights 2 + gradient 2 + moments 8 + fp32 master 4."""
-    gb = params / 2**30
+    - mask learning, bf16 theta_d (a plan, not an option yet): theta(m) 4 + theta_d 2 + gradient 4;
+    - full fine-tuning, fp32 AdamW: weights 4 + gradient 4 + two moments 8 (frozen share: guarded_full_gb);
+    - bf16 weights with fp32 AdamW moments (diffusers' scripts under mixed precision with a bf16
+      copy): weights 2 + gradient 2 + moments 8 + fp32 master 4."""
+    activations = int(activations_gb * 2**30)
+    learning = stage_plan("mask_learning", params, activations)
     return {"params_billion": params / 1e9,
-            "mask_learning_fp32_gb": 12 * gb, "mask_learning_bf16_theta_d_gb": 10 * gb,
-            "full_ft_fp32_adamw_gb": 16 * gb, "full_ft_bf16_mixed_gb": 16 * gb,
-            "weights_bf16_gb": 2 * gb}
+            "mask_learning_fp32_gb": gb(learning.total),
+            "mask_learning_bf16_theta_d_gb": gb(learning.total - learning.buffers["theta_d"] // 2),
+            "full_ft_fp32_adamw_gb": gb(stage_plan("warm_start", params, activations).total),
+            "full_ft_bf16_mixed_gb": 16 * params / 2**30, "weights_bf16_gb": 2 * params / 2**30}
 
 
 def guarded_full_gb(params: int, frozen_fraction: float) -> float:
-    """AdamW fine-tuning under a mask: every weight (4 B) plus gradient and two moments (12 B) for
-    the trainable share only."""
-    return params * (4 + 12 * (1 - frozen_fraction)) / 2**30
+    """AdamW fine-tuning under a mask, before activations: every weight (4 B) plus gradient and two
+    moments (12 B) for the trainable share only."""
+    return gb(stage_plan("guarded_ft", params, trainable=round(params * (1 - frozen_fraction))).total)
