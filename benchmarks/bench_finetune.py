@@ -9,8 +9,10 @@ mask enforced (frozen tensors: no gradient, no optimizer state), and what autogr
 backward pass (saved non-parameter tensors, counted once per storage), split into the part saved
 while modules run that come before the first module with a trainable tensor.
 
-- ideal_peak_bytes = parameters + trainable parameters x (gradient + two AdamW moments) x 4 bytes
-  + the kept activations: what must be in memory at once; peak_vs_ideal = measured / ideal.
+- ideal_peak_bytes = the memory plan (freezeasguard.memplan): parameters + the trainable
+  parameters' two AdamW moments + the larger of the kept activations and the trainable
+  parameters' gradients (the backward pass frees the one as it makes the other; both counted at
+  once overstates the need by the smaller); peak_vs_ideal = measured / ideal.
 - ideal_saving_bytes = ideal_peak(full FT, rho 0) - ideal_peak(row); measured_saving_bytes the
   same difference of measured peaks. Target: measured >= 0.95 x ideal.
 - activation_before_first_trainable_bytes: activations of the blocks before the first trainable
@@ -130,7 +132,18 @@ def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, 
             "activation_bytes": kept["saved_bytes"],
             "activation_before_first_trainable_bytes": kept["saved_before_first_trainable_bytes"],
             "leaf_modules_before_first_trainable": kept["modules_before_first_trainable"],
-            "ideal_peak_bytes": param_bytes + state_bytes + kept["saved_bytes"]}
+            "ideal_peak_bytes": ideal_plan(total, trainable_params, kept["saved_bytes"], lora_rank).total}
+
+
+def ideal_plan(base_params: int, trainable: int, activations: int, lora_rank: int):
+    """The memory plan of the row (memplan.stage_plan): weights, AdamW moments of the trainable
+    parameters (the adapter's, with a LoRA), and the larger of the kept activations and the
+    trainable parameters' gradients."""
+    from freezeasguard.memplan import stage_plan
+
+    if lora_rank:
+        return stage_plan("lora", base_params, activations, lora_params=trainable)
+    return stage_plan("guarded_ft", base_params, activations, trainable=trainable)
 
 
 ROWS = [("random", 0.0, 0), ("random", 0.1, 0), ("random", 0.3, 0), ("random", 0.8, 0),
