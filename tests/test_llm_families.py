@@ -171,3 +171,15 @@ def test_each_familys_parameter_names_tell_the_family_and_a_mask_is_refused_on_a
     mask = Mask.random(list(load_denoiser_state(save_tiny(tmp_path / other, other)).items()), 0.3, seed=0)
     with pytest.raises(MaskError, match=f"made for a {other} model .* is a {family} model"):
         mask.check_matches(list(comps.denoiser.named_parameters()))
+
+
+def test_a_flux2_single_file_in_bfl_layout_is_refused_saying_what_to_do(tmp_path, capsys):
+    """FLUX.2 has single blocks as FLUX.1 does, but BFL's FLUX.1 name map does not fit it: such a
+    file is refused (exit 2) rather than read with the wrong map."""
+    folder = save_tiny(tmp_path / "f", "flux2")
+    mask = Mask.random(list(load_denoiser_state(folder).items()), 0.3, seed=0).save(tmp_path / "mask.safetensors")
+    single = tmp_path / "flux2-bfl.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16), "img_in.weight": torch.zeros(16, 16)},
+              str(single))
+    assert main(["verify", "--model", str(folder), "--mask", str(mask), "--candidate", str(single)]) == 2
+    assert "convert_flux2_to_diffusers" in capsys.readouterr().err

@@ -142,7 +142,11 @@ class Checkpoint:
                               f"denoiser's config: pass --model BASE, or a mask that records it (`freezeasguard mask "
                               f"record`)")
         family = "ldm-unet" if "layers_per_block" in denoiser_config else \
-            "bfl-flux" if "num_single_layers" in denoiser_config else denoiser_config.get("_class_name", "another")
+            "bfl-flux" if is_flux1(denoiser_config) else denoiser_config.get("_class_name", "another")
+        if self.layout == "bfl-flux" and family == "Flux2Transformer2DModel":
+            raise LayoutError(f"{self.path} is a single file in Black Forest Labs' layout; for FLUX.2 that layout is "
+                              f"not mapped yet (only FLUX.1's is): audit the transformer in diffusers' layout "
+                              f"(diffusers' scripts/convert_flux2_to_diffusers.py writes one)")
         if family != self.layout:
             raise LayoutError(f"{self.path} is a {LAYOUT_NAMES[self.layout]} checkpoint, and the mask's base model is "
                               f"{LAYOUT_NAMES.get(family, family)}: audit it with a mask for its own base model")
@@ -326,6 +330,11 @@ def bfl_keys(names) -> set[str]:
     return keys
 
 
+def is_flux1(config: dict) -> bool:
+    """A FLUX.1 transformer's config (FLUX.2's has single blocks too, but no pooled projection)."""
+    return "num_single_layers" in config and "pooled_projection_dim" in config
+
+
 def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
     """The denoiser's modules under the original layout's names (SD/SDXL LDM, FLUX BFL) -> the
     diffusers modules each one is (several for FLUX's fused q/k/v): what LoRA files trained on a
@@ -337,7 +346,7 @@ def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
     if "layers_per_block" in config:
         for n, key in ldm_key_map(names, config).items():
             aliases.setdefault(key[len(LDM_UNET_PREFIX):].rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
-    elif "num_single_layers" in config:
+    elif is_flux1(config):
         for n, segs in bfl_flux_segments(bfl_keys(names), config).items():
             for key, _, _ in segs:
                 aliases.setdefault(key.rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])

@@ -277,13 +277,16 @@ class LazyState(Mapping):
 
     def __init__(self, path):
         self.file_of: dict[str, Path] = {}
+        self._open: dict[Path, object] = {}       # one memory-mapped handle per file, opened once
         for f in denoiser_weight_files(path):
             for key in _read_safetensors_header(f)["keys"]:
                 self.file_of[key] = f
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        with safe_open(str(self.file_of[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        f = self.file_of[name]
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="pt")
+        return self._open[f].get_tensor(name)
 
     def __iter__(self):
         return iter(self.file_of)
