@@ -7,6 +7,7 @@ model, the training state, activations and the allocator's overhead; on CUDA it 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -115,6 +116,18 @@ def timed(fn, device, repeats: int, warmup: int = 1) -> float:
         sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+class FixedMix:
+    """The same batch at every draw (the upper level's sign applied), standing in for DomainMix."""
+    def __init__(self, batch):
+        self.batch, self.domains = batch, [None, None]
+
+    def draw(self, device, sign=None):
+        if sign is None:
+            return self.batch
+        factor = torch.tensor(sign, dtype=self.batch.weights.dtype)[self.batch.domain_ids]
+        return dataclasses.replace(self.batch, weights=self.batch.weights * factor.to(self.batch.weights.device))
 
 
 def run_isolated(script: str, args: list[str]) -> dict:

@@ -13,13 +13,12 @@ Targets (issue): time_ratio <= 1.10, memory_ratio <= 1.0.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
 import torch
-from _common import (PRESETS, NearbyBase, RssBaseline, build_unet, print_table, random_batch,  # noqa: I001
+from _common import (PRESETS, FixedMix, NearbyBase, RssBaseline, build_unet, print_table, random_batch,  # noqa: I001
                      reset_peak_rss, run_isolated, timed)
 
 
@@ -29,18 +28,6 @@ USERS = {"mask_learning": {},
                                      user_trajectory="restart"),
          "mask_learning_range_k2": dict(simulated_users="sgd,adam", user_lr_min_factor=0.3, user_lr_max_factor=30,
                                         user_trajectory="restart", users_per_update=2, user_weighting="softmax")}
-
-
-class FixedMix:
-    """The same batch at every draw (the upper level's sign applied), standing in for DomainMix."""
-    def __init__(self, batch):
-        self.batch, self.domains = batch, [None, None]
-
-    def draw(self, device, sign=None):
-        if sign is None:
-            return self.batch
-        factor = torch.tensor(sign, dtype=self.batch.weights.dtype)[self.batch.domain_ids]
-        return dataclasses.replace(self.batch, weights=self.batch.weights * factor.to(self.batch.weights.device))
 
 
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:

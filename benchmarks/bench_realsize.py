@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import RssBaseline, print_table, reset_peak_rss, run_isolated  # noqa: I001
+from _common import FixedMix, NearbyBase, RssBaseline, print_table, reset_peak_rss, run_isolated  # noqa: I001
 
 STAGES = ("warm_start", "mask_learning", "guarded_ft", "lora")
 MODELS = ("sd15", "sdxl", "tiny")        # tiny: the shipped tiny UNet's widths (tests)
@@ -74,7 +74,6 @@ def plan_for(stage: str, model: str, side: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.families import FAMILIES
     from freezeasguard.families.tiny import scheduler_config
     from freezeasguard.memplan import kept_activation_bytes, stage_plan
 
@@ -90,30 +89,7 @@ def plan_for(stage: str, model: str, side: int) -> dict:
     acts = kept_activation_bytes(unet, lambda: diffusion_loss(unet, x, text, noise, t, schedule).mean())
     trainable = sum(p.numel() for n, p in unet.named_parameters() if p.requires_grad and "lora_" not in n)
     lora = sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)
-    assert FAMILIES[family]
     return dataclasses.asdict(stage_plan(stage, params, acts, trainable=trainable, lora_params=lora))
-
-
-class FixedMix:
-    """One illegal sample at every draw (the upper level's sign applied), standing in for DomainMix."""
-    def __init__(self, batch):
-        self.batch, self.domains = batch, [None, None]
-
-    def draw(self, device, sign=None):
-        if sign is None:
-            return self.batch
-        factor = torch.tensor(sign, dtype=self.batch.weights.dtype)[self.batch.domain_ids]
-        return dataclasses.replace(self.batch, weights=self.batch.weights * factor.to(self.batch.weights.device))
-
-
-class NearbyBase(dict):
-    """theta_pre near the weights, made a tensor at a time (as LazyState reads the base model)."""
-    def __init__(self, unet):
-        super().__init__()
-        self.params = dict(unet.named_parameters())
-
-    def __getitem__(self, name):
-        return self.params[name].detach() + 1e-3 * torch.randn_like(self.params[name])
 
 
 def worker(stage: str, model: str, side: int, device: str, steps: int) -> dict:

@@ -11,16 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .tiny_llm import build_tiny_llm
+from .tiny_llm import CAPTION_WORDS, build_tiny_llm
 
 logger = logging.getLogger(__name__)
-
-
-_CAPTION_WORDS = """a an the of in on with and photo portrait person man woman wearing smiling front wall
-logo minimalist shape above below left right beside circle square triangle star red green blue yellow
-black white orange purple pink brown gray grey striped dotted plain checked scarf shirt dress hat coat
-sweater jacket background brick wooden garden sky sea room hair glasses beard mole eyes looking at
-frowning laughing neutral surprised is dog cat tree car house""".split()
 
 
 def build_offline_tokenizer(extra_words=(), model_max_length: int = 77):
@@ -32,7 +25,7 @@ def build_offline_tokenizer(extra_words=(), model_max_length: int = 77):
     tokens = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     seen_merges = set()
-    for word in dict.fromkeys(list(_CAPTION_WORDS) + [w.lower() for w in extra_words]):
+    for word in dict.fromkeys(list(CAPTION_WORDS) + [w.lower() for w in extra_words]):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             pair = (pieces[0], pieces[1])

@@ -17,8 +17,12 @@ import torch
 
 from .flux2 import TEXT_LAYERS
 
-_CAPTIONS = """a an the of in on with and photo portrait person man woman wearing smiling logo minimalist shape circle
-square triangle star red green blue yellow black white orange purple shirt dress hat scarf background dog cat""".split()
+# words every tiny tokenizer holds whole (the CLIP one in tiny.py too); others fall back to characters
+CAPTION_WORDS = """a an the of in on with and photo portrait person man woman wearing smiling front wall
+logo minimalist shape above below left right beside circle square triangle star red green blue yellow
+black white orange purple pink brown gray grey striped dotted plain checked scarf shirt dress hat coat
+sweater jacket background brick wooden garden sky sea room hair glasses beard mole eyes looking at
+frowning laughing neutral surprised is dog cat tree car house""".split()
 QWEN_TEMPLATE_WORDS = ("system Describe the image by detailing the color shape size texture quantity text spatial "
                        "relationships of objects and background user assistant")
 # the chat template of the Mistral Small 3.1 tokenizer that FLUX.2's pipeline calls, reduced to text messages
@@ -57,7 +61,7 @@ def qwen_tokenizer(extra_words=(), chat_template: str | None = None):
     """A Qwen2Tokenizer (Qwen-Image's and Z-Image's class) with the published special tokens."""
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = train_byte_bpe([QWEN_TEMPLATE_WORDS, *_CAPTIONS, *extra_words], QWEN_SPECIALS)
+    vocab, merges = train_byte_bpe([QWEN_TEMPLATE_WORDS, *CAPTION_WORDS, *extra_words], QWEN_SPECIALS)
     tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=131072)
     tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
     if chat_template:
@@ -72,7 +76,7 @@ def mistral_tokenizer(extra_words=()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab, merges = train_byte_bpe([SYSTEM_MESSAGE, *_CAPTIONS, *extra_words], MISTRAL_SPECIALS)
+    vocab, merges = train_byte_bpe([SYSTEM_MESSAGE, *CAPTION_WORDS, *extra_words], MISTRAL_SPECIALS)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
