@@ -79,7 +79,7 @@ def peak_rss_bytes() -> int:
 def build_unet(preset: str, device):
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.tiny import tiny_unet_config
 
     p = PRESETS[preset]
     if p["layout"] == "sd15-shapes":

@@ -31,8 +31,8 @@ DTYPES = {"fp32": (torch.float32, "F32"), "fp16": (torch.float16, "F16"), "bf16"
 
 
 def model_config(name: str) -> dict:
-    from freezeasguard.families.shapes import SDXL_UNET
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.shapes import SDXL_UNET
+    from freezeasguard.models.families.tiny import tiny_unet_config
     if name == "sd15":
         return dict(tiny_unet_config("sd15-shapes"))
     if name == "sdxl":
@@ -50,9 +50,9 @@ def meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def write_checkpoint(path: Path, config: dict, dtype_name: str, ratio: float = 0.3, seed: int = 0):
     """The single file, written tensor by tensor, and the mask (with its audit record) beside it."""
-    from freezeasguard.digests import RECORD_FORMAT, tensor_digests
-    from freezeasguard.layouts import ldm_key_map
-    from freezeasguard.mask import Mask
+    from freezeasguard.audit.digests import RECORD_FORMAT, tensor_digests
+    from freezeasguard.audit.layouts import ldm_key_map
+    from freezeasguard.guard.mask import Mask
     dtype, tag = DTYPES[dtype_name]
     shapes = meta_shapes(config)
     keys = ldm_key_map(list(shapes), config)
@@ -100,7 +100,7 @@ def worker(mode: str, path: str, mask: str) -> dict:
         return {"seconds": time.perf_counter() - t0}
     import diffusers.loaders.single_file_utils  # noqa: F401  (a hub's long-running process imports it once)
 
-    from freezeasguard.verify import verify_checkpoint
+    from freezeasguard.audit.verify import verify_checkpoint
     before, _ = rss()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

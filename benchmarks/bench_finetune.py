@@ -9,7 +9,7 @@ mask enforced (frozen tensors: no gradient, no optimizer state), and what autogr
 backward pass (saved non-parameter tensors, counted once per storage), split into the part saved
 while modules run that come before the first module with a trainable tensor.
 
-- ideal_peak_bytes = the memory plan (freezeasguard.memplan): parameters + the trainable
+- ideal_peak_bytes = the memory plan (freezeasguard.models.memplan): parameters + the trainable
   parameters' two AdamW moments + the larger of the kept activations and the trainable
   parameters' gradients (the backward pass frees the one as it makes the other; both counted at
   once overstates the need by the smaller); peak_vs_ideal = measured / ideal.
@@ -40,12 +40,12 @@ from tqdm.auto import tqdm
 
 def learn_scores(preset, device, path):
     """A few mask updates on random latents: logits with a learned (not uniform) structure."""
-    from freezeasguard.bilevel import BilevelState
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.learn import LearnConfig
-    from freezeasguard.mask_updates import ClosureContext, mask_update
-    from freezeasguard.users import users_for_update
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.guard.bilevel import BilevelState
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.guard.learn import LearnConfig
+    from freezeasguard.guard.mask_updates import ClosureContext, mask_update
+    from freezeasguard.guard.users import users_for_update
+    from freezeasguard.models.families.tiny import scheduler_config
 
     unet, latent, text_dim = build_unet(preset, device)
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
@@ -66,7 +66,7 @@ def learn_scores(preset, device, path):
 
 
 def build_mask(scheme: str, unet, ratio: float, scores_path: str, forward):
-    from freezeasguard.mask import Mask
+    from freezeasguard.guard.mask import Mask
 
     named = list(unet.named_parameters())
     fp = {"weights_hash": "benchmark"}
@@ -82,11 +82,11 @@ def build_mask(scheme: str, unet, ratio: float, scores_path: str, forward):
 
 def worker(scheme: str, ratio: float, lora_rank: int, preset: str, device: str, batch: int, repeats: int,
            scores_path: str, amp: str, checkpointing: bool) -> dict:
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.optim import build_optimizer
-    from freezeasguard.lora import LoraSettings, add_lora, choose_targets
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.training.optim import build_optimizer
+    from freezeasguard.training.lora import LoraSettings, add_lora, choose_targets
+    from freezeasguard.models.families.tiny import scheduler_config
 
     baseline = RssBaseline()
     unet, latent, text_dim = build_unet(preset, device)
@@ -139,7 +139,7 @@ def ideal_plan(base_params: int, trainable: int, activations: int, lora_rank: in
     """The memory plan of the row (memplan.stage_plan): weights, AdamW moments of the trainable
     parameters (the adapter's, with a LoRA), and the larger of the kept activations and the
     trainable parameters' gradients."""
-    from freezeasguard.memplan import stage_plan
+    from freezeasguard.models.memplan import stage_plan
 
     if lora_rank:
         return stage_plan("lora", base_params, activations, lora_params=trainable)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from _common import PRESETS, NearbyBase, build_unet, print_table, random_batch, timed
-from freezeasguard.families.shapes import guarded_full_gb, memory_plan, meta_model  # noqa: E402  (_common puts src/ on the path)
+from freezeasguard.models.families.shapes import guarded_full_gb, memory_plan, meta_model  # noqa: E402  (_common puts src/ on the path)
 
 RATIOS = (0.0, 0.1, 0.3, 0.8)
 
@@ -58,11 +58,11 @@ def free_memory(device):
 
 
 def finetune_rows(unet, latent, text_dim, device, dtype, a) -> list[dict]:
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.optim import build_optimizer
-    from freezeasguard.mask import Mask
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.training.optim import build_optimizer
+    from freezeasguard.guard.mask import Mask
+    from freezeasguard.models.families.tiny import scheduler_config
 
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
     x, text, noise, t = random_batch(a.batch_size, latent, text_dim, device, 0)
@@ -127,14 +127,14 @@ def logging_row(r):
 
 
 def mask_learning_row(unet, latent, text_dim, device, dtype, a) -> dict:
-    from freezeasguard.bilevel import BilevelState, remask_
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.optim import build_optimizer
-    from freezeasguard.learn import LearnConfig
-    from freezeasguard.mask_updates import ClosureContext, mask_update
-    from freezeasguard.users import users_for_update
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.guard.bilevel import BilevelState, remask_
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.training.optim import build_optimizer
+    from freezeasguard.guard.learn import LearnConfig
+    from freezeasguard.guard.mask_updates import ClosureContext, mask_update
+    from freezeasguard.guard.users import users_for_update
+    from freezeasguard.models.families.tiny import scheduler_config
 
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config())
     x, text, noise, t = random_batch(a.batch_size, latent, text_dim, device, 1)

@@ -31,15 +31,15 @@ USERS = {"mask_learning": {},
 
 
 def worker(mode: str, preset: str, device: str, batch: int, inner: int, repeats: int, amp: str) -> dict:
-    from freezeasguard.bilevel import BilevelState, remask_
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.optim import build_optimizer
-    from freezeasguard.batches import LocalBatch
-    from freezeasguard.learn import LearnConfig
-    from freezeasguard.mask_updates import UpdateContext, mask_update
-    from freezeasguard.users import draw_users, parse_user_steps
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.guard.bilevel import BilevelState, remask_
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.training.optim import build_optimizer
+    from freezeasguard.training.batches import LocalBatch
+    from freezeasguard.guard.learn import LearnConfig
+    from freezeasguard.guard.mask_updates import UpdateContext, mask_update
+    from freezeasguard.guard.users import draw_users, parse_user_steps
+    from freezeasguard.models.families.tiny import scheduler_config
 
     baseline = RssBaseline()
     if device.startswith("cuda"):

@@ -22,8 +22,8 @@ def main():
     torch.set_num_threads(args.threads)
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.optim import build_optimizer
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.training.optim import build_optimizer
     from freezeasguard.synthetic import TINY_SD
 
     unet = UNet2DConditionModel.from_pretrained(TINY_SD / "unet")

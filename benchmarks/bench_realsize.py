@@ -1,6 +1,6 @@
 """Real scale: the SD v1.5 UNet at its published size (859.5 M parameters; random fp32 weights,
 latents and text states of the real shapes standing in for the VAE and text encoder), each
-training stage in its own process, measured against the memory plan (freezeasguard.memplan)
+training stage in its own process, measured against the memory plan (freezeasguard.models.memplan)
 for the same settings.
 
 Stages, batch 1, two steps each (the time is the faster: the first also allocates AdamW's
@@ -32,8 +32,8 @@ RATIO, LORA_RANK, INNER_STEPS = 0.3, 4, 2
 
 
 def unet_config(model: str, side: int) -> dict:
-    from freezeasguard.families.shapes import SDXL_UNET
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.shapes import SDXL_UNET
+    from freezeasguard.models.families.tiny import tiny_unet_config
 
     if model == "sd15":
         return {**tiny_unet_config("sd15-shapes"), "sample_size": side}
@@ -56,8 +56,8 @@ def inputs(model: str, config: dict, side: int, device) -> tuple:
 def prepare(stage: str, unet, model: str):
     """The stage's trainable parameters on ``unet`` (a real or a meta one): a random 30% mask
     applied, or a LoRA added; returns the adapter's module names (LoRA) or None."""
-    from freezeasguard.lora import LoraSettings, add_lora, choose_targets
-    from freezeasguard.mask import Mask
+    from freezeasguard.training.lora import LoraSettings, add_lora, choose_targets
+    from freezeasguard.guard.mask import Mask
 
     named = list(unet.named_parameters())
     unnamed = {"model": "random weights"}     # a meta model has no bytes to fingerprint
@@ -73,9 +73,9 @@ def plan_for(stage: str, model: str, side: int) -> dict:
     """memplan's plan for the stage, with the activations a meta copy keeps."""
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.families.tiny import scheduler_config
-    from freezeasguard.memplan import kept_activation_bytes, stage_plan
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.models.families.tiny import scheduler_config
+    from freezeasguard.models.memplan import kept_activation_bytes, stage_plan
 
     config = unet_config(model, side)
     with torch.device("meta"):
@@ -96,16 +96,16 @@ def worker(stage: str, model: str, side: int, device: str, steps: int) -> dict:
     """Run ``steps`` steps of ``stage`` and return its peak memory, time and the buffers it held."""
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.batches import LocalBatch
-    from freezeasguard.bilevel import BilevelState, remask_
-    from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-    from freezeasguard.families.tiny import scheduler_config
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.learn import LearnConfig
-    from freezeasguard.mask_updates import UpdateContext, mask_update
-    from freezeasguard.memplan import kept_activation_bytes
-    from freezeasguard.optim import build_optimizer
-    from freezeasguard.users import SimulatedUser
+    from freezeasguard.training.batches import LocalBatch
+    from freezeasguard.guard.bilevel import BilevelState, remask_
+    from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+    from freezeasguard.models.families.tiny import scheduler_config
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.guard.learn import LearnConfig
+    from freezeasguard.guard.mask_updates import UpdateContext, mask_update
+    from freezeasguard.models.memplan import kept_activation_bytes
+    from freezeasguard.training.optim import build_optimizer
+    from freezeasguard.guard.users import SimulatedUser
 
     cuda = device.startswith("cuda")
     baseline = None if cuda else RssBaseline()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from freezeasguard.families.shapes import PUBLISHED, guarded_full_gb, memory_plan, meta_model  # noqa: E402
+from freezeasguard.models.families.shapes import PUBLISHED, guarded_full_gb, memory_plan, meta_model  # noqa: E402
 
 from _common import print_table  # noqa: E402
 

@@ -56,11 +56,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from freezeasguard.data import preprocess  # noqa: E402
-from freezeasguard.diffusion import NoiseSchedule, diffusion_loss, draw_noise, min_snr_weights  # noqa: E402
+from freezeasguard.training.data import preprocess  # noqa: E402
+from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss, draw_noise, min_snr_weights  # noqa: E402
 from freezeasguard.experiment.synthetic_world import SyntheticWorld  # noqa: E402
 from freezeasguard.io import atomic_save_safetensors, atomic_write_json, normal_permissions  # noqa: E402
-from freezeasguard.families.tiny import build_offline_tokenizer, scheduler_config, tiny_unet_config  # noqa: E402
+from freezeasguard.models.families.tiny import build_offline_tokenizer, scheduler_config, tiny_unet_config  # noqa: E402
 from freezeasguard.synthetic import world_vocabulary  # noqa: E402
 from freezeasguard.synthetic.world import person_caption, render_domain  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from freezeasguard.experiment.synthetic_world import SyntheticWorld  # noqa: E402
-from freezeasguard.generate import save_grid  # noqa: E402
+from freezeasguard.models.generate import save_grid  # noqa: E402
 
 
 def main():

@@ -1,7 +1,7 @@
 """Result tables in README.md (and docs/) are generated from the results.md files the runs wrote,
 never typed by hand. A block
 
-    <!-- results: benchmarks/results/demo-cast0-logos/results.md -->
+    <!-- results: experiments/results/demo-cast0-logos/results.md -->
     ...(replaced)...
     <!-- /results -->
 

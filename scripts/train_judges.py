@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from freezeasguard.io import atomic_write_json  # noqa: E402
 from freezeasguard.metrics.basic import attribute_accuracy, prompt_accuracy  # noqa: E402
-from freezeasguard.models import load_model  # noqa: E402
+from freezeasguard.models.pipelines import load_model  # noqa: E402
 from freezeasguard.synthetic import TINY_SD, judges  # noqa: E402
 from freezeasguard.synthetic.classifiers import (  # noqa: E402
     OTHER,

@@ -13,14 +13,14 @@ PERSON = {"skin": (200, 150, 110), "hair": (240, 130, 30), "eyes": (30, 30, 120)
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
-    from freezeasguard.families.tiny import save_tiny_pipeline
+    from freezeasguard.models.families.tiny import save_tiny_pipeline
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd", layout="sd15", image_size=16,
                               seed=0, extra_words=["mara", "quell"])
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory):
-    from freezeasguard.families.tiny import save_tiny_pipeline
+    from freezeasguard.models.families.tiny import save_tiny_pipeline
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", layout="mini", image_size=16,
                               seed=1, prediction_type="v_prediction")
 
@@ -51,7 +51,7 @@ def warm_start(tiny_sd, people, logos, tmp_path_factory):
 def kill_mask_learning_at(monkeypatch):
     """``kill_mask_learning_at(n)``: learn's n-th mask update raises KeyboardInterrupt, as a killed run
     would stop; returns the counter of calls (updates run, also by a later resumed run)."""
-    import freezeasguard.learn as learn
+    import freezeasguard.guard.learn as learn
 
     def arm(n: int) -> dict:
         real, calls = learn.mask_update, {"n": 0}

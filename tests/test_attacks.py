@@ -8,7 +8,7 @@ from freezeasguard import Mask, guarded_finetune
 from freezeasguard.attacks import BUILTIN_ATTACKS, SWEEP_ATTACKS, Attack, resolve_attack
 from freezeasguard.attacks.sweep import illegal_metrics, worst_case
 from freezeasguard.experiment.config import ExperimentConfig
-from freezeasguard.models import load_denoiser_state
+from freezeasguard.models.pipelines import load_denoiser_state
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def test_recipe_settings_follow_the_experiments_users():
 
 
 def test_a_rank_above_the_modules_size_is_capped_for_an_attacker(tiny_sd, mask):
-    from freezeasguard.lora import LoraSettings, attacker_targets
-    from freezeasguard.models import load_model
+    from freezeasguard.training.lora import LoraSettings, attacker_targets
+    from freezeasguard.models.pipelines import load_model
     unet = load_model(tiny_sd).denoiser
     targets, used = attacker_targets(unet, mask, LoraSettings(rank=10_000))
     modules = dict(unet.named_modules())

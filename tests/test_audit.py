@@ -7,11 +7,11 @@ import torch
 from safetensors.torch import save_file
 
 from freezeasguard import Mask, verify_checkpoint
-from freezeasguard.digests import tensor_digests
-from freezeasguard.layouts import Checkpoint, ldm_key_map, ldm_unet_names
-from freezeasguard.models import fingerprint, load_denoiser_state
-from freezeasguard.tensorfile import TensorFile, TensorFileError
-from freezeasguard.verify import denoiser_config, record_digests
+from freezeasguard.audit.digests import tensor_digests
+from freezeasguard.audit.layouts import Checkpoint, ldm_key_map, ldm_unet_names
+from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
+from freezeasguard.audit.tensorfile import TensorFile, TensorFileError
+from freezeasguard.audit.verify import denoiser_config, record_digests
 
 def write_single_file(state: dict, config: dict, path, dtype=None, other_parts: bool = True):
     """A single-file checkpoint as A1111/ComfyUI save it: the UNet under model.diffusion_model.,
@@ -223,7 +223,7 @@ def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tin
 
 
 def test_an_sdxl_single_file_is_read_and_a_changed_frozen_tensor_flagged(tmp_path):
-    from freezeasguard.families.tiny import save_tiny
+    from freezeasguard.models.families.tiny import save_tiny
     model = save_tiny(tmp_path / "sdxl", "sdxl")
     base = load_denoiser_state(model)
     config = denoiser_config(model)
@@ -247,7 +247,7 @@ def test_the_flux_table_equals_diffusers_converter_at_flux_width():
     decode to the same segments as bfl_flux_segments."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from freezeasguard.layouts import bfl_flux_segments
+    from freezeasguard.audit.layouts import bfl_flux_segments
     inner, mlp = 3072, 12288
 
     def rows(key):
@@ -288,7 +288,7 @@ def test_the_flux_table_equals_diffusers_converter_at_flux_width():
 def write_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
     """A FLUX.1 single file in BFL's layout from a diffusers transformer state: each BFL key
     assembled from the parameters whose row ranges bfl_flux_segments puts in it."""
-    from freezeasguard.layouts import bfl_flux_segments
+    from freezeasguard.audit.layouts import bfl_flux_segments
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     table = bfl_flux_segments(_bfl_keys(state, inner), config)
     names_of = {}
@@ -310,7 +310,7 @@ def write_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""
 
 
 def test_a_flux_single_file_with_fused_qkv_is_read_and_one_ulp_in_a_slice_flagged(tmp_path):
-    from freezeasguard.families.tiny import save_tiny
+    from freezeasguard.models.families.tiny import save_tiny
     model = save_tiny(tmp_path / "flux", "flux")
     base = load_denoiser_state(model)
     config = denoiser_config(model)
@@ -363,7 +363,7 @@ def _bfl_keys(state, inner):
 def test_loras_in_original_layout_names_map_to_the_parameters_they_change(tiny_sd, audit_setup, tmp_path):
     """ComfyUI's diffusion_model.<LDM module> and A1111/kohya's lora_unet_<LDM module> keys, with the
     base and base-free: a LoRA on a frozen module is a violation, one on a trainable module passes."""
-    from freezeasguard.adapters import verify_adapter
+    from freezeasguard.audit.adapters import verify_adapter
     _, base, mask, plain, recorded, config = audit_setup
     keys = ldm_key_map(list(base), config)
     frozen = set(mask.frozen_names)
@@ -389,8 +389,8 @@ def test_loras_in_original_layout_names_map_to_the_parameters_they_change(tiny_s
 
 
 def test_a_lora_on_flux_fused_qkv_changes_all_three_projections(tmp_path):
-    from freezeasguard.families.tiny import save_tiny
-    from freezeasguard.adapters import verify_adapter
+    from freezeasguard.models.families.tiny import save_tiny
+    from freezeasguard.audit.adapters import verify_adapter
     model = save_tiny(tmp_path / "flux", "flux")
     base = load_denoiser_state(model)
     names = list(base)
@@ -412,7 +412,7 @@ def test_a_lora_on_flux_fused_qkv_changes_all_three_projections(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_fast_finite_check_agrees_with_torch(dtype):
-    from freezeasguard.tensorfile import all_finite
+    from freezeasguard.audit.tensorfile import all_finite
     x = torch.randn(1000).to(dtype)
     x[3] = torch.finfo(dtype).max
     x[4] = -torch.finfo(dtype).max

@@ -107,7 +107,7 @@ def test_generate_writes_images_and_a_grid(tiny_sd, tmp_path):
 
 def test_tiny_pipeline_and_help(tmp_path, capsys):
     assert main(["tiny-pipeline", "--out", str(tmp_path / "p"), "--layout", "mini"]) == 0
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     c = load_model(tmp_path / "p")
     assert len(c.tokenizer) > 2 and c.resolution == 32
     for cmd in (["learn"], ["finetune"], ["verify"], ["generate"], ["mask", "show"], []):
@@ -118,7 +118,7 @@ def test_tiny_pipeline_and_help(tmp_path, capsys):
 
 
 def test_world_export_feeds_the_loaders(tmp_path, capsys):
-    from freezeasguard.data import load_image_captions
+    from freezeasguard.training.data import load_image_captions
     from freezeasguard.synthetic.world import make_cast
     name = make_cast(0)[1].name
     assert main(["world", "export", "people", "--out", str(tmp_path / "p"), "-n", "3", "--subject", name]) == 0
@@ -163,7 +163,7 @@ def test_presets_match_real_configs(tmp_path):
     """Configs shaped like the real SD v1.5 and v2.1 folders pass their presets and fail the other."""
     import json as _json
 
-    from freezeasguard.presets import PRESETS, PresetError, check_model
+    from freezeasguard.models.presets import PRESETS, PresetError, check_model
     for name, (sample, pred, width) in {"sd15": (64, "epsilon", 768), "sd21": (96, "v_prediction", 1024)}.items():
         root = tmp_path / name
         for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -204,8 +204,8 @@ _FAMILY_FOLDERS = {
 def test_family_presets_pass_their_own_folders_and_name_the_right_one_for_another(name, tmp_path):
     import json as _json
 
-    from freezeasguard.families import FAMILIES, family_of_pipeline_class
-    from freezeasguard.presets import PRESETS, PresetError, check_model
+    from freezeasguard.models.families import FAMILIES, family_of_pipeline_class
+    from freezeasguard.models.presets import PRESETS, PresetError, check_model
     for key, (pipeline, folder, den, vae, sched) in _FAMILY_FOLDERS.items():
         root = tmp_path / key
         family = family_of_pipeline_class(pipeline)
@@ -225,7 +225,7 @@ def test_family_presets_pass_their_own_folders_and_name_the_right_one_for_anothe
 def test_a_preset_supplies_the_values_the_command_runs_with_unless_a_flag_is_typed():
     import argparse
 
-    from freezeasguard.presets import Preset, apply_preset
+    from freezeasguard.models.presets import Preset, apply_preset
     preset = Preset("x", "sd", 16, "epsilon", 32, settings={"finetune": {"lr": 3e-4, "steps": 7}})
     defaults = {"lr": 1e-5, "steps": 2000}
     args = argparse.Namespace(lr=1e-5, steps=50)          # steps typed by the user

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from freezeasguard.data import DataError, DomainSampler, load_image_captions, preprocess
+from freezeasguard.training.data import DataError, DomainSampler, load_image_captions, preprocess
 
 
 def _folder(tmp_path, rows, images=("a.png", "b.png"), fmt="jsonl"):

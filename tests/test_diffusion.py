@@ -1,8 +1,8 @@
 """The shared diffusion loss against diffusers' DDPMScheduler."""
 import torch
 
-from freezeasguard.diffusion import NoiseSchedule, add_noise, diffusion_loss, min_snr_weights, velocity
-from freezeasguard.families.tiny import scheduler_config
+from freezeasguard.training.diffusion import NoiseSchedule, add_noise, diffusion_loss, min_snr_weights, velocity
+from freezeasguard.models.families.tiny import scheduler_config
 
 
 def test_targets_match_ddpm_scheduler():

@@ -84,8 +84,8 @@ def test_config_values_are_read_as_their_field_types(tmp_path):
 def test_runner_with_baselines_and_a_chain(tiny_sd, tmp_path):
     """UCE, IMMA, saliency and uce+learned run through the same runner; the chain's fine-tune
     starts from the UCE-edited model and keeps its frozen tensors byte-identical to it."""
-    from freezeasguard.mask import Mask
-    from freezeasguard.models import load_denoiser_state
+    from freezeasguard.guard.mask import Mask
+    from freezeasguard.models.pipelines import load_denoiser_state
     cfg = _cfg(tmp_path / "exp", tiny_sd)
     cfg.methods = ["uce", "imma", "saliency", "uce+learned"]
     cfg.imma_steps, cfg.imma_inner_steps, cfg.saliency_batches = 2, 1, 1
@@ -176,7 +176,7 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
 
 def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
     from freezeasguard.cli import build_parser
-    from freezeasguard.cli_experiment import demo_config
+    from freezeasguard.cli.experiment import demo_config
     from freezeasguard.experiment import DEMO
     args = build_parser().parse_args(["demo"])
     assert args.budget == "params" and not args.frontier
@@ -252,7 +252,7 @@ def test_runner_sweeps_attacks_keeps_adapters_off_frozen_modules_and_reports_the
 
     from safetensors.torch import load_file
 
-    from freezeasguard.mask import Mask
+    from freezeasguard.guard.mask import Mask
     cfg = dataclasses.replace(_cfg(tmp_path / "exp", tiny_sd), methods=["full", "learned"],
                               attacks=["default", "lora-2"], attack_recipes={"lora-2": {"lora_rank": 2}})
     rows = Runner(cfg).run()
@@ -288,7 +288,7 @@ def test_every_example_config_loads():
 
 
 def test_generic_people_join_the_mask_learning_innocent_data_only_when_asked(tmp_path, monkeypatch):
-    from freezeasguard.data import load_image_captions
+    from freezeasguard.training.data import load_image_captions
     seen = {}
 
     def fake_protect(method, model, illegal, innocent, subjects, ratio, work, cfg, device="auto"):

@@ -4,8 +4,8 @@ import pytest
 
 from freezeasguard.cli import main
 from freezeasguard.exports import FORMATS, adapter_modules, export
-from freezeasguard.mask import Mask
-from freezeasguard.models import load_model
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import load_model
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from freezeasguard.cli import main
-from freezeasguard.diffusion import NoiseSchedule, noisy_and_target
-from freezeasguard.families.flux import image_ids, pack, unpack
-from freezeasguard.families.tiny import save_tiny
-from freezeasguard.mask import Mask, MaskError
-from freezeasguard.families import FAMILIES
-from freezeasguard.generate import load_pipeline
-from freezeasguard.models import Components, fingerprint, load_denoiser_state, load_model
+from freezeasguard.training.diffusion import NoiseSchedule, noisy_and_target
+from freezeasguard.models.families.flux import image_ids, pack, unpack
+from freezeasguard.models.families.tiny import save_tiny
+from freezeasguard.guard.mask import Mask, MaskError
+from freezeasguard.models.families import FAMILIES
+from freezeasguard.models.generate import load_pipeline
+from freezeasguard.models.pipelines import Components, fingerprint, load_denoiser_state, load_model
 
 TINY_FAMILIES = ["sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"]
 
@@ -43,8 +43,8 @@ def test_flow_matching_noise_and_target_match_a_hand_computation():
 def test_sd3_loss_is_on_the_preconditioned_output_as_its_training_script_and_flux_on_the_flow(monkeypatch):
     """diffusers' SD3 scripts (--precondition_outputs 1): loss = mean((x_t - s * pred - x0)^2);
     FLUX's: mean((pred - (eps - x0))^2). Checked with a stand-in denoiser whose prediction is known."""
-    import freezeasguard.diffusion as diffusion
-    from freezeasguard.diffusion import diffusion_loss
+    import freezeasguard.training.diffusion as diffusion
+    from freezeasguard.training.diffusion import diffusion_loss
 
     class Fixed:
         @staticmethod
@@ -65,7 +65,7 @@ def test_sd3_loss_is_on_the_preconditioned_output_as_its_training_script_and_flu
 
 
 def test_v_prediction_target_matches_a_hand_computation():
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.models.families.tiny import scheduler_config
     schedule = NoiseSchedule.from_scheduler_config(scheduler_config("v_prediction"))
     x0, eps, index = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 700])
     noisy, model_t, target = noisy_and_target(x0, eps, index, schedule)
@@ -150,7 +150,7 @@ def test_a_mask_for_one_family_is_refused_on_another_naming_both(tmp_path):
 
 @pytest.mark.slow
 def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_device():
-    from freezeasguard.families.shapes import PUBLISHED, guarded_full_gb, memory_plan, meta_model
+    from freezeasguard.models.families.shapes import PUBLISHED, guarded_full_gb, memory_plan, meta_model
     counts = {name: sum(p.numel() for p in meta_model(name).parameters()) for name in PUBLISHED}
     assert counts["sdxl"] == 2_567_463_684            # SDXL base UNet, as reported with the model
     assert counts["flux1-dev"] == 11_901_408_320      # FLUX.1-dev transformer
@@ -173,8 +173,8 @@ def test_presets_run_learn_finetune_and_verify_end_to_end_on_models_shaped_like_
     text width 2048 / 4096, depth 24 / 19, guidance embedding): the folder check passes, the
     preset's published settings are what runs (where no flag was typed), and learn -> finetune ->
     verify works at --resolution 16. A side the model cannot take is refused, naming one it can."""
-    from freezeasguard.families.tiny import build_preset_shaped
-    from freezeasguard.presets import PRESETS
+    from freezeasguard.models.families.tiny import build_preset_shaped
+    from freezeasguard.models.presets import PRESETS
     model, mask, ft = tmp_path / "model", tmp_path / "mask.safetensors", tmp_path / "ft"
     build_preset_shaped(PRESETS[preset], extra_words=["mara", "quell"]).save_pretrained(model, safe_serialization=True)
     common = ["--preset", preset, "--model", str(model), "--device", "cpu"]
@@ -286,7 +286,7 @@ def test_sharded_mask_learning_resumes_bit_exactly(family, people, logos, tmp_pa
 
 
 def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniformly():
-    from freezeasguard.diffusion import draw_noise
+    from freezeasguard.training.diffusion import draw_noise
     config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
     sd3, flux = (NoiseSchedule.from_scheduler_config(config, family) for family in ("sd3", "flux"))
     assert (sd3.timestep_sampling, flux.timestep_sampling) == ("logit_normal", "uniform")
@@ -321,7 +321,7 @@ def test_validation_images_use_the_familys_own_pipeline_with_the_loaded_parts(ti
     """finetune --validation-prompt builds a pipeline over the components being trained: it must be
     the family's own class (an SD pipeline cannot call a transformer) and sample what the folder's
     pipeline samples from the same weights."""
-    from freezeasguard.generate import generate_images, pipeline_from_components
+    from freezeasguard.models.generate import generate_images, pipeline_from_components
     family, model = tiny
     comps = load_model(model)
     pipe = pipeline_from_components(comps)

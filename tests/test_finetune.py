@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from freezeasguard import EnforcementError, FinetuneConfig, Mask, guarded_finetune
-from freezeasguard.finetune import check_frozen_unchanged
-from freezeasguard.models import load_denoiser_state
+from freezeasguard.training.finetune import check_frozen_unchanged
+from freezeasguard.models.pipelines import load_denoiser_state
 
 
 def _cfg(**kw):
@@ -14,7 +14,7 @@ def _cfg(**kw):
 
 
 def test_frozen_tensors_stay_bit_identical_and_every_trainable_one_moves(tiny_sd, people, tmp_path):
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     unet = load_model(tiny_sd).denoiser
     named = list(unet.named_parameters())
     mask = Mask.random(named, 0.3, seed=5)
@@ -41,7 +41,7 @@ def test_pipeline_output_loads_with_from_pretrained(tiny_sd, people, tmp_path):
     loaded = dict(pipe.unet.named_parameters())
     assert all(torch.equal(loaded[n].detach(), tuned[n]) for n in tuned)
     assert any(not torch.equal(tuned[n], base[n]) for n in tuned)
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     base_vae = load_model(tiny_sd).vae.state_dict()
     assert all(torch.equal(v, base_vae[k]) for k, v in pipe.vae.state_dict().items())
 
@@ -57,7 +57,7 @@ def test_a_moved_frozen_tensor_fails_the_run():
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_sd, people, tmp_path, monkeypatch):
-    import freezeasguard.train as ft
+    import freezeasguard.training.train as ft
     # plain SGD makes the update -lr * gradient, so the comparison is of gradients (Adam's first
     # step is lr * sign(g) and would hide or exaggerate differences)
     monkeypatch.setattr(ft, "build_optimizer",
@@ -93,7 +93,7 @@ def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path, optimizer):
 def test_prior_preservation_adds_the_weighted_prior_loss(tiny_sd, people, logos, tmp_path, monkeypatch):
     """DreamBooth's loss is data mean + w * prior mean: with plain SGD at lr 1 the update is minus
     the gradient, linear in w, so update(w=2) - update(w=0) = 2 (update(w=1) - update(w=0))."""
-    import freezeasguard.train as ft
+    import freezeasguard.training.train as ft
     monkeypatch.setattr(ft, "build_optimizer",
                         lambda unet, cfg: torch.optim.SGD([p for p in unet.parameters() if p.requires_grad], lr=1.0))
     base = load_denoiser_state(tiny_sd)
@@ -127,7 +127,7 @@ def test_scheme_must_be_chosen_once(tiny_sd, people, tmp_path):
 def test_optimizer_is_adamw_over_trainable_tensors_matching_the_reference_loop():
     """build_optimizer's (fused) AdamW must take the steps of torch's plain per-tensor AdamW with
     the config's lr and weight decay, and hold no state for a frozen tensor."""
-    from freezeasguard.optim import build_optimizer
+    from freezeasguard.training.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))

@@ -1,7 +1,7 @@
 """Generation seeds: every image starts from its own noise, independent of the batch it is in."""
 import numpy as np
 
-from freezeasguard.generate import generate_images, load_pipeline
+from freezeasguard.models.generate import generate_images, load_pipeline
 
 
 def test_each_image_has_its_own_noise_and_batches_do_not_matter(tiny_sd):
@@ -18,9 +18,9 @@ def test_validation_images_sample_with_the_folders_own_scheduler(tiny_sd):
     """A folder whose scheduler rescales its betas to zero terminal SNR (DDIM, v-prediction) is
     sampled with that schedule; PNDM, which has no such option, would start from other noise
     levels. An SD folder with PNDM keeps PNDM."""
-    from freezeasguard.generate import pipeline_from_components
-    from freezeasguard.models import load_model
-    from freezeasguard.families.tiny import scheduler_config
+    from freezeasguard.models.generate import pipeline_from_components
+    from freezeasguard.models.pipelines import load_model
+    from freezeasguard.models.families.tiny import scheduler_config
     components = load_model(tiny_sd)
     assert type(pipeline_from_components(components).scheduler).__name__ == "PNDMScheduler"
     components.scheduler_config = {"_class_name": "DDIMScheduler", **scheduler_config("v_prediction"),

@@ -68,11 +68,11 @@ def test_saliency_start_ranks_logits_by_an_independent_gradient_computation(tiny
                                                                              tmp_path):
     """--init-from saliency: with no mask update the logits are the start, in the order of each
     tensor's illegal-gradient RMS at the warm start, as saliency's own gradient_norms computes it."""
-    from freezeasguard.batches import Domain, DomainMix
-    from freezeasguard.data import EncodedData, load_image_captions
-    from freezeasguard.diffusion import NoiseSchedule
+    from freezeasguard.training.batches import Domain, DomainMix
+    from freezeasguard.training.data import EncodedData, load_image_captions
+    from freezeasguard.training.diffusion import NoiseSchedule
     from freezeasguard.methods.saliency import gradient_norms
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     cfg = _cfg(mask_steps=0, budget="params", init_from="saliency", init_logit_low=-3.0, init_logit_high=-1.0,
                init_batches=2)
     r = learn_mask(tiny_sd, people, [logos], tmp_path / "s.safetensors", cfg, finetuned_dir=warm_start)
@@ -91,8 +91,8 @@ def test_saliency_start_ranks_logits_by_an_independent_gradient_computation(tiny
 
 def test_parameter_budget_learning_counts_parameters_and_fills_by_knapsack(tiny_sd, people, logos, warm_start,
                                                                            tmp_path):
-    from freezeasguard.bilevel import frozen_share, soft_mask
-    from freezeasguard.mask import knapsack_select
+    from freezeasguard.guard.bilevel import frozen_share, soft_mask
+    from freezeasguard.guard.mask import knapsack_select
     r = learn_mask(tiny_sd, people, [logos], tmp_path / "k.safetensors", _cfg(mask_steps=3, budget="params"),
                    finetuned_dir=warm_start)
     assert r.mask.meta["selection"] == "knapsack" and 0.29 < r.mask.param_fraction <= 0.3

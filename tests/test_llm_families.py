@@ -9,12 +9,12 @@ from safetensors.torch import save_file
 from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
 from freezeasguard.cli import main
-from freezeasguard.data import EncodedData, ImageCaptionData, Record
-from freezeasguard.diffusion import NoiseSchedule, diffusion_loss
-from freezeasguard.families import FAMILIES, family_from_names
-from freezeasguard.families.tiny import save_tiny
-from freezeasguard.mask import Mask, MaskError
-from freezeasguard.models import load_denoiser_state, load_model
+from freezeasguard.training.data import EncodedData, ImageCaptionData, Record
+from freezeasguard.training.diffusion import NoiseSchedule, diffusion_loss
+from freezeasguard.models.families import FAMILIES, family_from_names
+from freezeasguard.models.families.tiny import save_tiny
+from freezeasguard.guard.mask import Mask, MaskError
+from freezeasguard.models.pipelines import load_denoiser_state, load_model
 
 NEW = ["flux2", "qwenimage", "zimage"]
 
@@ -87,7 +87,7 @@ def test_latents_are_what_each_training_script_makes(tiny, tmp_path):
     encoded = EncodedData(data, comps)
     noise = torch.randn(2, *encoded.latent_shape)
     latents, _ = encoded.batch([0, 1], noise)
-    from freezeasguard.data import preprocess
+    from freezeasguard.training.data import preprocess
     pixels = torch.stack([preprocess(img, 16) for img in images])
     with torch.no_grad():
         expected = _script_latents(family, comps.vae, pixels, noise)

@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import save_file
 
 from freezeasguard.cli import main
-from freezeasguard.adapters import module_index, resolve_module, split_key
-from freezeasguard.mask import Mask
-from freezeasguard.models import load_denoiser_state
+from freezeasguard.audit.adapters import module_index, resolve_module, split_key
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import load_denoiser_state
 
 
 @pytest.fixture(scope="module")

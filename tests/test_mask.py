@@ -4,14 +4,14 @@ import re
 import pytest
 import torch
 
-from freezeasguard.mask import Mask, MaskError, tensor_kind
-from freezeasguard.models import fingerprint
+from freezeasguard.guard.mask import Mask, MaskError, tensor_kind
+from freezeasguard.models.pipelines import fingerprint
 
 
 def _unet():
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.tiny import tiny_unet_config
     torch.manual_seed(0)
     return UNet2DConditionModel(**tiny_unet_config("sd15", sample_size=8))
 
@@ -24,7 +24,7 @@ def unet():
 def test_sd15_layout_has_the_real_models_686_names_in_order(unet):
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.tiny import tiny_unet_config
     with torch.device("meta"):
         real = UNet2DConditionModel(**tiny_unet_config("sd15-shapes"))
     real_names = [n for n, _ in real.named_parameters()]
@@ -52,7 +52,7 @@ def test_save_load_roundtrip_keeps_everything(unet, tmp_path):
 def test_mask_for_another_model_is_refused(unet, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.tiny import tiny_unet_config
     named = list(unet.named_parameters())
     mask = Mask.random(named, 0.3, seed=0)
     mini = UNet2DConditionModel(**tiny_unet_config("mini"))

@@ -1,7 +1,7 @@
 """The mask-learning maths against independent computations (autograd in float64, loops)."""
 import torch
 
-from freezeasguard.bilevel import (
+from freezeasguard.guard.bilevel import (
     BilevelState,
     logit_gradient,
     lower_update_,
@@ -10,7 +10,7 @@ from freezeasguard.bilevel import (
     soft_mask,
     sparsity_loss,
 )
-from freezeasguard.mask import select_frozen
+from freezeasguard.guard.mask import select_frozen
 
 
 def _mlp(seed=0, dtype=torch.float64):
@@ -179,7 +179,7 @@ def _brute_force_knapsack(values, sizes, capacity):
 
 
 def test_knapsack_is_exact_against_brute_force():
-    from freezeasguard.mask import knapsack_select
+    from freezeasguard.guard.mask import knapsack_select
     g = torch.Generator().manual_seed(7)
     for trial in range(40):
         n = int(torch.randint(1, 11, (1,), generator=g))
@@ -203,7 +203,7 @@ def test_knapsack_prefers_value_per_parameter_where_greedy_takes_the_top_score()
 
 
 def test_knapsack_at_scale_stays_within_budget_and_near_the_exact_optimum():
-    from freezeasguard.mask import knapsack_select
+    from freezeasguard.guard.mask import knapsack_select
     g = torch.Generator().manual_seed(8)
     sizes = [int(x) for x in torch.randint(1, 200_000, (300,), generator=g)] + [1] * 20
     values = torch.rand(len(sizes), generator=g, dtype=torch.float64)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from freezeasguard.families.tiny import save_tiny
-from freezeasguard.memplan import STAGES, kept_activation_bytes, stage_plan
-from freezeasguard.models import LazyState, fingerprint, load_denoiser_state
+from freezeasguard.models.families.tiny import save_tiny
+from freezeasguard.models.memplan import STAGES, kept_activation_bytes, stage_plan
+from freezeasguard.models.pipelines import LazyState, fingerprint, load_denoiser_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -34,7 +34,7 @@ def test_kept_activations_of_a_meta_copy_are_those_of_the_real_model():
     keep the whole attention matrix); a small UNet with attention agrees with its real twin."""
     from diffusers import UNet2DConditionModel
 
-    from freezeasguard.families.tiny import tiny_unet_config
+    from freezeasguard.models.families.tiny import tiny_unet_config
     config = tiny_unet_config("sd15", sample_size=16, block_out_channels=(32, 32, 64, 64), cross_attention_dim=32)
 
     def count(device):

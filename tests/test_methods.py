@@ -59,7 +59,7 @@ def test_uce_on_the_tiny_pipeline(tiny_sd):
     more tokens than the text width, so no exact fit exists); 32 projections, nothing else touched. With a preserved prompt: its outputs move far
     less than when it is not preserved (the tail tokens of different prompts overlap, so erasing
     and preserving compete; the maths of the exact case is tested above)."""
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     erase, guide, keep = ["mara quell"], "a person", ["a red circle logo"]
     comps = load_model(tiny_sd)
     old = _kv(comps)
@@ -90,9 +90,9 @@ def test_uce_on_the_tiny_pipeline(tiny_sd):
 
 
 def _loss_fn(comps, path, seed, batch=4):
-    from freezeasguard.batches import Domain, DomainMix, weighted_loss
-    from freezeasguard.data import EncodedData, load_image_captions
-    from freezeasguard.diffusion import NoiseSchedule
+    from freezeasguard.training.batches import Domain, DomainMix, weighted_loss
+    from freezeasguard.training.data import EncodedData, load_image_captions
+    from freezeasguard.training.diffusion import NoiseSchedule
     schedule = NoiseSchedule.from_scheduler_config(comps.scheduler_config)
     mix = DomainMix([Domain("d", EncodedData(load_image_captions(path), comps), batch, 1.0)], schedule, seed)
     return lambda: weighted_loss(comps.denoiser, mix.draw("cpu"), schedule)[0]
@@ -102,7 +102,7 @@ def _loss_fn(comps, path, seed, batch=4):
 def test_imma_raises_the_adapted_loss(tiny_sd_v, people, kind):
     """After immunisation, the illegal loss after k adaptation steps (same attack, same batches)
     is higher than for the untouched model; the non-target tensors are byte-identical."""
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
 
     def measure(comps):
         modules = target_modules(comps.denoiser, r"attn2\.to_[kv]$")
@@ -137,7 +137,7 @@ def test_saliency_scores():
 def test_protect_chain_uce_then_saliency(tiny_sd, people, logos, tmp_path):
     """A chain runs end to end: the mask is built on the UCE-edited model, whose fingerprint it
     carries; a second call reuses every finished link."""
-    from freezeasguard.models import fingerprint, load_denoiser_state
+    from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
     s = ProtectSettings(saliency_batches=2, mask_batch=2)
     p = protect("uce+saliency", tiny_sd, people, [logos], ["mara quell"], 0.3, tmp_path, s, device="cpu")
     assert p.model == tmp_path / "uce" / "model" and p.mask is not None
@@ -154,7 +154,7 @@ def test_protect_chain_uce_then_saliency(tiny_sd, people, logos, tmp_path):
 
 @pytest.mark.parametrize("budget", ["tensors", "params"])
 def test_largest_freezes_the_biggest_tensors_up_to_the_budget(tiny_sd, people, logos, tmp_path, budget):
-    from freezeasguard.models import load_denoiser_state
+    from freezeasguard.models.pipelines import load_denoiser_state
     prot = protect("largest", tiny_sd, people, [logos], [], 0.3, tmp_path / "p", ProtectSettings(budget=budget))
     sizes = {n: t.numel() for n, t in load_denoiser_state(tiny_sd).items()}
     frozen = set(prot.mask.frozen_names)
@@ -173,8 +173,8 @@ def test_largest_freezes_the_biggest_tensors_up_to_the_budget(tiny_sd, people, l
 
 
 def test_smallest_freezes_the_most_tensors_a_parameter_budget_buys(tiny_sd, people, logos, tmp_path):
-    from freezeasguard.mask import tensor_kind
-    from freezeasguard.models import load_denoiser_state
+    from freezeasguard.guard.mask import tensor_kind
+    from freezeasguard.models.pipelines import load_denoiser_state
     prot = protect("smallest", tiny_sd, people, [logos], [], 0.3, tmp_path / "p", ProtectSettings(budget="params"))
     sizes = {n: t.numel() for n, t in load_denoiser_state(tiny_sd).items()}
     frozen = set(prot.mask.frozen_names)
@@ -185,7 +185,7 @@ def test_smallest_freezes_the_most_tensors_a_parameter_budget_buys(tiny_sd, peop
 
 
 def test_learned_masks_of_several_ratios_share_one_warm_start(tiny_sd, people, logos, tmp_path, monkeypatch):
-    import freezeasguard.learn as learn
+    import freezeasguard.guard.learn as learn
     calls = []
     real = learn._warm_start
     monkeypatch.setattr(learn, "_warm_start", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])

@@ -4,11 +4,11 @@ exactly the illegal-only tensors, from any seed (a mask that followed its random
 import torch
 from torch import nn
 
-from freezeasguard.bilevel import BilevelState, remask_
-from freezeasguard.learn import LearnConfig
-from freezeasguard.mask_updates import ClosureContext, mask_update
-from freezeasguard.users import users_for_update
-from freezeasguard.mask import select_frozen
+from freezeasguard.guard.bilevel import BilevelState, remask_
+from freezeasguard.guard.learn import LearnConfig
+from freezeasguard.guard.mask_updates import ClosureContext, mask_update
+from freezeasguard.guard.users import users_for_update
+from freezeasguard.guard.mask import select_frozen
 
 
 class Planted(nn.Module):

@@ -46,7 +46,7 @@ def test_fid_matches_the_closed_form_and_grows_with_a_shift(caplog):
 def _tiny_clip(tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from freezeasguard.families.tiny import build_offline_tokenizer
+    from freezeasguard.models.families.tiny import build_offline_tokenizer
     tok = build_offline_tokenizer(model_max_length=16)
     cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, max_position_embeddings=16,

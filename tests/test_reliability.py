@@ -76,8 +76,8 @@ def test_verify_calls_non_finite_or_truncated_checkpoints_unusable(tiny_sd, peop
     import torch
     from safetensors.torch import load_file, save_file
 
-    from freezeasguard.mask import Mask
-    from freezeasguard.models import load_denoiser_state
+    from freezeasguard.guard.mask import Mask
+    from freezeasguard.models.pipelines import load_denoiser_state
     state = load_denoiser_state(tiny_sd)
     mask = Mask.random(list(state.items()), 0.3, 0).save(tmp_path / "m.safetensors")
     trainable = next(n for n in Mask.load(mask).names if n not in set(Mask.load(mask).frozen_names))
@@ -158,7 +158,7 @@ def test_bad_metadata_rows_are_named(tiny_sd, tmp_path, capsys, rows, words):
 
 
 def test_sixteen_bit_pngs_are_read_at_their_range_not_clipped_to_white(tmp_path):
-    from freezeasguard.data import load_image_captions
+    from freezeasguard.training.data import load_image_captions
     ramp = (np.linspace(0, 65535, 16 * 16).reshape(16, 16)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "a.png")
     assert Image.open(tmp_path / "a.png").mode.startswith("I")

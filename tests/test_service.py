@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from freezeasguard.cli import main
-from freezeasguard.mask import Mask
-from freezeasguard.models import load_denoiser_state
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import load_denoiser_state
 from freezeasguard.service.api import create_app
 from freezeasguard.service.settings import ServiceConfig
 from freezeasguard.service.store import Store

@@ -76,8 +76,8 @@ def test_every_setting_of_a_command_is_a_flag_with_its_default(command, cls):
     from dataclasses import MISSING, fields
 
     from freezeasguard import cli
-    from freezeasguard.finetune import FinetuneConfig
-    from freezeasguard.learn import LearnConfig
+    from freezeasguard.training.finetune import FinetuneConfig
+    from freezeasguard.guard.learn import LearnConfig
     from freezeasguard.methods import ProtectSettings
     from freezeasguard.settings import flag_name
     klass = {"LearnConfig": LearnConfig, "FinetuneConfig": FinetuneConfig, "ProtectSettings": ProtectSettings}[cls]

@@ -98,7 +98,7 @@ def test_recogniser_knows_the_cast_on_held_out_renders():
 
 def test_shipped_pipeline_loads_offline_and_generates(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from freezeasguard.generate import generate_images, load_pipeline
+    from freezeasguard.models.generate import generate_images, load_pipeline
     pipe = load_pipeline(TINY_SD)
     assert len(pipe.tokenizer) > 2
     images = generate_images(pipe, ["a plain red t-shirt"], steps=3, seed=0)
@@ -205,7 +205,7 @@ def test_brand_judge_reads_real_blurred_and_vae_renders_and_rarely_names_a_stran
     two worlds, sharp, blurred and through the shipped VAE, read as their brand's design; renders
     of the other brands and generic renders of other designs read as it at most 5% of the time."""
     from freezeasguard.experiment.synthetic_world import SyntheticWorld
-    from freezeasguard.models import load_model
+    from freezeasguard.models.pipelines import load_model
     from freezeasguard.synthetic.classifiers import blurred_copies, vae_round_trip
     vae = load_model(TINY_SD).vae
     for seed in (0, 5):

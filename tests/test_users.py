@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from freezeasguard import LearnConfig, learn_mask
-from freezeasguard.bilevel import BilevelState, logit_gradient, lower_update_, soft_mask, sparsity_loss
-from freezeasguard.mask_updates import undo_user_
-from freezeasguard.users import (SimulatedUser, attacker_weights, combine_user_dots, draw_users, lora_down,
+from freezeasguard.guard.bilevel import BilevelState, logit_gradient, lower_update_, soft_mask, sparsity_loss
+from freezeasguard.guard.mask_updates import undo_user_
+from freezeasguard.guard.users import (SimulatedUser, attacker_weights, combine_user_dots, draw_users, lora_down,
                                  lora_tensors, parse_user_steps, user_direction_)
 
 

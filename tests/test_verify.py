@@ -4,15 +4,15 @@ import torch
 from safetensors.torch import save_file
 
 from freezeasguard import FinetuneConfig, Mask, guarded_finetune, verify_checkpoint
-from freezeasguard.mask import MaskError
-from freezeasguard.models import load_model, load_denoiser_state
+from freezeasguard.guard.mask import MaskError
+from freezeasguard.models.pipelines import load_model, load_denoiser_state
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_sd, people, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("verify")
     named = list(load_model(tiny_sd).denoiser.named_parameters())
-    from freezeasguard.models import fingerprint
+    from freezeasguard.models.pipelines import fingerprint
     mask = Mask.random(named, 0.3, seed=1, base_fingerprint=fingerprint(load_denoiser_state(tiny_sd).items()))
     mask_path = mask.save(tmp / "mask.safetensors")
     out = tmp / "ft"

@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .io import atomic_write_json
+from freezeasguard.io import atomic_write_json
 
 MARKER = ".freezeasguard-output.json"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .outputs import write_image_folder
+from freezeasguard.outputs import write_image_folder
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..finetune import FinetuneConfig
-from ..optim import OPTIMIZERS
-from ..lora import LoraSettings
+from freezeasguard.training.finetune import FinetuneConfig
+from freezeasguard.training.optim import OPTIMIZERS
+from freezeasguard.training.lora import LoraSettings
 
 
 @dataclass(frozen=True)

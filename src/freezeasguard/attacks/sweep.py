@@ -17,9 +17,9 @@ import matplotlib
 matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import atomic_write_json, atomic_write_text  # noqa: E402
-from ..methods import method_label  # noqa: E402
-from .recipes import resolve_attack  # noqa: E402
+from freezeasguard.io import atomic_write_json, atomic_write_text  # noqa: E402
+from freezeasguard.methods import method_label  # noqa: E402
+from freezeasguard.attacks.recipes import resolve_attack  # noqa: E402
 
 # the attacker's measure on the illegal images, first one present wins; +1: higher is a better forgery
 ILLEGAL_METRICS = (("identity_recognition", 1), ("identity_match", 1), ("fid", -1), ("fid_features", -1),

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from ..attacks import SWEEP_ATTACKS, resolve_attack
-from ..finetune import FinetuneConfig
-from ..mask import BUDGETS, check_ratio
-from ..methods import ProtectSettings, parse_chain
-from ..settings import setting
+from freezeasguard.attacks import SWEEP_ATTACKS, resolve_attack
+from freezeasguard.training.finetune import FinetuneConfig
+from freezeasguard.guard.mask import BUDGETS, check_ratio
+from freezeasguard.methods import ProtectSettings, parse_chain
+from freezeasguard.settings import setting
 
 _PAPER_FINETUNE = FinetuneConfig()     # the illegal and innocent users' fine-tune defaults: the paper's
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..data import load_image_captions, preprocess
-from ..metrics.faces import FaceEmbedder, face_identity
-from ..metrics.nets.topiq import load_topiq_fr, topiq_fr_scores
-from ..metrics.real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
-from ..outputs import write_image_folder
+from freezeasguard.training.data import load_image_captions, preprocess
+from freezeasguard.metrics.faces import FaceEmbedder, face_identity
+from freezeasguard.metrics.nets.topiq import load_topiq_fr, topiq_fr_scores
+from freezeasguard.metrics.real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
+from freezeasguard.outputs import write_image_folder
 
 
 class FolderWorld:

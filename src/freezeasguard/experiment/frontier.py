@@ -12,8 +12,8 @@ import matplotlib
 matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..io import atomic_write_json, atomic_write_text
-from ..methods import chain_uses_ratio, method_label
+from freezeasguard.io import atomic_write_json, atomic_write_text
+from freezeasguard.methods import chain_uses_ratio, method_label
 
 ILLEGAL_METRICS = ("identity_recognition", "fid", "fid_features", "feature_fid")
 INNOCENT_METRICS = ("subject_recognition", "prompt_accuracy", "clip_score")

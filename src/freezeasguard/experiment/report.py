@@ -11,10 +11,10 @@ import matplotlib
 matplotlib.use("Agg")     # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..attacks.sweep import illegal_metrics, write_attack_sweep
-from .frontier import write_frontier
-from ..io import atomic_write_json, atomic_write_text
-from ..methods import method_label
+from freezeasguard.attacks.sweep import illegal_metrics, write_attack_sweep
+from freezeasguard.experiment.frontier import write_frontier
+from freezeasguard.io import atomic_write_json, atomic_write_text
+from freezeasguard.methods import method_label
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -35,7 +35,8 @@ COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition"
                 "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑",
                 "subject_recognition": "brand recognised ↑", "prompt_accuracy": "accuracy ↑",
                 "attribute_accuracy": "attributes ↑",
-                "clip_score": "CLIP score ↑", "topiq_fr": "TOPIQ-FR ↓"}
+                "clip_score": "CLIP score ↑", "topiq_fr": "TOPIQ-FR ↓",
+                "prior_trait_accuracy": "Release prior ↑"}
 # a metric scored in both domains: on innocent images higher quality is what the publisher wants
 INNOCENT_COLUMN_NAMES = {"topiq_fr": "TOPIQ-FR ↑"}
 # beside an innocent subject, the attribute prompts measure what the rest of the domain keeps
@@ -63,6 +64,8 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
                 if "subject_recognition" in metrics and metric in OTHER_PROMPTS_COLUMN_NAMES:
                     name = OTHER_PROMPTS_COLUMN_NAMES[metric]
                 cols.append((domain, metric, f"{domain.capitalize()} {name}"))
+    if any(s["domain"] == "release" for s in summary):    # what each method's release draws untouched
+        cols.append(("release", "prior_trait_accuracy", COLUMN_NAMES["prior_trait_accuracy"]))
     attack_order = {a: i for i, a in enumerate(getattr(cfg, "attacks", ["default"]))}
     method_order = {m: i for i, m in enumerate(cfg.methods)}
     keys = sorted({(s["method"], s["ratio"], s["attack"]) for s in summary},

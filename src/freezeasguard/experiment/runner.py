@@ -24,23 +24,23 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..batches import Domain, DomainMix, weighted_loss
-from ..data import EncodedData, load_image_captions
-from ..diffusion import NoiseSchedule
-from ..finetune import guarded_finetune
-from ..generate import generate_images, load_pipeline, save_grid
-from ..io import atomic_write_json
-from ..attacks import resolve_attack
-from ..lora import NoAllowedModules, lora_base
-from ..outputs import write_image_folder
-from ..methods import chain_uses_ratio, protect
-from ..models import Components, load_model
-from ..outputs import mark_output, prepare_output_dir
-from ..synthetic import TINY_SD
-from .config import ExperimentConfig, check_same_config
-from .folder_world import FolderWorld
-from .report import write_report
-from .synthetic_world import SyntheticWorld
+from freezeasguard.training.batches import Domain, DomainMix, weighted_loss
+from freezeasguard.training.data import EncodedData, load_image_captions
+from freezeasguard.training.diffusion import NoiseSchedule
+from freezeasguard.training.finetune import guarded_finetune
+from freezeasguard.models.generate import generate_images, load_pipeline, save_grid
+from freezeasguard.io import atomic_write_json
+from freezeasguard.attacks import resolve_attack
+from freezeasguard.training.lora import NoAllowedModules, lora_base
+from freezeasguard.outputs import write_image_folder
+from freezeasguard.methods import chain_uses_ratio, protect
+from freezeasguard.models.pipelines import Components, load_model
+from freezeasguard.outputs import mark_output, prepare_output_dir
+from freezeasguard.synthetic import TINY_SD
+from freezeasguard.experiment.config import ExperimentConfig, check_same_config
+from freezeasguard.experiment.folder_world import FolderWorld
+from freezeasguard.experiment.report import write_report
+from freezeasguard.experiment.synthetic_world import SyntheticWorld
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,33 @@ class Runner:
             if cfg.workers > 1:
                 logger.warning("workers > 1 needs the runner to build its own world; running jobs one by one")
             rows = [r for job in baseline + jobs for r in self.run_job(*job)]
+        rows += self.release_priors(sanity)
         write_report(self.root, rows, sanity, self.subjects, cfg, self.add_elapsed(time.time() - t0))
         return rows
+
+    def release_priors(self, sanity: dict) -> list[dict]:
+        """What each method's release draws untouched: the prior's trait accuracy (generic people,
+        as sanity measures the base's) of the model a method hands users, for the methods that
+        change the model (uce, imma, immunised releases); the others release the base itself."""
+        if "prior_trait_accuracy" not in sanity:
+            return []
+        rows = []
+        for method in ["pretrained"] + list(self.cfg.methods):
+            for ratio in (self.cfg.ratios if method != "pretrained" and chain_uses_ratio(method) else [0.0]):
+                model = None if method == "pretrained" else self.protection(method, ratio).model
+                value = sanity["prior_trait_accuracy"] if model is None else self.prior_of(Path(model))
+                rows.append({"method": method, "ratio": ratio, "attack": "default", "seed": 0, "subject": None,
+                             "domain": "release", "metric": "prior_trait_accuracy", "value": value})
+        return rows
+
+    def prior_of(self, model: Path) -> float:
+        name = "prior-" + hashlib.blake2b(str(model.resolve()).encode(), digest_size=6).hexdigest()
+
+        def prior():
+            prompts, expected = self.world.generic_people_prompts(self.cfg.eval_images * 2, seed=0)
+            images = self.generate(model, prompts, 0, self.root / "images" / f"{name}-generic-people")
+            return self.world.score_traits(images, expected)
+        return self.stage(name, prior)
 
     def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
                 attack: str = "default") -> list[dict]:
@@ -316,7 +341,8 @@ def protection_groups(jobs) -> list[list[tuple[str, float]]]:
     and no two processes write one cache."""
     groups: dict[str, list[tuple[str, float]]] = {}
     for method, ratio, *_ in jobs:
-        group = groups.setdefault(method.split("+")[0].strip(), [])
+        # a method and its variant (learned, learned-identity) share the first link's warm start
+        group = groups.setdefault(method.split("+")[0].strip().split("-")[0], [])
         if (method, ratio) not in group:
             group.append((method, ratio))
     return list(groups.values())

@@ -7,12 +7,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..generate import generate_images, load_pipeline
-from ..metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
-from ..outputs import write_image_folder
-from ..synthetic import judges
-from ..synthetic.brands import make_brands, render_brand
-from ..synthetic.world import TRAITS, make_cast, render_garment, render_generic_person, render_logo, render_person
+from freezeasguard.models.generate import generate_images, load_pipeline
+from freezeasguard.metrics.basic import attribute_accuracy, frechet_distance, identity_recognition, prompt_accuracy
+from freezeasguard.outputs import write_image_folder
+from freezeasguard.synthetic import judges
+from freezeasguard.synthetic.brands import make_brands, render_brand
+from freezeasguard.synthetic.world import TRAITS, make_cast, render_garment, render_generic_person, render_logo, render_person
 
 BRANDS = 8              # brands (or clothing lines) per innocent domain and world seed
 PUBLISHER_BRANDS = 4    # the last ones: the innocent subjects the publisher's mask-learning data names

@@ -8,9 +8,9 @@ dimensions (Linear, Conv2d); a module is allowed when every parameter it has is 
 """
 from __future__ import annotations
 
-from ..mask import Mask
-from . import ai_toolkit, diffusers_scripts, kohya, onetrainer, peft
-from .common import Export, adapter_modules  # noqa: F401
+from freezeasguard.guard.mask import Mask
+from freezeasguard.exports import ai_toolkit, diffusers_scripts, kohya, onetrainer, peft
+from freezeasguard.exports.common import Export, adapter_modules  # noqa: F401
 
 FORMATS = {"peft": peft, "diffusers": diffusers_scripts, "onetrainer": onetrainer, "ai-toolkit": ai_toolkit,
            "kohya": kohya}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from .common import Export, adapter_modules
+from freezeasguard.exports.common import Export, adapter_modules
 
 PREFIX = "lora_unet"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..mask import Mask
+from freezeasguard.guard.mask import Mask
 
 
 @dataclass

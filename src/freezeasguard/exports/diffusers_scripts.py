@@ -8,7 +8,7 @@ export lists every allowed module by its full name, which matches exactly those.
 """
 from __future__ import annotations
 
-from .common import Export, adapter_modules
+from freezeasguard.exports.common import Export, adapter_modules
 
 
 def export(mask) -> Export:

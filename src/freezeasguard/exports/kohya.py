@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from .common import Export, adapter_modules
+from freezeasguard.exports.common import Export, adapter_modules
 
 NUM_BLOCKS, MID = 12, 12          # per side, and the mid block's index
 _UPDOWN = re.compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")

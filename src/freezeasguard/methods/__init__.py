@@ -25,8 +25,8 @@ imma       a base model whose cross-attention resists adaptation to the      no
 =========  ===============================================================  ============
 """
 # importing the modules registers their methods
-from . import basic, imma, saliency, uce  # noqa: E402,F401
-from .registry import (  # noqa: F401
+from freezeasguard.methods import basic, imma, immunise, saliency, uce  # noqa: E402,F401
+from freezeasguard.methods.registry import (  # noqa: F401
                        METHODS,
                        Method,
                        MethodInputs,

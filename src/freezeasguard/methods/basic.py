@@ -1,13 +1,16 @@
 """full, random, largest and smallest (data-free controls) and learned (FreezeAsGuard)."""
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 
-from ..learn import LearnConfig, learn_mask
-from ..mask import Mask
-from ..models import fingerprint, load_denoiser_state, load_model
-from ..settings import copy_fields
-from .registry import MethodInputs, Protection, register
+from freezeasguard.guard.learn import LearnConfig, learn_mask
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import fingerprint, load_denoiser_state, load_model
+from freezeasguard.settings import copy_fields
+from freezeasguard.methods.registry import MethodInputs, Protection, register
 
 
 @register("full", uses_ratio=False, summary="no protection: full fine-tuning")
@@ -49,11 +52,31 @@ def _by_size(inputs: MethodInputs, sign: float, method: str) -> Protection:
 
 @register("learned", uses_ratio=True, summary="FreezeAsGuard: the mask learned by bilevel optimisation")
 def learned(inputs: MethodInputs) -> Protection:
-    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=inputs.device)
+    return _learned(inputs, inputs.settings.objective)
+
+
+@register("learned-identity", uses_ratio=True,
+          summary="FreezeAsGuard with the identity objective (what the name adds, not the whole photo)")
+def learned_identity(inputs: MethodInputs) -> Protection:
+    return _learned(inputs, "identity")
+
+
+def _learned(inputs: MethodInputs, objective: str) -> Protection:
+    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=inputs.device,
+                      objective=objective)
     # the warm start (theta_ft) depends on the base model and data only, so every ratio shares it
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"
     result = learn_mask(inputs.model, inputs.illegal, inputs.innocent, path, cfg,
                         work_dir=inputs.work_dir / f"learned-{inputs.ratio:g}.work", resume=True,
-                        warm_start_dir=inputs.work_dir / "warm_start")
+                        warm_start_dir=shared_warm_start(inputs))
     result.mask.plot(inputs.work_dir / f"learned-{inputs.ratio:g}.png")
     return Protection(mask=result.mask)
+
+
+def shared_warm_start(inputs: MethodInputs) -> Path:
+    """Where the warm start (theta_ft) of this base model and data lives: beside the methods' own
+    folders, so that both objectives (learned, learned-identity) and every ratio share one. The
+    runner makes a learner's masks in one process (protection_groups), so none is made twice at once."""
+    key = hashlib.blake2b("\n".join(map(str, [Path(inputs.model).resolve(), inputs.illegal, *inputs.innocent])).encode(),
+                          digest_size=6).hexdigest()
+    return inputs.work_dir.parent / f"warm-start-{key}"

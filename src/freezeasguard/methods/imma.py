@@ -20,52 +20,15 @@ import logging
 import re
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..batches import weighted_loss
-from ..train import save_pipeline
-from ..io import atomic_write_json
-from .registry import MethodInputs, Protection, data_mix, load_base, register
+from freezeasguard.training.batches import weighted_loss
+from freezeasguard.training.train import save_pipeline
+from freezeasguard.io import atomic_write_json
+from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, load_base, register
+from freezeasguard.guard.attackers import Adapter
 
 logger = logging.getLogger(__name__)
-
-
-class Adapter:
-    """An additive update of each target Linear: delta = B @ A (LoRA) or a full matrix, applied
-    by forward hooks so the base weight stays a leaf that the outer step can differentiate."""
-
-    def __init__(self, modules: dict[str, torch.nn.Linear], kind: str = "lora", rank: int = 4,
-                 generator: torch.Generator | None = None):
-        if kind not in ("lora", "full"):
-            raise ValueError(f"imma_adapter {kind!r}: use lora or full")
-        self.kind, self.factors, self.handles = kind, {}, []
-        for name, m in modules.items():
-            out_f, in_f = m.weight.shape
-            dev = m.weight.device
-            if kind == "full":
-                self.factors[name] = [torch.zeros(out_f, in_f, device=dev, requires_grad=True)]
-            else:
-                a = (torch.randn(rank, in_f, generator=generator) / in_f ** 0.5).to(dev).requires_grad_(True)
-                self.factors[name] = [a, torch.zeros(out_f, rank, device=dev, requires_grad=True)]
-            self.handles.append(m.register_forward_hook(self._hook(name)))
-
-    def delta(self, name) -> torch.Tensor:
-        f = self.factors[name]
-        return f[0] if self.kind == "full" else f[1] @ f[0]
-
-    def _hook(self, name):
-        def hook(module, args, output):
-            return output + F.linear(args[0], self.delta(name).to(args[0].dtype))
-        return hook
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [t for f in self.factors.values() for t in f]
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
 
 
 def target_modules(denoiser, pattern: str) -> dict[str, torch.nn.Linear]:

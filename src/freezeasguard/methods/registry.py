@@ -8,24 +8,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..batches import Domain, DomainMix
-from ..data import EncodedData, load_image_captions
-from ..diffusion import NoiseSchedule
-from ..train import resolve_device
-from ..verify import record_digests
-from ..io import atomic_write_json
-from ..learn import MaskLearningSettings
-from ..mask import Mask
-from ..models import load_model
-from ..settings import setting
+from freezeasguard.training.batches import Domain, DomainMix
+from freezeasguard.training.data import EncodedData, load_image_captions
+from freezeasguard.training.diffusion import NoiseSchedule
+from freezeasguard.training.train import resolve_device
+from freezeasguard.audit.verify import record_digests
+from freezeasguard.io import atomic_write_json
+from freezeasguard.guard.immunise import ImmuniseSettings
+from freezeasguard.guard.learn import MaskLearningSettings
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import load_model
+from freezeasguard.settings import setting
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ProtectSettings(MaskLearningSettings):
-    """Settings of the protection methods: mask learning's (inherited, the paper's defaults) and the
-    baselines'. The experiment config extends this; every field is a key of its YAML file and a
+class ProtectSettings(MaskLearningSettings, ImmuniseSettings):
+    """Settings of the protection methods: mask learning's (inherited, the paper's defaults), the
+    immunised release's (inherited) and the baselines'. The experiment config extends this; every field is a key of its YAML file and a
     flag of ``freezeasguard protect``."""
     # saliency
     saliency_batches: int = setting(8, "saliency: illegal (and innocent) batches whose gradients are summed")
@@ -61,6 +62,7 @@ class MethodInputs:
     work_dir: Path                          # this method's own folder (kept across ratios: warm starts)
     settings: ProtectSettings = field(default_factory=ProtectSettings)
     device: str = "auto"
+    mask: Mask | None = None                # the mask an earlier link of the chain chose (immunise needs one)
 
 
 @dataclass
@@ -96,15 +98,17 @@ class Method:
     fn: Callable[[MethodInputs], Protection]
     uses_ratio: bool
     summary: str
+    needs_mask: bool = False        # works on the mask of an earlier link (immunise)
 
 
 METHODS: dict[str, Method] = {}
 
 
-def data_mix(paths, components, schedule, batch: int, seed: int, device):
-    """One DomainMix over data folders, equal weight each: the batches a method's losses draw."""
-    domains = [Domain(str(p), EncodedData(load_image_captions(p), components, device), batch, 1.0 / len(paths))
-               for p in paths]
+def data_mix(paths, components, schedule, batch: int, seed: int, device, class_phrase: str | None = None):
+    """One DomainMix over data folders, equal weight each: the batches a method's losses draw
+    (with the identity objective's neutral captions where a ``class_phrase`` is given)."""
+    domains = [Domain(str(p), EncodedData(load_image_captions(p), components, device, class_phrase), batch,
+                      1.0 / len(paths)) for p in paths]
     return DomainMix(domains, schedule, seed)
 
 
@@ -115,9 +119,9 @@ def load_base(inputs: MethodInputs):
     return comps, NoiseSchedule.for_components(comps), device
 
 
-def register(name: str, uses_ratio: bool, summary: str):
+def register(name: str, uses_ratio: bool, summary: str, needs_mask: bool = False):
     def deco(fn):
-        METHODS[name] = Method(name, fn, uses_ratio, summary)
+        METHODS[name] = Method(name, fn, uses_ratio, summary, needs_mask)
         return fn
     return deco
 
@@ -130,6 +134,10 @@ def parse_chain(spec: str) -> list[Method]:
         raise ValueError(f"unknown method {spec!r}; registered: {', '.join(sorted(METHODS))} "
                          f"(chain them with '+', e.g. uce+learned)")
     chain = [METHODS[n] for n in names]
+    needs = [m.name for i, m in enumerate(chain) if m.needs_mask and not any(p.uses_ratio for p in chain[:i])]
+    if needs:
+        raise ValueError(f"{spec}: {needs[0]} changes the values a mask freezes: chain it after a freezing method "
+                         f"(e.g. learned+{needs[0]})")
     if sum(m.uses_ratio for m in chain) > 1:
         raise ValueError(f"{spec}: at most one freezing method (random, learned, saliency, largest, smallest) per chain")
     if "full" in names and len(names) > 1:
@@ -147,7 +155,9 @@ def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
     if method == "pretrained":
         return "Pre-trained (no FT)"
     names = {"full": "Full FT", "random": "Random", "learned": "FreezeAsGuard", "saliency": "Saliency",
-             "largest": "Largest", "smallest": "Smallest", "uce": "UCE", "imma": "IMMA"}
+             "largest": "Largest", "smallest": "Smallest", "uce": "UCE", "imma": "IMMA",
+             "learned-identity": "FreezeAsGuard (identity)", "saliency-identity": "Saliency (identity)",
+             "immunise": "immunised"}
     parts = method.split("+")
     label = "+".join(names.get(p, p) for p in parts)
     if not chain_uses_ratio(method):
@@ -158,24 +168,27 @@ def method_label(method: str, ratio: float, budget: str = "tensors") -> str:
 def protect(spec: str, model: Path, illegal: Path, innocent: list[Path], subjects: list[str], ratio: float,
             work_root: Path, settings: ProtectSettings | None = None, device: str = "auto") -> Protection:
     """Run a method or a chain; each link's output is cached in work_root/<chain prefix>/ and a
-    finished link is reused (methods that do not use the ratio are shared across ratios)."""
+    finished link is reused (links that neither use the ratio nor follow one that does are shared
+    across ratios)."""
     settings = settings or ProtectSettings()
     current = Path(model)
     result = Protection()
-    prefix = []
+    prefix, per_ratio = [], False
     for method in parse_chain(spec):
         prefix.append(method.name)
+        per_ratio = per_ratio or method.uses_ratio
         work = Path(work_root) / "+".join(prefix)
-        marker = work / (f"done-{ratio:g}.json" if method.uses_ratio else "done.json")
+        marker = work / (f"done-{ratio:g}.json" if per_ratio else "done.json")
         if marker.exists():
             step = Protection.from_json(json.loads(marker.read_text()))
         else:
             step = method.fn(MethodInputs(current, Path(illegal), [Path(p) for p in innocent], list(subjects),
-                                          ratio, work, settings, device))
+                                          ratio, work, settings, device, result.mask))
             mask_path = None
             if step.mask is not None:
                 mask_path = work / f"mask-{ratio:g}.safetensors"
-                step.mask = record_digests(step.mask, current)      # the mask alone then audits checkpoints
+                # the mask alone then audits checkpoints: digests of the model it is enforced on
+                step.mask = record_digests(step.mask, step.model or current)
                 step.mask.save(mask_path)
             atomic_write_json(marker, step.to_json(mask_path))
         if step.model is not None:

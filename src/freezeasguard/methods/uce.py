@@ -22,9 +22,9 @@ import re
 
 import torch
 
-from ..data import load_image_captions
-from ..train import save_pipeline
-from .registry import MethodInputs, Protection, load_base, register
+from freezeasguard.training.data import load_image_captions
+from freezeasguard.training.train import save_pipeline
+from freezeasguard.methods.registry import MethodInputs, Protection, load_base, register
 
 logger = logging.getLogger(__name__)
 

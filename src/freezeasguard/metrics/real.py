@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .basic import images_to_uint8
-from .nets.inception import load_fid_inception
+from freezeasguard.metrics.basic import images_to_uint8
+from freezeasguard.metrics.nets.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 

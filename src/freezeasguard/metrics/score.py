@@ -15,10 +15,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..data import load_image_captions
-from .faces import face_identity
-from .nets.topiq import load_topiq_fr, topiq_fr_scores
-from .real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
+from freezeasguard.training.data import load_image_captions
+from freezeasguard.metrics.faces import face_identity
+from freezeasguard.metrics.nets.topiq import load_topiq_fr, topiq_fr_scores
+from freezeasguard.metrics.real import clip_scores, fid_and_kid_of_images, fid_extractor, load_clip
 
 logger = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Up
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
-from ..generate import generate_images, grid_image, load_pipeline
-from ..io import atomic_write_json
-from ..mask import Mask
-from ..models import fingerprint, load_denoiser_state
-from ..synthetic import TINY_SD
-from .jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
-from .settings import ServiceConfig
-from .store import ACTIVE, TERMINAL, Store
-from .uploads import UploadError, check_dataset, dataset_root, unpack, write_loose
+from freezeasguard.models.generate import generate_images, grid_image, load_pipeline
+from freezeasguard.io import atomic_write_json
+from freezeasguard.guard.mask import Mask
+from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
+from freezeasguard.synthetic import TINY_SD
+from freezeasguard.service.jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
+from freezeasguard.service.settings import ServiceConfig
+from freezeasguard.service.store import ACTIVE, TERMINAL, Store
+from freezeasguard.service.uploads import UploadError, check_dataset, dataset_root, unpack, write_loose
 
 SHIPPED_MASK = Path(TINY_SD).parent / "tiny-sd-mask.safetensors"
 

@@ -14,12 +14,12 @@ import logging
 import threading
 from pathlib import Path
 
-from ..finetune import FinetuneConfig, guarded_finetune
-from ..lora import LoraSettings
-from ..mask import Mask
-from ..adapters import verify_adapter
-from ..verify import verify_checkpoint
-from .store import Store
+from freezeasguard.training.finetune import FinetuneConfig, guarded_finetune
+from freezeasguard.training.lora import LoraSettings
+from freezeasguard.guard.mask import Mask
+from freezeasguard.audit.adapters import verify_adapter
+from freezeasguard.audit.verify import verify_checkpoint
+from freezeasguard.service.store import Store
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import setting
+from freezeasguard.settings import setting
 
 
 @dataclass

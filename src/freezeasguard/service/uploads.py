@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from ..data import DataError, load_image_captions
+from freezeasguard.training.data import DataError, load_image_captions
 
 
 class UploadError(ValueError):

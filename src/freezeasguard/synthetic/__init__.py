@@ -1,7 +1,7 @@
 """The built-in synthetic world (people, logos, clothes), its judges and the shipped tiny pipeline."""
 from pathlib import Path
 
-from .world import (  # noqa: F401
+from freezeasguard.synthetic.world import (  # noqa: F401
     ATTRIBUTES,
     TRAITS,
     Identity,
@@ -23,7 +23,7 @@ JUDGES = ASSETS / "judges"
 
 def world_vocabulary() -> list[str]:
     """Caption words of the world, so the offline tokenizer keeps them whole."""
-    from . import world as w
+    from freezeasguard.synthetic import world as w
     words = set()
     for group in (w.PALETTE, *w.TRAITS.values(), w.EXPRESSIONS, w.BACKGROUNDS, w.SHIRT_COLOURS, w.SHAPES,
                   [s + "s" for s in w.SHAPES], w.LOGO_COLOURS, w.LOGO_COUNTS, w.LOGO_BACKGROUNDS, w.GARMENTS,

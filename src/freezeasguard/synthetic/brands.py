@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .world import NAME_SYLLABLES, ATTRIBUTES, render_garment, render_logo
+from freezeasguard.synthetic.world import NAME_SYLLABLES, ATTRIBUTES, render_garment, render_logo
 
 
 # What a brand fixes: every attribute of its logo; a clothing line fixes colour and pattern, and

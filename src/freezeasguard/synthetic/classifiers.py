@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io import atomic_save_safetensors
-from .world import (
+from freezeasguard.io import atomic_save_safetensors
+from freezeasguard.synthetic.world import (
     ATTRIBUTES,
     TRAITS,
     make_cast,

@@ -5,10 +5,10 @@ import logging
 import os
 from pathlib import Path
 
-from ..models import load_model
-from . import JUDGES, TINY_SD
-from .classifiers import Judge, train_attribute_classifier, train_recogniser, train_trait_judge
-from .world import WORLD_VERSION
+from freezeasguard.models.pipelines import load_model
+from freezeasguard.synthetic import JUDGES, TINY_SD
+from freezeasguard.synthetic.classifiers import Judge, train_attribute_classifier, train_recogniser, train_trait_judge
+from freezeasguard.synthetic.world import WORLD_VERSION
 
 logger = logging.getLogger(__name__)
 

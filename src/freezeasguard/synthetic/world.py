@@ -11,8 +11,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..io import atomic_write_json
-from ..outputs import write_image_folder
+from freezeasguard.io import atomic_write_json
+from freezeasguard.outputs import write_image_folder
 
 SCALE = 4  # draw at 4x, then downsample with antialiasing
 # Bumped whenever renders change: judges and caches carry it, so none made for other renders is reused.

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...io import load_weights_strictly
+from freezeasguard.io import load_weights_strictly
 
 logger = logging.getLogger(__name__)
 

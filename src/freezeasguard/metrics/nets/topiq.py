@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...io import load_weights_strictly
-from ..basic import images_to_uint8
+from freezeasguard.io import load_weights_strictly
+from freezeasguard.metrics.basic import images_to_uint8
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,353 @@
+"""The layouts people share checkpoints in, mapped to the denoiser's own parameter names.
+
+A fine-tuned model is shared as a diffusers folder or, more often, as one file in the original
+layout that AUTOMATIC1111, ComfyUI, Forge and kohya's scripts save: the UNet under
+``model.diffusion_model.`` with LDM names (``input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight``),
+often in fp16, often with the VAE (``first_stage_model.``) and text encoders
+(``cond_stage_model.``, ``conditioner.``) beside it. The map from those names to the UNet's is
+diffusers' own (``convert_ldm_unet_checkpoint``, what ``from_single_file`` runs); we run it on
+placeholder values, so that it says which file key each parameter comes from without reading a
+weight. A layout that cannot be told is an error naming what was found, never a guess.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from freezeasguard.models.pipelines import ModelError, denoiser_weight_files
+from freezeasguard.audit.digests import tensor_bytes
+from freezeasguard.audit.tensorfile import TensorFile, TensorFileError
+
+LDM_UNET_PREFIX = "model.diffusion_model."
+# other parts of a single-file checkpoint: not the denoiser, never audited as part of it
+LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.", "model_ema.", "text_encoders.",
+                      "vae.")
+
+
+LAYOUT_NAMES = {"ldm-unet": "single-file SD/SDXL (LDM layout)", "bfl-flux": "single-file FLUX.1 (BFL layout)",
+                "diffusers": "diffusers"}
+
+
+class LayoutError(ValueError):
+    """A checkpoint whose layout cannot be told or does not fit the base model."""
+
+
+def detect_layout(keys) -> str:
+    """'ldm-unet' (an SD 1.x/2.x or SDXL single file) or 'diffusers' (the denoiser's own names);
+    anything else is a LayoutError naming the keys found."""
+    keys = list(keys)
+    if any(k.startswith(("double_blocks.", LDM_UNET_PREFIX + "double_blocks.")) for k in keys):
+        return "bfl-flux"
+    if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
+        return "ldm-unet"
+    # UNets; SD3, FLUX.1/2 and Qwen-Image transformers; Z-Image's (layers, refiners)
+    if any(k.startswith(("down_blocks.", "transformer_blocks.", "single_transformer_blocks.", "conv_in.",
+                         "context_refiner.", "noise_refiner.")) for k in keys):
+        return "diffusers"
+    shown = ", ".join(sorted(keys)[:3]) or "no tensors"
+    raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser, "
+                      f"a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...) nor a FLUX.1 one (double_blocks...)")
+
+
+# diffusers UNet names -> the original SD layout, for maps that start from the base model's names
+# (an adapter in LDM names, a test writing single files). Each down level holds layers+1 slots
+# (its resnets, then a downsampler), each up level layers+1 (the upsampler in the last, after the
+# attention when there is one). ldm_key_map checks every name against diffusers' own converter.
+_LDM_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+              "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+_LDM_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def _ldm_resnet(rest: str) -> str:
+    head, tail = rest.split(".", 1)
+    return f"{_LDM_RESNET.get(head, head)}.{tail}"
+
+
+def ldm_name(name: str, config: dict) -> str:
+    """A diffusers UNet parameter's name in the original SD layout (without model.diffusion_model.)."""
+    slots = config["layers_per_block"] + 1
+    for a, b in _LDM_FIXED.items():
+        if name.startswith(a + "."):
+            return b + name[len(a):]
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"input_blocks.{slots * i + j + 1}." + ("0." + _ldm_resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", name):
+        return f"input_blocks.{slots * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", name):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"output_blocks.{slots * i + j}." + ("0." + _ldm_resnet(rest) if kind == "resnets" else "1." + rest)
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", name):
+        i = int(m[1])
+        return f"output_blocks.{slots * i + slots - 1}.{2 if 'CrossAttn' in config['up_block_types'][i] else 1}.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.*)", name):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.*)", name):
+        return f"middle_block.{2 * int(m[1])}.{_ldm_resnet(m[2])}"
+    raise LayoutError(f"{name}: a UNet parameter the single-file layout has no place for")
+
+
+def ldm_key_map(names, config: dict) -> dict[str, str]:
+    """Every diffusers UNet parameter -> its single-file key, checked against diffusers' converter
+    (the map it gives back must be this one, name for name)."""
+    forward = {n: LDM_UNET_PREFIX + ldm_name(n, config) for n in names}
+    back = ldm_unet_names(list(forward.values()), config)
+    if back != forward:
+        wrong = sorted(set(back.items()) ^ set(forward.items()))[:2]
+        raise LayoutError(f"this UNet's layout does not round-trip through diffusers' single-file converter "
+                          f"(first differences: {wrong})")
+    return forward
+
+
+def ldm_unet_names(file_keys, unet_config: dict) -> dict[str, str]:
+    """The denoiser parameter name -> the single-file key it is stored under, as diffusers'
+    single-file loader maps them. Only the UNet's keys are looked at."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    keys = [k for k in file_keys if k.startswith(LDM_UNET_PREFIX)]
+    # the converter only renames: a scalar index per key says where each parameter came from
+    placeholders = {k: torch.tensor(i) for i, k in enumerate(keys)}
+    converted = convert_ldm_unet_checkpoint(placeholders, dict(unet_config))
+    return {name: keys[int(index)] for name, index in converted.items()}
+
+
+class Checkpoint:
+    """A shared checkpoint's denoiser tensors under the denoiser's own names, each read when asked
+    for: a diffusers pipeline or denoiser folder, a denoiser state file, or a single file in the
+    SD/SDXL (LDM) or FLUX.1 (BFL) layout, whose names ``denoiser_config`` maps. A parameter is one
+    or more row ranges of file tensors (FLUX's fused q/k/v hold three)."""
+
+    def __init__(self, path, denoiser_config: dict | None = None):
+        self.path = Path(path)
+        try:
+            self.files = [TensorFile(f) for f in denoiser_weight_files(self.path)]
+        except TensorFileError as exc:
+            raise ModelError(str(exc)) from exc
+        self.file_of = {k: f for f in self.files for k in f.keys()}
+        self.scratch: bytearray | None = None
+        self.layout = detect_layout(self.file_of)
+        self.unmapped, self.others = [], 0
+        if self.layout == "diffusers":
+            self.where = {k: [(k, 0, None)] for k in self.file_of}
+            return
+        if denoiser_config is None:
+            raise LayoutError(f"{self.path} is a single-file checkpoint ({self.layout}); mapping its names needs the "
+                              f"denoiser's config: pass --model BASE, or a mask that records it (`freezeasguard mask "
+                              f"record`)")
+        family = "ldm-unet" if "layers_per_block" in denoiser_config else \
+            "bfl-flux" if is_flux1(denoiser_config) else denoiser_config.get("_class_name", "another")
+        if self.layout == "bfl-flux" and family == "Flux2Transformer2DModel":
+            raise LayoutError(f"{self.path} is a single file in Black Forest Labs' layout; for FLUX.2 that layout is "
+                              f"not mapped yet (only FLUX.1's is): audit the transformer in diffusers' layout "
+                              f"(diffusers' scripts/convert_flux2_to_diffusers.py writes one)")
+        if family != self.layout:
+            raise LayoutError(f"{self.path} is a {LAYOUT_NAMES[self.layout]} checkpoint, and the mask's base model is "
+                              f"{LAYOUT_NAMES.get(family, family)}: audit it with a mask for its own base model")
+        try:
+            if self.layout == "ldm-unet":
+                self.where = {n: [(k, 0, None)] for n, k in ldm_unet_names(self.file_of, denoiser_config).items()}
+            else:
+                self.where = bfl_flux_segments(self.file_of, denoiser_config)
+        except (KeyError, IndexError, ValueError, RuntimeError) as exc:
+            raise LayoutError(f"{self.path}: its {LAYOUT_NAMES[self.layout]} keys do not fit the mask's base model "
+                              f"({type(exc).__name__}: {exc})") from exc
+        used = {seg[0] for segs in self.where.values() for seg in segs}
+        own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout == "bfl-flux"
+               and not k.startswith(LDM_OTHER_PREFIXES)]
+        self.unmapped = [k for k in own if k not in used]
+        self.others = len(self.file_of) - len(own)
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def _segment_shape(self, key: str, start: int, end: int | None) -> tuple[int, ...]:
+        shape = self.file_of[key].shape(key)
+        return shape if start == 0 and end is None else ((end or shape[0]) - start, *shape[1:])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        shapes = [self._segment_shape(*seg) for seg in self.where[name]]
+        return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        key = self.where[name][0][0]
+        return self.file_of[key].dtype(key)
+
+    def read(self, name: str) -> torch.Tensor:
+        """The parameter's tensor. A one-piece tensor is read into a buffer this object reuses
+        (no allocation per tensor): it is valid until the next read."""
+        segments = self.where[name]
+        try:
+            if len(segments) == 1:
+                key, start, end = segments[0]
+                return self.file_of[key].read_rows(key, start, end, self._scratch())
+            return torch.cat([self.file_of[k].read_rows(k, start, end) for k, start, end in segments])
+        except TensorFileError as exc:
+            raise ModelError(str(exc)) from exc
+
+    def stream(self, names):
+        """(name, tensor) for each of ``names`` in order, the next one read by a second thread
+        while the caller works on this one (file reads and hashing release the GIL), into two
+        buffers used in turn: each tensor is valid until the caller asks for the one after it."""
+        names = list(names)
+        if not names:
+            return
+        buffers = [self._scratch(), bytearray(len(self._scratch()))]
+
+        def load(i):
+            segments = self.where[names[i]]
+            if len(segments) == 1:
+                key, start, end = segments[0]
+                return self.file_of[key].read_rows(key, start, end, buffers[i % 2])
+            return torch.cat([self.file_of[k].read_rows(k, a, b) for k, a, b in segments])
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(load, 0)
+            for i, name in enumerate(names):
+                try:
+                    tensor = pending.result()
+                except TensorFileError as exc:
+                    raise ModelError(str(exc)) from exc
+                if i + 1 < len(names):
+                    pending = pool.submit(load, i + 1)
+                yield name, tensor
+
+    def _scratch(self) -> bytearray:
+        if self.scratch is None:
+            self.scratch = bytearray(max((f.nbytes(k) for f in self.files for k in f.keys()), default=0))
+        return self.scratch
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read + f.header_bytes for f in self.files)
+
+    def fingerprint(self, visit=None) -> dict:
+        """models.fingerprint of the denoiser's tensors, one tensor in memory at a time;
+        ``visit(name, tensor)`` sees each tensor on the way (one pass for whatever else needs them)."""
+        names = sorted(self.where)
+        weights = hashlib.blake2b(digest_size=16)
+        for name, t in self.stream(names):
+            weights.update(str(t.dtype).encode())
+            weights.update(tensor_bytes(t))
+            if visit is not None:
+                visit(name, t)
+        shapes = [list(self.shape(n)) for n in names]
+        return {"num_tensors": len(names),
+                "names_hash": hashlib.blake2b("\n".join(names).encode(), digest_size=16).hexdigest(),
+                "shapes_hash": hashlib.blake2b(json.dumps(shapes).encode(), digest_size=16).hexdigest(),
+                "weights_hash": weights.hexdigest()}
+
+
+# FLUX.1 in Black Forest Labs' layout, as diffusers' convert_flux_transformer_checkpoint_to_diffusers
+# reads it; that function fixes the width at 3072 (FLUX.1's), so the table is rebuilt here with
+# the width from the transformer's config. A segment is (file key, first row, end row): fused
+# q/k/v (and q/k/v/mlp in the single blocks) hold several parameters as row ranges, and the final
+# modulation stores (shift, scale) where diffusers holds (scale, shift).
+_FLUX_WHOLE = [("time_text_embed.timestep_embedder.linear_{}", "time_in.{}_layer"),
+               ("time_text_embed.text_embedder.linear_{}", "vector_in.{}_layer"),
+               ("time_text_embed.guidance_embedder.linear_{}", "guidance_in.{}_layer")]
+_FLUX_DOUBLE = [("norm1.linear", "img_mod.lin"), ("norm1_context.linear", "txt_mod.lin"),
+                ("ff.net.0.proj", "img_mlp.0"), ("ff.net.2", "img_mlp.2"), ("ff_context.net.0.proj", "txt_mlp.0"),
+                ("ff_context.net.2", "txt_mlp.2"), ("attn.to_out.0", "img_attn.proj"),
+                ("attn.to_add_out", "txt_attn.proj")]
+_FLUX_DOUBLE_NORMS = [("attn.norm_q", "img_attn.norm.query_norm"), ("attn.norm_k", "img_attn.norm.key_norm"),
+                      ("attn.norm_added_q", "txt_attn.norm.query_norm"),
+                      ("attn.norm_added_k", "txt_attn.norm.key_norm")]
+
+
+def bfl_flux_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The FLUX transformer's parameter name -> the row ranges of BFL-layout keys it is made of."""
+    keys = set(file_keys)
+    prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX + "double_blocks.") for k in keys) else ""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    split = [0, inner, 2 * inner, 3 * inner, 3 * inner + int(inner * 4.0)]
+    out: dict[str, list[tuple[str, int, int | None]]] = {}
+
+    def whole(name, key):
+        for p in ("weight", "bias"):
+            if prefix + f"{key}.{p}" in keys:
+                out[f"{name}.{p}"] = [(prefix + f"{key}.{p}", 0, None)]
+
+    for name, key in _FLUX_WHOLE:
+        whole(name.format(1), key.format("in"))
+        whole(name.format(2), key.format("out"))
+    whole("context_embedder", "txt_in")
+    whole("x_embedder", "img_in")
+    whole("proj_out", "final_layer.linear")
+    for i in sorted({int(k[len(prefix):].split(".")[1]) for k in keys if k[len(prefix):].startswith("double_blocks.")}):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for name, key in _FLUX_DOUBLE:
+            whole(d + name, b + key)
+        for name, key in _FLUX_DOUBLE_NORMS:
+            out[f"{d}{name}.weight"] = [(f"{prefix}{b}{key}.scale", 0, None)]
+        for stream, names in (("img_attn", ("to_q", "to_k", "to_v")), ("txt_attn", ("add_q_proj", "add_k_proj",
+                                                                                     "add_v_proj"))):
+            for j, n in enumerate(names):
+                for p in ("weight", "bias"):
+                    out[f"{d}attn.{n}.{p}"] = [(f"{prefix}{b}{stream}.qkv.{p}", split[j], split[j + 1])]
+    for i in sorted({int(k[len(prefix):].split(".")[1]) for k in keys if k[len(prefix):].startswith("single_blocks.")}):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        whole(d + "norm.linear", b + "modulation.lin")
+        whole(d + "proj_out", b + "linear2")
+        out[f"{d}attn.norm_q.weight"] = [(f"{prefix}{b}norm.query_norm.scale", 0, None)]
+        out[f"{d}attn.norm_k.weight"] = [(f"{prefix}{b}norm.key_norm.scale", 0, None)]
+        for j, n in enumerate(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")):
+            for p in ("weight", "bias"):
+                out[f"{d}{n}.{p}"] = [(f"{prefix}{b}linear1.{p}", split[j], split[j + 1])]
+    for p in ("weight", "bias"):
+        key = f"{prefix}final_layer.adaLN_modulation.1.{p}"
+        if key in keys:
+            out[f"norm_out.linear.{p}"] = [(key, inner, None), (key, 0, inner)]     # (shift, scale) -> (scale, shift)
+    return {n: segs for n, segs in out.items() if all(s[0] in keys for s in segs)}
+
+
+def bfl_keys(names) -> set[str]:
+    """The BFL-layout keys of a FLUX transformer with these diffusers parameter names (no data)."""
+    keys = set()
+    heads = ["time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer", "txt_in", "img_in",
+             "final_layer.linear", "final_layer.adaLN_modulation.1"]
+    if any(n.startswith("time_text_embed.guidance_embedder.") for n in names):
+        heads += ["guidance_in.in_layer", "guidance_in.out_layer"]
+    doubles = {int(n.split(".")[1]) for n in names if n.startswith("transformer_blocks.")}
+    singles = {int(n.split(".")[1]) for n in names if n.startswith("single_transformer_blocks.")}
+    linear = heads + [f"double_blocks.{i}.{k}" for i in doubles for k in (
+        "img_mod.lin", "txt_mod.lin", "img_attn.qkv", "txt_attn.qkv", "img_mlp.0", "img_mlp.2", "txt_mlp.0",
+        "txt_mlp.2", "img_attn.proj", "txt_attn.proj")]
+    linear += [f"single_blocks.{i}.{k}" for i in singles for k in ("modulation.lin", "linear1", "linear2")]
+    keys |= {f"{k}.{p}" for k in linear for p in ("weight", "bias")}
+    keys |= {f"double_blocks.{i}.{k}.scale" for i in doubles for k in (
+        "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")}
+    keys |= {f"single_blocks.{i}.norm.{k}.scale" for i in singles for k in ("query_norm", "key_norm")}
+    return keys
+
+
+def is_flux1(config: dict) -> bool:
+    """A FLUX.1 transformer's config (FLUX.2's has single blocks too, but no pooled projection)."""
+    return "num_single_layers" in config and "pooled_projection_dim" in config
+
+
+def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
+    """The denoiser's modules under the original layout's names (SD/SDXL LDM, FLUX BFL) -> the
+    diffusers modules each one is (several for FLUX's fused q/k/v): what LoRA files trained on a
+    single-file checkpoint (ComfyUI's diffusion_model.*, kohya's lora_unet_* on those names) name."""
+    names = list(names)
+    if not config:
+        return {}
+    aliases: dict[str, set[str]] = {}
+    if "layers_per_block" in config:
+        for n, key in ldm_key_map(names, config).items():
+            aliases.setdefault(key[len(LDM_UNET_PREFIX):].rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
+    elif is_flux1(config):
+        for n, segs in bfl_flux_segments(bfl_keys(names), config).items():
+            for key, _, _ in segs:
+                aliases.setdefault(key.rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
+    return {k: sorted(v) for k, v in aliases.items()}

@@ -1,0 +1,219 @@
+"""The audit room: does a fine-tuned checkpoint leave every frozen tensor as the base model has
+it? (Adapters: adapters.py; the formats read: layouts.py; a hub's batch: batch.py.)
+
+Checkpoints (verify_checkpoint, against a Reference prepared once):
+- exact mode: each frozen tensor must be the base's bytes in the candidate's dtype (an fp16/bf16
+  export of an untouched tensor is the base rounded to nearest even, which is deterministic).
+- tolerance mode: within ``atol`` of that rounding.
+Without the base, the digests the mask records (digests.py) are the reference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from freezeasguard.audit.digests import digest, dtype_name, make_record, tensor_bytes, tensor_digests
+from freezeasguard.audit.layouts import Checkpoint
+from freezeasguard.audit.tensorfile import all_finite
+from freezeasguard.guard.mask import Mask, MaskError
+from freezeasguard.models.pipelines import ModelError, fingerprint, resolve_denoiser_dir
+
+logger = logging.getLogger(__name__)
+
+EXIT_COMPLIANT, EXIT_VIOLATIONS = 0, 1     # unusable input exits 2, as in every command
+
+
+@dataclass
+class Violation:
+    name: str
+    reason: str
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class VerifyReport:
+    compliant: bool
+    mode: str
+    frozen_checked: int
+    violations: list[Violation] = field(default_factory=list)
+    trainable_changed: int | None = 0       # None: not known without the base model
+    trainable_total: int | None = 0
+    layout: str = "diffusers"
+    bytes_read: int = 0
+
+    def to_dict(self) -> dict:
+        return {"compliant": self.compliant, "mode": self.mode, "frozen_checked": self.frozen_checked,
+                "violations": [v.__dict__ for v in self.violations],
+                "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total,
+                "layout": self.layout, "bytes_read": self.bytes_read}
+
+
+def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], mask: Mask,
+                 mode: str = "exact", atol: float = 0.0, check_base_fingerprint: bool = True) -> VerifyReport:
+    """The audit of two in-memory states (verify_checkpoint reads files one tensor at a time)."""
+    if mode not in ("exact", "tolerance"):
+        raise ValueError(f"mode {mode!r}: use exact or tolerance")
+    mask.check_matches(list(base.items()), fingerprint(base.items()) if check_base_fingerprint else None,
+                       what="the base model", state_dict=True)
+    violations = []
+    frozen = set(mask.frozen_names)
+    for name in mask.frozen_names:
+        if name not in candidate:
+            violations.append(Violation(name, "missing from the candidate"))
+        elif tuple(base[name].shape) != tuple(candidate[name].shape):
+            violations.append(Violation(name, f"shape {list(candidate[name].shape)}, base has {list(base[name].shape)}"))
+        elif found := _compare(name, candidate[name], base[name], mode, atol):
+            violations.append(found)
+    violations += [Violation(n, "not a parameter of the base model") for n in candidate if n not in base]
+    trainable = [n for n in mask.names if n not in frozen and n in candidate]
+    changed = sum(1 for n in trainable if not torch.equal(candidate[n].double(), base[n].to(candidate[n].dtype).double()))
+    return VerifyReport(not violations, mode, len(frozen), violations, changed, len(trainable))
+
+
+@dataclass
+class Reference:
+    """What candidates are audited against, prepared once: the mask, and the base model streamed
+    (its fingerprint checked against the mask's) or, without one, the digests the mask records.
+    A batch audits every upload against one Reference."""
+    mask: Mask
+    base: Checkpoint | None
+    denoiser_config: dict | None
+    base_names: set[str]
+    base_fingerprint: dict | None
+
+    @property
+    def record(self) -> dict | None:
+        return self.mask.meta.get("audit")
+
+    @property
+    def shapes(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> a meta tensor of its shape (the base's, or the mask's without a base)."""
+        if self.base is not None:
+            return {n: torch.empty(self.base.shape(n), device="meta") for n in self.base.names()}
+        return {n: torch.empty(s, device="meta") for n, s in zip(self.mask.names, self.mask.shapes)}
+
+
+def reference(model_dir, mask_path) -> Reference:
+    mask = Mask.load(mask_path)
+    if model_dir is None:
+        record = mask.meta.get("audit") or {}
+        return Reference(mask, None, record.get("denoiser_config"), set(record.get("base_names", mask.names)), None)
+    base = Checkpoint(model_dir)
+    ref = Reference(mask, base, denoiser_config(model_dir), set(base.names()), base.fingerprint())
+    mask.check_matches(list(ref.shapes.items()), ref.base_fingerprint, what="the base model", state_dict=True)
+    return ref
+
+
+def verify_checkpoint(model_dir, mask_path, candidate, mode: str = "exact", atol: float = 0.0) -> VerifyReport:
+    """Audit a checkpoint against the base model (``model_dir``) or, when it is None, against the
+    digests the mask records (digests.py). Tensors are read one at a time (tensorfile.py), from a
+    diffusers folder or state file or a single file in the SD/SDXL or FLUX.1 layout (layouts.py)."""
+    return audit_checkpoint(reference(model_dir, mask_path), candidate, mode, atol)
+
+
+def audit_checkpoint(ref: Reference, candidate, mode: str = "exact", atol: float = 0.0) -> VerifyReport:
+    if mode not in ("exact", "tolerance"):
+        raise ValueError(f"mode {mode!r}: use exact or tolerance")
+    if ref.base is None:
+        if not ref.record:
+            raise MaskError("the mask records no digests of its frozen tensors, so the audit needs the base model: "
+                            "pass --model BASE, or record them once: freezeasguard mask record MASK --model BASE "
+                            "--out MASK_WITH_DIGESTS")
+        if mode == "tolerance" and atol > 0:
+            raise MaskError("--atol above 0 compares values, which needs the base model: pass --model BASE")
+    cand = Checkpoint(candidate, ref.denoiser_config)
+    report = audit(ref.mask, cand, ref.base, ref.record, ref.base_names, mode, atol)
+    logger.info("verify: %s (%d frozen tensors checked, %d violations; %s trainable tensors changed; %d bytes read)",
+                "compliant" if report.compliant else "NOT compliant", report.frozen_checked, len(report.violations),
+                f"{report.trainable_changed}/{report.trainable_total}" if ref.base is not None else "unknown (no base)",
+                cand.bytes_read)
+    return report
+
+
+def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | None, base_names: set[str],
+          mode: str, atol: float) -> VerifyReport:
+    """One pass over the candidate's denoiser tensors: each frozen one compared with the base (or
+    its digest), each trainable one compared with the base when there is one, every one checked
+    for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds)."""
+    frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
+    fitting = sum(1 for n in mask.names if n in cand and tuple(cand.shape(n)) == tuple(shapes[n]))
+    if fitting < len(mask.names) / 2:
+        raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "
+                         f"is a checkpoint of another model, not a derivative of this mask's base model")
+    violations, changed, trainable, readable = [], 0, 0, []
+    for name in mask.names:
+        if name not in cand:
+            if name in frozen:
+                violations.append(Violation(name, "missing from the candidate"))
+        elif tuple(cand.shape(name)) != tuple(shapes[name]):
+            violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
+        else:
+            readable.append(name)
+    for name, c in cand.stream(readable):     # the next tensor is read while this one is checked
+        if not all_finite(c):
+            raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
+                             f"fine-tune), whatever its frozen tensors hold.")
+        if name in frozen:
+            found = (_compare(name, c, base.read(name), mode, atol) if base is not None
+                     else _compare_digest(name, c, record))
+            violations += [found] if found else []
+        elif base is not None:
+            trainable += 1
+            changed += not torch.equal(c.double(), base.read(name).to(c.dtype).double())
+    violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
+                   if n not in shapes and n not in base_names]
+    violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]
+    return VerifyReport(not violations, mode, len(frozen), violations, changed if base is not None else None,
+                        trainable if base is not None else None, cand.layout, cand.bytes_read)
+
+
+def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:
+    """Exact: the candidate's bytes are the base's in the candidate's dtype (an fp16/bf16 export
+    of an untouched tensor is the base rounded to nearest even, which is deterministic).
+    Tolerance: within ``atol`` of that rounding."""
+    expected = b if c.dtype == b.dtype else b.to(c.dtype)
+    if mode == "exact":
+        if not torch.equal(c.reshape(-1).view(torch.uint8), expected.contiguous().reshape(-1).view(torch.uint8)):
+            diff = float((c.double() - b.double()).abs().max())
+            return Violation(name, "bytes differ from the base model" + ("" if c.dtype == b.dtype else
+                                                                          f" rounded to {c.dtype}"), diff)
+        return None
+    diff = float((c.double() - expected.double()).abs().max()) if c.numel() else 0.0
+    if not diff <= atol:   # also catches NaN
+        return Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} (> atol {atol:g})", diff)
+    return None
+
+
+def _compare_digest(name: str, c: torch.Tensor, record: dict) -> Violation | None:
+    stored, kind = record["dtypes"][name], dtype_name(c.dtype)
+    expected = record["digests"][name].get(kind)
+    if expected is None:
+        raise MaskError(f"{name} is stored as {c.dtype}, a precision the mask's digests do not cover; pass --model "
+                        f"BASE to compare values")
+    if digest(tensor_bytes(c), c.dtype, c.shape) != expected:
+        return Violation(name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}"))
+    return None
+
+
+def denoiser_config(model_dir) -> dict:
+    """The denoiser's config.json of a pipeline or denoiser folder."""
+    return json.loads((resolve_denoiser_dir(model_dir) / "config.json").read_text())
+
+
+def record_digests(mask: Mask, model_dir) -> Mask:
+    """The mask with its audit record (digests.py) made from the base model in ``model_dir``, which
+    must be the mask's base (its fingerprint is checked); one pass over the base, a tensor at a time."""
+    base = Checkpoint(model_dir)
+    frozen, digests, dtypes = set(mask.frozen_names), {}, {}
+
+    def keep(name, t):
+        if name in frozen:
+            digests[name], dtypes[name] = tensor_digests(t), dtype_name(t.dtype)
+    fp = base.fingerprint(visit=keep)
+    mask.check_matches([(n, torch.empty(base.shape(n), device="meta")) for n in base.names()], fp,
+                       what=str(model_dir), state_dict=True)
+    record = make_record(digests, dtypes, base.names(), denoiser_config(model_dir))
+    return Mask(mask.names, mask.shapes, mask.logits, mask.frozen, mask.base_fingerprint, {**mask.meta, "audit": record})
