@@ -209,7 +209,8 @@ def _adapted_gap(denoiser, trainable, frozen, attacker, lora_modules, draw_illeg
     for p in frozen:
         p.requires_grad_(False)
     attack.undo()
-    return {"gap": float((named - neutral).mean()), "hinge": float(hinge), "adapted_illegal_loss": float(named.mean())}
+    return {"gap": float((named - neutral).mean().detach()), "hinge": float(hinge.detach()),
+            "adapted_illegal_loss": float(named.mean().detach())}
 
 
 def _adapted_innocent(denoiser, trainable, frozen, lora_modules, draw_innocent, schedule, s, seed) -> float:
