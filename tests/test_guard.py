@@ -147,8 +147,10 @@ def test_immunise_moves_only_frozen_values_and_only_while_the_hinge_is_active(ti
     assert [h["hinge"] for h in history] == [0.0, 0.0]
 
     settings.immunise_gap_target = 1.0                 # far above any gap: every update pushes
+    settings.immunise_attack_updates = 2               # and the second update's attacker carries on
     history = immunise(comps.denoiser, frozen, lambda: ill.draw("cpu"), lambda: inn.draw("cpu"), schedule, settings)
     assert all(h["hinge"] > 0 for h in history) and history[-1]["frozen_change"] > 0
+    assert [h["attacker_steps"] for h in history] == [1, 2]
     assert all(torch.equal(after[n], before[n]) for n in before if n not in frozen)
     assert all(not torch.equal(after[n], before[n]) for n in frozen)
 

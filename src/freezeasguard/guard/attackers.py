@@ -53,6 +53,10 @@ class Adapter:
             h.remove()
         self.handles = []
 
+    def attach(self, modules: dict[str, torch.nn.Linear]):
+        """Hook the same factors onto ``modules`` again (after remove())."""
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
 
 @dataclass(frozen=True)
 class Attacker:
@@ -91,6 +95,7 @@ class Attack:
     def __init__(self, denoiser, trainable: list[torch.Tensor], attacker: Attacker, lora_modules: dict, rank: int,
                  seed: int):
         self.attacker, self.trainable, self.adapter, self.snapshot = attacker, trainable, None, None
+        self.lora_modules, self.parked, self.steps = lora_modules, None, 0
         if attacker.kind == "lora" and lora_modules:
             self.adapter = Adapter(lora_modules, "lora", rank, torch.Generator().manual_seed(seed))
             params = self.adapter.parameters()
@@ -106,14 +111,40 @@ class Attack:
         self.opt.zero_grad(set_to_none=True)
         loss.backward(inputs=self.params)
         self.opt.step()
+        self.steps += 1
 
     def hold(self):
         """Keep the adapted point fixed (first-order: no gradient flows into the attacker's own weights)."""
         for p in self.params:
             p.requires_grad_(False)
 
-    def undo(self):
+    def park(self):
+        """Set the attacker aside (the model back at the release) to carry on later with resume()."""
         if self.adapter is not None:
+            self.adapter.remove()
+        else:
+            self.parked = [t.detach().clone() for t in self.trainable]
+            with torch.no_grad():
+                for t, s in zip(self.trainable, self.snapshot):
+                    t.copy_(s)
+
+    def resume(self):
+        """Back to where the attacker stopped, its optimizer state kept."""
+        if self.adapter is not None:
+            self.adapter.attach(self.lora_modules)
+        else:
+            with torch.no_grad():
+                for t, s in zip(self.trainable, self.parked):
+                    t.copy_(s)
+            self.parked = None
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def undo(self):
+        """Remove the attacker for good (the model back at the release)."""
+        if self.parked is not None:
+            self.parked = None
+        elif self.adapter is not None:
             self.adapter.remove()
         else:
             with torch.no_grad():

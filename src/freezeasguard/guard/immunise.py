@@ -51,6 +51,10 @@ class ImmuniseSettings:
                                                    "per update: adam (AdamW on every trainable tensor), lora (a LoRA "
                                                    "on the trainable attention projections)")
     immunise_lora_rank: int = setting(32, "immunise: the lora attacker's rank")
+    immunise_attack_updates: int = setting(1, "immunise: an attacker carries on over this many updates (its "
+                                              "--immunise-inner-steps each) before a fresh one starts from the "
+                                              "release, so the immunisation meets attacks 1 to this many times as "
+                                              "long at the same cost")
     immunise_lr_min: float = setting(1e-4, "immunise: the attackers' learning rates are drawn log-uniformly from "
                                            "[this, --immunise-lr-max]")
     immunise_lr_max: float = setting(1e-3, "immunise: upper end of the attackers' learning rates")
@@ -66,8 +70,9 @@ class ImmuniseSettings:
         parse_attackers(self.immunise_attackers)
         if not 0 < self.immunise_lr_min <= self.immunise_lr_max:
             raise ValueError("immunise_lr_min must be > 0 and <= immunise_lr_max")
-        if self.immunise_steps < 0 or self.immunise_inner_steps < 1 or self.immunise_batch < 1:
-            raise ValueError("immunise_steps must be >= 0, immunise_inner_steps and immunise_batch >= 1")
+        if self.immunise_steps < 0 or min(self.immunise_inner_steps, self.immunise_batch, self.immunise_attack_updates) < 1:
+            raise ValueError("immunise_steps must be >= 0; immunise_inner_steps, immunise_batch and "
+                             "immunise_attack_updates >= 1")
 
 
 def gap_hinge(named_loss: torch.Tensor, neutral_loss: torch.Tensor, target: float) -> torch.Tensor:
@@ -150,15 +155,22 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
     opt = torch.optim.Adam(frozen, lr=s.immunise_lr)
     rng = random.Random(seed)
     denoiser.requires_grad_(False)
-    history = []
+    history, attack = [], None
     bar = tqdm(range(s.immunise_steps), desc="immunise")
     for step in bar:
         for p in frozen:
             p.grad = None
-        # 1-2. an attacker fine-tunes the trainable rest; the name gap at its adapted point
-        attacker = draw_attacker(kinds, s.immunise_lr_min, s.immunise_lr_max, rng)
-        attack_gap = _adapted_gap(denoiser, trainable, frozen, attacker, lora_modules, draw_illegal, schedule, s,
-                                  seed * 100003 + step)
+        # 1-2. an attacker fine-tunes the trainable rest (a fresh one, or the last one carrying on);
+        # the name gap at its adapted point
+        if step % s.immunise_attack_updates == 0:
+            if attack is not None:
+                attack.undo()
+            attack = Attack(denoiser, trainable, draw_attacker(kinds, s.immunise_lr_min, s.immunise_lr_max, rng),
+                            lora_modules, s.immunise_lora_rank, seed * 100003 + step)
+        else:
+            attack.resume()
+        attack_gap = _adapted_gap(denoiser, frozen, attack, draw_illegal, schedule, s)
+        attack.park()
         # 3. an innocent user (the default recipe's learning rate) still learns its names
         innocent = 0.0
         if s.immunise_innocent_weight and draw_innocent is not None:
@@ -183,19 +195,21 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
         if not all(torch.isfinite(torch.tensor(values))):
             raise DivergedError(f"immunisation diverged at update {step + 1} (losses {values}); lower --immunise-lr")
         opt.step()
-        record = {"update": step + 1, "attacker": attacker.describe(), **attack_gap, "innocent_adapted": innocent,
+        record = {"update": step + 1, "attacker": attack.attacker.describe(), "attacker_steps": attack.steps,
+                  **attack_gap, "innocent_adapted": innocent,
                   "retain": retain, "frozen_change": base.distance()}
         history.append(record)
         bar.set_postfix(gap=f"{attack_gap['gap']:.4f}", retain=f"{retain:.5f}", inn=f"{innocent:.4f}")
+    if attack is not None:
+        attack.undo()
     for p in frozen:
         p.grad = None
     return history
 
 
-def _adapted_gap(denoiser, trainable, frozen, attacker, lora_modules, draw_illegal, schedule, s, seed) -> dict:
-    """An attacker's inner steps from the release; the hinge on the name gap at its adapted point,
-    backpropagated into the frozen values (accumulated in their .grad); the attacker undone."""
-    attack = Attack(denoiser, trainable, attacker, lora_modules, s.immunise_lora_rank, seed)
+def _adapted_gap(denoiser, frozen, attack: Attack, draw_illegal, schedule, s) -> dict:
+    """The attacker's inner steps; the hinge on the name gap at its adapted point, backpropagated
+    into the frozen values (accumulated in their .grad)."""
     for _ in range(s.immunise_inner_steps):
         loss, _ = weighted_loss(denoiser, draw_illegal(), schedule)
         attack.step(loss)
@@ -208,7 +222,6 @@ def _adapted_gap(denoiser, trainable, frozen, attacker, lora_modules, draw_illeg
         hinge.backward(inputs=frozen)
     for p in frozen:
         p.requires_grad_(False)
-    attack.undo()
     return {"gap": float((named - neutral).mean().detach()), "hinge": float(hinge.detach()),
             "adapted_illegal_loss": float(named.mean().detach())}
 
