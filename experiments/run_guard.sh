@@ -37,10 +37,11 @@ for step in $steps; do
   case $step in
     tune-objectives) experiment $step "${TUNE[@]}" \
                        "methods: [full, learned, learned-identity, learned-identity+immunise, saliency, saliency-identity]" ;;
-    tune-immunise-*) # tune-immunise-KEY=VALUE,KEY=VALUE: the immunised release with other settings
+    tune-immunise-*) # tune-immunise-KEY=VALUE,KEY=VALUE: the immunised release of $MASK's mask (default
+                     # saliency) with other settings
                      kvs=$(echo "${step#tune-immunise-}" | tr ',' '\n' | sed 's/=/: /')
                      mapfile -t extra <<< "$kvs"
-                     experiment $step "${TUNE[@]}" "methods: [learned-identity+immunise]" "${extra[@]}" ;;
+                     experiment $step "${TUNE[@]}" "methods: [${MASK:-saliency}+immunise]" "${extra[@]}" ;;
     judge-cast1-clothes) experiment $step "cast_seed: 1" "innocent: [clothes]" "methods: $ALL" \
                        "attacks: [default, lr-x10, steps-x5, lora-32]" ;;
     judge-cast2-logos) experiment $step "cast_seed: 2" "innocent: [logos]" "methods: $ALL" \

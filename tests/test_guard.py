@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from freezeasguard import FinetuneConfig, Mask, MaskError, guarded_finetune, verify_checkpoint
 from freezeasguard.guard.bilevel import BilevelState, remask_
-from freezeasguard.guard.immunise import ImmuniseSettings, gap_hinge, immunise
+from freezeasguard.guard.immunise import ImmuniseSettings, gap_hinge, immunise, loss_hinge
 from freezeasguard.guard.learn import LearnConfig, _domains
 from freezeasguard.guard.mask_updates import UpdateContext, upper_dots
 from freezeasguard.methods import parse_chain, protect
@@ -45,6 +45,8 @@ def test_gap_hinge_stops_pushing_once_the_name_adds_nothing():
     assert float(gap_hinge(named, neutral, 0.0).detach()) == 0.0          # named worse than neutral: done
     gap_hinge(named, neutral, 0.5).backward()                     # target above the gap: push
     torch.testing.assert_close(named.grad, torch.tensor([-0.5, -0.5]))
+    assert float(loss_hinge(torch.tensor([0.2, 0.4]), 0.5)) == pytest.approx(0.2)
+    assert float(loss_hinge(torch.tensor([0.6, 0.8]), 0.5)) == 0.0
 
 
 def _paired_mix(tiny_sd, people, logos, comps, schedule, seed=0):
@@ -140,6 +142,7 @@ def test_immunise_moves_only_frozen_values_and_only_while_the_hinge_is_active(ti
     ill = DomainMix(mix.domains[:1], schedule, 1)
     inn = DomainMix(mix.domains[1:], schedule, 2)
     settings = ImmuniseSettings(immunise_steps=2, immunise_inner_steps=1, immunise_lr=1e-3, immunise_batch=2,
+                                immunise_objective="identity",
                                 immunise_gap_target=-1e9, immunise_retain_weight=0.0, immunise_innocent_weight=0.0)
     history = immunise(comps.denoiser, frozen, lambda: ill.draw("cpu"), lambda: inn.draw("cpu"), schedule, settings)
     after = dict(comps.denoiser.named_parameters())
@@ -168,7 +171,7 @@ def test_an_immunised_release_is_enforced_and_audited_as_any_model(tiny_sd, peop
     from the base only in frozen tensors; its mask is the release's (the base no longer matches);
     a guarded fine-tune of the release passes verify, one frozen value moved does not."""
     settings = ProtectSettings(budget="params", immunise_steps=2, immunise_inner_steps=1, immunise_batch=2,
-                               immunise_lr=1e-3, immunise_gap_target=1.0)
+                               immunise_lr=1e-3, immunise_loss_target=10.0)
     chosen = protect("largest+immunise", tiny_sd, people, [logos], ["Mara Quell"], 0.3, tmp_path / "protect",
                      settings, device="cpu")
     release, mask = chosen.model, chosen.mask

@@ -7,10 +7,10 @@ trainable weights are fine-tuned away). Each outer update here:
   1. a simulated attacker (AdamW on every trainable tensor, or a LoRA on the trainable attention
      projections; learning rate drawn from a range) fine-tunes the release on the illegal data
      for a few steps, the frozen values held;
-  2. at that adapted point, the name gap g = L(caption) - L(caption with the name replaced by its
-     class phrase), same latents, noise and time, is pushed up to a target by a hinge,
-     relu(target - g): once the name adds nothing the push stops, so nothing rewards breaking
-     people in general (the plain loss would: see docs/guard.md);
+  2. at that adapted point, its loss on the illegal photos (or, with the identity objective, the
+     name gap g = L(caption) - L(caption with the name replaced by its class phrase), same latents,
+     noise and time) is pushed up to a target by a hinge, relu(target - value): a bounded ascent
+     that stops once the attacker is held there, so nothing rewards breaking the model further;
   3. the attacker is undone; an innocent user fine-tunes the release on the innocent data the
      same way, and its paired loss (plain + name gap) at its adapted point is pushed down;
   4. the release's own predictions on neutral and innocent captions are pulled to the base's
@@ -58,8 +58,15 @@ class ImmuniseSettings:
     immunise_lr_min: float = setting(1e-4, "immunise: the attackers' learning rates are drawn log-uniformly from "
                                            "[this, --immunise-lr-max]")
     immunise_lr_max: float = setting(1e-3, "immunise: upper end of the attackers' learning rates")
-    immunise_gap_target: float = setting(0.0, "immunise: the attacker's name gap (loss under the name minus loss "
-                                              "under the class phrase) is pushed up to this and no further")
+    immunise_objective: str = setting("diffusion", "immunise: what is pushed up at the attacker's adapted point: "
+                                                   "diffusion (its loss on the illegal photos, up to "
+                                                   "--immunise-loss-target) or identity (the name gap: loss under the "
+                                                   "name minus loss under the class phrase, up to "
+                                                   "--immunise-gap-target)", choices=("diffusion", "identity"))
+    immunise_loss_target: float = setting(0.3, "immunise, diffusion objective: the attacker's illegal loss is pushed "
+                                               "up to this and no further")
+    immunise_gap_target: float = setting(0.0, "immunise, identity objective: the attacker's name gap is pushed up to "
+                                              "this and no further")
     immunise_retain_weight: float = setting(10.0, "immunise: weight of keeping the release's predictions on "
                                                   "neutral and innocent captions those of the base")
     immunise_innocent_weight: float = setting(1.0, "immunise: weight of an innocent user's paired loss after its "
@@ -68,6 +75,8 @@ class ImmuniseSettings:
 
     def check_immunise(self):
         parse_attackers(self.immunise_attackers)
+        if self.immunise_objective not in ("diffusion", "identity"):
+            raise ValueError(f"immunise_objective {self.immunise_objective!r}: use diffusion or identity")
         if not 0 < self.immunise_lr_min <= self.immunise_lr_max:
             raise ValueError("immunise_lr_min must be > 0 and <= immunise_lr_max")
         if self.immunise_steps < 0 or min(self.immunise_inner_steps, self.immunise_batch, self.immunise_attack_updates) < 1:
@@ -78,6 +87,11 @@ class ImmuniseSettings:
 def gap_hinge(named_loss: torch.Tensor, neutral_loss: torch.Tensor, target: float) -> torch.Tensor:
     """relu(target - mean name gap): zero (and no gradient) once the name adds no more than ``target``."""
     return F.relu(target - (named_loss - neutral_loss).mean())
+
+
+def loss_hinge(loss: torch.Tensor, target: float) -> torch.Tensor:
+    """relu(target - mean loss): a bounded ascent, zero once the attacker's loss reaches ``target``."""
+    return F.relu(target - loss.mean())
 
 
 def paired_losses(denoiser, batch: LocalBatch, schedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +231,10 @@ def _adapted_gap(denoiser, frozen, attack: Attack, draw_illegal, schedule, s) ->
     for p in frozen:
         p.requires_grad_(True)
     named, neutral = paired_losses(denoiser, draw_illegal(), schedule)
-    hinge = gap_hinge(named, neutral, s.immunise_gap_target)
+    if s.immunise_objective == "identity":
+        hinge = gap_hinge(named, neutral, s.immunise_gap_target)
+    else:
+        hinge = loss_hinge(named, s.immunise_loss_target)
     if hinge.requires_grad:
         hinge.backward(inputs=frozen)
     for p in frozen:
