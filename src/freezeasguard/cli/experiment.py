@@ -135,7 +135,7 @@ def _add_demo_parser(sub):
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     _add_world_flags(p)
     p.add_argument("--baselines", action="store_true",
-                   help="also run UCE and IMMA (about twice as long)")
+                   help="also run " + ", ".join(DEMO_EXTRA_METHODS) + " (about 1.5 times as long)")
     p.add_argument("--budget", choices=BUDGETS, default="params",
                    help="what the ratio counts. params (default): every freezing method freezes the same share of "
                         "parameters, the comparison at an equal cost, plus the paper's budget as a second table; "
@@ -266,16 +266,20 @@ FRONTIER_RATIOS = [0.1, 0.2, 0.3, 0.5, 0.7]
 # the demo's short sweep: no protection is read without its weakest point (a larger learning rate,
 # more steps, a LoRA on what the mask leaves trainable)
 DEMO_ATTACKS = ["default", "lr-x10", "steps-x5", "lora-32"]
-FREEZING_BASELINES = ["saliency", "random", "largest"]
+# the demo's methods at an equal share of parameters: the paper's objective, the identity objective
+# and its immunised release, the freezing baselines, IMMA (all weights, nothing frozen) and Full FT
+DEMO_METHODS = ["full", "learned", "learned-identity", "learned-identity+immunise", "saliency", "random", "imma"]
+# --baselines adds the rest of the registry's comparisons
+DEMO_EXTRA_METHODS = ["largest", "saliency-identity", "saliency+immunise", "uce"]
 
 
 def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
                 workers=None, budget="params", ratios=None, methods=None, attacks=None) -> ExperimentConfig:
     """The demo's experiment: at a share of parameters every freezing method runs; at the paper's
     share of tensors FreezeAsGuard and Random (the paper's Table 2)."""
-    methods = methods or ["full", "learned"] + (FREEZING_BASELINES if budget == "params" else ["random"])
+    methods = methods or (list(DEMO_METHODS) if budget == "params" else ["full", "learned", "random"])
     if baselines:
-        methods += ["uce", "imma"]
+        methods += [m for m in DEMO_EXTRA_METHODS + ["imma"] if m not in methods]
     n_seeds = seeds or (1 if quick else 3)
     return ExperimentConfig(**{**DEMO, **(QUICK if quick else {})}, preset="demo", out=str(out), cast_seed=cast_seed,
                             innocent=[innocent], seeds=list(range(n_seeds)),
@@ -298,7 +302,7 @@ def cmd_demo(args) -> int:
     attacks = list(dict.fromkeys(["default"] + [a.strip() for a in args.attacks.split(",") if a.strip()]))
     cfg = demo_config(out, ratio=args.ratio, baselines=args.baselines, budget=args.budget, attacks=attacks, **common)
     Runner(cfg).run()
-    print((out / "results.md").read_text())
+    print((out / "results.md").read_text())      # its first line is the verdict
     if args.budget == "params":
         # the paper's budget, labelled as such: FreezeAsGuard and Random at a share of tensors
         paper = demo_config(out / "tensor-budget", ratio=args.ratio, budget="tensors", methods=["learned", "random"],

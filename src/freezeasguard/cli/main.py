@@ -351,6 +351,11 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # the libraries' notices a user cannot act on (transformers: "requires torchvision ... falling
+        # back to ...Pil"; diffusers: "No LoRA keys associated to CLIPTextModel") stay off the screen
+        for library in ("transformers", "diffusers"):
+            logging.getLogger(library).setLevel(logging.ERROR)
     try:
         return {**COMMANDS, **MASK_COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
     except KeyboardInterrupt:

@@ -79,7 +79,11 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
         cols.insert(first + 1, ("people", "worst", f"{cols[first][2]} worst of {len(cfg.attacks)} recipes (which)"))
     named = {r["domain"]: r["subject"] for r in rows if r["domain"] != "people" and r.get("subject")}
     innocent = ", ".join(d + (f" ({named[d]})" if d in named else "") for d in cfg.innocent)
-    lines = [f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {innocent}; "
+    said = verdict(summary, cfg)
+    if said:
+        atomic_write_text(root / "verdict.txt", said + "\n")
+    lines = ([f"Verdict: {said}", ""] if said else []) + [
+             f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {innocent}; "
              f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += _table_rows([k for k in keys if k[2] == "default" or k[0] == "pretrained"], cols, cell, worst, cfg, False)
@@ -99,6 +103,41 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     if len(cfg.ratios) > 1:
         write_frontier(root, summary, cfg)
     return "\n".join(lines)
+
+
+def verdict(summary: list[dict], cfg) -> str | None:
+    """One sentence a publisher reads first: the guard whose worst recipe lets the fewest portraits
+    through, beside Full FT, the innocent subject it keeps and what its release draws untouched.
+    None where the run has no portraits recognised or no Full FT to compare with."""
+    cell = {(s["method"], s["ratio"], s["attack"], s["domain"], s["metric"]): s["mean"] for s in summary}
+    full = cell.get(("full", 0.0, "default", "people", "identity_recognition"))
+    guards = sorted({(s["method"], s["ratio"]) for s in summary if s["method"] not in ("pretrained", "full")})
+    if full is None or not guards:
+        return None
+    domain = cfg.innocent[0] if cfg.innocent else None
+
+    def worst(key):
+        found = [(v, a) for (m, r, a, d, me), v in cell.items()
+                 if (m, r) == key and d == "people" and me == "identity_recognition"]
+        return max(found) if found else (None, None)
+    scored = [(worst(k), k) for k in guards if worst(k)[0] is not None]
+    if not scored:
+        return None
+    (forged, attack), best = min(scored, key=lambda x: (x[0][0], cell.get((*x[1], "default", "people",
+                                                                            "identity_recognition"), 1.0)))
+    default = cell.get((*best, "default", "people", "identity_recognition"))
+    share = f"{best[1]:.0%} of the {'parameters' if cfg.budget == 'params' else 'tensors'}" if best[1] else "no freezing"
+    said = (f"the best guard here, {method_label(best[0], best[1], cfg.budget)} ({share}), lets {forged:.0%} of "
+            f"forged portraits through under the attacker's best recipe ({attack}; {default:.0%} under the default "
+            f"one), against {full:.0%} with no guard (Full FT)")
+    innocent = cell.get((*best, "default", domain, "subject_recognition"))
+    full_innocent = cell.get(("full", 0.0, "default", domain, "subject_recognition"))
+    if innocent is not None and full_innocent is not None:
+        said += f"; innocent {domain} subjects are still learned {innocent:.0%} of the time (Full FT: {full_innocent:.0%})"
+    prior, base = (cell.get((*k, "default", "release", "prior_trait_accuracy")) for k in (best, ("pretrained", 0.0)))
+    if prior is not None and base is not None:
+        said += f"; its release draws untouched people with {prior:.0%} of traits right (the base: {base:.0%})"
+    return said[0].upper() + said[1:] + "."
 
 
 def worst_metric(summary: list[dict]) -> str | None:

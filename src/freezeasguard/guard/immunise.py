@@ -258,4 +258,4 @@ def _adapted_innocent(denoiser, trainable, frozen, lora_modules, draw_innocent, 
     for p in frozen:
         p.requires_grad_(False)
     user.undo()
-    return float(value)
+    return float(value.detach())
