@@ -30,7 +30,7 @@ experiment() {   # experiment NAME KEY: VALUE ...: a run at 30% of the parameter
   $fag experiment $runs/$name.yaml
 }
 TUNE=("cast_seed: 0" "innocent: [logos]" "seeds: [0]" "attacks: [default, lr-x10]")
-ALL="[full, learned, learned-identity, learned-identity+immunise, saliency, saliency-identity, random, imma]"
+ALL="[full, learned, learned-identity, learned-identity+immunise, saliency, saliency+immunise, random, imma]"
 steps=${*:-tune-objectives}
 for step in $steps; do
   start=$(date +%s)

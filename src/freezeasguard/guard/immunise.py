@@ -51,7 +51,7 @@ class ImmuniseSettings:
                                                    "per update: adam (AdamW on every trainable tensor), lora (a LoRA "
                                                    "on the trainable attention projections)")
     immunise_lora_rank: int = setting(32, "immunise: the lora attacker's rank")
-    immunise_attack_updates: int = setting(1, "immunise: an attacker carries on over this many updates (its "
+    immunise_attack_updates: int = setting(4, "immunise: an attacker carries on over this many updates (its "
                                               "--immunise-inner-steps each) before a fresh one starts from the "
                                               "release, so the immunisation meets attacks 1 to this many times as "
                                               "long at the same cost")
