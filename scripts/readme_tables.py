@@ -32,7 +32,7 @@ def fill(text: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="*", default=["README.md", "docs/experiments.md", "docs/algorithm.md", "docs/audit.md",
+    ap.add_argument("files", nargs="*", default=["README.md", "docs/guard.md", "docs/experiments.md", "docs/algorithm.md", "docs/audit.md",
                                                     "benchmarks/RESULTS.md"])
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
