@@ -153,16 +153,23 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     methods = {s["method"] for s in summary["summary"]}
-    assert methods == {"pretrained", "full", "learned", "saliency", "random", "largest"}
+    assert methods == {"pretrained", "full", "learned", "learned-identity", "learned-identity+immunise", "saliency",
+                       "random", "imma"}
     assert 0 <= summary["sanity"]["prior_trait_accuracy"] <= 1
     table = (tmp_path / "demo" / "results.md").read_text()
     assert "FreezeAsGuard-30% params" in table and "Logos brand recognised" in table
+    # the verdict first, naming a guard and Full FT; every method's release prior (the base's where it releases the base)
+    verdict = (tmp_path / "demo" / "verdict.txt").read_text().strip()
+    assert table.startswith(f"Verdict: {verdict}") and "Full FT" in verdict and "Release prior" in table
+    priors = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "prior_trait_accuracy"}
+    assert priors["saliency"] == priors["pretrained"] == summary["sanity"]["prior_trait_accuracy"]
+    assert set(priors) == methods
     # the short sweep's worst case beside the default recipe, for every method that fine-tunes
     assert "worst of 4 recipes" in table and {r["attack"] for r in summary["summary"]} == {
         "default", "lr-x10", "steps-x5", "lora-32"}
     # every freezing method froze the same share of parameters (at most 30%, short by less than a tensor)
     shares = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_param_fraction"
-              and s["method"] not in ("full",)}
+              and s["method"] not in ("full", "imma")}
     assert all(0.25 <= v <= 0.3 for v in shares.values()), shares
     # the innocent user fine-tuned on the world's brand, and the untouched model was judged on it too
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -181,7 +188,8 @@ def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
     args = build_parser().parse_args(["demo"])
     assert args.budget == "params" and not args.frontier
     cfg = demo_config(tmp_path / "d")
-    assert cfg.methods == ["full", "learned", "saliency", "random", "largest"] and cfg.budget == "params"
+    assert cfg.methods == ["full", "learned", "learned-identity", "learned-identity+immunise", "saliency", "random",
+                           "imma"] and cfg.budget == "params"
     assert demo_config(tmp_path / "t", budget="tensors").methods == ["full", "learned", "random"]
     assert all(getattr(cfg, k) == v for k, v in DEMO.items())
     yaml_path = tmp_path / "c.yaml"
@@ -238,11 +246,13 @@ def test_quick_frontier_writes_one_curve_per_freezing_method(tmp_path, capsys):
     curves = {}
     for p in result["points"]:
         curves.setdefault(p["method"], []).append(p["ratio"])
-    assert curves == {"pretrained": [0.0], "full": [0.0], "learned": [0.1, 0.5], "saliency": [0.1, 0.5],
-                      "random": [0.1, 0.5], "largest": [0.1, 0.5]}
+    assert curves == {"pretrained": [0.0], "full": [0.0], "learned": [0.1, 0.5], "learned-identity": [0.1, 0.5],
+                      "learned-identity+immunise": [0.1, 0.5], "saliency": [0.1, 0.5], "random": [0.1, 0.5],
+                      "imma": [0.0]}
     frozen = {(p["method"], p["ratio"]): p["frozen_params"] for p in result["points"] if p["ratio"]}
     assert all(r - 0.06 <= f <= r for (_, r), f in frozen.items()), frozen
-    assert set(result["operating_points"]) == {"learned", "saliency", "random", "largest"}
+    assert set(result["operating_points"]) == {"learned", "learned-identity", "learned-identity+immunise", "saliency",
+                                               "random"}
     assert (out / "frontier.png").stat().st_size > 0 and "Operating point" in capsys.readouterr().out
 
 
