@@ -202,7 +202,7 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
             pred = model_prediction(denoiser, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
             loss = F.mse_loss(pred.float(), target.float())
             (s.immunise_retain_weight * loss).backward(inputs=frozen)
-            retain += float(loss)
+            retain += float(loss.detach())
         for p in frozen:
             p.requires_grad_(False)
         values = [attack_gap["hinge"], innocent, retain]
