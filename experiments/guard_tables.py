@@ -2,7 +2,8 @@
 - guard-variants/variants.md: on cast 0 (where settings are picked), the immunised release's variants
   beside the masks they start from, under the default recipe and 10x the learning rate;
 - guard-judged/judged.md: on the casts nobody tuned on, every method by the default recipe and its
-  worst of four, the innocent subject, the release's own prior, and each target of the study checked.
+  worst of four, the innocent subject and the release's own prior; targets.md: each target of the
+  study checked per cast and method.
 
     python experiments/guard_tables.py
 
@@ -130,14 +131,15 @@ def main(argv=None):
         for method in table:
             if method not in ("pretrained", "full"):
                 checks += [line.replace("| ", f"| {folder.split('-', 2)[-1]} · ", 1) for line in targets(method, table)]
-    if checks:
-        judged += ["Targets, per cast and method:", "", "| cast · method | target | | measured |", "|---|---|---|---|",
-                   *checks]
     out = RESULTS / "guard-judged"
     out.mkdir(parents=True, exist_ok=True)
     (out / "judged.md").write_text("\n".join(judged) + "\n")
+    targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads are the larger "
+                  "of the two methods' std over seeds):", "", "| cast · method | target | | measured |",
+                  "|---|---|---|---|", *checks]
+    (out / "targets.md").write_text("\n".join(targets_md) + "\n")
     (out / "judged.json").write_text(json.dumps(data, indent=1))
-    print("\n".join(judged))
+    print("\n".join(judged + [""] + targets_md))
 
 
 if __name__ == "__main__":

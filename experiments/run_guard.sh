@@ -37,6 +37,9 @@ for step in $steps; do
   case $step in
     tune-objectives) experiment $step "${TUNE[@]}" \
                        "methods: [full, learned, learned-identity, learned-identity+immunise, saliency, saliency-identity]" ;;
+    tune-dreambooth) # does a forger who keeps DreamBooth's prior loss bind the name? (experiments/name_binding.py)
+                     experiment $step "cast_seed: 0" "innocent: [logos]" "seeds: [0]" "attacks: [dreambooth]" \
+                       "methods: [full, learned, learned-identity]" ;;
     tune-immunise-*) # tune-immunise-KEY=VALUE,KEY=VALUE: the immunised release of $MASK's mask (default
                      # saliency) with other settings
                      kvs=$(echo "${step#tune-immunise-}" | tr ',' '\n' | sed 's/=/: /')
