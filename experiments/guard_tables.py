@@ -14,6 +14,8 @@ from pathlib import Path
 
 from learner_variants import cell, fmt
 
+from freezeasguard.methods import method_label
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
@@ -81,7 +83,8 @@ def judged_table(folder: str) -> tuple[list[str], dict]:
                "innocent": cell(rows, method, "subject_recognition", domain),
                "prior": cell(rows, method, "prior_trait_accuracy", "release")}
         out[method] = row
-        lines.append(f"| {method} | {fmt(row['default'])} | {fmt(w)} ({attack}) | {fmt(row['innocent'])} | "
+        lines.append(f"| {method_label(method, 0.3, 'params')} | {fmt(row['default'])} | {fmt(w)} ({attack}) | "
+                     f"{fmt(row['innocent'])} | "
                      f"{fmt(row['prior'])} |")
     base = cell(rows, "pretrained", "prior_trait_accuracy", "release")
     out["pretrained"] = {"prior": base}
@@ -109,7 +112,8 @@ def targets(method: str, table: dict) -> list[str]:
     if m["prior"] and base["prior"]:
         checks.append(("release prior within 2 points of the base", m["prior"]["mean"] >= base["prior"]["mean"] - 0.02,
                        f"{m['prior']['mean']:.3f} vs {base['prior']['mean']:.3f}"))
-    return [f"| {method} | {name} | {'met' if ok else 'missed'} | {detail} |" for name, ok, detail in checks]
+    label = method_label(method, 0.3, "params")
+    return [f"| {label} | {name} | {'met' if ok else 'missed'} | {detail} |" for name, ok, detail in checks]
 
 
 def main(argv=None):
