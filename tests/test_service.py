@@ -369,3 +369,132 @@ def test_with_a_redis_queue_a_worker_in_another_process_runs_the_job(tiny_sd, pe
             assert client.get(f"/jobs/{job['id']}/result", headers=auth(key)).status_code == 200
     finally:
         redis.kill()
+
+
+class RedisServer:
+    """A real redis-server on loopback without persistence (Debian's package), restartable empty."""
+
+    def __init__(self):
+        import shutil
+        import socket
+        self.binary = shutil.which("redis-server")
+        assert self.binary, "install Debian's redis-server (apt-get install -y redis-server)"
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url, self.process = f"redis://127.0.0.1:{self.port}/0", None
+        self.start()
+
+    def start(self):
+        import socket
+        import subprocess
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def restart_empty(self):
+        """A crash without persistence, or a failover to an empty replica: everything Redis held is gone."""
+        self.process.kill()
+        self.process.wait(10)
+        self.start()
+
+    def stop(self):
+        self.process.kill()
+        self.process.wait(10)
+
+
+def _until(condition, timeout=60.0, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _burst_worker(root, url):
+    import os
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "freezeasguard.cli", "worker", "--root", str(root), "--queue", url,
+                           "--burst"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=600)
+
+
+@pytest.mark.slow
+def test_jobs_redis_forgot_are_queued_again_within_the_period_never_twice_and_run(tiny_sd, people, tmp_path):
+    from freezeasguard.service.jobs import reconcile, redis_queue
+
+    redis = RedisServer()
+    try:
+        mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+        root = tmp_path / "svc"
+        settings = ServiceConfig(root=str(root), model=str(tiny_sd), mask=str(mask), queue=redis.url,
+                                 reconcile_every=0.3)
+        store = Store(root / "service.db")
+        key = store.add_tenant("alice")
+        queue = redis_queue(redis.url)
+        with TestClient(create_app(settings)) as client:
+            ds = upload(client, key, zip_folder(people)).json()
+            jobs = [client.post("/jobs", headers=auth(key), json={"dataset": ds["id"], "steps": 3, "batch_size": 2}
+                                ).json()["id"] for _ in range(2)]
+            assert queue.count == 2
+            redis.restart_empty()
+            assert redis_queue(redis.url).count == 0
+            _until(lambda: queue.count == 2, 30, "the reconciler to queue both jobs again")
+            time.sleep(1.0)                                  # more periods pass: nothing is queued a second time
+            assert queue.count == 2 and reconcile(store, queue, root) == []
+            worker = _burst_worker(root, redis.url)
+            assert worker.returncode == 0, worker.stderr[-3000:]
+            for job_id in jobs:
+                done = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+                assert done["state"] == "done" and done["verify"]["compliant"], done
+    finally:
+        redis.stop()
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_died_while_redis_lost_its_registries_runs_again_to_the_end(tiny_sd, people, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from freezeasguard.service.jobs import redis_queue
+
+    redis = RedisServer()
+    worker = None
+    try:
+        mask = Mask.random(list(load_denoiser_state(tiny_sd).items()), 0.3, seed=5).save(tmp_path / "mask.safetensors")
+        root = tmp_path / "svc"
+        settings = ServiceConfig(root=str(root), model=str(tiny_sd), mask=str(mask), queue=redis.url,
+                                 reconcile_every=0.3, checkpoint_every=5)
+        store = Store(root / "service.db")
+        key = store.add_tenant("alice")
+        with TestClient(create_app(settings)) as client:
+            ds = upload(client, key, zip_folder(people)).json()
+            job_id = client.post("/jobs", headers=auth(key), json={"dataset": ds["id"], "steps": 300,
+                                                                   "batch_size": 2}).json()["id"]
+            worker = subprocess.Popen([sys.executable, "-m", "freezeasguard.cli", "worker", "--root", str(root),
+                                       "--queue", redis.url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
+            _until(lambda: (store.job(job_id) or {}).get("step", 0) >= 10, 300, "the worker to be running the job")
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(10)
+            redis.restart_empty()
+            assert store.job(job_id)["state"] == "running"     # what the database still believes
+            queue = redis_queue(redis.url)
+            _until(lambda: queue.count == 1, 30, "the reconciler to queue the job again")
+            finished = _burst_worker(root, redis.url)
+            assert finished.returncode == 0, finished.stderr[-3000:]
+            done = client.get(f"/jobs/{job_id}", headers=auth(key)).json()
+            assert done["state"] == "done" and done["step"] == 300 and done["verify"]["compliant"], done
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        redis.stop()

@@ -34,7 +34,8 @@ from freezeasguard.io import atomic_write_json
 from freezeasguard.guard.mask import Mask
 from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
 from freezeasguard.synthetic import TINY_SD
-from freezeasguard.service.jobs import SETTINGS_FILE, Worker, file_hashes, redis_queue, run_queued_job, verify_output
+from freezeasguard.service.jobs import (SETTINGS_FILE, Reconciler, Worker, enqueue, file_hashes, reconcile, redis_queue,
+                                        verify_output)
 from freezeasguard.service.settings import ServiceConfig
 from freezeasguard.service.store import ACTIVE, TERMINAL, Store
 from freezeasguard.service.uploads import UploadError, check_dataset, dataset_root, unpack, write_loose
@@ -84,7 +85,7 @@ class Service:
 
     def enqueue(self, job_id: str):
         if self.queue is not None:
-            self.queue.enqueue(run_queued_job, str(self.root), job_id, job_timeout=-1)
+            enqueue(self.queue, self.root, job_id)
 
 
 def create_app(settings: ServiceConfig | None = None, start_worker: bool = True) -> FastAPI:
@@ -104,16 +105,20 @@ def create_app(settings: ServiceConfig | None = None, start_worker: bool = True)
     svc = Service(s, root, model, mask_path, store, redis_queue(s.queue) if s.queue else None)
     requeued = store.requeue_interrupted()
     if svc.queue is not None:       # the jobs a killed server left running go to the workers again
-        for job in store.queued():
-            svc.enqueue(job["id"])
+        reconcile(store, svc.queue, root)
     worker = Worker(store, model, mask_path, root, s.checkpoint_every)
+    reconciler = Reconciler(store, svc.queue, root, s.reconcile_every) if svc.queue is not None else None
 
     @asynccontextmanager
     async def lifespan(app):
         if start_worker and svc.queue is None:
             worker.start()
+        if reconciler is not None:
+            reconciler.start()
         yield
         worker.stop()
+        if reconciler is not None:
+            reconciler.stop()
 
     app = FastAPI(title="freezeasguard fine-tuning service", lifespan=lifespan,
                   description="Guarded fine-tuning of the publisher's model under its mask; only results that "

@@ -88,6 +88,53 @@ def redis_queue(url: str):
     return Queue(QUEUE_NAME, connection=Redis.from_url(url), serializer=JSONSerializer)
 
 
+def rq_job_id(job_id: str) -> str:
+    """The job's id in Redis, fixed by the service's id: a job is in the queue at most once."""
+    return f"freezeasguard-{job_id}"
+
+
+def enqueue(queue, root: Path, job_id: str) -> bool:
+    """Put the job in the Redis queue unless Redis already holds it (checked and written in one
+    atomic step by RQ's unique enqueue); True when it was put there now."""
+    from rq.exceptions import DuplicateJobError
+
+    try:
+        queue.enqueue_call(run_queued_job, args=(str(root), job_id), timeout=-1, job_id=rq_job_id(job_id), unique=True)
+    except DuplicateJobError:
+        return False
+    return True
+
+
+def reconcile(store: Store, queue, root: Path) -> list[str]:
+    """Queued and running jobs of the service's database that Redis no longer holds (it restarted
+    without persistence, a failover reached an empty replica) go to the queue again; each at most
+    once, since Redis refuses a second job of the same id. Returns the ids put back."""
+    back = [job["id"] for job in store.active() if enqueue(queue, root, job["id"])]
+    if back:
+        logger.warning("Redis had lost %d queued or running job(s); put back in the queue: %s", len(back),
+                       ", ".join(back))
+    return back
+
+
+class Reconciler(threading.Thread):
+    """Runs reconcile() every ``period`` seconds while the server runs."""
+
+    def __init__(self, store: Store, queue, root: Path, period: float):
+        super().__init__(daemon=True, name="freezeasguard-reconciler")
+        self.store, self.queue, self.root, self.period = store, queue, Path(root), period
+        self.stopping = threading.Event()
+
+    def run(self):
+        while not self.stopping.wait(self.period):
+            try:
+                reconcile(self.store, self.queue, self.root)
+            except Exception as exc:      # Redis down for a while: say so and try again next period
+                logger.warning("could not reconcile the queue with Redis (%s); trying again in %gs", exc, self.period)
+
+    def stop(self):
+        self.stopping.set()
+
+
 def run_queued_job(root: str, job_id: str) -> str:
     """What an RQ worker runs: the job by id, with the model, mask and checkpointing the server
     recorded in ROOT/service.json. A job cancelled while queued is skipped."""

@@ -25,5 +25,8 @@ class ServiceConfig:
     queue: str | None = setting(None, "redis://host:port/db: jobs go to this Redis queue (RQ) for `freezeasguard "
                                       "worker` processes, on this or other machines sharing --root; none: one "
                                       "worker thread in the server")
+    reconcile_every: float = setting(20.0, "with --queue: seconds between checks that Redis still holds every "
+                                           "queued and running job (one it lost, e.g. restarted without "
+                                           "persistence, is queued again, never twice)")
     host: str = setting("127.0.0.1", "address to listen on")
     port: int = setting(8000, "port to listen on")

@@ -107,6 +107,12 @@ class Store:
             rows = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created").fetchall()
         return [_job(r) for r in rows]
 
+    def active(self) -> list[dict]:
+        """Queued and running jobs, oldest first."""
+        with self.connect() as db:
+            rows = db.execute("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY created").fetchall()
+        return [_job(r) for r in rows]
+
     def next_queued(self) -> dict | None:
         with self.connect() as db:
             row = db.execute("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created LIMIT 1").fetchone()
