@@ -434,3 +434,37 @@ def test_a_learned_mask_carries_its_digests_and_audits_without_the_base(tiny_sd,
     assert verify_checkpoint(None, out, tiny_sd).compliant                 # the base itself
     report = verify_checkpoint(None, out, warm_start)                      # full fine-tuning moved frozen tensors
     assert not report.compliant and {v.name for v in report.violations} <= set(mask.frozen_names)
+
+
+@pytest.mark.slow
+def test_the_hub_recipe_files_each_upload_by_its_verdict_and_keeps_every_file(tiny_sd, audit_setup, tmp_path):
+    """examples/hub-audit.sh (docs/audit.md) as cron runs it: uploads in incoming/ are audited with the
+    mask alone and moved, none lost, into a folder per verdict; a second pass with nothing new does nothing."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, base, mask, _, recorded, _ = audit_setup
+    root = tmp_path / "hub"
+    (root / "incoming").mkdir(parents=True)
+    save_file({n: t.contiguous() for n, t in base.items()}, str(root / "incoming" / "same.safetensors"))
+    moved = dict(base)
+    frozen = mask.frozen_names[0]
+    moved[frozen] = moved[frozen] + 1e-3
+    save_file({n: t.contiguous() for n, t in moved.items()}, str(root / "incoming" / "moved.safetensors"))
+    (root / "incoming" / "junk.safetensors").write_bytes(b"not a safetensors file")
+    script = Path(__file__).resolve().parents[1] / "examples" / "hub-audit.sh"
+    command = shutil.which("freezeasguard", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for _ in range(2):
+        r = subprocess.run(["bash", str(script), str(root), str(recorded), command], capture_output=True, text=True,
+                           env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    filed = {p.name: p.parent.name for p in root.glob("*/*.safetensors")}
+    assert filed == {"same.safetensors": "compliant", "moved.safetensors": "violations",
+                     "junk.safetensors": "unreadable"}
+    (report,) = list((root / "reports").glob("*.json"))
+    rows = {row["file"]: row for row in json.loads(report.read_text())["uploads"]}
+    assert rows["moved.safetensors"]["first_violation"].startswith(frozen)
