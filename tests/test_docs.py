@@ -31,3 +31,8 @@ def test_every_local_link_and_image_in_the_docs_exists():
             if "://" in target:
                 continue
             assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links {target}, which does not exist"
+
+
+def test_the_readme_is_a_manual_of_at_most_250_lines():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; long write-ups go under docs/"
