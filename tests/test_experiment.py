@@ -315,3 +315,19 @@ def test_generic_people_join_the_mask_learning_innocent_data_only_when_asked(tmp
     assert sum(c.startswith("a logo of ") for c in logos) == 3        # every other one names a publisher's brand
     with pytest.raises(ValueError, match="only the built-in world"):
         ExperimentConfig(out=str(tmp_path / "x"), mask_generic_people=True, people_data=str(tmp_path))
+
+
+def test_timings_sum_each_kind_of_stage_and_name_each_protection(tmp_path):
+    from freezeasguard.experiment.runner import write_timings
+    for name, seconds in [("finetune-full-0-s0-people-A", 2.5), ("finetune-full-0-s1-people-A", 1.5),
+                          ("eval-full-0-s0-A", 0.5), ("generate-images_full-0-s0-A", 4.0)]:
+        (tmp_path / "stages").mkdir(exist_ok=True)
+        (tmp_path / "stages" / f"{name}.done.json").write_text(json.dumps({"result": None, "seconds": seconds}))
+    (tmp_path / "protect" / "learned").mkdir(parents=True)
+    (tmp_path / "protect" / "learned" / "done-0.3.json").write_text(json.dumps({"mask": "m", "seconds": 12.0}))
+    result = write_timings(tmp_path)
+    assert result["by_kind"] == {"finetune": {"seconds": 4.0, "stages": 2}, "eval": {"seconds": 0.5, "stages": 1},
+                                 "generate": {"seconds": 4.0, "stages": 1}}
+    assert result["protections"] == {"learned/done-0.3": 12.0}
+    assert result["slowest_stages"][0] == {"stage": "generate-images_full-0-s0-A", "seconds": 4.0}
+    assert json.loads((tmp_path / "timings.json").read_text()) == result

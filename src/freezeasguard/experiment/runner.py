@@ -245,6 +245,7 @@ class Runner:
             rows = [r for job in baseline + jobs for r in self.run_job(*job)]
         rows += self.release_priors(sanity)
         write_report(self.root, rows, sanity, self.subjects, cfg, self.add_elapsed(time.time() - t0))
+        write_timings(self.root)
         return rows
 
     def release_priors(self, sanity: dict) -> list[dict]:
@@ -384,6 +385,32 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
                 bar.update()
         bar.close()
     return [r for i in range(len(jobs)) for r in results[i]]
+
+
+def stage_kind(name: str) -> str:
+    """What a stage's name says it did: data, finetune, generate, eval, sanity, prior."""
+    return name.split("-", 1)[0]
+
+
+def write_timings(root: Path) -> dict:
+    """Where an experiment's time went (timings.json): seconds per kind of stage and per protection,
+    summed over every run of the folder (a resumed run's finished stages keep their first time).
+    With several workers the sums exceed the wall time: they are CPU-process seconds."""
+    kinds: dict[str, dict] = {}
+    stages = []
+    for marker in sorted((root / "stages").glob("*.done.json")):
+        name, seconds = marker.name.removesuffix(".done.json"), json.loads(marker.read_text()).get("seconds", 0.0)
+        entry = kinds.setdefault(stage_kind(name), {"seconds": 0.0, "stages": 0})
+        entry["seconds"] += seconds
+        entry["stages"] += 1
+        stages.append((seconds, name))
+    protections = {str(m.parent.relative_to(root / "protect")) + "/" + m.name.removesuffix(".json"):
+                   json.loads(m.read_text()).get("seconds") for m in sorted((root / "protect").glob("*/done*.json"))}
+    result = {"by_kind": {k: {"seconds": round(v["seconds"], 1), "stages": v["stages"]} for k, v in kinds.items()},
+              "protections": protections,
+              "slowest_stages": [{"stage": n, "seconds": round(s, 1)} for s, n in sorted(stages, reverse=True)[:15]]}
+    atomic_write_json(root / "timings.json", result)
+    return result
 
 
 def heldout_data(world, subject, data_root) -> Path:

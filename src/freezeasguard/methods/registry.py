@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -182,6 +183,7 @@ def protect(spec: str, model: Path, illegal: Path, innocent: list[Path], subject
         if marker.exists():
             step = Protection.from_json(json.loads(marker.read_text()))
         else:
+            started = time.time()
             step = method.fn(MethodInputs(current, Path(illegal), [Path(p) for p in innocent], list(subjects),
                                           ratio, work, settings, device, result.mask))
             mask_path = None
@@ -190,7 +192,7 @@ def protect(spec: str, model: Path, illegal: Path, innocent: list[Path], subject
                 # the mask alone then audits checkpoints: digests of the model it is enforced on
                 step.mask = record_digests(step.mask, step.model or current)
                 step.mask.save(mask_path)
-            atomic_write_json(marker, step.to_json(mask_path))
+            atomic_write_json(marker, {**step.to_json(mask_path), "seconds": round(time.time() - started, 3)})
         if step.model is not None:
             current = step.model
             result.model = step.model
