@@ -331,3 +331,28 @@ def test_timings_sum_each_kind_of_stage_and_name_each_protection(tmp_path):
     assert result["protections"] == {"learned/done-0.3": 12.0}
     assert result["slowest_stages"][0] == {"stage": "generate-images_full-0-s0-A", "seconds": 4.0}
     assert json.loads((tmp_path / "timings.json").read_text()) == result
+
+
+def test_the_verdict_names_the_guard_with_the_fewest_forgeries_at_its_worst_by_hand():
+    import types
+
+    from freezeasguard.experiment.report import verdict
+
+    def cell(method, ratio, attack, domain, metric, mean):
+        return {"method": method, "ratio": ratio, "attack": attack, "domain": domain, "metric": metric,
+                "mean": mean, "std": 0.0, "n": 3}
+    summary = [cell("pretrained", 0.0, "default", "release", "prior_trait_accuracy", 0.88),
+               cell("full", 0.0, "default", "people", "identity_recognition", 1.0),
+               cell("full", 0.0, "default", "logos", "subject_recognition", 0.9),
+               # saliency: fewer by default, but its worst recipe forges more than learned's
+               cell("saliency", 0.3, "default", "people", "identity_recognition", 0.2),
+               cell("saliency", 0.3, "lr-x10", "people", "identity_recognition", 0.9),
+               cell("learned", 0.3, "default", "people", "identity_recognition", 0.5),
+               cell("learned", 0.3, "lr-x10", "people", "identity_recognition", 0.7),
+               cell("learned", 0.3, "default", "logos", "subject_recognition", 0.8),
+               cell("learned", 0.3, "default", "release", "prior_trait_accuracy", 0.87)]
+    said = verdict(summary, types.SimpleNamespace(innocent=["logos"], budget="params"))
+    assert said.startswith("The best guard here, FreezeAsGuard-30% params (30% of the parameters), lets 70% ")
+    assert "(lr-x10; 50% under the default one), against 100% with no guard" in said
+    assert "learned 80% of the time (Full FT: 90%)" in said and "87% of traits right (the base: 88%)" in said
+    assert verdict(summary[3:], types.SimpleNamespace(innocent=["logos"], budget="params")) is None   # no Full FT
