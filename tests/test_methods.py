@@ -192,5 +192,8 @@ def test_learned_masks_of_several_ratios_share_one_warm_start(tiny_sd, people, l
     s = ProtectSettings(warm_start_steps=2, mask_steps=1, inner_steps=1, mask_batch=2, warm_start_batch=2)
     a = protect("learned", tiny_sd, people, [logos], [], 0.3, tmp_path, s, device="cpu")
     b = protect("learned", tiny_sd, people, [logos], [], 0.5, tmp_path, s, device="cpu")
-    assert calls == [tmp_path / "learned" / "warm_start"]          # made once, where both ratios read it
+    c = protect("learned-identity", tiny_sd, people, [logos], [], 0.3, tmp_path, s, device="cpu")
+    # made once, beside the methods' folders, where both ratios and the other objective read it
+    assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0].name.startswith("warm-start-")
     assert int(a.mask.frozen.sum()) == round(0.3 * 686) and int(b.mask.frozen.sum()) == round(0.5 * 686)
+    assert c.mask.meta["hyperparameters"]["objective"] == "identity" != a.mask.meta["hyperparameters"]["objective"]
