@@ -69,6 +69,43 @@ def test_streamed_fingerprint_equals_the_in_memory_one(tiny_sd):
     assert Checkpoint(tiny_sd).fingerprint() == fingerprint(load_denoiser_state(tiny_sd).items())
 
 
+def test_digests_are_blake3_of_dtype_shape_and_bytes_and_old_blake2b_records_still_audit(audit_setup, tmp_path):
+    import copy
+    import hashlib
+
+    import blake3
+
+    from freezeasguard.audit.digests import digest
+    # independent computations of both hashes over "dtype|shape|" and the raw bytes
+    raw = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    assert digest(raw, torch.float32, (2, 3)) == blake3.blake3(b"float32|[2, 3]|" + raw).hexdigest(length=16)
+    assert digest(raw, torch.float32, (2, 3), "blake2b") == hashlib.blake2b(b"float32|[2, 3]|" + raw,
+                                                                           digest_size=16).hexdigest()
+    big = torch.randn(2_000_000).numpy().tobytes()         # hashed on every core: the same digest
+    assert digest(big, torch.float32, (2_000_000,)) == blake3.blake3(b"float32|[2000000]|" + big).hexdigest(length=16)
+    # a mask recorded before BLAKE3 (format /1, blake2b digests, no "hash" key) audits as before
+    tmp, base, mask, _, recorded, _ = audit_setup
+    new = Mask.load(recorded)
+    record = new.meta["audit"]
+    assert record["hash"] == "blake3" and record["format"] == "freezeasguard-audit/2"
+    old = copy.deepcopy(record)
+    del old["hash"]
+    old["format"] = "freezeasguard-audit/1"
+    old["digests"] = {n: {k: digest(base[n].to(getattr(torch, k)).contiguous().numpy().tobytes()
+                                    if k != "bfloat16" else base[n].to(torch.bfloat16).view(torch.int16).numpy().tobytes(),
+                                    getattr(torch, k), base[n].shape, "blake2b") for k in d}
+                      for n, d in record["digests"].items()}
+    old_mask = Mask(new.names, new.shapes, new.logits, new.frozen, new.base_fingerprint, {**new.meta, "audit": old})
+    old_path = old_mask.save(tmp_path / "old.safetensors")
+    candidate = tmp_path / "ft.safetensors"
+    save_file({n: t.contiguous() for n, t in base.items()}, str(candidate))
+    assert verify_checkpoint(None, old_path, candidate).compliant
+    moved = dict(base)
+    moved[new.frozen_names[0]] = moved[new.frozen_names[0]] + 1e-3
+    save_file({n: t.contiguous() for n, t in moved.items()}, str(candidate))
+    assert not verify_checkpoint(None, old_path, candidate).compliant
+
+
 def test_digests_cover_the_base_dtype_and_its_roundings():
     t = torch.randn(5, 3)
     d = tensor_digests(t)

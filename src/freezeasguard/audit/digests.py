@@ -12,22 +12,40 @@ from __future__ import annotations
 
 import hashlib
 
+import blake3
 import torch
 
 ROUNDINGS = (torch.float32, torch.float16, torch.bfloat16)
-RECORD_FORMAT = "freezeasguard-audit/1"
+# /2 records name their hash (BLAKE3 since); /1 records are blake2b and stay readable
+RECORD_FORMAT = "freezeasguard-audit/2"
+HASHES = ("blake3", "blake2b")
+# BLAKE3 hashes a large buffer on every core (its tree splits the input); below this the threads cost more
+THREADED_BYTES = 1 << 22
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def digest(raw, dtype: torch.dtype, shape) -> str:
-    """A tensor's identity: its dtype, shape and bytes (blake2b, 128 bits)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{dtype_name(dtype)}|{list(shape)}|".encode())
+def digest(raw, dtype: torch.dtype, shape, algorithm: str = "blake3") -> str:
+    """A tensor's identity: its dtype, shape and bytes (128 bits of BLAKE3, or of blake2b for the
+    records masks made before BLAKE3)."""
+    prefix = f"{dtype_name(dtype)}|{list(shape)}|".encode()
+    if algorithm == "blake2b":
+        h = hashlib.blake2b(digest_size=16)
+        h.update(prefix)
+        h.update(raw)
+        return h.hexdigest()
+    if algorithm != "blake3":
+        raise ValueError(f"hash {algorithm!r}: the audit record names one of {HASHES}")
+    h = blake3.blake3(prefix, max_threads=blake3.blake3.AUTO if len(raw) >= THREADED_BYTES else 1)
     h.update(raw)
-    return h.hexdigest()
+    return h.hexdigest(length=16)
+
+
+def record_hash(record: dict) -> str:
+    """The hash an audit record's digests were made with (records before BLAKE3 say nothing: blake2b)."""
+    return record.get("hash", "blake2b")
 
 
 def tensor_bytes(t: torch.Tensor):
@@ -36,10 +54,10 @@ def tensor_bytes(t: torch.Tensor):
     return t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
 
 
-def tensor_digests(t: torch.Tensor) -> dict[str, str]:
+def tensor_digests(t: torch.Tensor, algorithm: str = "blake3") -> dict[str, str]:
     """The digest of a base tensor as stored and of its roundings to fp32, fp16 and bf16."""
     dtypes = [t.dtype] + ([d for d in ROUNDINGS if d != t.dtype] if t.is_floating_point() else [])
-    return {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape) for d in dtypes}
+    return {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape, algorithm) for d in dtypes}
 
 
 def make_record(digests: dict[str, dict[str, str]], dtypes: dict[str, str], base_names: list[str],
@@ -47,5 +65,5 @@ def make_record(digests: dict[str, dict[str, str]], dtypes: dict[str, str], base
     """What the mask keeps for a base-free audit: per frozen tensor its stored dtype and digests
     (tensor_digests), the base's other tensor names (buffers a checkpoint may hold), and the
     denoiser's config (which maps single-file checkpoints' names)."""
-    return {"format": RECORD_FORMAT, "dtypes": dtypes, "digests": digests, "base_names": sorted(base_names),
-            "denoiser_config": denoiser_config}
+    return {"format": RECORD_FORMAT, "hash": "blake3", "dtypes": dtypes, "digests": digests,
+            "base_names": sorted(base_names), "denoiser_config": denoiser_config}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from freezeasguard.audit.digests import digest, dtype_name, make_record, tensor_bytes, tensor_digests
+from freezeasguard.audit.digests import digest, dtype_name, make_record, record_hash, tensor_bytes, tensor_digests
 from freezeasguard.audit.layouts import Checkpoint
 from freezeasguard.audit.tensorfile import all_finite
 from freezeasguard.guard.mask import Mask, MaskError
@@ -193,7 +193,7 @@ def _compare_digest(name: str, c: torch.Tensor, record: dict) -> Violation | Non
     if expected is None:
         raise MaskError(f"{name} is stored as {c.dtype}, a precision the mask's digests do not cover; pass --model "
                         f"BASE to compare values")
-    if digest(tensor_bytes(c), c.dtype, c.shape) != expected:
+    if digest(tensor_bytes(c), c.dtype, c.shape, record_hash(record)) != expected:
         return Violation(name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}"))
     return None
 
