@@ -50,7 +50,7 @@ def meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def write_checkpoint(path: Path, config: dict, dtype_name: str, ratio: float = 0.3, seed: int = 0):
     """The single file, written tensor by tensor, and the mask (with its audit record) beside it."""
-    from freezeasguard.audit.digests import RECORD_FORMAT, tensor_digests
+    from freezeasguard.audit.digests import make_record, tensor_digests
     from freezeasguard.audit.layouts import ldm_key_map
     from freezeasguard.guard.mask import Mask
     dtype, tag = DTYPES[dtype_name]
@@ -77,8 +77,7 @@ def write_checkpoint(path: Path, config: dict, dtype_name: str, ratio: float = 0
                 digests[n], dtypes[n] = tensor_digests(t), str(dtype).removeprefix("torch.")
             f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     frozen_mask = torch.tensor([i in frozen for i in range(len(names))])
-    record = {"format": RECORD_FORMAT, "dtypes": dtypes, "digests": digests, "base_names": sorted(names),
-              "denoiser_config": config}
+    record = make_record(digests, dtypes, names, config)
     mask = Mask(names, [shapes[n] for n in names], frozen_mask.float(), frozen_mask, {}, {"audit": record})
     mask_path = mask.save(path.with_suffix(".mask.safetensors"))
     largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * size
@@ -182,7 +181,9 @@ def main():
     table = "\n".join(lines)
     print(table)
     out = Path(a.out)
-    out.write_text(json.dumps({"rows": rows, "targets": {"ratio": 0.8, "rss": "2 x largest tensor + 300 MB"}},
+    from freezeasguard.audit.digests import make_record
+    out.write_text(json.dumps({"rows": rows, "hash": make_record({}, {}, [], None)["hash"],
+                               "targets": {"cold_ratio": 0.95, "warm_ratio": 0.6, "rss": "2 x largest tensor + 300 MB"}},
                               indent=1))
     out.with_suffix(".md").write_text(
         "Base-free audit of a single-file checkpoint (`verify --mask M --candidate FILE`, no base model) against a "
