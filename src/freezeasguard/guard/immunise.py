@@ -175,7 +175,7 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
         for p in frozen:
             p.grad = None
         # 1-2. an attacker fine-tunes the trainable rest (a fresh one, or the last one carrying on);
-        # the name gap at its adapted point
+        # the hinge on its illegal loss (or name gap) at its adapted point
         if step % s.immunise_attack_updates == 0:
             if attack is not None:
                 attack.undo()
@@ -222,8 +222,8 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
 
 
 def _adapted_gap(denoiser, frozen, attack: Attack, draw_illegal, schedule, s) -> dict:
-    """The attacker's inner steps; the hinge on the name gap at its adapted point, backpropagated
-    into the frozen values (accumulated in their .grad)."""
+    """The attacker's inner steps; the hinge on its illegal loss or name gap at its adapted point,
+    backpropagated into the frozen values (accumulated in their .grad). The gap is recorded either way."""
     for _ in range(s.immunise_inner_steps):
         loss, _ = weighted_loss(denoiser, draw_illegal(), schedule)
         attack.step(loss)
