@@ -37,6 +37,8 @@ VARIANTS = [
      "… 120 updates, attackers up to 30x the lr"),
 ]
 JUDGED = ["guard-judge-cast1-clothes", "guard-judge-cast2-logos"]
+# the methods whose targets are checked: the paper's learner and the study's new designs
+CHECKED = ["learned", "learned-identity", "learned-identity+immunise", "saliency+immunise"]
 ATTACKS = ["default", "lr-x10", "steps-x5", "lora-32"]
 
 
@@ -100,7 +102,7 @@ def targets(method: str, table: dict) -> list[str]:
         checks.append(("worst ≤ ½ Full FT default", m["worst"]["mean"] <= limit,
                        f"{m['worst']['mean']:.3f} vs ≤ {limit:.3f}"))
     for other in ("saliency", "random"):
-        if other in table and m["worst"] and table[other]["worst"]:
+        if other in table and other != method and m["worst"] and table[other]["worst"]:
             for key in ("default", "worst"):
                 gap = table[other][key]["mean"] - m[key]["mean"]
                 spread = max(table[other][key]["std"], m[key]["std"])
@@ -133,7 +135,7 @@ def main(argv=None):
         data[folder] = table
         judged += lines + [""]
         for method in table:
-            if method not in ("pretrained", "full"):
+            if method in CHECKED:
                 checks += [line.replace("| ", f"| {folder.split('-', 2)[-1]} · ", 1) for line in targets(method, table)]
     out = RESULTS / "guard-judged"
     out.mkdir(parents=True, exist_ok=True)
