@@ -81,8 +81,6 @@ def test_digests_are_blake3_of_dtype_shape_and_bytes_and_old_blake2b_records_sti
     assert digest(raw, torch.float32, (2, 3)) == blake3.blake3(b"float32|[2, 3]|" + raw).hexdigest(length=16)
     assert digest(raw, torch.float32, (2, 3), "blake2b") == hashlib.blake2b(b"float32|[2, 3]|" + raw,
                                                                            digest_size=16).hexdigest()
-    big = torch.randn(2_000_000).numpy().tobytes()         # hashed on every core: the same digest
-    assert digest(big, torch.float32, (2_000_000,)) == blake3.blake3(b"float32|[2000000]|" + big).hexdigest(length=16)
     # a mask recorded before BLAKE3 (format /1, blake2b digests, no "hash" key) audits as before
     tmp, base, mask, _, recorded, _ = audit_setup
     new = Mask.load(recorded)
