@@ -353,9 +353,12 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # the libraries' notices a user cannot act on (transformers: "requires torchvision ... falling
-        # back to ...Pil"; diffusers: "No LoRA keys associated to CLIPTextModel") stay off the screen
-        for library in ("transformers", "diffusers"):
-            logging.getLogger(library).setLevel(logging.ERROR)
+        # back to ...Pil"; diffusers: "No LoRA keys associated to CLIPTextModel") stay off the screen;
+        # through their own switches, since each resets its logger's level when it first configures it
+        import diffusers.utils.logging
+        import transformers.utils.logging
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
     try:
         return {**COMMANDS, **MASK_COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
