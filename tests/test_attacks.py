@@ -121,3 +121,19 @@ def test_for_a_lower_is_better_forgery_metric_the_worst_case_is_the_minimum():
     (full, learned) = worst_case(summary, "fid", -1, {"default": 1, "steps": 5, "sgd": 1})
     assert (learned["worst"], learned["worst_attack"], learned["broken_by"]) == (90.0, "steps", ["steps"])
     assert learned["cheapest_break_cost"] == 5
+
+
+def test_a_sweep_without_the_default_recipe_still_writes_its_summary(tmp_path):
+    """An experiment that only runs other recipes (attacks: [dreambooth]) has no default cell: "–"."""
+    import types
+
+    from freezeasguard.attacks.sweep import write_attack_sweep
+
+    def cell(method, attack, mean):
+        return {"method": method, "ratio": 0.0 if method == "full" else 0.3, "attack": attack, "domain": "people",
+                "metric": "identity_recognition", "mean": mean, "std": 0.0, "n": 1}
+    cfg = types.SimpleNamespace(attacks=["dreambooth"], seeds=[0], budget="params", attack_recipes={}, methods=[],
+                                innocent=[])
+    write_attack_sweep(tmp_path, [cell("full", "dreambooth", 1.0), cell("learned", "dreambooth", 0.25)], cfg)
+    summary = (tmp_path / "attack_sweep_summary.md").read_text()
+    assert "– → 0.25 (dreambooth)" in summary and "– → 1 (dreambooth)" in summary

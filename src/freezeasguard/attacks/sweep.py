@@ -124,7 +124,8 @@ def _summary(record: dict, cfg) -> str:
              "| Method | " + " | ".join(f"{m} {arrow[m]} default → worst (attack)" for m in metrics)
              + " | cheapest attack reaching Full FT's default |", "|---" * (len(metrics) + 2) + "|"]
     for (method, ratio), per in rows.items():
-        cells = [f"{per[m]['default']:.3g} → {per[m]['worst']:.3g} ({per[m]['worst_attack']})" if m in per else "–"
+        # a sweep without the default recipe has no default cell: "–"
+        cells = [f"{_g(per[m]['default'])} → {_g(per[m]['worst'])} ({per[m]['worst_attack']})" if m in per else "–"
                  for m in metrics]
         if method == "full":
             reach = "–"
@@ -192,3 +193,7 @@ def _plot(path, cell, methods, label, attacks, metric, sign, pretrained):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _g(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
