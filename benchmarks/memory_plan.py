@@ -1,7 +1,7 @@
 """Memory plan of mask learning and guarded fine-tuning for SDXL, SD3.5, FLUX.1, FLUX.2 [dev],
 Qwen-Image and Z-Image, computed from
 the denoisers' real shapes (built on the meta device from their published configs, written in
-freezeasguard/families/shapes.py; nothing is downloaded or allocated).
+freezeasguard/models/families/shapes.py; nothing is downloaded or allocated).
 
 Per model: parameters and tensors; GB for one replica of
 - mask learning: theta(m), theta_d and a gradient in fp32 (12 B/param), or with theta_d in bf16 (10 B);

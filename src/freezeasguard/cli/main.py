@@ -9,9 +9,7 @@ import traceback
 from pathlib import Path
 
 from freezeasguard.cli import experiment as cli_experiment
-
 from freezeasguard.cli import mask as cli_mask
-
 from freezeasguard.cli import service as cli_service
 from freezeasguard.cli.experiment import COMMANDS as EXPERIMENT_COMMANDS
 from freezeasguard.cli.mask import COMMANDS as MASK_COMMANDS
