@@ -258,8 +258,8 @@ def default_workers() -> int:
 
 
 # --quick: a smoke run of every stage (CI), numbers meaningless
-QUICK = dict(mask_images=8, finetune_images=8, eval_images=4, warm_start_steps=4, mask_steps=2, inner_steps=2,
-             finetune_steps=4, generate_steps=5, saliency_batches=2, imma_steps=2, imma_inner_steps=1, immunise_steps=2,
+QUICK = dict(mask_images=8, finetune_images=8, eval_images=2, warm_start_steps=4, mask_steps=2, inner_steps=2,
+             finetune_steps=2, generate_steps=3, saliency_batches=2, imma_steps=2, imma_inner_steps=1, immunise_steps=2,
              immunise_inner_steps=1)
 
 
