@@ -37,7 +37,7 @@ def main():
     a = ap.parse_args()
     settings = ProtectSettings(**{k: v for k, v in DEMO.items() if hasattr(ProtectSettings, k)}, budget="params")
     world = SyntheticWorld(a.cast_seed)
-    rows, seconds = [], {}
+    seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         illegal = world.export(tmp / "people", "people", 48, "mask", world.subjects(1))

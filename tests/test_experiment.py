@@ -318,7 +318,7 @@ def test_generic_people_join_the_mask_learning_innocent_data_only_when_asked(tmp
 
 
 def test_timings_sum_each_kind_of_stage_and_name_each_protection(tmp_path):
-    from freezeasguard.experiment.runner import write_timings
+    from freezeasguard.experiment.timings import write_timings
     for name, seconds in [("finetune-full-0-s0-people-A", 2.5), ("finetune-full-0-s1-people-A", 1.5),
                           ("eval-full-0-s0-A", 0.5), ("generate-images_full-0-s0-A", 4.0)]:
         (tmp_path / "stages").mkdir(exist_ok=True)

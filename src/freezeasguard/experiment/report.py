@@ -120,7 +120,7 @@ def verdict(summary: list[dict], cfg) -> str | None:
         found = [(v, a) for (m, r, a, d, me), v in cell.items()
                  if (m, r) == key and d == "people" and me == "identity_recognition"]
         return max(found) if found else (None, None)
-    scored = [(worst(k), k) for k in guards if worst(k)[0] is not None]
+    scored = [(w, k) for w, k in ((worst(k), k) for k in guards) if w[0] is not None]
     if not scored:
         return None
     (forged, attack), best = min(scored, key=lambda x: (x[0][0], cell.get((*x[1], "default", "people",

@@ -24,22 +24,20 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from freezeasguard.training.batches import Domain, DomainMix, weighted_loss
-from freezeasguard.training.data import EncodedData, load_image_captions
-from freezeasguard.training.diffusion import NoiseSchedule
 from freezeasguard.training.finetune import guarded_finetune
 from freezeasguard.models.generate import generate_images, load_pipeline, save_grid
 from freezeasguard.io import atomic_write_json
 from freezeasguard.attacks import resolve_attack
-from freezeasguard.training.lora import NoAllowedModules, lora_base
+from freezeasguard.training.lora import NoAllowedModules
 from freezeasguard.outputs import write_image_folder
 from freezeasguard.methods import chain_uses_ratio, protect
-from freezeasguard.models.pipelines import Components, load_model
 from freezeasguard.outputs import mark_output, prepare_output_dir
 from freezeasguard.synthetic import TINY_SD
 from freezeasguard.experiment.config import ExperimentConfig, check_same_config
 from freezeasguard.experiment.folder_world import FolderWorld
+from freezeasguard.experiment.heldout import heldout_data, heldout_loss
 from freezeasguard.experiment.report import write_report
+from freezeasguard.experiment.timings import write_timings
 from freezeasguard.experiment.synthetic_world import SyntheticWorld
 
 logger = logging.getLogger(__name__)
@@ -387,55 +385,6 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
     return [r for i in range(len(jobs)) for r in results[i]]
 
 
-def stage_kind(name: str) -> str:
-    """What a stage's name says it did: data, finetune, generate, eval, sanity, prior."""
-    return name.split("-", 1)[0]
-
-
-def write_timings(root: Path) -> dict:
-    """Where an experiment's time went (timings.json): seconds per kind of stage and per protection,
-    summed over every run of the folder (a resumed run's finished stages keep their first time).
-    With several workers the sums exceed the wall time: they are CPU-process seconds."""
-    kinds: dict[str, dict] = {}
-    stages = []
-    for marker in sorted((root / "stages").glob("*.done.json")):
-        name, seconds = marker.name.removesuffix(".done.json"), json.loads(marker.read_text()).get("seconds", 0.0)
-        entry = kinds.setdefault(stage_kind(name), {"seconds": 0.0, "stages": 0})
-        entry["seconds"] += seconds
-        entry["stages"] += 1
-        stages.append((seconds, name))
-    protections = {str(m.parent.relative_to(root / "protect")) + "/" + m.name.removesuffix(".json"):
-                   json.loads(m.read_text()).get("seconds") for m in sorted((root / "protect").glob("*/done*.json"))}
-    result = {"by_kind": {k: {"seconds": round(v["seconds"], 1), "stages": v["stages"]} for k, v in kinds.items()},
-              "protections": protections,
-              "slowest_stages": [{"stage": n, "seconds": round(s, 1)} for s, n in sorted(stages, reverse=True)[:15]]}
-    atomic_write_json(root / "timings.json", result)
-    return result
-
-
-def heldout_data(world, subject, data_root) -> Path:
-    path = Path(data_root) / f"heldout-{subject}".replace(" ", "_")
-    if not (path / "metadata.jsonl").exists():
-        world.export(path, "people", 16, "eval", [subject])
-    return path
-
-
 def attack_suffix(attack: str) -> str:
     """What an attack adds to a stage's name (nothing for the default recipe: earlier runs' stages keep theirs)."""
     return "" if attack == "default" else f"-{attack}"
-
-
-def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
-    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
-
-    path = heldout_data(world, subject, data_root)
-    if lora_base(model_dir) is None:
-        comps = load_model(model_dir)
-    else:       # a LoRA output: its base with the adapter loaded
-        comps = Components.from_pipeline(load_pipeline(model_dir), model_dir)
-    schedule = NoiseSchedule.for_components(comps)
-    data = load_image_captions(path)
-    mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
-    comps.denoiser.eval()
-    with torch.no_grad():
-        return sum(float(weighted_loss(comps.denoiser, mix.draw("cpu"), schedule)[0]) for _ in range(draws)) / draws

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,10 +33,9 @@ from tqdm.auto import tqdm
 
 from freezeasguard.guard.attackers import Attack, Attacker, draw_attacker, lora_targets, parse_attackers
 from freezeasguard.settings import setting
-from freezeasguard.training.batches import LocalBatch, identity_terms, weighted_loss
+from freezeasguard.training.batches import LocalBatch, identity_loss, weighted_loss
 from freezeasguard.training.diffusion import diffusion_loss, model_prediction
 from freezeasguard.training.train import DivergedError
-from freezeasguard.models.families.base import cond_apply
 
 logger = logging.getLogger(__name__)
 
@@ -107,18 +107,16 @@ def paired_losses(denoiser, batch: LocalBatch, schedule) -> tuple[torch.Tensor, 
     return named, neutral
 
 
-def innocent_objective(denoiser, batch: LocalBatch, schedule) -> torch.Tensor:
-    """The innocent side of the identity objective: plain loss, plus the name gap where a caption names a subject."""
-    per_sample = diffusion_loss(denoiser, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
-    neutral = per_sample.detach().clone()
-    pick = torch.nonzero(batch.named).flatten().to(per_sample.device)
-    if len(pick):
-        neutral = neutral.index_put((pick,), diffusion_loss(
-            denoiser, batch.latents[pick], cond_apply(batch.neutral_text, lambda v: v[pick]), batch.noise[pick],
-            batch.timesteps[pick], schedule))
-    values = identity_terms(per_sample, neutral, batch.named.to(per_sample.device),
-                            torch.zeros_like(batch.named, device=per_sample.device))
-    return values.mean()
+@contextmanager
+def grads_into(tensors: list[torch.Tensor]):
+    """Within the block, backward passes reach ``tensors`` (the frozen values) and nothing else of theirs."""
+    for p in tensors:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in tensors:
+            p.requires_grad_(False)
 
 
 def retain_batch(batch: LocalBatch) -> LocalBatch:
@@ -191,20 +189,17 @@ def immunise(denoiser, frozen_names: set[str], draw_illegal, draw_innocent, sche
             innocent = _adapted_innocent(denoiser, trainable, frozen, lora_modules, draw_innocent, schedule, s,
                                          seed * 100003 + step)
         # 4. the release draws what the base draws when no name is said
-        for p in frozen:
-            p.requires_grad_(True)
         retain = 0.0
-        for draw in (draw_illegal, draw_innocent):
-            if draw is None or not s.immunise_retain_weight:
-                continue
-            batch = retain_batch(draw())
-            target = base.predict(denoiser, batch, schedule)
-            pred = model_prediction(denoiser, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
-            loss = F.mse_loss(pred.float(), target.float())
-            (s.immunise_retain_weight * loss).backward(inputs=frozen)
-            retain += float(loss.detach())
-        for p in frozen:
-            p.requires_grad_(False)
+        with grads_into(frozen):
+            for draw in (draw_illegal, draw_innocent):
+                if draw is None or not s.immunise_retain_weight:
+                    continue
+                batch = retain_batch(draw())
+                target = base.predict(denoiser, batch, schedule)
+                pred = model_prediction(denoiser, batch.latents, batch.text, batch.noise, batch.timesteps, schedule)
+                loss = F.mse_loss(pred.float(), target.float())
+                (s.immunise_retain_weight * loss).backward(inputs=frozen)
+                retain += float(loss.detach())
         values = [attack_gap["hinge"], innocent, retain]
         if not all(torch.isfinite(torch.tensor(values))):
             raise DivergedError(f"immunisation diverged at update {step + 1} (losses {values}); lower --immunise-lr")
@@ -228,17 +223,14 @@ def _adapted_gap(denoiser, frozen, attack: Attack, draw_illegal, schedule, s) ->
         loss, _ = weighted_loss(denoiser, draw_illegal(), schedule)
         attack.step(loss)
     attack.hold()
-    for p in frozen:
-        p.requires_grad_(True)
-    named, neutral = paired_losses(denoiser, draw_illegal(), schedule)
-    if s.immunise_objective == "identity":
-        hinge = gap_hinge(named, neutral, s.immunise_gap_target)
-    else:
-        hinge = loss_hinge(named, s.immunise_loss_target)
-    if hinge.requires_grad:
-        hinge.backward(inputs=frozen)
-    for p in frozen:
-        p.requires_grad_(False)
+    with grads_into(frozen):
+        named, neutral = paired_losses(denoiser, draw_illegal(), schedule)
+        if s.immunise_objective == "identity":
+            hinge = gap_hinge(named, neutral, s.immunise_gap_target)
+        else:
+            hinge = loss_hinge(named, s.immunise_loss_target)
+        if hinge.requires_grad:
+            hinge.backward(inputs=frozen)
     return {"gap": float((named - neutral).mean().detach()), "hinge": float(hinge.detach()),
             "adapted_illegal_loss": float(named.mean().detach())}
 
@@ -251,11 +243,9 @@ def _adapted_innocent(denoiser, trainable, frozen, lora_modules, draw_innocent, 
         loss, _ = weighted_loss(denoiser, draw_innocent(), schedule)
         user.step(loss)
     user.hold()
-    for p in frozen:
-        p.requires_grad_(True)
-    value = innocent_objective(denoiser, draw_innocent(), schedule)
-    (s.immunise_innocent_weight * value).backward(inputs=frozen)
-    for p in frozen:
-        p.requires_grad_(False)
+    with grads_into(frozen):
+        # the innocent side of the identity objective: plain loss, plus the name gap where a caption names a subject
+        value, _ = identity_loss(denoiser, draw_innocent(), schedule, illegal_domains=())
+        (s.immunise_innocent_weight * value).backward(inputs=frozen)
     user.undo()
     return float(value.detach())

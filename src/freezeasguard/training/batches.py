@@ -154,10 +154,9 @@ def identity_loss(denoiser, batch: LocalBatch, schedule: NoiseSchedule, autocast
         neutral = torch.zeros_like(per_sample)
         index = torch.nonzero(batch.named).flatten().to(batch.latents.device)
         if len(index):
-            pick = index
-            neutral = neutral.index_put((pick,), diffusion_loss(
-                denoiser, batch.latents[pick], cond_apply(batch.neutral_text, lambda v: v[pick]), batch.noise[pick],
-                batch.timesteps[pick], schedule))
+            neutral = neutral.index_put((index,), diffusion_loss(
+                denoiser, batch.latents[index], cond_apply(batch.neutral_text, lambda v: v[index]), batch.noise[index],
+                batch.timesteps[index], schedule))
     illegal = torch.isin(batch.domain_ids, torch.tensor(illegal_domains, dtype=batch.domain_ids.dtype)).to(per_sample.device)
     values = identity_terms(per_sample, neutral, batch.named.to(per_sample.device), illegal)
     return (values * batch.weights).sum(), per_sample.detach()

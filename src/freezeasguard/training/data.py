@@ -243,11 +243,13 @@ class EncodedData:
             mean, std = FAMILIES[c.family].latents.posterior(c.vae, pixels.to(self.device, c.vae.dtype))
             cond = FAMILIES[c.family].encode(c, [self.data.records[i].caption for i in todo])
             cond = cond_apply(cond, torch.Tensor.float)
-            named = [i for i in todo if self.neutral is not None and self.neutral[i] is not None]
+            # row of each named record in the batch of neutral captions encoded for this chunk
+            named = {i: row for row, i in enumerate(i for i in todo if self.neutral is not None
+                                                    and self.neutral[i] is not None)}
             if named:
                 neutral = cond_apply(FAMILIES[c.family].encode(c, [self.neutral[i] for i in named]), torch.Tensor.float)
             for j, i in enumerate(todo):
-                pair = cond_apply(neutral, lambda v: v[named.index(i)]) if i in named else None
+                pair = cond_apply(neutral, lambda v: v[named[i]]) if i in named else None
                 self._cache[i] = (mean[j].float(), std[j].float(), cond_apply(cond, lambda v: v[j]), pair)
         return self._cache
 

@@ -1,0 +1,36 @@
+"""The held-out loss: a model's diffusion loss on renders of the subject it never trained on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from freezeasguard.models.generate import load_pipeline
+from freezeasguard.models.pipelines import Components, load_model
+from freezeasguard.training.batches import Domain, DomainMix, weighted_loss
+from freezeasguard.training.data import EncodedData, load_image_captions
+from freezeasguard.training.diffusion import NoiseSchedule
+from freezeasguard.training.lora import lora_base
+
+
+def heldout_data(world, subject, data_root) -> Path:
+    path = Path(data_root) / f"heldout-{subject}".replace(" ", "_")
+    if not (path / "metadata.jsonl").exists():
+        world.export(path, "people", 16, "eval", [subject])
+    return path
+
+
+def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
+    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
+
+    path = heldout_data(world, subject, data_root)
+    if lora_base(model_dir) is None:
+        comps = load_model(model_dir)
+    else:       # a LoRA output: its base with the adapter loaded
+        comps = Components.from_pipeline(load_pipeline(model_dir), model_dir)
+    schedule = NoiseSchedule.for_components(comps)
+    data = load_image_captions(path)
+    mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
+    comps.denoiser.eval()
+    with torch.no_grad():
+        return sum(float(weighted_loss(comps.denoiser, mix.draw("cpu"), schedule)[0]) for _ in range(draws)) / draws
