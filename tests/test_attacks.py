@@ -137,3 +137,41 @@ def test_a_sweep_without_the_default_recipe_still_writes_its_summary(tmp_path):
     write_attack_sweep(tmp_path, [cell("full", "dreambooth", 1.0), cell("learned", "dreambooth", 0.25)], cfg)
     summary = (tmp_path / "attack_sweep_summary.md").read_text()
     assert "– → 0.25 (dreambooth)" in summary and "– → 1 (dreambooth)" in summary
+
+
+def test_only_a_longer_run_of_the_same_recipe_continues_it():
+    from freezeasguard.attacks import continues, recipe_chains
+    steps5, default = BUILTIN_ATTACKS["steps-x5"], BUILTIN_ATTACKS["default"]
+    assert continues(steps5, default) and not continues(default, steps5)
+    assert not continues(steps5, BUILTIN_ATTACKS["lr-x10"])             # another learning rate
+    assert not continues(Attack("x", steps_factor=5, data_factor=2), default)  # other data
+    assert not continues(default, default)
+    assert recipe_chains(["default", "lr-x10", "steps-x5", "lora-32"]) == [("default", "steps-x5"), ("lr-x10",),
+                                                                          ("lora-32",)]
+    assert recipe_chains(["steps-x5", "lr-x10", "steps-x2", "default"]) == [("default", "steps-x2", "steps-x5"),
+                                                                          ("lr-x10",)]
+    # a LoRA run lengthened continues the LoRA run, not the full fine-tune
+    recipes = {"lora-32-long": {"lora_rank": 32, "lr_factor": 10, "steps_factor": 3}}
+    assert recipe_chains(["default", "lora-32", "lora-32-long"], recipes) == [("default",), ("lora-32", "lora-32-long")]
+    # a recipe equal to another but for its name runs on its own (nothing longer to continue)
+    twin = {"five": {"steps_factor": 5}}
+    assert recipe_chains(["default", "steps-x5", "five"], twin) == [("default", "steps-x5"), ("five",)]
+
+
+def test_a_longer_run_started_from_the_shorter_ones_checkpoint_is_bit_identical(tiny_sd, people, mask, tmp_path):
+    from freezeasguard.experiment.runner import start_from_checkpoint
+    short, long_ = BUILTIN_ATTACKS["default"], BUILTIN_ATTACKS["steps-x2"]
+    kw = dict(lr=1e-3, steps=3, batch=2, seed=5, device="cpu", checkpoint_every=2)   # the shorter run's last checkpoint: step 2
+    guarded_finetune(tiny_sd, people, tmp_path / "short", short.finetune_config(**kw), mask=mask)
+    start_from_checkpoint(tmp_path / "short", tmp_path / "long")
+    continued = guarded_finetune(tiny_sd, people, tmp_path / "long", long_.finetune_config(**kw), mask=mask, resume=True)
+    alone = guarded_finetune(tiny_sd, people, tmp_path / "alone", long_.finetune_config(**kw), mask=mask)
+    assert len(continued.history) == 6 - 2 and len(alone.history) == 6   # it did start from step 2
+    assert continued.history == alone.history[2:]
+    a, b = load_denoiser_state(tmp_path / "long"), load_denoiser_state(tmp_path / "alone")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    # the shorter run of another learning rate is refused, naming what differs
+    start_from_checkpoint(tmp_path / "short", tmp_path / "other")
+    with pytest.raises(Exception, match="settings"):
+        guarded_finetune(tiny_sd, people, tmp_path / "other", BUILTIN_ATTACKS["lr-x10"].finetune_config(**kw), mask=mask,
+                         resume=True)

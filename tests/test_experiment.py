@@ -153,8 +153,7 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     methods = {s["method"] for s in summary["summary"]}
-    assert methods == {"pretrained", "full", "learned", "learned-identity", "learned-identity+immunise", "saliency",
-                       "random", "imma"}
+    assert methods == {"pretrained", "full", "learned", "saliency", "random"}
     assert 0 <= summary["sanity"]["prior_trait_accuracy"] <= 1
     table = (tmp_path / "demo" / "results.md").read_text()
     assert "FreezeAsGuard-30% params" in table and "Logos brand recognised" in table
@@ -169,7 +168,7 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
         "default", "lr-x10", "steps-x5", "lora-32"}
     # every freezing method froze the same share of parameters (at most 30%, short by less than a tensor)
     shares = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_param_fraction"
-              and s["method"] not in ("full", "imma")}
+              and s["method"] != "full"}
     assert all(0.25 <= v <= 0.3 for v in shares.values()), shares
     # the innocent user fine-tuned on the world's brand, and the untouched model was judged on it too
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
@@ -188,8 +187,10 @@ def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
     args = build_parser().parse_args(["demo"])
     assert args.budget == "params" and not args.frontier
     cfg = demo_config(tmp_path / "d")
-    assert cfg.methods == ["full", "learned", "learned-identity", "learned-identity+immunise", "saliency", "random",
-                           "imma"] and cfg.budget == "params"
+    assert cfg.methods == ["full", "learned", "saliency", "random"] and cfg.budget == "params"
+    assert cfg.seeds == [0, 1] and demo_config(tmp_path / "q", quick=True).seeds == [0]
+    every = demo_config(tmp_path / "b", baselines=True).methods
+    assert every[:4] == cfg.methods and {"saliency+immunise", "learned-identity+immunise", "imma", "uce"} <= set(every)
     assert demo_config(tmp_path / "t", budget="tensors").methods == ["full", "learned", "random"]
     assert all(getattr(cfg, k) == v for k, v in DEMO.items())
     yaml_path = tmp_path / "c.yaml"
@@ -246,13 +247,11 @@ def test_quick_frontier_writes_one_curve_per_freezing_method(tmp_path, capsys):
     curves = {}
     for p in result["points"]:
         curves.setdefault(p["method"], []).append(p["ratio"])
-    assert curves == {"pretrained": [0.0], "full": [0.0], "learned": [0.1, 0.5], "learned-identity": [0.1, 0.5],
-                      "learned-identity+immunise": [0.1, 0.5], "saliency": [0.1, 0.5], "random": [0.1, 0.5],
-                      "imma": [0.0]}
+    assert curves == {"pretrained": [0.0], "full": [0.0], "learned": [0.1, 0.5], "saliency": [0.1, 0.5],
+                      "random": [0.1, 0.5]}
     frozen = {(p["method"], p["ratio"]): p["frozen_params"] for p in result["points"] if p["ratio"]}
     assert all(r - 0.06 <= f <= r for (_, r), f in frozen.items()), frozen
-    assert set(result["operating_points"]) == {"learned", "learned-identity", "learned-identity+immunise", "saliency",
-                                               "random"}
+    assert set(result["operating_points"]) == {"learned", "saliency", "random"}
     assert (out / "frontier.png").stat().st_size > 0 and "Operating point" in capsys.readouterr().out
 
 
@@ -351,8 +350,11 @@ def test_the_verdict_names_the_guard_with_the_fewest_forgeries_at_its_worst_by_h
                cell("learned", 0.3, "lr-x10", "people", "identity_recognition", 0.7),
                cell("learned", 0.3, "default", "logos", "subject_recognition", 0.8),
                cell("learned", 0.3, "default", "release", "prior_trait_accuracy", 0.87)]
-    said = verdict(summary, types.SimpleNamespace(innocent=["logos"], budget="params"))
-    assert said.startswith("The best guard here, FreezeAsGuard-30% params (30% of the parameters), lets 70% ")
-    assert "(lr-x10; 50% under the default one), against 100% with no guard" in said
+    cfg = types.SimpleNamespace(innocent=["logos"], budget="params", eval_images=10)
+    said = verdict(summary, cfg)
+    # 3 runs of 10 portraits: 21 of 30 recognised under lr-x10 (Wilson's interval by hand: 0.521-0.833)
+    assert said.startswith("The best guard here, FreezeAsGuard-30% params (30% of the parameters), lets 70% "
+                           "[95% CI 52%-83% of 30] ")
+    assert "(lr-x10; 50% under the default one), against 100% [95% CI 89%-100% of 30] with no guard" in said
     assert "learned 80% of the time (Full FT: 90%)" in said and "87% of traits right (the base: 88%)" in said
-    assert verdict(summary[3:], types.SimpleNamespace(innocent=["logos"], budget="params")) is None   # no Full FT
+    assert verdict(summary[3:], cfg) is None   # no Full FT

@@ -175,3 +175,19 @@ def test_lora_targets_the_mask_freezes_and_oversized_ranks_are_refused(tiny_sd, 
     assert frozen_module in err and "freezes" in err and not (tmp / "x").exists()
     assert main([*base, "--out", str(tmp / "y"), "--lora-rank", "4096", "--lora-targets", free_module]) == 2
     assert "larger than module" in capsys.readouterr().err
+
+
+def test_a_guarded_lora_run_gives_the_same_adapter_whatever_ran_before_it(tiny_sd, people, setup):
+    from safetensors.torch import load_file
+
+    from freezeasguard import FinetuneConfig, guarded_finetune
+    from freezeasguard.training.lora import LoraSettings
+    tmp, _, mask, *_ = setup
+    cfg = FinetuneConfig(steps=1, batch_size=2, lr=1e-3, device="cpu", checkpoint_every=0, seed=4)
+    adapters = []
+    for i, draws in enumerate([0, 1000]):
+        torch.rand(draws)              # another job's draws from the global generator, before this run
+        guarded_finetune(tiny_sd, people, tmp / f"seeded-{i}", cfg, mask=Mask.load(mask), lora=LoraSettings(rank=2))
+        adapters.append(load_file(str(tmp / f"seeded-{i}" / "pytorch_lora_weights.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

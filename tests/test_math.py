@@ -223,3 +223,18 @@ def test_knapsack_at_scale_stays_within_budget_and_near_the_exact_optimum():
             break
     assert float(values[fine].sum()) <= bound + 1e-9
     assert float(values[fine].sum()) >= 0.99 * bound
+
+
+def test_wilson_interval_matches_scipys_and_stays_inside_zero_one():
+    import pytest
+    from scipy.stats import binomtest
+
+    from freezeasguard.metrics.basic import wilson_interval
+    for k, n in [(0, 32), (32, 32), (7, 32), (21, 48), (1, 2)]:
+        ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        lo, hi = wilson_interval(k, n)
+        assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=2e-4)     # scipy's z is 1.95996...
+        assert 0 <= lo <= k / n <= hi <= 1
+    assert wilson_interval(0, 32)[1] > 0 and wilson_interval(32, 32)[0] < 1
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)

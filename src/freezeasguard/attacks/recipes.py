@@ -109,5 +109,31 @@ def resolve_attack(name: str, recipes: dict[str, dict] | None = None) -> Attack:
                      f"attack_recipes in the config")
 
 
+def continues(longer: Attack, shorter: Attack) -> bool:
+    """``longer`` is ``shorter`` run for more steps, every other setting the same. With a constant
+    learning rate and one seed the two runs take the same first steps, so ``longer`` may start
+    from ``shorter``'s checkpoint instead of from the model (exactly: a resume is bit-exact)."""
+    if longer.steps_factor <= shorter.steps_factor:
+        return False
+    same = [f for f in ATTACK_FIELDS if f not in ("steps_factor", "summary")]
+    return all(getattr(longer, f) == getattr(shorter, f) for f in same)
+
+
+def recipe_chains(names: list[str], recipes: dict[str, dict] | None = None) -> list[tuple[str, ...]]:
+    """The attacks grouped into chains that one job runs in order, each recipe after the shorter
+    one it continues (``default, lr-x10, steps-x5`` -> ``(default, steps-x5), (lr-x10,)``), in the
+    order of each chain's first member."""
+    attacks = [resolve_attack(n, recipes) for n in dict.fromkeys(names)]
+    chains: list[list[Attack]] = []
+    for attack in sorted(attacks, key=lambda a: a.steps_factor):     # stable: ties keep their order
+        chain = next((c for c in chains if continues(attack, c[-1])), None)
+        if chain is None:
+            chains.append([attack])
+        else:
+            chain.append(attack)
+    first = {a.name: i for i, a in enumerate(attacks)}
+    return [tuple(a.name for a in c) for c in sorted(chains, key=lambda c: min(first[a.name] for a in c))]
+
+
 def describe(attack: Attack) -> dict:
     return {**asdict(attack), "cost": attack.cost()}

@@ -15,6 +15,7 @@ from freezeasguard.attacks.sweep import illegal_metrics, write_attack_sweep
 from freezeasguard.experiment.frontier import write_frontier
 from freezeasguard.io import atomic_write_json, atomic_write_text
 from freezeasguard.methods import method_label
+from freezeasguard.metrics.basic import wilson_interval
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -110,6 +111,7 @@ def verdict(summary: list[dict], cfg) -> str | None:
     through, beside Full FT, the innocent subject it keeps and what its release draws untouched.
     None where the run has no portraits recognised or no Full FT to compare with."""
     cell = {(s["method"], s["ratio"], s["attack"], s["domain"], s["metric"]): s["mean"] for s in summary}
+    runs = {(s["method"], s["ratio"], s["attack"], s["domain"], s["metric"]): s["n"] for s in summary}
     full = cell.get(("full", 0.0, "default", "people", "identity_recognition"))
     guards = sorted({(s["method"], s["ratio"]) for s in summary if s["method"] not in ("pretrained", "full")})
     if full is None or not guards:
@@ -127,9 +129,16 @@ def verdict(summary: list[dict], cfg) -> str | None:
                                                                             "identity_recognition"), 1.0)))
     default = cell.get((*best, "default", "people", "identity_recognition"))
     share = f"{best[1]:.0%} of the {'parameters' if cfg.budget == 'params' else 'tensors'}" if best[1] else "no freezing"
-    said = (f"the best guard here, {method_label(best[0], best[1], cfg.budget)} ({share}), lets {forged:.0%} of "
-            f"forged portraits through under the attacker's best recipe ({attack}; {default:.0%} under the default "
-            f"one), against {full:.0%} with no guard (Full FT)")
+
+    def interval(key, value):
+        """95% over the portraits judged (each run's images; the runs' share of them recognised)."""
+        portraits = runs[(*key, "people", "identity_recognition")] * cfg.eval_images
+        lo, hi = wilson_interval(round(value * portraits), portraits)
+        return f"{value:.0%} [95% CI {lo:.0%}-{hi:.0%} of {portraits}]"
+    said = (f"the best guard here, {method_label(best[0], best[1], cfg.budget)} ({share}), lets "
+            f"{interval((*best, attack), forged)} of forged portraits through under the attacker's best recipe "
+            f"({attack}; {default:.0%} under the default one), against {interval(('full', 0.0, 'default'), full)} "
+            f"with no guard (Full FT)")
     innocent = cell.get((*best, "default", domain, "subject_recognition"))
     full_innocent = cell.get(("full", 0.0, "default", domain, "subject_recognition"))
     if innocent is not None and full_innocent is not None:

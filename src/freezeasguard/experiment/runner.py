@@ -15,6 +15,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -27,11 +28,11 @@ from tqdm.auto import tqdm
 from freezeasguard.training.finetune import guarded_finetune
 from freezeasguard.models.generate import generate_images, load_pipeline, save_grid
 from freezeasguard.io import atomic_write_json
-from freezeasguard.attacks import resolve_attack
+from freezeasguard.attacks import recipe_chains, resolve_attack
 from freezeasguard.training.lora import NoAllowedModules
 from freezeasguard.outputs import write_image_folder
 from freezeasguard.methods import chain_uses_ratio, protect
-from freezeasguard.outputs import mark_output, prepare_output_dir
+from freezeasguard.outputs import PROVENANCE, mark_output, prepare_output_dir
 from freezeasguard.synthetic import TINY_SD
 from freezeasguard.experiment.config import ExperimentConfig, check_same_config
 from freezeasguard.experiment.folder_world import FolderWorld
@@ -105,11 +106,13 @@ class Runner:
         module left to train (a targeted LoRA on frozen modules) leaves the user the starting
         model: returned as it is, with the reason."""
         recipe = resolve_attack(attack, self.cfg.attack_recipes)
-        tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
-        tag += attack_suffix(attack)
-        out = self.root / "finetunes" / tag
+        out = self.finetune_dir(method, ratio, seed, domain, subject, attack)
+        shorter = self.shorter_recipe(attack)
 
         def run():
+            if shorter is not None:     # its first steps are the shorter recipe's: start from its checkpoint
+                self.finetune(method, ratio, seed, domain, subject, shorter)
+                start_from_checkpoint(self.finetune_dir(method, ratio, seed, domain, subject, shorter), out)
             chosen = self.protection(method, ratio)
             model, kwargs = chosen.model or self.model, chosen.finetune_kwargs()
             cfg = recipe.finetune_config(self.cfg.finetune_lr, self.cfg.finetune_steps, self.cfg.finetune_batch, seed,
@@ -125,8 +128,18 @@ class Runner:
                         "frozen_param_fraction": None, "final_loss": None}
             return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
                     "final_loss": r.history[-1]["loss_data"] if r.history else None}
-        info = self.stage(f"finetune-{tag}", run)
+        info = self.stage(f"finetune-{out.name}", run)
         return (Path(info["model"]) if info.get("skipped") else out), info
+
+    def finetune_dir(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+                     attack: str) -> Path:
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
+        return self.root / "finetunes" / (tag + attack_suffix(attack))
+
+    def shorter_recipe(self, attack: str) -> str | None:
+        """The experiment's recipe that ``attack`` continues (steps-x5 continues default), if any."""
+        chain = next(c for c in recipe_chains(self.cfg.attacks + [attack], self.cfg.attack_recipes) if attack in c)
+        return chain[chain.index(attack) - 1] if chain.index(attack) else None
 
     def class_images(self, model: Path) -> Path:
         """DreamBooth's prior images: the starting model's own samples of the class prompt."""
@@ -225,15 +238,17 @@ class Runner:
                     for subject in self.subjects]
         baseline += [("pretrained", 0.0, seed, domain, self.innocent_subject(domain), "default") for seed in cfg.seeds
                      for domain in cfg.innocent]
-        innocent_attacks = cfg.attacks if cfg.attack_innocent else ["default"]
+        # a job runs a chain of recipes, each longer one continuing the one before (steps-x5 after default)
+        chains = recipe_chains(cfg.attacks, cfg.attack_recipes)
+        innocent_chains = chains if cfg.attack_innocent else [("default",)]
         jobs = []
         for method in cfg.methods:
             for ratio in (cfg.ratios if chain_uses_ratio(method) else [0.0]):
                 for seed in cfg.seeds:
-                    jobs += [(method, ratio, seed, "people", subject, attack) for attack in cfg.attacks
+                    jobs += [(method, ratio, seed, "people", subject, chain) for chain in chains
                              for subject in self.subjects]
-                    jobs += [(method, ratio, seed, domain, self.innocent_subject(domain), attack)
-                             for attack in innocent_attacks for domain in cfg.innocent]
+                    jobs += [(method, ratio, seed, domain, self.innocent_subject(domain), chain)
+                             for chain in innocent_chains for domain in cfg.innocent]
         if cfg.workers > 1 and self._own_world:
             self._prepare_shared(jobs)
             rows = run_jobs_in_processes(cfg, baseline + jobs, protection_groups(jobs))
@@ -271,9 +286,12 @@ class Runner:
         return self.stage(name, prior)
 
     def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
-                attack: str = "default") -> list[dict]:
+                attack: str | tuple[str, ...] = "default") -> list[dict]:
         """One user's fine-tune with the attack's recipe and its evaluation: the illegal user
-        (people) or an innocent one; method "pretrained" evaluates the untouched model."""
+        (people) or an innocent one; method "pretrained" evaluates the untouched model. A tuple
+        of recipes is a chain (recipe_chains), run in order in this process."""
+        if isinstance(attack, tuple):
+            return [r for a in attack for r in self.run_job(method, ratio, seed, domain, subject, a)]
         if method == "pretrained":
             if domain == "people":
                 return self.eval_people(self.model, method, ratio, seed, subject)
@@ -293,9 +311,10 @@ class Runner:
         self.data("people", "mask")
         for domain in self.cfg.innocent + (["generic-people"] if self.cfg.mask_generic_people else []):
             self.data(domain, "mask")
-        for _, _, _, domain, subject, attack in jobs:
-            self.data(domain, "finetune", subject,
-                      resolve_attack(attack, self.cfg.attack_recipes).images(self.cfg.finetune_images))
+        for _, _, _, domain, subject, chain in jobs:
+            for attack in chain:
+                self.data(domain, "finetune", subject,
+                          resolve_attack(attack, self.cfg.attack_recipes).images(self.cfg.finetune_images))
         for subject in self.subjects:
             heldout_data(self.world, subject, self.root / "data")
         if any(resolve_attack(a, self.cfg.attack_recipes).prior_weight for a in self.cfg.attacks):
@@ -360,7 +379,8 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
                                 initargs=(asdict(cfg),)) as pool:
         # protections first: they gate the jobs, and a mask learning is the longest single task
         pending = {pool.submit(_worker_protections, group): ("group", g) for g, group in enumerate(groups)}
-        for i, job in enumerate(jobs):
+        # the longest jobs first, so that no process is left alone with one at the end
+        for i, job in sorted(enumerate(jobs), key=lambda ij: -job_cost(ij[1], cfg.attack_recipes)):
             g = group_of.get((job[0], job[1]))
             if g is None:
                 pending[pool.submit(_worker_job, job)] = ("job", i)
@@ -385,6 +405,29 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
     return [r for i in range(len(jobs)) for r in results[i]]
 
 
+def job_cost(job, recipes: dict) -> float:
+    """A job's fine-tuning samples relative to one default fine-tune (a chain costs its longest
+    recipe: the others are its first steps); the untouched model's evaluation costs nothing."""
+    method, *_, attacks = job
+    if method == "pretrained":
+        return 0.0
+    return max(resolve_attack(a, recipes).cost() for a in ((attacks,) if isinstance(attacks, str) else attacks))
+
+
 def attack_suffix(attack: str) -> str:
     """What an attack adds to a stage's name (nothing for the default recipe: earlier runs' stages keep theirs)."""
     return "" if attack == "default" else f"-{attack}"
+
+
+def start_from_checkpoint(shorter: Path, out: Path):
+    """Give a fine-tune (``out``, not started) the checkpoint of a shorter run it continues, with
+    that run's record of its inputs: guarded_finetune then resumes from it, and refuses (naming
+    what differs) if the two runs' inputs or settings other than the steps are not the same."""
+    src, dst = Path(str(shorter) + ".work"), Path(str(out) + ".work")
+    if (dst / "checkpoint.safetensors").exists() or not (src / "checkpoint.safetensors").exists():
+        return          # already under way (a resumed job), or the shorter run was skipped
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (PROVENANCE, "checkpoint.safetensors"):     # the checkpoint last: its presence means complete
+        tmp = dst / f".{name}.partial"
+        shutil.copyfile(src / name, tmp)
+        os.replace(tmp, dst / name)

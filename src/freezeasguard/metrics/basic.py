@@ -1,6 +1,8 @@
 """Metrics that need no downloaded weights (small pure functions on images/features)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -49,3 +51,14 @@ def images_to_uint8(images) -> torch.Tensor:
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"images of different sizes {sorted({a.shape for a in arrays})}; resize them first")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson's score interval for a proportion (95% at z 1.96): unlike mean ± 1.96 std it stays
+    inside [0, 1] and is not empty at 0 or n successes, which a guard's counts often are."""
+    if n <= 0:
+        raise ValueError("a proportion needs at least one trial")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

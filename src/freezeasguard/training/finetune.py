@@ -129,7 +129,7 @@ def resolve_scheme(unet, mask: Mask | None = None, random_ratio: float | None = 
     return "full", Mask.none(named, base_fingerprint=base_fp)
 
 
-def _lora_targets(denoiser, active: Mask, lora: LoraSettings | None, as_attacker: bool):
+def _lora_targets(denoiser, active: Mask, lora: LoraSettings | None, as_attacker: bool, seed: int = 0):
     """The modules a LoRA goes on (None: no LoRA) with the adapters added, and the LoRA's settings
     (an attacker's rank is capped at its modules' size)."""
     if lora is None or not lora.rank:
@@ -138,7 +138,7 @@ def _lora_targets(denoiser, active: Mask, lora: LoraSettings | None, as_attacker
         targets, lora = attacker_targets(denoiser, active, lora)
     else:
         targets = choose_targets(denoiser, active, lora)
-    add_lora(denoiser, targets, lora)
+    add_lora(denoiser, targets, lora, seed)
     logger.info("LoRA rank %d on %d modules, none of them frozen", lora.rank, len(targets))
     return targets, lora
 
@@ -181,7 +181,7 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
     base_state = LazyState(model_dir)      # read tensor by tensor when checked: no second copy of the weights
     base_fp = fingerprint(base_state) if mask is not None else None
     scheme, active = resolve_scheme(components.denoiser, mask, random_ratio, cfg.seed, full, budget, base_fp)
-    targets, lora = _lora_targets(components.denoiser, active, lora, lora_as_attacker)
+    targets, lora = _lora_targets(components.denoiser, active, lora, lora_as_attacker, cfg.seed)
     frozen = active.frozen_names if targets is not None else active.apply(components.denoiser)
     logger.info("scheme %s: %d/%d tensors frozen (%.1f%% of parameters)", scheme, len(frozen),
                 len(active.names), 100 * active.param_fraction)

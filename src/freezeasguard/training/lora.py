@@ -94,13 +94,18 @@ def attacker_targets(denoiser, mask: Mask, settings: LoraSettings) -> tuple[list
     return chosen, LoraSettings(rank=min(settings.rank, cap), alpha=settings.alpha, targets=settings.targets)
 
 
-def add_lora(denoiser, targets: list[str], settings: LoraSettings) -> None:
-    """Freeze every UNet weight and put a fresh LoRA (peft) on exactly ``targets``."""
+def add_lora(denoiser, targets: list[str], settings: LoraSettings, seed: int = 0) -> None:
+    """Freeze every UNet weight and put a fresh LoRA (peft) on exactly ``targets``, its random
+    init drawn from ``seed``: peft draws from the global generator, whose state depends on
+    whatever ran before in the process, so the same run would otherwise differ by job order."""
     from peft import LoraConfig  # imports transformers (seconds): only guarded LoRA pays for it
 
     denoiser.requires_grad_(False)
-    denoiser.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
-                                target_modules=list(targets), init_lora_weights=True))
+    device = next(denoiser.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        denoiser.add_adapter(LoraConfig(r=settings.rank, lora_alpha=settings.alpha or settings.rank,
+                                    target_modules=list(targets), init_lora_weights=True))
     for name, p in denoiser.named_parameters():
         p.requires_grad_("lora_" in name)
 

@@ -1,0 +1,88 @@
+"""The times README.md gives, measured: the demo (its first command after the install), the quick
+demo, the test command and the end-to-end tests, each run here in turn with nothing else
+running. Writes experiments/results/readme-times/times.json and times.md (README's table).
+
+    python scripts/time_readme_commands.py [--only demo,tests] [--install]
+
+--install also times a fresh install into a new virtual environment (pip's cache makes it
+faster on a second try; the number says what this machine took, not what a first visit takes).
+Run it from a checkout whose .venv is installed (README's first command).
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "experiments" / "results" / "readme-times"
+LOGS = ROOT / "runs" / "readme-times"      # each command's output (not committed)
+VENV = ROOT / ".venv" / "bin"
+
+
+def commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (what README calls it, the command line)."""
+    return {
+        "install": ("install (a new virtual environment, torch first)",
+                    ["bash", "-c", f"python3 -m venv {tmp}/venv && {tmp}/venv/bin/pip install -q torch==2.13.0 && "
+                                   f"{tmp}/venv/bin/pip install -q -e '.[test]'"]),
+        "demo": ("`freezeasguard demo`", [str(VENV / "freezeasguard"), "demo", "--out", str(tmp / "demo")]),
+        "quick": ("`freezeasguard demo --quick`", [str(VENV / "freezeasguard"), "demo", "--quick", "--out",
+                                                   str(tmp / "quick")]),
+        "tests": ("`python -m pytest -q`", [str(VENV / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"]),
+        "slow": ("`python -m pytest -q -m slow`", [str(VENV / "python"), "-m", "pytest", "-q", "-m", "slow",
+                                                   "-p", "no:cacheprovider"]),
+    }
+
+
+def timed(cmd: list[str], log: Path) -> tuple[float, int]:
+    t = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    return time.time() - t, rc
+
+
+def table(record: dict) -> str:
+    lines = ["| command | seconds | minutes | measured |", "|---|---|---|---|"]
+    for row in record["commands"]:
+        lines.append(f"| {row['what']} | {row['seconds']:.0f} | {row['seconds'] / 60:.1f} | {row['date']}, "
+                     f"{row['cpus']} cores, {row['commit']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="comma-separated: install, demo, quick, tests, slow (default: all but install)")
+    ap.add_argument("--install", action="store_true", help="also time a fresh install")
+    a = ap.parse_args(argv)
+    names = a.only.split(",") if a.only else (["install"] if a.install else []) + ["demo", "quick", "tests", "slow"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((OUT / "times.json").read_text()) if (OUT / "times.json").exists() else {"commands": []}
+    kept = {row["name"]: row for row in previous["commands"]}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            what, cmd = commands(Path(tmp))[name]
+            seconds, rc = timed(cmd, LOGS / f"{name}.log")
+            print(f"{name}: {seconds:.0f} s (exit {rc})", file=sys.stderr)
+            if rc != 0:
+                print(f"{name} failed: see {LOGS / f'{name}.log'}", file=sys.stderr)
+                return 1
+            kept[name] = {"name": name, "what": what, "seconds": round(seconds, 1),
+                          "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "commit": commit}
+    order = list(commands(Path("."))).index
+    record = {"commands": sorted(kept.values(), key=lambda r: order(r["name"]))}
+    (OUT / "times.json").write_text(json.dumps(record, indent=2) + "\n")
+    (OUT / "times.md").write_text(table(record))
+    print(table(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
