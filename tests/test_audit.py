@@ -503,3 +503,127 @@ def test_the_hub_recipe_files_each_upload_by_its_verdict_and_keeps_every_file(ti
     (report,) = list((root / "reports").glob("*.json"))
     rows = {row["file"]: row for row in json.loads(report.read_text())["uploads"]}
     assert rows["moved.safetensors"]["first_violation"].startswith(frozen)
+
+
+def _sd3_keys(blocks: int, dual: tuple[int, ...], prefix: str = "") -> list[str]:
+    """The Stability AI layout keys (without data) of an SD3/SD3.5 transformer with qk-norm."""
+    keys = [prefix + "pos_embed"]
+    for p in ("weight", "bias"):
+        keys += [f"{prefix}{k}.{p}" for k in ("x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "context_embedder",
+                                              "y_embedder.mlp.0", "y_embedder.mlp.2", "final_layer.linear",
+                                              "final_layer.adaLN_modulation.1")]
+        for i in range(blocks):
+            last = i == blocks - 1
+            keys += [f"{prefix}joint_blocks.{i}.{k}.{p}" for k in (
+                "x_block.attn.qkv", "x_block.attn.proj", "x_block.adaLN_modulation.1", "x_block.mlp.fc1",
+                "x_block.mlp.fc2", "context_block.attn.qkv", "context_block.adaLN_modulation.1")
+                + (() if last else ("context_block.attn.proj", "context_block.mlp.fc1", "context_block.mlp.fc2"))
+                + (("x_block.attn2.qkv", "x_block.attn2.proj") if i in dual else ())]
+    for i in range(blocks):
+        keys += [f"{prefix}joint_blocks.{i}.{k}.weight" for k in (
+            "x_block.attn.ln_q", "x_block.attn.ln_k", "context_block.attn.ln_q", "context_block.attn.ln_k")
+            + (("x_block.attn2.ln_q", "x_block.attn2.ln_k") if i in dual else ())]
+    return keys
+
+
+def test_the_sd3_table_equals_diffusers_converter_at_sd35_medium_width():
+    """diffusers' convert_sd3_transformer_checkpoint_to_diffusers on row-coded placeholders at SD3.5
+    Medium's width (24 heads of 64, attn2 in the first blocks): each parameter's rows decode to the
+    segments sai_sd3_segments gives, the last block's and the final (shift, scale) swaps included."""
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from freezeasguard.audit.layouts import sai_sd3_segments
+    inner = 24 * 64
+    keys = _sd3_keys(3, dual=(0, 1))
+
+    def rows(key):
+        return 3 * inner if ".qkv." in key else 2 * inner if "adaLN_modulation" in key else 5
+    coded = {k: (i * 100_000 + torch.arange(rows(k), dtype=torch.float64)).reshape(-1, 1) for i, k in enumerate(keys)}
+    coded["context_embedder.weight"] = coded["context_embedder.weight"].expand(5, 4)   # its rows: the caption width
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(coded))
+    ours = sai_sd3_segments(keys, {"num_attention_heads": 24, "attention_head_dim": 64, "caption_projection_dim": inner})
+
+    def decode(t):
+        segments = []
+        for code in t[:, :1].reshape(-1).long().tolist():
+            key, row = keys[code // 100_000], code % 100_000
+            if segments and segments[-1][0] == key and segments[-1][2] == row:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([key, row, row + 1])
+        return [tuple(s) for s in segments]
+    assert set(converted) == set(ours)
+    assert {"transformer_blocks.1.attn2.to_v.bias", "transformer_blocks.2.norm1_context.linear.weight"} <= set(ours)
+    for name, t in converted.items():
+        t = t.reshape(t.shape[0], -1)
+        assert decode(t) == [(k, a, b if b is not None else rows(k)) for k, a, b in ours[name]], name
+
+
+def write_sd3_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
+    """An SD3 single file in Stability AI's layout from a diffusers transformer state."""
+    from freezeasguard.audit.layouts import sai_sd3_segments
+    blocks = 1 + max(int(n.split(".")[1]) for n in state if n.startswith("transformer_blocks."))
+    dual = tuple({int(n.split(".")[1]) for n in state if ".attn2." in n})
+    table = sai_sd3_segments(_sd3_keys(blocks, dual), config)
+    assert set(table) == set(state)           # every parameter has its place in the file
+    names_of = {}
+    for name, segs in table.items():
+        for key, _, _ in segs:
+            names_of.setdefault(key, set()).add(name)
+    total = {k: sum(state[n].shape[0] for n in names) if len(names) > 1 else
+             state[next(iter(names))].shape[0] for k, names in names_of.items()}
+    out = {k: torch.empty((total[k], *state[next(iter(names))].shape[1:])) for k, names in names_of.items()}
+    for name, segs in table.items():
+        offset = 0
+        for key, start, end in segs:
+            length = (end if end is not None else total[key]) - start
+            out[key][start:start + length] = state[name][offset:offset + length]
+            offset += length
+    out = {prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in out.items()}
+    out["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.randn(4)   # not audited
+    save_file(out, str(path))
+    return path
+
+
+def test_an_sd35_single_file_is_read_and_one_ulp_in_a_fused_qkv_slice_flagged(tmp_path):
+    """An SD3.5 Medium-shaped tiny transformer (attn2 in block 0) written in Stability AI's layout:
+    diffusers' own converter gives the state back; the audit passes it (fp32, and fp16 with the
+    ComfyUI prefix under tolerance), flags one ulp in a frozen slice of a fused q/k/v tensor and
+    passes one ulp in a trainable slice of the same tensor."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    from freezeasguard.models.families.tiny import save_tiny
+    model = save_tiny(tmp_path / "sd3", "sd3")
+    config = {k: v for k, v in denoiser_config(model).items() if not k.startswith("_")}
+    SD3Transformer2DModel(**{**config, "dual_attention_layers": (0,)}).save_pretrained(model / "transformer")
+    base = load_denoiser_state(model)
+    config = denoiser_config(model)
+    assert any(".attn2." in n for n in base)
+    write_sd3_file(base, config, tmp_path / "sd35.safetensors")
+    back = convert_sd3_transformer_checkpoint_to_diffusers(
+        {k: v for k, v in load_file(str(tmp_path / "sd35.safetensors")).items() if not k.startswith("text_encoders.")})
+    assert set(back) == set(base) and all(torch.equal(back[n], base[n]) for n in base)
+    names = list(base)
+    scores = torch.tensor([1.0 if n.startswith("transformer_blocks.0.attn.to_k.") or "add_v_proj" in n else 0.0
+                           for n in names])
+    mask = Mask.from_scores([(n, base[n]) for n in names], scores, 0.05, base_fingerprint=fingerprint(base.items()))
+    frozen_slice = "transformer_blocks.0.attn.to_k.weight"
+    trainable_slice = "transformer_blocks.0.attn.to_q.weight"       # the same fused x_block.attn.qkv tensor
+    assert frozen_slice in mask.frozen_names and trainable_slice not in mask.frozen_names
+    plain = mask.save(tmp_path / "mask.safetensors")
+    recorded = record_digests(mask, model).save(tmp_path / "rec.safetensors")
+    write_sd3_file(base, config, tmp_path / "sd35-comfy16.safetensors", torch.float16, prefix="model.diffusion_model.")
+
+    def one_ulp(name, path):
+        t = base[name].clone().view(-1)
+        t[3] = torch.nextafter(t[3], torch.tensor(float("inf")))
+        return write_sd3_file({**base, name: t.view_as(base[name])}, config, tmp_path / path)
+    for ref_model, ref_mask in ((model, plain), (None, recorded)):
+        ok = verify_checkpoint(ref_model, ref_mask, tmp_path / "sd35.safetensors")
+        assert ok.compliant and ok.layout == "sai-sd3" and ok.frozen_checked == len(mask.frozen_names)
+        assert verify_checkpoint(ref_model, ref_mask, tmp_path / "sd35-comfy16.safetensors", "tolerance").compliant
+        report = verify_checkpoint(ref_model, ref_mask, one_ulp(frozen_slice, "frozen-ulp.safetensors"))
+        assert [v.name for v in report.violations] == [frozen_slice]
+        assert verify_checkpoint(ref_model, ref_mask, one_ulp(trainable_slice, "free-ulp.safetensors")).compliant

@@ -173,13 +173,131 @@ def test_each_familys_parameter_names_tell_the_family_and_a_mask_is_refused_on_a
         mask.check_matches(list(comps.denoiser.named_parameters()))
 
 
-def test_a_flux2_single_file_in_bfl_layout_is_refused_saying_what_to_do(tmp_path, capsys):
-    """FLUX.2 has single blocks as FLUX.1 does, but BFL's FLUX.1 name map does not fit it: such a
-    file is refused (exit 2) rather than read with the wrong map."""
+def _flux2_bfl_key(name: str) -> str:
+    """The BFL-layout key holding a FLUX.2 transformer parameter (written out from BFL's flux2 code)."""
+    renames = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+               "norm_out.linear": "final_layer.adaLN_modulation.1",
+               "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+               "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+               "single_stream_modulation.linear": "single_stream_modulation.lin"}
+    double = {"attn.to_q": "img_attn.qkv", "attn.to_k": "img_attn.qkv", "attn.to_v": "img_attn.qkv",
+              "attn.add_q_proj": "txt_attn.qkv", "attn.add_k_proj": "txt_attn.qkv", "attn.add_v_proj": "txt_attn.qkv",
+              "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+              "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+              "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+              "attn.to_add_out": "txt_attn.proj", "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+    single = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+              "attn.norm_k": "norm.key_norm"}
+    module, param = name.rsplit(".", 1)
+    if module.startswith(("transformer_blocks.", "single_transformer_blocks.")):
+        kind, i, rest = module.split(".", 2)
+        table, bfl_kind = (double, "double_blocks") if kind == "transformer_blocks" else (single, "single_blocks")
+        key = f"{bfl_kind}.{i}.{table[rest]}"
+        return f"{key}.scale" if "norm" in rest and "norm" in table[rest] else f"{key}.{param}"
+    return f"{renames[module]}.{param}"
+
+
+def write_flux2_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
+    from freezeasguard.audit.layouts import bfl_flux2_segments
+    keys = {_flux2_bfl_key(n) for n in state}
+    table = bfl_flux2_segments(keys, config)
+    assert set(table) == set(state)
+    names_of = {}
+    for name, segs in table.items():
+        for key, _, _ in segs:
+            names_of.setdefault(key, set()).add(name)
+    total = {k: sum(state[n].shape[0] for n in names) if len(names) > 1 else state[next(iter(names))].shape[0]
+             for k, names in names_of.items()}
+    out = {k: torch.empty((total[k], *state[next(iter(names))].shape[1:])) for k, names in names_of.items()}
+    for name, segs in table.items():
+        offset = 0
+        for key, start, end in segs:
+            length = (end if end is not None else total[key]) - start
+            out[key][start:start + length] = state[name][offset:offset + length]
+            offset += length
+    save_file({prefix + k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in out.items()}, str(path))
+    return path
+
+
+def test_the_flux2_table_equals_diffusers_converter_at_flux2_dev_width():
+    """diffusers' convert_flux2_transformer_checkpoint_to_diffusers on row-coded placeholders at
+    FLUX.2 [dev]'s width (48 heads of 128): each parameter decodes to bfl_flux2_segments' rows."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+
+    from freezeasguard.audit.layouts import bfl_flux2_segments
+    inner = 48 * 128
+    keys = [f"{k}.weight" for k in ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
+                                    "guidance_in.out_layer", "double_stream_modulation_img.lin",
+                                    "double_stream_modulation_txt.lin", "single_stream_modulation.lin",
+                                    "final_layer.linear", "final_layer.adaLN_modulation.1")]
+    for i in range(2):
+        keys += [f"double_blocks.{i}.{k}.weight" for k in ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2",
+                                                          "txt_attn.qkv", "txt_attn.proj", "txt_mlp.0", "txt_mlp.2")]
+        keys += [f"double_blocks.{i}.{k}.scale" for k in ("img_attn.norm.query_norm", "img_attn.norm.key_norm",
+                                                         "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")]
+        keys += [f"single_blocks.{i}.{k}.weight" for k in ("linear1", "linear2")]
+        keys += [f"single_blocks.{i}.norm.{k}.scale" for k in ("query_norm", "key_norm")]
+
+    def rows(key):
+        return 3 * inner if ".qkv." in key else 2 * inner if "adaLN_modulation" in key else 5
+    coded = {k: (i * 100_000 + torch.arange(rows(k), dtype=torch.float64)).reshape(-1, 1) for i, k in enumerate(keys)}
+    converted = convert_flux2_transformer_checkpoint_to_diffusers(dict(coded))
+    ours = bfl_flux2_segments(keys, {"num_attention_heads": 48, "attention_head_dim": 128})
+
+    def decode(t):
+        segments = []
+        for code in t.view(-1).long().tolist():
+            key, row = keys[code // 100_000], code % 100_000
+            if segments and segments[-1][0] == key and segments[-1][2] == row:
+                segments[-1][2] = row + 1
+            else:
+                segments.append([key, row, row + 1])
+        return [tuple(s) for s in segments]
+    assert set(converted) == set(ours) and len(ours) == 11 + 2 * (12 + 4) + 2 * 4
+    for name, t in converted.items():
+        assert decode(t) == [(k, a, b if b is not None else rows(k)) for k, a, b in ours[name]], name
+
+
+def test_a_flux2_single_file_in_bfl_layout_is_audited_and_one_ulp_in_a_fused_qkv_slice_flagged(tmp_path, capsys):
+    """The tiny FLUX.2 written in BFL's layout: diffusers' converter gives the state back; verify
+    passes it (and ComfyUI's prefixed fp16 under tolerance), flags one ulp in a frozen slice of a
+    double block's fused q/k/v and passes one in a trainable slice of the same tensor (exit 1 / 0)."""
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    from freezeasguard.audit.verify import denoiser_config
+    from freezeasguard.models.pipelines import fingerprint
     folder = save_tiny(tmp_path / "f", "flux2")
-    mask = Mask.random(list(load_denoiser_state(folder).items()), 0.3, seed=0).save(tmp_path / "mask.safetensors")
-    single = tmp_path / "flux2-bfl.safetensors"
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(48, 16), "img_in.weight": torch.zeros(16, 16)},
-              str(single))
-    assert main(["verify", "--model", str(folder), "--mask", str(mask), "--candidate", str(single)]) == 2
-    assert "convert_flux2_to_diffusers" in capsys.readouterr().err
+    base = load_denoiser_state(folder)
+    config = denoiser_config(folder)
+    write_flux2_bfl_file(base, config, tmp_path / "flux2.safetensors")
+    back = convert_flux2_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "flux2.safetensors")))
+    assert set(back) == set(base) and all(torch.equal(back[n], base[n]) for n in base)
+    names = list(base)
+    frozen_slice, trainable_slice = "transformer_blocks.0.attn.to_k.weight", "transformer_blocks.0.attn.to_v.weight"
+    scores = torch.tensor([1.0 if n == frozen_slice or ".ff." in n else 0.0 for n in names])
+    mask = Mask.from_scores([(n, base[n]) for n in names], scores, 0.1, base_fingerprint=fingerprint(base.items()))
+    assert frozen_slice in mask.frozen_names and trainable_slice not in mask.frozen_names
+    mask_path = mask.save(tmp_path / "mask.safetensors")
+    write_flux2_bfl_file(base, config, tmp_path / "comfy16.safetensors", torch.float16, prefix="model.diffusion_model.")
+
+    def one_ulp(name, file):
+        t = base[name].clone().view(-1)
+        t[2] = torch.nextafter(t[2], torch.tensor(float("inf")))
+        return write_flux2_bfl_file({**base, name: t.view_as(base[name])}, config, tmp_path / file)
+
+    def verify(candidate, *extra):
+        code = main(["verify", "--model", str(folder), "--mask", str(mask_path), "--candidate", str(candidate), *extra])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err
+        return code, out.out + out.err
+    code, out = verify(tmp_path / "flux2.safetensors")
+    assert code == 0 and "bfl-flux2 layout" in out
+    assert verify(tmp_path / "comfy16.safetensors", "--tolerance")[0] == 0
+    code, out = verify(one_ulp(frozen_slice, "frozen-ulp.safetensors"))
+    assert code == 1 and frozen_slice in out
+    assert verify(one_ulp(trainable_slice, "free-ulp.safetensors"))[0] == 0

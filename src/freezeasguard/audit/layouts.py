@@ -30,7 +30,8 @@ LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.",
 
 
 LAYOUT_NAMES = {"ldm-unet": "single-file SD/SDXL (LDM layout)", "bfl-flux": "single-file FLUX.1 (BFL layout)",
-                "diffusers": "diffusers"}
+                "bfl-flux2": "single-file FLUX.2 (BFL layout)",
+                "sai-sd3": "single-file SD3/SD3.5 (Stability AI's layout)", "diffusers": "diffusers"}
 
 
 class LayoutError(ValueError):
@@ -42,7 +43,11 @@ def detect_layout(keys) -> str:
     anything else is a LayoutError naming the keys found."""
     keys = list(keys)
     if any(k.startswith(("double_blocks.", LDM_UNET_PREFIX + "double_blocks.")) for k in keys):
-        return "bfl-flux"
+        # FLUX.2 shares its modulation over the blocks; FLUX.1 modulates each block
+        return "bfl-flux2" if any(k.removeprefix(LDM_UNET_PREFIX).startswith("double_stream_modulation_img.")
+                                  for k in keys) else "bfl-flux"
+    if any(k.startswith(("joint_blocks.", LDM_UNET_PREFIX + "joint_blocks.")) for k in keys):
+        return "sai-sd3"
     if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return "ldm-unet"
     # UNets; SD3, FLUX.1/2 and Qwen-Image transformers; Z-Image's (layers, refiners)
@@ -51,7 +56,8 @@ def detect_layout(keys) -> str:
         return "diffusers"
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
     raise LayoutError(f"cannot tell this checkpoint's layout (keys such as {shown}): neither a diffusers denoiser, "
-                      f"a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...) nor a FLUX.1 one (double_blocks...)")
+                      f"a single-file SD/SDXL checkpoint ({LDM_UNET_PREFIX}...), a FLUX.1 one (double_blocks...) nor "
+                      f"an SD3/SD3.5 one (joint_blocks...)")
 
 
 # diffusers UNet names -> the original SD layout, for maps that start from the base model's names
@@ -142,24 +148,26 @@ class Checkpoint:
                               f"denoiser's config: pass --model BASE, or a mask that records it (`freezeasguard mask "
                               f"record`)")
         family = "ldm-unet" if "layers_per_block" in denoiser_config else \
-            "bfl-flux" if is_flux1(denoiser_config) else denoiser_config.get("_class_name", "another")
-        if self.layout == "bfl-flux" and family == "Flux2Transformer2DModel":
-            raise LayoutError(f"{self.path} is a single file in Black Forest Labs' layout; for FLUX.2 that layout is "
-                              f"not mapped yet (only FLUX.1's is): audit the transformer in diffusers' layout "
-                              f"(diffusers' scripts/convert_flux2_to_diffusers.py writes one)")
+            "bfl-flux" if is_flux1(denoiser_config) else "sai-sd3" if is_sd3(denoiser_config) else \
+            "bfl-flux2" if denoiser_config.get("_class_name") == "Flux2Transformer2DModel" else \
+            denoiser_config.get("_class_name", "another")
         if family != self.layout:
             raise LayoutError(f"{self.path} is a {LAYOUT_NAMES[self.layout]} checkpoint, and the mask's base model is "
                               f"{LAYOUT_NAMES.get(family, family)}: audit it with a mask for its own base model")
         try:
             if self.layout == "ldm-unet":
                 self.where = {n: [(k, 0, None)] for n, k in ldm_unet_names(self.file_of, denoiser_config).items()}
+            elif self.layout == "sai-sd3":
+                self.where = sai_sd3_segments(self.file_of, denoiser_config)
+            elif self.layout == "bfl-flux2":
+                self.where = bfl_flux2_segments(self.file_of, denoiser_config)
             else:
                 self.where = bfl_flux_segments(self.file_of, denoiser_config)
         except (KeyError, IndexError, ValueError, RuntimeError) as exc:
             raise LayoutError(f"{self.path}: its {LAYOUT_NAMES[self.layout]} keys do not fit the mask's base model "
                               f"({type(exc).__name__}: {exc})") from exc
         used = {seg[0] for segs in self.where.values() for seg in segs}
-        own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout == "bfl-flux"
+        own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout in ("bfl-flux", "bfl-flux2", "sai-sd3")
                and not k.startswith(LDM_OTHER_PREFIXES)]
         self.unmapped = [k for k in own if k not in used]
         self.others = len(self.file_of) - len(own)
@@ -328,6 +336,116 @@ def bfl_keys(names) -> set[str]:
         "img_attn.norm.query_norm", "img_attn.norm.key_norm", "txt_attn.norm.query_norm", "txt_attn.norm.key_norm")}
     keys |= {f"single_blocks.{i}.norm.{k}.scale" for i in singles for k in ("query_norm", "key_norm")}
     return keys
+
+
+# SD3/SD3.5 in Stability AI's layout (sd3.5_large.safetensors, ComfyUI's saves), as diffusers'
+# convert_sd3_transformer_checkpoint_to_diffusers reads it: joint blocks with fused q/k/v per
+# stream, SD3.5 Medium's second attention (attn2) in the blocks that have one, and the last block's
+# context modulation and the final one stored (shift, scale) where diffusers holds (scale, shift).
+_SD3_WHOLE = [("pos_embed.proj", "x_embedder.proj"), ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+              ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"), ("context_embedder", "context_embedder"),
+              ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+              ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"), ("proj_out", "final_layer.linear")]
+_SD3_BLOCK = [("attn.to_out.0", "x_block.attn.proj"), ("attn.to_add_out", "context_block.attn.proj"),
+              ("attn2.to_out.0", "x_block.attn2.proj"), ("norm1.linear", "x_block.adaLN_modulation.1"),
+              ("ff.net.0.proj", "x_block.mlp.fc1"), ("ff.net.2", "x_block.mlp.fc2"),
+              ("ff_context.net.0.proj", "context_block.mlp.fc1"), ("ff_context.net.2", "context_block.mlp.fc2")]
+_SD3_NORMS = [("attn.norm_q", "x_block.attn.ln_q"), ("attn.norm_k", "x_block.attn.ln_k"),
+              ("attn.norm_added_q", "context_block.attn.ln_q"), ("attn.norm_added_k", "context_block.attn.ln_k"),
+              ("attn2.norm_q", "x_block.attn2.ln_q"), ("attn2.norm_k", "x_block.attn2.ln_k")]
+_SD3_QKV = [("attn", "x_block.attn.qkv", ("to_q", "to_k", "to_v")),
+            ("attn", "context_block.attn.qkv", ("add_q_proj", "add_k_proj", "add_v_proj")),
+            ("attn2", "x_block.attn2.qkv", ("to_q", "to_k", "to_v"))]
+
+
+def sai_sd3_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The SD3 transformer's parameter name -> the row ranges of Stability AI layout keys it is made of."""
+    keys = set(file_keys)
+    prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX + "joint_blocks.") for k in keys) else ""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out: dict[str, list[tuple[str, int, int | None]]] = {}
+
+    def whole(name, key, params=("weight", "bias")):
+        for p in params:
+            out[f"{name}.{p}"] = [(f"{prefix}{key}.{p}", 0, None)]
+
+    def swapped(name, key, half):
+        for p in ("weight", "bias"):
+            out[f"{name}.{p}"] = [(f"{prefix}{key}.{p}", half, None), (f"{prefix}{key}.{p}", 0, half)]
+
+    out["pos_embed.pos_embed"] = [(prefix + "pos_embed", 0, None)]
+    for name, key in _SD3_WHOLE:
+        whole(name, key)
+    blocks = sorted({int(k[len(prefix):].split(".")[1]) for k in keys if k[len(prefix):].startswith("joint_blocks.")})
+    for i in blocks:
+        d, b = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for name, key in _SD3_BLOCK:
+            whole(d + name, b + key)
+        for name, key in _SD3_NORMS:
+            whole(d + name, b + key, ("weight",))
+        for module, key, names in _SD3_QKV:
+            for j, n in enumerate(names):
+                for p in ("weight", "bias"):
+                    out[f"{d}{module}.{n}.{p}"] = [(f"{prefix}{b}{key}.{p}", j * inner, (j + 1) * inner)]
+        if i == blocks[-1]:   # the last block's context stream only modulates: (shift, scale) stored
+            swapped(d + "norm1_context.linear", b + "context_block.adaLN_modulation.1", inner)
+        else:
+            whole(d + "norm1_context.linear", b + "context_block.adaLN_modulation.1")
+    swapped("norm_out.linear", "final_layer.adaLN_modulation.1", inner)
+    return {n: segs for n, segs in out.items() if all(s[0] in keys for s in segs)}
+
+
+# FLUX.2 in Black Forest Labs' layout, as diffusers' convert_flux2_transformer_checkpoint_to_diffusers
+# reads it: renames, the double blocks' fused q/k/v split in three, the single blocks' fused
+# projection kept fused (diffusers' to_qkv_mlp_proj), and the final modulation's (shift, scale).
+_FLUX2_RENAMES = {"img_in": "x_embedder", "txt_in": "context_embedder",
+                  "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+                  "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+                  "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+                  "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+                  "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+                  "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+                  "single_stream_modulation.lin": "single_stream_modulation.linear", "final_layer.linear": "proj_out"}
+_FLUX2_DOUBLE = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                 "img_attn.proj": "attn.to_out.0", "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
+                 "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k",
+                 "txt_attn.proj": "attn.to_add_out", "txt_mlp.0": "ff_context.linear_in",
+                 "txt_mlp.2": "ff_context.linear_out"}
+_FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out", "norm.query_norm": "attn.norm_q",
+                 "norm.key_norm": "attn.norm_k"}
+
+
+def bfl_flux2_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The FLUX.2 transformer's parameter name -> the row ranges of BFL-layout keys it is made of."""
+    keys = set(file_keys)
+    prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX + "double_blocks.") for k in keys) else ""
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    out: dict[str, list[tuple[str, int, int | None]]] = {}
+    for key in keys:
+        if not key.startswith(prefix) or key.startswith(LDM_OTHER_PREFIXES):
+            continue
+        module, param = key[len(prefix):].rsplit(".", 1)
+        param = "weight" if param == "scale" else param
+        if module == "final_layer.adaLN_modulation.1":       # (shift, scale) -> (scale, shift)
+            out[f"norm_out.linear.{param}"] = [(key, inner, None), (key, 0, inner)]
+        elif module.startswith(("double_blocks.", "single_blocks.")):
+            kind, i, rest = module.split(".", 2)
+            if kind == "single_blocks" and rest in _FLUX2_SINGLE:
+                out[f"single_transformer_blocks.{i}.{_FLUX2_SINGLE[rest]}.{param}"] = [(key, 0, None)]
+            elif rest in ("img_attn.qkv", "txt_attn.qkv"):
+                names = ("to_q", "to_k", "to_v") if rest.startswith("img") else ("add_q_proj", "add_k_proj", "add_v_proj")
+                for j, n in enumerate(names):
+                    out[f"transformer_blocks.{i}.attn.{n}.{param}"] = [(key, j * inner, (j + 1) * inner)]
+            elif kind == "double_blocks" and rest in _FLUX2_DOUBLE:
+                out[f"transformer_blocks.{i}.{_FLUX2_DOUBLE[rest]}.{param}"] = [(key, 0, None)]
+        elif module in _FLUX2_RENAMES:
+            out[f"{_FLUX2_RENAMES[module]}.{param}"] = [(key, 0, None)]
+    return out
+
+
+def is_sd3(config: dict) -> bool:
+    """An SD3/SD3.5 transformer's config (MMDiT: joint attention with a caption projection)."""
+    return "caption_projection_dim" in config and "joint_attention_dim" in config
 
 
 def is_flux1(config: dict) -> bool:
