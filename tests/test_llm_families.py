@@ -301,3 +301,71 @@ def test_a_flux2_single_file_in_bfl_layout_is_audited_and_one_ulp_in_a_fused_qkv
     code, out = verify(one_ulp(frozen_slice, "frozen-ulp.safetensors"))
     assert code == 1 and frozen_slice in out
     assert verify(one_ulp(trainable_slice, "free-ulp.safetensors"))[0] == 0
+
+
+def _zimage_original_key(name: str) -> str:
+    """The key holding a Z-Image parameter in its authors' layout (their fused q/k/v, out, q/k_norm)."""
+    for new, old in (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder.")):
+        if name.startswith(new):
+            return old + name[len(new):]
+    for new, old in ((".attention.to_q.", ".attention.qkv."), (".attention.to_k.", ".attention.qkv."),
+                     (".attention.to_v.", ".attention.qkv."), (".attention.to_out.0.", ".attention.out."),
+                     (".attention.norm_k.", ".attention.k_norm."), (".attention.norm_q.", ".attention.q_norm.")):
+        name = name.replace(new, old)
+    return name
+
+
+def test_a_zimage_single_file_in_its_authors_layout_is_audited_and_one_ulp_in_a_fused_qkv_slice_flagged(tmp_path,
+                                                                                                       capsys):
+    """Z-Image's original layout differs from diffusers' (fused q/k/v, renamed out and norms, the
+    embedder and final layer without the patch-size name): the tiny Z-Image written so round-trips
+    through diffusers' converter, passes verify, and one ulp in a frozen slice of a fused q/k/v is
+    flagged while one in a trainable slice of the same tensor passes."""
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    from freezeasguard.models.pipelines import fingerprint
+    folder = save_tiny(tmp_path / "z", "zimage")
+    base = load_denoiser_state(folder)
+
+    def write(state, path, prefix=""):
+        out = {}
+        for name in state:
+            out.setdefault(_zimage_original_key(name), []).append(state[name])
+        tensors = {prefix + k: torch.cat(v) if len(v) > 1 else v[0] for k, v in out.items()}
+        tensors[prefix + "norm_final.weight"] = torch.ones(4)          # in the release, not in diffusers' model
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        return path
+    ordered = {}          # each fused q/k/v assembled in the order q, k, v (the state's own order is by name)
+    for name in base:
+        if ".attention.to_" in name and ".to_out." not in name:
+            stem = name.rsplit(".to_", 1)[0]
+            for n in ("to_q", "to_k", "to_v"):
+                ordered[f"{stem}.{n}.weight"] = base[f"{stem}.{n}.weight"]
+        else:
+            ordered[name] = base[name]
+    write(ordered, tmp_path / "z.safetensors", "model.diffusion_model.")
+    back = convert_z_image_transformer_checkpoint_to_diffusers(load_file(str(tmp_path / "z.safetensors")))
+    assert set(back) == set(base) and all(torch.equal(back[n], base[n]) for n in base)
+    names = list(base)
+    frozen_slice, trainable_slice = "layers.0.attention.to_k.weight", "layers.0.attention.to_q.weight"
+    scores = torch.tensor([1.0 if n == frozen_slice or "feed_forward" in n else 0.0 for n in names])
+    mask = Mask.from_scores([(n, base[n]) for n in names], scores, 0.1, base_fingerprint=fingerprint(base.items()))
+    assert frozen_slice in mask.frozen_names and trainable_slice not in mask.frozen_names
+    mask_path = mask.save(tmp_path / "mask.safetensors")
+
+    def one_ulp(name, file):
+        t = ordered[name].clone().view(-1)
+        t[2] = torch.nextafter(t[2], torch.tensor(float("inf")))
+        return write({**ordered, name: t.view_as(ordered[name])}, tmp_path / file)
+
+    def verify(candidate):
+        code = main(["verify", "--model", str(folder), "--mask", str(mask_path), "--candidate", str(candidate)])
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err
+        return code, out.out + out.err
+    code, out = verify(tmp_path / "z.safetensors")
+    assert code == 0 and "zimage-original layout" in out, out
+    code, out = verify(one_ulp(frozen_slice, "frozen-ulp.safetensors"))
+    assert code == 1 and frozen_slice in out
+    assert verify(one_ulp(trainable_slice, "free-ulp.safetensors"))[0] == 0

@@ -31,7 +31,15 @@ LDM_OTHER_PREFIXES = ("first_stage_model.", "cond_stage_model.", "conditioner.",
 
 LAYOUT_NAMES = {"ldm-unet": "single-file SD/SDXL (LDM layout)", "bfl-flux": "single-file FLUX.1 (BFL layout)",
                 "bfl-flux2": "single-file FLUX.2 (BFL layout)",
-                "sai-sd3": "single-file SD3/SD3.5 (Stability AI's layout)", "diffusers": "diffusers"}
+                "sai-sd3": "single-file SD3/SD3.5 (Stability AI's layout)",
+                "zimage-original": "single-file Z-Image (its authors' layout)", "diffusers": "diffusers"}
+
+
+# single files of transformers in their authors' layout: every key not under another part's prefix is the denoiser's
+ORIGINAL_TRANSFORMER_LAYOUTS = ("bfl-flux", "bfl-flux2", "sai-sd3", "zimage-original")
+# keys of a release that diffusers' converter drops because its model has no such parameter (Z-Image's
+# final norm; diffusers' model, which reproduces the release's outputs, has none): counted with the other parts
+UNUSED_BY_DIFFUSERS = {"zimage-original": ("norm_final.weight",)}
 
 
 class LayoutError(ValueError):
@@ -48,6 +56,9 @@ def detect_layout(keys) -> str:
                                   for k in keys) else "bfl-flux"
     if any(k.startswith(("joint_blocks.", LDM_UNET_PREFIX + "joint_blocks.")) for k in keys):
         return "sai-sd3"
+    if any(k.removeprefix(LDM_UNET_PREFIX).startswith(("layers.", "noise_refiner.", "context_refiner."))
+           and k.endswith(".attention.qkv.weight") for k in keys):
+        return "zimage-original"
     if any(k.startswith(LDM_UNET_PREFIX) for k in keys):
         return "ldm-unet"
     # UNets; SD3, FLUX.1/2 and Qwen-Image transformers; Z-Image's (layers, refiners)
@@ -150,6 +161,7 @@ class Checkpoint:
         family = "ldm-unet" if "layers_per_block" in denoiser_config else \
             "bfl-flux" if is_flux1(denoiser_config) else "sai-sd3" if is_sd3(denoiser_config) else \
             "bfl-flux2" if denoiser_config.get("_class_name") == "Flux2Transformer2DModel" else \
+            "zimage-original" if denoiser_config.get("_class_name") == "ZImageTransformer2DModel" else \
             denoiser_config.get("_class_name", "another")
         if family != self.layout:
             raise LayoutError(f"{self.path} is a {LAYOUT_NAMES[self.layout]} checkpoint, and the mask's base model is "
@@ -161,14 +173,17 @@ class Checkpoint:
                 self.where = sai_sd3_segments(self.file_of, denoiser_config)
             elif self.layout == "bfl-flux2":
                 self.where = bfl_flux2_segments(self.file_of, denoiser_config)
+            elif self.layout == "zimage-original":
+                self.where = zimage_original_segments(self.file_of, denoiser_config)
             else:
                 self.where = bfl_flux_segments(self.file_of, denoiser_config)
         except (KeyError, IndexError, ValueError, RuntimeError) as exc:
             raise LayoutError(f"{self.path}: its {LAYOUT_NAMES[self.layout]} keys do not fit the mask's base model "
                               f"({type(exc).__name__}: {exc})") from exc
         used = {seg[0] for segs in self.where.values() for seg in segs}
-        own = [k for k in self.file_of if k.startswith(LDM_UNET_PREFIX) or self.layout in ("bfl-flux", "bfl-flux2", "sai-sd3")
-               and not k.startswith(LDM_OTHER_PREFIXES)]
+        unused = UNUSED_BY_DIFFUSERS.get(self.layout, ())
+        own = [k for k in self.file_of if (k.startswith(LDM_UNET_PREFIX) or self.layout in ORIGINAL_TRANSFORMER_LAYOUTS
+               and not k.startswith(LDM_OTHER_PREFIXES)) and k.removeprefix(LDM_UNET_PREFIX) not in unused]
         self.unmapped = [k for k in own if k not in used]
         self.others = len(self.file_of) - len(own)
 
@@ -440,6 +455,36 @@ def bfl_flux2_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int
                 out[f"transformer_blocks.{i}.{_FLUX2_DOUBLE[rest]}.{param}"] = [(key, 0, None)]
         elif module in _FLUX2_RENAMES:
             out[f"{_FLUX2_RENAMES[module]}.{param}"] = [(key, 0, None)]
+    return out
+
+
+# Z-Image in its authors' layout, as diffusers' convert_z_image_transformer_checkpoint_to_diffusers
+# reads it: a fused q/k/v per attention, out/q_norm/k_norm renamed, the patch embedder and final
+# layer under diffusers' per-patch-size names (2-1), and norm_final (not in diffusers' model) unmapped.
+_ZIMAGE_RENAMES = [(".attention.out.", ".attention.to_out.0."), (".attention.k_norm.", ".attention.norm_k."),
+                   (".attention.q_norm.", ".attention.norm_q.")]
+
+
+def zimage_original_segments(file_keys, config: dict) -> dict[str, list[tuple[str, int, int | None]]]:
+    """The Z-Image transformer's parameter name -> the row ranges of its authors' layout keys."""
+    keys = set(file_keys)
+    prefix = LDM_UNET_PREFIX if any(k.startswith(LDM_UNET_PREFIX) and ".attention." in k for k in keys) else ""
+    dim = config["dim"]
+    out: dict[str, list[tuple[str, int, int | None]]] = {}
+    for key in keys:
+        if not key.startswith(prefix) or key.startswith(LDM_OTHER_PREFIXES) or key == prefix + "norm_final.weight":
+            continue
+        name = key[len(prefix):]
+        for old, new in (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1.")):
+            if name.startswith(old):
+                name = new + name[len(old):]
+        for old, new in _ZIMAGE_RENAMES:
+            name = name.replace(old, new)
+        if name.endswith(".attention.qkv.weight"):
+            for j, n in enumerate(("to_q", "to_k", "to_v")):
+                out[name.replace(".qkv.", f".{n}.")] = [(key, j * dim, (j + 1) * dim)]
+        else:
+            out[name] = [(key, 0, None)]
     return out
 
 
