@@ -231,8 +231,13 @@ def test_sharded_finetune_in_two_processes_gives_the_single_process_result(famil
     assert main(["verify", "--model", str(model), "--mask", str(mask), "--candidate", str(tmp_path / "two")]) == 0
 
 
+# Resuming and mask learning under --shard save, restore and combine DTensor shards whatever the
+# model; what is a family's own is which blocks become shards, and the two-process fine-tune
+# above checks that for every family. So these run on one family each: Qwen-Image for the
+# fine-tune's resume (its last text MLP gets no gradient, hence no Adam state), FLUX.1 for mask
+# learning (the others took 3 x 60-90 s more of -m slow and covered nothing new).
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["qwenimage"])
 def test_a_sharded_finetune_resumes_from_its_per_process_checkpoints_bit_exactly(family, people, tmp_path, run_cli):
     """finetune --shard checkpoints each process's shards (weights and Adam moments) beside an
     index of the last complete step; a resume in as many processes gives the uninterrupted run's
@@ -269,7 +274,7 @@ def test_a_sharded_finetune_resumes_from_its_per_process_checkpoints_bit_exactly
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["flux"])
 def test_sharded_mask_learning_resumes_bit_exactly(family, people, logos, tmp_path, run_cli):
     """learn --shard checkpoints each process's shards of theta(m) and theta_d with the logits
     (and its warm start checkpoints like finetune --shard): stopped after update 1 and resumed,
@@ -304,7 +309,7 @@ def test_sd3_draws_times_logit_normally_as_its_training_script_and_flux_uniforml
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux", "flux2", "qwenimage", "zimage"])
+@pytest.mark.parametrize("family", ["flux"])            # one family: see the note above the resume tests
 def test_sharded_mask_learning_in_two_processes_gives_the_mask_of_one(family, people, logos, tmp_path, run_cli):
     """learn --shard under accelerate launch (2 CPU processes, FSDP2) on a tiny FLUX, warm start
     included: the same frozen set as one process with the same global batch, logits within rounding."""
