@@ -34,8 +34,9 @@ def commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
         "quick": ("`freezeasguard demo --quick`", [str(VENV / "freezeasguard"), "demo", "--quick", "--out",
                                                    str(tmp / "quick")]),
         "tests": ("`python -m pytest -q`", [str(VENV / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"]),
-        "slow": ("`python -m pytest -q -m slow`", [str(VENV / "python"), "-m", "pytest", "-q", "-m", "slow",
-                                                   "-p", "no:cacheprovider"]),
+        "slow": ("`python -m pytest -q -m slow -n 2` (as .ci/run)", ["env", "OMP_NUM_THREADS=1", str(VENV / "python"),
+                                                                    "-m", "pytest", "-q", "-m", "slow", "-n", "2",
+                                                                    "-p", "no:cacheprovider"]),
     }
 
 
