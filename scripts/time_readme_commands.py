@@ -77,6 +77,9 @@ def main(argv=None) -> int:
                 return 1
             kept[name] = {"name": name, "what": what, "seconds": round(seconds, 1),
                           "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "commit": commit}
+            # kept as it goes (a later failure loses nothing); times.md, which README shows and the
+            # tests compare with README, is written once at the end
+            (LOGS / "times.partial.json").write_text(json.dumps(kept, indent=2) + "\n")
     order = list(commands(Path("."))).index
     record = {"commands": sorted(kept.values(), key=lambda r: order(r["name"]))}
     (OUT / "times.json").write_text(json.dumps(record, indent=2) + "\n")

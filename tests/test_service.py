@@ -5,6 +5,7 @@ import json
 import tarfile
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -70,6 +71,10 @@ def test_upload_job_progress_and_a_verified_download_that_verify_passes(service,
                 events.append(json.loads(line[6:]))
     assert events[-1]["state"] == "done" and events[-1]["progress"] == 1.0
     assert len(events[-1]["recent_losses"]) == 4 and events[-1]["verify"]["compliant"]
+    # what the page's job table shows: kind, mask, verdict and the links of a finished job
+    assert events[-1]["kind"] == "full" and events[-1]["mask"].startswith("mask.safetensors (")
+    assert events[-1]["verdict"] == "compliant" and events[-1]["links"]["result"] == f"/jobs/{job['id']}/result"
+    assert events[0]["verdict"] is None and events[0]["links"] == {}
     got = client.get(f"/jobs/{job['id']}/result", headers=auth(keys["alice"]))
     assert got.status_code == 200
     out = tmp_path / "downloaded"
@@ -267,9 +272,15 @@ def test_a_worker_killed_mid_job_resumes_after_restart_and_gives_the_uninterrupt
 @pytest.mark.slow
 def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny_sd, people, tmp_path):
     """Debian's chromium and chromium-driver (installed by .ci/run), driven by selenium: key, upload,
-    start a job, watch its progress bar reach the end and the download button appear."""
+    pick the dataset from the list, start a job, watch its progress bar reach the end with its
+    verdict and the download button, download the result, then audit a tampered file and a
+    compliant one in the audit box, sort the report by verdict and fetch its CSV.
+    FREEZEASGUARD_SCREENSHOTS=DIR saves the page at each step (docs/service.md's pictures)."""
+    import os
     import shutil
     import threading
+
+    from safetensors.torch import save_file
 
     import uvicorn
     from selenium import webdriver
@@ -294,7 +305,14 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    options.add_argument("--window-size=1100,900")
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    pictures = os.environ.get("FREEZEASGUARD_SCREENSHOTS")
+
+    def shoot(name):
+        if pictures:
+            Path(pictures).mkdir(parents=True, exist_ok=True)
+            driver.save_screenshot(str(Path(pictures) / f"service-{name}.png"))
     try:
         driver.get(f"http://127.0.0.1:{port}/")
         driver.find_element(By.ID, "key").send_keys(key)
@@ -302,6 +320,13 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
         driver.find_element(By.ID, "file").send_keys(str(archive))
         driver.find_element(By.ID, "upload").click()
         WebDriverWait(driver, 30).until(lambda d: "8 images" in d.find_element(By.ID, "upload-status").text)
+        # the dataset is picked from the list (with its size), not pasted
+        options = WebDriverWait(driver, 10).until(
+            lambda d: d.execute_script("return [...document.querySelectorAll('#dataset option')].map(o => [o.value, o.text])"
+                                       ) or False)
+        assert len(options) == 1 and options[0][0].startswith("ds_") and "8 images" in options[0][1]
+        assert driver.execute_script("return document.getElementById('dataset').value") == options[0][0]
+        shoot("1-dataset")
         steps = driver.find_element(By.ID, "steps")
         steps.clear()
         steps.send_keys("6")
@@ -321,6 +346,44 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
         value, state, _ = WebDriverWait(driver, 120, poll_frequency=0.1).until(finished)
         assert value == 1 and "done" in state
         assert len(seen) >= 2                  # the bar moved: a value before the end, and the end
+        cells = driver.execute_script("return [...document.querySelectorAll('#jobs tr td')].map(c => c.textContent)")
+        assert cells[1] == "full" and cells[2].startswith("mask.safetensors (") and cells[6] == "compliant"
+        shoot("2-job-done")
+        # the download button's request, made as the page makes it: a zip with the verify report
+        fetched = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1], id = document.querySelector('#jobs tr').dataset.job;"
+            "fetch(`/jobs/${id}/result`, {headers: headers()}).then(async r => done([r.status, "
+            "(await r.arrayBuffer()).byteLength, r.headers.get('content-type')]));")
+        assert fetched[0] == 200 and fetched[1] > 10_000 and fetched[2] == "application/zip"
+        # the audit box: a tampered checkpoint and a compliant one
+        base = load_denoiser_state(tiny_sd)
+        victim = Mask.load(mask).frozen_names[0]
+        save_file({**base, victim: base[victim] + 0.5}, str(tmp_path / "tampered.safetensors"))
+        save_file(base, str(tmp_path / "untouched.safetensors"))
+        driver.find_element(By.ID, "audit-files").send_keys(
+            "\n".join(str(tmp_path / n) for n in ("untouched.safetensors", "tampered.safetensors")))
+        driver.find_element(By.ID, "audit").click()
+        read_audit = "return [...document.querySelectorAll('#audit-rows tr')].map(r => [...r.children].map(c => c.textContent))"
+        rows = WebDriverWait(driver, 60).until(lambda d: (len(d.execute_script(read_audit)) == 2 and
+                                                          d.execute_script(read_audit)))
+        assert [r[2] for r in rows] == ["violations", "compliant"]        # worst first
+        assert rows[0][0] == "tampered.safetensors" and rows[0][5].startswith(victim)
+        assert "1 compliant, 1 with violations" in driver.find_element(By.ID, "audit-status").text
+        driver.find_element(By.CSS_SELECTOR, "#audit-table th[data-key='verdict']").click()
+        assert [r[2] for r in driver.execute_script(read_audit)] == ["compliant", "violations"]
+        driver.execute_script("document.getElementById('audit-table').scrollIntoView(false)")
+        shoot("3-audit")
+        csv_text = driver.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(document.getElementById('audit-csv').dataset.url, {headers: headers()}).then(r => r.text()).then(done);")
+        assert csv_text.splitlines()[0].startswith("file,format,verdict") and "tampered.safetensors" in csv_text
+        # a bad upload is a clear error on the page
+        (tmp_path / "model.ckpt").write_bytes(b"not a safetensors file")
+        driver.find_element(By.ID, "audit-files").clear()
+        driver.find_element(By.ID, "audit-files").send_keys(str(tmp_path / "model.ckpt"))
+        driver.find_element(By.ID, "audit").click()
+        WebDriverWait(driver, 30).until(
+            lambda d: "model.ckpt: not a .safetensors file" in d.find_element(By.ID, "audit-status").text)
     finally:
         driver.quit()
         server.should_exit = True
@@ -498,3 +561,45 @@ def test_a_job_whose_worker_died_while_redis_lost_its_registries_runs_again_to_t
         if worker is not None and worker.poll() is None:
             worker.kill()
         redis.stop()
+
+
+def test_the_dataset_list_and_the_audit_box_give_each_tenant_its_own(service, people, tiny_sd, tmp_path):
+    """GET /datasets lists a tenant's datasets with sizes; POST /audit gives each upload a verdict
+    against the service's mask (the hub's batch audit) and a CSV of the report; bad uploads are a
+    400 naming the file, and another tenant's report is a 404."""
+    import csv
+
+    from safetensors.torch import save_file
+    client, keys, _, mask = service
+    first = upload(client, keys["alice"], zip_folder(people)).json()
+    second = upload(client, keys["alice"], zip_folder(people)).json()
+    listed = client.get("/datasets", headers=auth(keys["alice"])).json()
+    assert [d["id"] for d in listed] == [second["id"], first["id"]]              # newest first
+    assert all(d["images"] == 8 and d["bytes"] == first["bytes"] > 0 for d in listed)
+    assert client.get("/datasets", headers=auth(keys["bob"])).json() == []
+    base = load_denoiser_state(tiny_sd)
+    frozen = Mask.load(mask).frozen_names[0]
+    save_file(base, str(tmp_path / "same.safetensors"))
+    save_file({**base, frozen: base[frozen] + 1e-3}, str(tmp_path / "tampered.safetensors"))
+    files = [("files", (n, (tmp_path / n).read_bytes(), "application/octet-stream"))
+             for n in ("same.safetensors", "tampered.safetensors")]
+    got = client.post("/audit", headers=auth(keys["alice"]), files=files)
+    assert got.status_code == 200, got.text
+    report = got.json()
+    verdicts = {r["file"]: r["verdict"] for r in report["uploads"]}
+    assert verdicts == {"same.safetensors": "compliant", "tampered.safetensors": "violations"}
+    bad = next(r for r in report["uploads"] if r["verdict"] == "violations")
+    assert bad["frozen_changed"] == 1 and bad["first_violation"].startswith(frozen)
+    assert report["counts"]["compliant"] == 1 and report["counts"]["violations"] == 1
+    table = client.get(report["csv"], headers=auth(keys["alice"]))
+    assert table.status_code == 200
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    assert {r["file"]: r["verdict"] for r in rows} == verdicts
+    assert client.get(report["csv"], headers=auth(keys["bob"])).status_code == 404
+    assert not list((tmp_path / "svc" / "audits").rglob("*.safetensors"))        # uploads are not kept
+    pickle = client.post("/audit", headers=auth(keys["alice"]), files=[("files", ("model.ckpt", b"x", "a/b"))])
+    assert pickle.status_code == 400 and "model.ckpt: not a .safetensors file" in pickle.json()["detail"]
+    junk = client.post("/audit", headers=auth(keys["alice"]), files=[("files", ("junk.safetensors", b"x" * 20, "a/b"))])
+    assert junk.status_code == 200 and junk.json()["uploads"][0]["verdict"] == "unreadable"
+    assert junk.json()["uploads"][0]["message"]
+    assert client.post("/audit", headers=auth(keys["alice"])).status_code in (400, 422)

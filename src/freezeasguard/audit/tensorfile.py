@@ -22,11 +22,13 @@ MAX_HEADER = 100 * 2**20        # the format's own limit
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """No inf or NaN in ``t``: its largest and smallest values are finite (max and min propagate
-    NaN; two reductions without a temporary, ~25x faster than torch.isfinite(t).all() on fp16)."""
+    """No inf or NaN in ``t``: its largest and smallest values are finite (both propagate NaN).
+    One pass for both without a temporary (aminmax), where isfinite(t).all() writes a mask of
+    t's size and reads it again (~25x slower on fp16)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    return bool(torch.isfinite(t.max())) and bool(torch.isfinite(t.min()))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 class TensorFileError(ValueError):

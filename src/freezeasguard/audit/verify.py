@@ -162,7 +162,8 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
             violations += [found] if found else []
         elif base is not None:
             trainable += 1
-            changed += not torch.equal(c.double(), base.read(name).to(c.dtype).double())
+            b = base.read(name)
+            changed += not torch.equal(c, b if b.dtype == c.dtype else b.to(c.dtype))   # no float64 copies
     violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
                    if n not in shapes and n not in base_names]
     violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]

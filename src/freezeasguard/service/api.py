@@ -4,20 +4,25 @@ answer 404, as unknown ones do.
 
     POST /datasets               upload a zip/tar of an image folder with metadata.jsonl/csv (file=...),
                                  or the images and the metadata file themselves (files=..., repeated)
-    GET  /datasets/{id}
+    GET  /datasets, GET /datasets/{id}   the tenant's datasets (newest first) with image counts and sizes
     POST /jobs                   {"dataset", "steps", "batch_size", "lr", "lora_rank", "seed"}
-    GET  /jobs, GET /jobs/{id}   state, progress, recent losses, the verify report when done
+    GET  /jobs, GET /jobs/{id}   kind, mask, state, progress, recent losses, verdict and verify report, links
     GET  /jobs/{id}/events       server-sent events: the job as JSON until it ends
     POST /jobs/{id}/cancel
     GET  /jobs/{id}/result       a zip of the verified output (weights or LoRA, manifest, verify report)
     GET  /jobs/{id}/samples?prompt=...   a PNG grid of 4 samples from a finished job's model
-    GET  /                       the web page: upload, jobs with progress bars, samples, download
+    POST /audit                  .safetensors checkpoints or adapters (files=..., repeated): a verdict each
+                                 against the service's mask (the hub's batch audit, verify --candidates)
+    GET  /audits/{id}/report.csv the audit's report as CSV
+    GET  /                       the web page: datasets, jobs with progress and verdicts, the audit box
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
+import re
 import secrets
 import shutil
 import zipfile
@@ -29,6 +34,7 @@ from fastapi import APIRouter, Depends, FastAPI, File, Header, HTTPException, Up
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
+from freezeasguard.audit.batch import audit_folder, counts
 from freezeasguard.models.generate import generate_images, grid_image, load_pipeline
 from freezeasguard.io import atomic_write_json
 from freezeasguard.guard.mask import Mask
@@ -52,11 +58,17 @@ class JobRequest(BaseModel):
     seed: int = 0
 
 
-def _public(job: dict) -> dict:
+def _public(job: dict, mask: str = "") -> dict:
     result = job["result"] or {}
-    return {"id": job["id"], "dataset": job["dataset"], "state": job["state"], "step": job["step"],
-            "steps": job["steps"], "progress": job["step"] / job["steps"], "recent_losses": job["losses"],
-            "error": job["error"], "request": job["request"], "verify": result.get("verify")}
+    report = result.get("verify")
+    rank = job["request"].get("lora_rank", 0)
+    done = job["state"] == "done"
+    return {"id": job["id"], "dataset": job["dataset"], "kind": f"LoRA rank {rank}" if rank else "full",
+            "mask": mask, "state": job["state"], "step": job["step"], "steps": job["steps"],
+            "progress": job["step"] / job["steps"], "recent_losses": job["losses"], "error": job["error"],
+            "request": job["request"], "verify": report,
+            "verdict": None if report is None else "compliant" if report.get("compliant") else "violations",
+            "links": {"result": f"/jobs/{job['id']}/result", "samples": f"/jobs/{job['id']}/samples"} if done else {}}
 
 
 @dataclass
@@ -68,6 +80,7 @@ class Service:
     mask_path: Path
     store: Store
     queue: object | None
+    mask_label: str = ""        # the mask's file name and the start of its digest, shown beside every job
 
     def tenant(self, authorization: str | None = Header(None)) -> int:
         """The tenant whose API key the call carries (a FastAPI dependency)."""
@@ -102,7 +115,8 @@ def create_app(settings: ServiceConfig | None = None, start_worker: bool = True)
     store = Store(root / "service.db")
     atomic_write_json(root / SETTINGS_FILE, {"model": str(model), "mask": str(mask_path),
                                              "checkpoint_every": s.checkpoint_every})
-    svc = Service(s, root, model, mask_path, store, redis_queue(s.queue) if s.queue else None)
+    svc = Service(s, root, model, mask_path, store, redis_queue(s.queue) if s.queue else None,
+                  f"{mask_path.name} ({hashlib.blake2b(mask_path.read_bytes(), digest_size=6).hexdigest()})")
     requeued = store.requeue_interrupted()
     if svc.queue is not None:       # the jobs a killed server left running go to the workers again
         reconcile(store, svc.queue, root)
@@ -124,7 +138,7 @@ def create_app(settings: ServiceConfig | None = None, start_worker: bool = True)
                   description="Guarded fine-tuning of the publisher's model under its mask; only results that "
                               "pass verification are released.")
     app.state.store, app.state.worker, app.state.settings, app.state.requeued = store, worker, s, requeued
-    for router in (datasets_router(svc), jobs_router(svc), results_router(svc), page_router()):
+    for router in (datasets_router(svc), jobs_router(svc), results_router(svc), audit_router(svc), page_router()):
         app.include_router(router)
     return app
 
@@ -160,6 +174,11 @@ def datasets_router(svc: Service) -> APIRouter:
         svc.store.add_dataset(who, dataset_id, str(dataset_root(folder)), images, size)
         return {"id": dataset_id, "images": images, "bytes": size}
 
+    @router.get("/datasets")
+    def list_datasets(who: int = Depends(svc.tenant)):
+        return [{"id": d["id"], "images": d["images"], "bytes": d["bytes"], "created": d["created"]}
+                for d in svc.store.datasets(who)]
+
     @router.get("/datasets/{dataset_id}")
     def get_dataset(dataset_id: str, who: int = Depends(svc.tenant)):
         found = svc.store.dataset(who, dataset_id)
@@ -187,22 +206,22 @@ def jobs_router(svc: Service) -> APIRouter:
         job_id = "job_" + secrets.token_hex(8)
         store.add_job(who, job_id, req.dataset, req.model_dump())
         svc.enqueue(job_id)
-        return _public(store.job(job_id))
+        return _public(store.job(job_id), svc.mask_label)
 
     @router.get("/jobs")
     def list_jobs(who: int = Depends(svc.tenant)):
-        return [_public(j) for j in store.jobs(who)]
+        return [_public(j, svc.mask_label) for j in store.jobs(who)]
 
     @router.get("/jobs/{job_id}")
     def get_job(job_id: str, who: int = Depends(svc.tenant)):
-        return _public(svc.own_job(job_id, who))
+        return _public(svc.own_job(job_id, who), svc.mask_label)
 
     @router.post("/jobs/{job_id}/cancel")
     def cancel(job_id: str, who: int = Depends(svc.tenant)):
         job = svc.own_job(job_id, who)
         if job["state"] in ACTIVE:
             store.update_job(job_id, state="cancelled")
-        return _public(store.job(job_id))
+        return _public(store.job(job_id), svc.mask_label)
 
     @router.get("/jobs/{job_id}/events")
     async def events(job_id: str, who: int = Depends(svc.tenant)):
@@ -211,7 +230,7 @@ def jobs_router(svc: Service) -> APIRouter:
         async def stream():
             last = None
             while True:
-                job = _public(store.job(job_id))
+                job = _public(store.job(job_id), svc.mask_label)
                 if job != last:
                     yield f"data: {json.dumps(job)}\n\n"
                     last = job
@@ -257,6 +276,60 @@ def results_router(svc: Service) -> APIRouter:
         buf = io.BytesIO()
         grid_image(images).save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
+
+    return router
+
+
+SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def audit_router(svc: Service) -> APIRouter:
+    """The hub's audit on the page: uploads checked against the service's mask and model, as
+    `verify --candidates` checks a folder. The uploads are deleted once audited; the report stays."""
+    router, s = APIRouter(), svc.settings
+
+    def folder(who: int, audit_id: str) -> Path:
+        return svc.root / "audits" / f"tenant-{who}" / audit_id
+
+    @router.post("/audit")
+    def audit(files: list[UploadFile] | None = File(None), who: int = Depends(svc.tenant)):
+        if not files:
+            raise HTTPException(400, "send one or more .safetensors checkpoints or adapters as 'files'")
+        names = [SAFE_NAME.sub("_", Path(f.filename or "").name) for f in files]
+        wrong = [f.filename for f, n in zip(files, names) if not n.endswith(".safetensors")]
+        if wrong:
+            raise HTTPException(400, f"{wrong[0]}: not a .safetensors file; the audit reads safetensors checkpoints "
+                                     f"and adapters only (never pickles)")
+        if len(set(names)) < len(names):
+            raise HTTPException(400, "two uploads have the same file name; rename one")
+        limit = int(s.max_upload_mb * 2**20)
+        audit_id = "audit_" + secrets.token_hex(8)
+        where = folder(who, audit_id)
+        where.mkdir(parents=True)
+        total = 0
+        try:
+            for f, name in zip(files, names):
+                data = f.file.read(limit + 1 - total)
+                total += len(data)
+                if total > limit:
+                    raise HTTPException(413, f"the uploads are larger than {s.max_upload_mb:g} MB together")
+                (where / name).write_bytes(data)
+            rows = audit_folder(where, svc.mask_path, svc.model, report_path=where / "report.json")
+        except HTTPException:
+            shutil.rmtree(where, ignore_errors=True)
+            raise
+        finally:
+            for name in names:                  # the uploads are not kept, only what was found
+                (where / name).unlink(missing_ok=True)
+        return {"id": audit_id, "uploads": rows, "counts": counts(rows), "csv": f"/audits/{audit_id}/report.csv"}
+
+    @router.get("/audits/{audit_id}/report.csv")
+    def report_csv(audit_id: str, who: int = Depends(svc.tenant)):
+        path = folder(who, SAFE_NAME.sub("_", audit_id)) / "report.csv"
+        if not path.is_file():
+            raise HTTPException(404, f"no audit {audit_id}")
+        return Response(path.read_text(), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{audit_id}.csv"'})
 
     return router
 

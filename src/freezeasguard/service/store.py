@@ -71,6 +71,12 @@ class Store:
             row = db.execute("SELECT * FROM datasets WHERE id = ? AND tenant = ?", (dataset_id, tenant)).fetchone()
         return dict(row) if row else None
 
+    def datasets(self, tenant: int) -> list[dict]:
+        """The tenant's datasets, newest first."""
+        with self.connect() as db:
+            rows = db.execute("SELECT * FROM datasets WHERE tenant = ? ORDER BY created DESC", (tenant,)).fetchall()
+        return [dict(r) for r in rows]
+
     def storage_bytes(self, tenant: int) -> int:
         with self.connect() as db:
             return int(db.execute("SELECT COALESCE(SUM(bytes), 0) FROM datasets WHERE tenant = ?",
