@@ -344,8 +344,15 @@ def write_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""
     return path
 
 
-def test_a_flux_single_file_with_fused_qkv_is_read_and_one_ulp_in_a_slice_flagged(tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [None, 20])
+def test_a_flux_single_file_with_fused_qkv_is_read_and_one_ulp_in_a_slice_flagged(tmp_path, monkeypatch, chunk_bytes):
+    """Also with 20-byte chunks (5 fp32 values), which cut across rows, fused slices and the
+    swapped (shift, scale) halves: the chunks put together are the tensor, the verdicts are the same."""
+    from freezeasguard.audit import verify as verify_module
+    from freezeasguard.audit.layouts import Checkpoint
     from freezeasguard.models.families.tiny import save_tiny
+    if chunk_bytes:
+        monkeypatch.setattr(verify_module, "CHUNK_BYTES", chunk_bytes)
     model = save_tiny(tmp_path / "flux", "flux")
     base = load_denoiser_state(model)
     config = denoiser_config(model)
@@ -362,12 +369,20 @@ def test_a_flux_single_file_with_fused_qkv_is_read_and_one_ulp_in_a_slice_flagge
     t[3] = torch.nextafter(t[3], torch.tensor(float("inf")))
     ulp[victim] = t.view_as(base[victim])
     write_bfl_file(ulp, config, tmp_path / "flux-ulp.safetensors")
+    single = Checkpoint(tmp_path / "flux.safetensors", config)
+    buf = bytearray(12)
+    for name in base:
+        flat = torch.cat([c.clone() for c in single.chunks(name, 3, buf)])
+        assert torch.equal(flat, base[name].reshape(-1)), name
     for ref_model, ref_mask in ((model, plain), (None, recorded)):
         ok = verify_checkpoint(ref_model, ref_mask, tmp_path / "flux.safetensors")
         assert ok.compliant and ok.layout == "bfl-flux" and ok.frozen_checked == len(mask.frozen_names)
         assert verify_checkpoint(ref_model, ref_mask, tmp_path / "flux-comfy16.safetensors", "tolerance").compliant
         report = verify_checkpoint(ref_model, ref_mask, tmp_path / "flux-ulp.safetensors")
         assert [v.name for v in report.violations] == [victim]
+        if ref_model is not None:
+            assert report.violations[0].max_abs_diff == float(ulp[victim].view(-1)[3]) - float(base[victim].view(-1)[3])
+            assert report.trainable_changed == 0 and report.trainable_total == len(base) - len(mask.frozen_names)
 
 
 def _bfl_keys(state, inner):

@@ -28,19 +28,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 def digest(raw, dtype: torch.dtype, shape, algorithm: str = "blake3") -> str:
     """A tensor's identity: its dtype, shape and bytes (128 bits of BLAKE3, or of blake2b for the
     records masks made before BLAKE3)."""
+    h = hasher(dtype, shape, algorithm)
+    h.update(raw)
+    return finish(h)
+
+
+def hasher(dtype: torch.dtype, shape, algorithm: str = "blake3"):
+    """digest() fed piece by piece: update() with the tensor's bytes in order, then finish()."""
     prefix = f"{dtype_name(dtype)}|{list(shape)}|".encode()
     if algorithm == "blake2b":
-        h = hashlib.blake2b(digest_size=16)
-        h.update(prefix)
-        h.update(raw)
-        return h.hexdigest()
+        return hashlib.blake2b(prefix, digest_size=16)
     if algorithm != "blake3":
         raise ValueError(f"hash {algorithm!r}: the audit record names one of {HASHES}")
-    # one thread: the audit reads the next tensor on a second thread, and on 2 cores BLAKE3's own
-    # threads took that core (SD 1.5 warm: 4.9-5.4 GB/s with one thread, 3.4 with every core)
-    h = blake3.blake3(prefix, max_threads=1)
-    h.update(raw)
-    return h.hexdigest(length=16)
+    # one thread: the audit runs one tensor per core already, and on 2 cores BLAKE3's own threads
+    # took the other's core (SD 1.5 warm: 4.9-5.4 GB/s with one thread, 3.4 with every core)
+    return blake3.blake3(prefix, max_threads=1)
+
+
+def finish(h) -> str:
+    return h.hexdigest(length=16) if isinstance(h, blake3.blake3) else h.hexdigest()
 
 
 def record_hash(record: dict) -> str:

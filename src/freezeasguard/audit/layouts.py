@@ -205,17 +205,39 @@ class Checkpoint:
         key = self.where[name][0][0]
         return self.file_of[key].dtype(key)
 
-    def read(self, name: str) -> torch.Tensor:
-        """The parameter's tensor. A one-piece tensor is read into a buffer this object reuses
-        (no allocation per tensor): it is valid until the next read."""
-        segments = self.where[name]
+    def pieces(self, name: str) -> list[tuple[TensorFile, str, int, int]]:
+        """The parameter's bytes in order, as (file, key, offset in the file, length)."""
+        out = []
+        for key, start, end in self.where[name]:
+            f = self.file_of[key]
+            offset, length, _ = f.row_bytes(key, start, end)
+            out.append((f, key, offset, length))
+        return out
+
+    def chunks(self, name: str, chunk_elements: int, buf: bytearray):
+        """The parameter's elements in order, flat, ``chunk_elements`` at a time (the last chunk
+        shorter), each a tensor over ``buf`` valid until the next is asked for. Two checkpoints
+        chunked alike yield the same elements in step, whatever their layouts. A chunk stays in
+        the core's cache while it is checked and hashed, where a whole 100 MB tensor goes to
+        memory and comes back once per pass."""
+        dtype = self.dtype(name)
+        want = chunk_elements * torch.tensor([], dtype=dtype).element_size()
+        if len(buf) < want:
+            raise ValueError(f"a {len(buf)}-byte buffer cannot hold {chunk_elements} elements of {dtype}")
+        view, filled = memoryview(buf), 0
         try:
-            if len(segments) == 1:
-                key, start, end = segments[0]
-                return self.file_of[key].read_rows(key, start, end, self._scratch())
-            return torch.cat([self.file_of[k].read_rows(k, start, end) for k, start, end in segments])
+            for f, key, offset, length in self.pieces(name):
+                while length:
+                    n = min(length, want - filled)
+                    f.read_into(offset, view[filled:filled + n], key)
+                    filled, offset, length = filled + n, offset + n, length - n
+                    if filled == want:
+                        yield torch.frombuffer(view[:filled], dtype=dtype)
+                        filled = 0
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
+        if filled:
+            yield torch.frombuffer(view[:filled], dtype=dtype)
 
     def stream(self, names):
         """(name, tensor) for each of ``names`` in order, the next one read by a second thread

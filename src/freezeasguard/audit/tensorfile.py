@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,6 +43,8 @@ class TensorFile:
     def __init__(self, path):
         self.path = Path(path)
         self.bytes_read = 0
+        self._count = threading.Lock()
+        self._fd: int | None = None
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
@@ -82,6 +86,15 @@ class TensorFile:
                   ) -> torch.Tensor:
         """Rows start..end of a tensor (its first dimension), reading only their bytes; into
         ``scratch`` when given (no allocation: the tensor is then valid until its next use)."""
+        offset, n, out_shape = self.row_bytes(key, start, end)
+        buf = memoryview(scratch)[:n] if scratch is not None and len(scratch) >= n else bytearray(n)
+        self.read_into(offset, buf, key)
+        if n == 0:
+            return torch.empty(out_shape, dtype=self.dtype(key))
+        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(out_shape)
+
+    def row_bytes(self, key: str, start: int = 0, end: int | None = None) -> tuple[int, int, tuple[int, ...]]:
+        """Where rows start..end of a tensor lie in the file: (offset, length, their shape)."""
         shape = self.shape(key)
         end = shape[0] if end is None and shape else end
         if shape and not 0 <= start <= end <= shape[0]:
@@ -89,20 +102,33 @@ class TensorFile:
         first, last = self.entries[key]["data_offsets"]
         if shape and shape[0]:
             row = (last - first) // shape[0]
-            first, last, out_shape = first + row * start, first + row * end, (end - start, *shape[1:])
-        else:
-            out_shape = shape
-        n = last - first
-        buf = memoryview(scratch)[:n] if scratch is not None and len(scratch) >= n else bytearray(n)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + first)
-            got = f.readinto(buf)
-        if got != n:
-            raise TensorFileError(f"{self.path}: tensor {key} is cut short ({got} of {n} bytes)")
-        self.bytes_read += n
-        if n == 0:
-            return torch.empty(out_shape, dtype=self.dtype(key))
-        return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(out_shape)
+            return self.data_start + first + row * start, row * (end - start), (end - start, *shape[1:])
+        return self.data_start + first, last - first, shape
+
+    def _descriptor(self) -> int:
+        """One descriptor per file, opened at the first read and closed with this object: positioned
+        reads share it between threads, where an open per tensor cost more than reading a bias."""
+        with self._count:
+            if self._fd is None:
+                try:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+                except OSError as exc:
+                    raise TensorFileError(f"{self.path}: cannot be read ({exc})") from exc
+                weakref.finalize(self, os.close, self._fd)
+            return self._fd
+
+    def read_into(self, offset: int, buf, key: str) -> None:
+        """Fill ``buf`` from ``offset`` of this file (threads may share this object)."""
+        fd, buf, got = self._descriptor(), memoryview(buf), 0
+        while got < len(buf):      # one call reads at most ~2 GiB on Linux
+            n = os.preadv(fd, [buf[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        if got != len(buf):
+            raise TensorFileError(f"{self.path}: tensor {key} is cut short ({got} of {len(buf)} bytes)")
+        with self._count:
+            self.bytes_read += got
 
     def read(self, key: str) -> torch.Tensor:
         return self.read_rows(key)

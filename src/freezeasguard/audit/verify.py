@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from freezeasguard.audit.digests import digest, dtype_name, make_record, record_hash, tensor_bytes, tensor_digests
+from freezeasguard.audit.digests import dtype_name, finish, hasher, make_record, record_hash, tensor_bytes, tensor_digests
 from freezeasguard.audit.layouts import Checkpoint
 from freezeasguard.audit.tensorfile import all_finite
 from freezeasguard.guard.mask import Mask, MaskError
@@ -24,6 +27,9 @@ from freezeasguard.models.pipelines import ModelError, fingerprint, resolve_deno
 logger = logging.getLogger(__name__)
 
 EXIT_COMPLIANT, EXIT_VIOLATIONS = 0, 1     # unusable input exits 2, as in every command
+# A chunk small enough to stay in a core's cache from its read to its last check; at most this
+# many threads (one a core), beyond which the page cache's copy, not the checks, is the limit.
+CHUNK_BYTES, AUDIT_THREADS = 4 * 2**20, 4
 
 
 @dataclass
@@ -137,13 +143,15 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
           mode: str, atol: float) -> VerifyReport:
     """One pass over the candidate's denoiser tensors: each frozen one compared with the base (or
     its digest), each trainable one compared with the base when there is one, every one checked
-    for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds)."""
+    for inf/NaN (a diverged checkpoint is unusable, exit 2, whatever it holds). Tensors are checked
+    in the order the file stores them (a cold disk streams) by one thread per core, each reading
+    its tensor chunk by chunk (_check_tensor); file reads, the checks and BLAKE3 release the GIL."""
     frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
     fitting = sum(1 for n in mask.names if n in cand and tuple(cand.shape(n)) == tuple(shapes[n]))
     if fitting < len(mask.names) / 2:
         raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "
                          f"is a checkpoint of another model, not a derivative of this mask's base model")
-    violations, changed, trainable, readable = [], 0, 0, []
+    violations, readable = [], []
     for name in mask.names:
         if name not in cand:
             if name in frozen:
@@ -152,23 +160,98 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
             violations.append(Violation(name, f"shape {list(cand.shape(name))}, base has {list(shapes[name])}"))
         else:
             readable.append(name)
-    for name, c in cand.stream(readable):     # the next tensor is read while this one is checked
-        if not all_finite(c):
-            raise ModelError(f"{cand.path}: tensor {name} holds inf/NaN; the checkpoint is unusable (a diverged "
-                             f"fine-tune), whatever its frozen tensors hold.")
-        if name in frozen:
-            found = (_compare(name, c, base.read(name), mode, atol) if base is not None
-                     else _compare_digest(name, c, record))
-            violations += [found] if found else []
-        elif base is not None:
-            trainable += 1
-            b = base.read(name)
-            changed += not torch.equal(c, b if b.dtype == c.dtype else b.to(c.dtype))   # no float64 copies
+    file_index = {id(f): i for i, f in enumerate(cand.files)}
+
+    def position(name):
+        f, _, offset, _ = cand.pieces(name)[0]
+        return file_index[id(f)], offset
+    local = threading.local()
+
+    def check(name):
+        buffers = local.__dict__.setdefault("buffers", {})
+        return _check_tensor(name, cand, base, record, name in frozen, mode, atol, buffers)
+    checked = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, min(AUDIT_THREADS, os.cpu_count() or 1)))
+    try:
+        for result in pool.map(check, sorted(readable, key=position)):
+            if not result.finite:
+                raise ModelError(f"{cand.path}: tensor {result.name} holds inf/NaN; the checkpoint is unusable (a "
+                                 f"diverged fine-tune), whatever its frozen tensors hold.")
+            checked[result.name] = result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    violations += [checked[n].violation for n in readable if n in frozen and checked[n].violation]
+    trainable = [n for n in readable if n not in frozen] if base is not None else []
+    changed = sum(checked[n].changed for n in trainable)
     violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
                    if n not in shapes and n not in base_names]
     violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]
     return VerifyReport(not violations, mode, len(frozen), violations, changed if base is not None else None,
-                        trainable if base is not None else None, cand.layout, cand.bytes_read)
+                        len(trainable) if base is not None else None, cand.layout, cand.bytes_read)
+
+
+@dataclass
+class _Checked:
+    name: str
+    finite: bool = True
+    violation: Violation | None = None
+    changed: bool = False
+
+
+def _buffer(buffers: dict, role: str, size: int) -> bytearray:
+    if len(buffers.get(role, b"")) < size:
+        buffers[role] = bytearray(size)
+    return buffers[role]
+
+
+def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: dict | None, frozen: bool,
+                  mode: str, atol: float, buffers: dict) -> _Checked:
+    """One tensor, CHUNK_BYTES at a time: finite; if frozen, equal to the base as _compare() says
+    (or to its digest, as _compare_digest() does); if trainable and the base is here, changed or not."""
+    dtype = cand.dtype(name)
+    elements = max(1, CHUNK_BYTES // dtype.itemsize)
+    chunks = cand.chunks(name, elements, _buffer(buffers, "candidate", elements * dtype.itemsize))
+    if base is None and not frozen:
+        return _Checked(name, finite=all(all_finite(c) for c in chunks))
+    if base is None:
+        stored, kind = record["dtypes"][name], dtype_name(dtype)
+        expected = record["digests"][name].get(kind)
+        if expected is None:
+            raise MaskError(f"{name} is stored as {dtype}, a precision the mask's digests do not cover; pass --model "
+                            f"BASE to compare values")
+        h = hasher(dtype, cand.shape(name), record_hash(record))
+        for c in chunks:
+            if not all_finite(c):
+                return _Checked(name, finite=False)
+            h.update(tensor_bytes(c))
+        return _Checked(name, violation=None if finish(h) == expected else Violation(
+            name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}")))
+    base_dtype = base.dtype(name)
+    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base_dtype.itemsize))
+    differs, diff = False, 0.0
+    for c in chunks:
+        if not all_finite(c):
+            return _Checked(name, finite=False)
+        b = next(base_chunks)
+        rounded = b if b.dtype == dtype else b.to(dtype)
+        if not frozen:
+            differs = differs or not torch.equal(c, rounded)    # values: -0.0 is 0.0 here
+            continue
+        if mode == "exact":
+            if torch.equal(c.view(torch.uint8), rounded.view(torch.uint8)):
+                continue
+            differs, d = True, float((c.double() - b.double()).abs().max())
+        else:
+            d = float((c.double() - rounded.double()).abs().max())
+        if diff == diff and not d <= diff:     # the largest so far; a NaN stays
+            diff = d
+    if not frozen:
+        return _Checked(name, changed=differs)
+    if mode == "exact":
+        return _Checked(name, violation=Violation(name, "bytes differ from the base model" + (
+            "" if dtype == base_dtype else f" rounded to {dtype}"), diff) if differs else None)
+    return _Checked(name, violation=None if diff <= atol else Violation(
+        name, f"differs from the base rounded to {dtype} by {diff:g} (> atol {atol:g})", diff))
 
 
 def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:
@@ -185,17 +268,6 @@ def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float
     diff = float((c.double() - expected.double()).abs().max()) if c.numel() else 0.0
     if not diff <= atol:   # also catches NaN
         return Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} (> atol {atol:g})", diff)
-    return None
-
-
-def _compare_digest(name: str, c: torch.Tensor, record: dict) -> Violation | None:
-    stored, kind = record["dtypes"][name], dtype_name(c.dtype)
-    expected = record["digests"][name].get(kind)
-    if expected is None:
-        raise MaskError(f"{name} is stored as {c.dtype}, a precision the mask's digests do not cover; pass --model "
-                        f"BASE to compare values")
-    if digest(tensor_bytes(c), c.dtype, c.shape, record_hash(record)) != expected:
-        return Violation(name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}"))
     return None
 
 

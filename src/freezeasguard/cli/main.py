@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
         import transformers.utils.logging
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
+    # the objects the imports made (torch, diffusers: ~4x10^5) live as long as the process; frozen,
+    # the collector stops walking them (a full collection took 0.2 s of a 0.37 s verify of SD 1.5)
+    gc.freeze()
     try:
         return {**COMMANDS, **MASK_COMMANDS, **EXPERIMENT_COMMANDS, **SERVICE_COMMANDS}[args.command](args)
     except KeyboardInterrupt:
