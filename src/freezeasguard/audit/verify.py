@@ -206,8 +206,9 @@ def _buffer(buffers: dict, role: str, size: int) -> bytearray:
 
 def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: dict | None, frozen: bool,
                   mode: str, atol: float, buffers: dict) -> _Checked:
-    """One tensor, CHUNK_BYTES at a time: finite; if frozen, equal to the base as _compare() says
-    (or to its digest, as _compare_digest() does); if trainable and the base is here, changed or not."""
+    """One tensor, CHUNK_BYTES at a time: finite; if frozen, equal to the base (_difference, chunk by
+    chunk) or to the digest the mask records for its dtype; if trainable and the base is here,
+    changed or not."""
     dtype = cand.dtype(name)
     elements = max(1, CHUNK_BYTES // dtype.itemsize)
     chunks = cand.chunks(name, elements, _buffer(buffers, "candidate", elements * dtype.itemsize))
@@ -226,48 +227,52 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
             h.update(tensor_bytes(c))
         return _Checked(name, violation=None if finish(h) == expected else Violation(
             name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}")))
-    base_dtype = base.dtype(name)
-    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base_dtype.itemsize))
+    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base.dtype(name).itemsize))
     differs, diff = False, 0.0
     for c in chunks:
         if not all_finite(c):
             return _Checked(name, finite=False)
         b = next(base_chunks)
-        rounded = b if b.dtype == dtype else b.to(dtype)
         if not frozen:
-            differs = differs or not torch.equal(c, rounded)    # values: -0.0 is 0.0 here
+            differs = differs or not torch.equal(c, b if b.dtype == dtype else b.to(dtype))   # values: -0.0 is 0.0
             continue
-        if mode == "exact":
-            if torch.equal(c.view(torch.uint8), rounded.view(torch.uint8)):
-                continue
-            differs, d = True, float((c.double() - b.double()).abs().max())
-        else:
-            d = float((c.double() - rounded.double()).abs().max())
+        chunk_differs, d = _difference(c, b, mode)
+        differs = differs or chunk_differs
         if diff == diff and not d <= diff:     # the largest so far; a NaN stays
             diff = d
     if not frozen:
         return _Checked(name, changed=differs)
-    if mode == "exact":
-        return _Checked(name, violation=Violation(name, "bytes differ from the base model" + (
-            "" if dtype == base_dtype else f" rounded to {dtype}"), diff) if differs else None)
-    return _Checked(name, violation=None if diff <= atol else Violation(
-        name, f"differs from the base rounded to {dtype} by {diff:g} (> atol {atol:g})", diff))
+    return _Checked(name, violation=_frozen_violation(name, mode, atol, dtype, base.dtype(name), differs, diff))
 
 
 def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:
-    """Exact: the candidate's bytes are the base's in the candidate's dtype (an fp16/bf16 export
-    of an untouched tensor is the base rounded to nearest even, which is deterministic).
-    Tolerance: within ``atol`` of that rounding."""
-    expected = b if c.dtype == b.dtype else b.to(c.dtype)
+    """A frozen tensor against the base's, both whole (in memory)."""
+    differs, diff = _difference(c, b, mode) if c.numel() else (False, 0.0)
+    return _frozen_violation(name, mode, atol, c.dtype, b.dtype, differs, diff)
+
+
+def _difference(c: torch.Tensor, b: torch.Tensor, mode: str) -> tuple[bool, float]:
+    """Some elements of a frozen tensor (a chunk, or all of them) against the same elements of the
+    base: whether their bytes differ from the base's in the candidate's dtype (an fp16/bf16 export
+    of an untouched tensor is the base rounded to nearest even, which is deterministic), and the
+    largest difference, from the base itself (exact) or from that rounding (tolerance)."""
+    rounded = b if c.dtype == b.dtype else b.to(c.dtype)
     if mode == "exact":
-        if not torch.equal(c.reshape(-1).view(torch.uint8), expected.contiguous().reshape(-1).view(torch.uint8)):
-            diff = float((c.double() - b.double()).abs().max())
-            return Violation(name, "bytes differ from the base model" + ("" if c.dtype == b.dtype else
-                                                                          f" rounded to {c.dtype}"), diff)
-        return None
-    diff = float((c.double() - expected.double()).abs().max()) if c.numel() else 0.0
+        if torch.equal(c.reshape(-1).view(torch.uint8), rounded.contiguous().reshape(-1).view(torch.uint8)):
+            return False, 0.0
+        return True, float((c.double() - b.double()).abs().max())
+    diff = float((c.double() - rounded.double()).abs().max())
+    return diff != 0.0, diff
+
+
+def _frozen_violation(name: str, mode: str, atol: float, dtype: torch.dtype, base_dtype: torch.dtype, differs: bool,
+                      diff: float) -> Violation | None:
+    """Exact: any byte changed is a violation. Tolerance: a difference above ``atol`` (or NaN)."""
+    if mode == "exact":
+        return Violation(name, "bytes differ from the base model" + (
+            "" if dtype == base_dtype else f" rounded to {dtype}"), diff) if differs else None
     if not diff <= atol:   # also catches NaN
-        return Violation(name, f"differs from the base rounded to {c.dtype} by {diff:g} (> atol {atol:g})", diff)
+        return Violation(name, f"differs from the base rounded to {dtype} by {diff:g} (> atol {atol:g})", diff)
     return None
 
 
