@@ -163,6 +163,62 @@ def test_verify_lora_reads_each_trainers_keys_and_names_a_frozen_module(tiny, la
         assert (f"{bad}.weight" in out.out + out.err) == (code == 1) and "Traceback" not in out.err
 
 
+ORIGINAL_NAMES = {   # family: (a fused q/k/v in the original layout, its diffusers modules, a renamed module, its name)
+    "flux2": ("double_blocks.0.img_attn.qkv", "transformer_blocks.0.attn.to_{}", "double_blocks.0.img_attn.proj",
+              "transformer_blocks.0.attn.to_out.0"),
+    "zimage": ("layers.0.attention.qkv", "layers.0.attention.to_{}", "layers.0.attention.out",
+               "layers.0.attention.to_out.0"),
+    "sd3": ("joint_blocks.0.x_block.attn.qkv", "transformer_blocks.0.attn.to_{}", "joint_blocks.0.x_block.attn.proj",
+            "transformer_blocks.0.attn.to_out.0"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ORIGINAL_NAMES))
+def test_loras_in_the_original_layouts_names_change_the_parameters_they_name(family, tmp_path):
+    """LoRAs trained on a single file in FLUX.2's (BFL), Z-Image's (its authors') or SD3's (Stability
+    AI's) layout, as ComfyUI / ai-toolkit (diffusion_model.*) and kohya / musubi-tuner (lora_unet_*)
+    name them: one on a fused q/k/v changes its three projections (a frozen one among them is a
+    violation), one on a renamed module changes that module; with the base and without it."""
+    from freezeasguard.audit.adapters import verify_adapter
+    from freezeasguard.audit.layouts import bfl_flux2_key, zimage_original_key
+    from freezeasguard.audit.verify import denoiser_config, record_digests
+    from freezeasguard.models.pipelines import fingerprint
+    folder = save_tiny(tmp_path / family, family)
+    state = load_denoiser_state(folder)
+    fused, parts, renamed, renamed_as = ORIGINAL_NAMES[family]
+    targets = [parts.format(x) + ".weight" for x in "qkv"]
+    assert all(t in state for t in targets) and f"{renamed_as}.weight" in state
+    names = list(state)
+    if family != "sd3":      # the key each parameter lies in, against the tests' own inverse tables
+        own = _flux2_bfl_key if family == "flux2" else _zimage_original_key
+        ours = bfl_flux2_key if family == "flux2" else zimage_original_key
+        assert {n: ours(n).rsplit(".", 1)[0] for n in names} == {n: own(n).rsplit(".", 1)[0] for n in names}
+    scores = torch.tensor([1.0 if n == targets[2] else 0.0 for n in names])
+    mask = Mask.from_scores([(n, state[n]) for n in names], scores, 1 / len(names),
+                            base_fingerprint=fingerprint(state.items()))
+    assert mask.frozen_names == [targets[2]]
+    plain = mask.save(tmp_path / "mask.safetensors")
+    recorded = record_digests(mask, folder).save(tmp_path / "rec.safetensors")
+    assert denoiser_config(folder)["_class_name"]
+    inner, width = state[targets[0]].shape
+    out_rows, in_cols = state[f"{renamed_as}.weight"].shape
+    for prefix in ("diffusion_model.", "lora_unet_"):
+        def key(module):
+            return prefix + module.replace(".", "_") if prefix == "lora_unet_" else prefix + module
+        up, down = (".lora_up.weight", ".lora_down.weight") if prefix == "lora_unet_" else (".lora_B.weight",
+                                                                                           ".lora_A.weight")
+        save_file({key(fused) + down: torch.randn(2, width), key(fused) + up: torch.randn(3 * inner, 2)},
+                  str(tmp_path / "qkv.safetensors"))
+        save_file({key(renamed) + down: torch.randn(2, in_cols), key(renamed) + up: torch.randn(out_rows, 2)},
+                  str(tmp_path / "proj.safetensors"))
+        for ref_model, ref_mask in ((folder, plain), (None, recorded)):
+            report = verify_adapter(ref_model, ref_mask, tmp_path / "qkv.safetensors")
+            assert sorted(report.changed) == sorted(targets) and not report.unknown
+            assert report.frozen_changed == [targets[2]] and not report.compliant
+            report = verify_adapter(ref_model, ref_mask, tmp_path / "proj.safetensors")
+            assert list(report.changed) == [f"{renamed_as}.weight"] and report.compliant
+
+
 def test_each_familys_parameter_names_tell_the_family_and_a_mask_is_refused_on_another(tiny, tmp_path):
     family, folder, comps = tiny
     names = [n for n, _ in comps.denoiser.named_parameters()]

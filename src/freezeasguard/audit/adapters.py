@@ -12,7 +12,8 @@ formats people publish and maps every key to the denoiser parameter it changes:
 - LyCORIS on the same names: LoCon (``lora_mid``), LoHa (``hada_*``), LoKr (``lokr_*``), DoRA
   (``dora_scale``), full and norm diffs (``diff``, ``diff_b``, ``w_norm``, ``b_norm``);
 - ComfyUI's ``diffusion_model.<module>``, and any of these on the original layouts' module names
-  (``input_blocks.4.1...``, ``double_blocks.0.img_attn.qkv``: layouts.original_module_aliases).
+  (``input_blocks.4.1...``, ``double_blocks.0.img_attn.qkv``, ``joint_blocks.0.x_block.attn.qkv``,
+  ``layers.0.attention.qkv``: layouts.original_module_aliases).
 
 kohya's names replace the dots of a module path by underscores, and module names hold
 underscores themselves (``transformer_blocks``, ``to_q``), so a name is resolved against the

@@ -521,9 +521,10 @@ def is_flux1(config: dict) -> bool:
 
 
 def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
-    """The denoiser's modules under the original layout's names (SD/SDXL LDM, FLUX BFL) -> the
-    diffusers modules each one is (several for FLUX's fused q/k/v): what LoRA files trained on a
-    single-file checkpoint (ComfyUI's diffusion_model.*, kohya's lora_unet_* on those names) name."""
+    """The denoiser's modules under the original layout's names (SD/SDXL LDM, FLUX.1 and FLUX.2
+    BFL, SD3 Stability AI, Z-Image's authors') -> the diffusers modules each one is (several for
+    a fused q/k/v): what LoRA files trained on a single-file checkpoint (ComfyUI's and ai-toolkit's
+    diffusion_model.*, kohya's and musubi-tuner's lora_unet_* on those names) name."""
     names = list(names)
     if not config:
         return {}
@@ -531,8 +532,61 @@ def original_module_aliases(names, config: dict | None) -> dict[str, list[str]]:
     if "layers_per_block" in config:
         for n, key in ldm_key_map(names, config).items():
             aliases.setdefault(key[len(LDM_UNET_PREFIX):].rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
-    elif is_flux1(config):
-        for n, segs in bfl_flux_segments(bfl_keys(names), config).items():
-            for key, _, _ in segs:
-                aliases.setdefault(key.rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
+    else:
+        known = set(names)
+        table = bfl_flux_segments(bfl_keys(names), config) if is_flux1(config) else \
+            sai_sd3_segments(sai_sd3_keys(names), config) if is_sd3(config) else \
+            bfl_flux2_segments({bfl_flux2_key(n) for n in names}, config) \
+            if config.get("_class_name") == "Flux2Transformer2DModel" else \
+            zimage_original_segments({zimage_original_key(n) for n in names}, config) \
+            if config.get("_class_name") == "ZImageTransformer2DModel" else {}
+        for n, segs in table.items():
+            if n in known:
+                for key, _, _ in segs:
+                    aliases.setdefault(key.rsplit(".", 1)[0], set()).add(n.rsplit(".", 1)[0])
     return {k: sorted(v) for k, v in aliases.items()}
+
+
+# The original layouts' keys from diffusers' names, each read backwards off its table above; the
+# tables then map them forwards, so a name they do not give back has no alias.
+def sai_sd3_keys(names) -> set[str]:
+    """Stability AI layout keys an SD3 transformer with these diffusers names may hold (a superset:
+    the tables' entries for every block; sai_sd3_segments keeps those the names have)."""
+    blocks = {int(n.split(".")[1]) for n in names if n.startswith("transformer_blocks.")}
+    modules = [o for _, o in _SD3_WHOLE] + ["final_layer.adaLN_modulation.1"]
+    modules += [f"joint_blocks.{i}.{o}" for i in blocks for o in
+                [o for _, o in _SD3_BLOCK] + [o for _, o, _ in _SD3_QKV] + ["context_block.adaLN_modulation.1"]]
+    keys = {f"{m}.{p}" for m in modules for p in ("weight", "bias")} | {"pos_embed"}
+    return keys | {f"joint_blocks.{i}.{o}.weight" for i in blocks for _, o in _SD3_NORMS}
+
+
+def bfl_flux2_key(name: str) -> str:
+    """The BFL-layout key a FLUX.2 transformer parameter lies in (its fused q/k/v for to_q, ...)."""
+    module, param = name.rsplit(".", 1)
+    if module == "norm_out.linear":
+        return f"final_layer.adaLN_modulation.1.{param}"
+    renamed = {new: old for old, new in _FLUX2_RENAMES.items()}
+    if module in renamed:
+        return f"{renamed[module]}.{param}"
+    kind, i, rest = (module.split(".", 2) + ["", ""])[:3]
+    if kind == "transformer_blocks":
+        if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            return f"double_blocks.{i}.img_attn.qkv.{param}"
+        if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+            return f"double_blocks.{i}.txt_attn.qkv.{param}"
+        double = {new: old for old, new in _FLUX2_DOUBLE.items()}
+        return f"double_blocks.{i}.{double.get(rest, rest)}.{param}"
+    if kind == "single_transformer_blocks":
+        single = {new: old for old, new in _FLUX2_SINGLE.items()}
+        return f"single_blocks.{i}.{single.get(rest, rest)}.{param}"
+    return name
+
+
+def zimage_original_key(name: str) -> str:
+    """The key a Z-Image parameter lies in in its authors' layout (its fused q/k/v for to_q, ...)."""
+    for old, new in (("final_layer.", "all_final_layer.2-1."), ("x_embedder.", "all_x_embedder.2-1.")):
+        if name.startswith(new):
+            name = old + name[len(new):]
+    for old, new in _ZIMAGE_RENAMES + [(".attention.qkv.", f".attention.{n}.") for n in ("to_q", "to_k", "to_v")]:
+        name = name.replace(new, old)
+    return name
