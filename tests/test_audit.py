@@ -1,6 +1,7 @@
 """Auditing what people share: single-file checkpoints (LDM layout, fp32/fp16, with and without
 the VAE and text encoders), the base-free audit against the mask's digests, and a hub's batch."""
 import json
+import os
 
 import pytest
 import torch
@@ -48,7 +49,11 @@ def test_the_single_file_names_round_trip_through_diffusers_converter(tiny_sd, a
     assert ldm_unet_names(list(keys.values()), config) == keys
 
 
-def test_tensorfile_reads_what_safetensors_wrote_and_refuses_a_truncated_file(tmp_path):
+@pytest.mark.parametrize("positioned", [True, False])
+def test_tensorfile_reads_what_safetensors_wrote_and_refuses_a_truncated_file(tmp_path, monkeypatch, positioned):
+    """Also where the system has no positioned read (Windows: os.preadv is missing)."""
+    if not positioned:
+        monkeypatch.delattr(os, "preadv")
     tensors = {"a": torch.randn(3, 4), "b": torch.arange(5, dtype=torch.int64), "c": torch.randn(2).half(),
                "d": torch.randn(2, 2).bfloat16(), "e": torch.empty(0)}
     save_file(tensors, str(tmp_path / "t.safetensors"))

@@ -119,12 +119,18 @@ class TensorFile:
 
     def read_into(self, offset: int, buf, key: str) -> None:
         """Fill ``buf`` from ``offset`` of this file (threads may share this object)."""
-        fd, buf, got = self._descriptor(), memoryview(buf), 0
-        while got < len(buf):      # one call reads at most ~2 GiB on Linux
-            n = os.preadv(fd, [buf[got:]], offset + got)
-            if n == 0:
-                break
-            got += n
+        buf, got = memoryview(buf), 0
+        if hasattr(os, "preadv"):
+            fd = self._descriptor()
+            while got < len(buf):      # one call reads at most ~2 GiB on Linux
+                n = os.preadv(fd, [buf[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+        else:                          # Windows has no positioned read: a handle of this read's own
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(buf) or 0
         if got != len(buf):
             raise TensorFileError(f"{self.path}: tensor {key} is cut short ({got} of {len(buf)} bytes)")
         with self._count:
