@@ -1,9 +1,10 @@
-"""Read a safetensors file one tensor at a time, with plain reads rather than a memory map.
+"""Read a safetensors file a tensor, or a piece of one, at a time, with plain reads rather than a
+memory map.
 
 An audit reads every tensor of a checkpoint once. Through a memory map, each page read stays
 mapped (and counted in the process's memory) until the file is closed, so auditing a 24 GB
 checkpoint would look like a 24 GB process; with positioned reads the memory in use is the
-tensor being compared. The format: 8 bytes (little-endian header length), a JSON header
+buffers being compared, and threads can share one descriptor. The format: 8 bytes (little-endian header length), a JSON header
 (name -> dtype, shape, data_offsets), then the data.
 """
 from __future__ import annotations
