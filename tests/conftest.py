@@ -72,13 +72,21 @@ def run_cli():
     under accelerate launch (CPU, gloo), as a user runs data-parallel or sharded work. Asserts its
     exit code (``code``, 0 unless told) and returns its stderr (the log)."""
     import os
+    import socket
     import subprocess
     import sys
+
+    def free_port() -> int:
+        # accelerate's default rendezvous port (29500) is shared: two such runs at once (pytest -n 2)
+        # collided on it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
     def run(args: list[str], processes: int = 1, code: int = 0) -> str:
         launcher = [sys.executable, "-m", "freezeasguard.cli"] if processes == 1 else [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-            "-m", "freezeasguard.cli"]
+            "--main_process_port", str(free_port()), "-m", "freezeasguard.cli"]
         done = subprocess.run(launcher + args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert done.returncode == code, done.stderr[-3000:]
         return done.stderr

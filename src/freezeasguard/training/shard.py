@@ -16,11 +16,11 @@ needs the same number of processes.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch.distributed.tensor import DTensor
 
 from freezeasguard.training import dist
 from freezeasguard.io import atomic_save_safetensors, atomic_write_json
@@ -52,24 +52,27 @@ def shard_denoiser(denoiser) -> None:
 
 
 def is_sharded(p) -> bool:
-    return isinstance(p, DTensor)
+    # torch.distributed.tensor is imported by sharding (fully_shard) and only then can a tensor be a
+    # DTensor; importing it for this test cost every command ~0.5 s of its start
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
 
 
 def local(t):
     """This rank's shard of a sharded tensor, the tensor itself otherwise."""
-    return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if is_sharded(t) else t
 
 
 def full_state(denoiser) -> dict[str, torch.Tensor]:
     """Every parameter in full on every rank (a collective: all ranks must call it)."""
-    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().contiguous()
+    return {n: (p.full_tensor() if is_sharded(p) else p).detach().cpu().contiguous()
             for n, p in denoiser.named_parameters()}
 
 
 def shard_like(full: torch.Tensor, param) -> torch.Tensor:
     """This rank's shard of ``full`` as ``param`` is sharded (``full`` itself for a plain tensor).
     Every rank holds the same ``full``, so each takes its slice without communication."""
-    if not isinstance(param, DTensor):
+    if not is_sharded(param):
         return full
     from torch.distributed.tensor import distribute_tensor
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
