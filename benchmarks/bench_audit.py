@@ -53,7 +53,7 @@ def meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 def write_checkpoint(path: Path, config: dict, dtype_name: str, ratio: float = 0.3, seed: int = 0):
     """The single file, written tensor by tensor, and the mask (with its audit record) beside it."""
     from freezeasguard.audit.digests import make_record, tensor_digests
-    from freezeasguard.audit.layouts import ldm_key_map
+    from freezeasguard.audit.original_layouts import ldm_key_map
     from freezeasguard.guard.mask import Mask
     dtype, tag = DTYPES[dtype_name]
     shapes = meta_shapes(config)

@@ -159,7 +159,7 @@ def test_only_a_longer_run_of_the_same_recipe_continues_it():
 
 
 def test_a_longer_run_started_from_the_shorter_ones_checkpoint_is_bit_identical(tiny_sd, people, mask, tmp_path):
-    from freezeasguard.experiment.runner import start_from_checkpoint
+    from freezeasguard.experiment.jobs import start_from_checkpoint
     short, long_ = BUILTIN_ATTACKS["default"], BUILTIN_ATTACKS["steps-x2"]
     kw = dict(lr=1e-3, steps=3, batch=2, seed=5, device="cpu", checkpoint_every=2)   # the shorter run's last checkpoint: step 2
     guarded_finetune(tiny_sd, people, tmp_path / "short", short.finetune_config(**kw), mask=mask)

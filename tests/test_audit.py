@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 
 from freezeasguard import Mask, verify_checkpoint
 from freezeasguard.audit.digests import tensor_digests
-from freezeasguard.audit.layouts import Checkpoint, ldm_key_map, ldm_unet_names
+from freezeasguard.audit.layouts import Checkpoint
+from freezeasguard.audit.original_layouts import ldm_key_map, ldm_unet_names
 from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
 from freezeasguard.audit.tensorfile import TensorFile, TensorFileError
 from freezeasguard.audit.verify import denoiser_config, record_digests
@@ -287,7 +288,7 @@ def test_the_flux_table_equals_diffusers_converter_at_flux_width():
     decode to the same segments as bfl_flux_segments."""
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from freezeasguard.audit.layouts import bfl_flux_segments
+    from freezeasguard.audit.original_layouts import bfl_flux_segments
     inner, mlp = 3072, 12288
 
     def rows(key):
@@ -328,7 +329,7 @@ def test_the_flux_table_equals_diffusers_converter_at_flux_width():
 def write_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
     """A FLUX.1 single file in BFL's layout from a diffusers transformer state: each BFL key
     assembled from the parameters whose row ranges bfl_flux_segments puts in it."""
-    from freezeasguard.audit.layouts import bfl_flux_segments
+    from freezeasguard.audit.original_layouts import bfl_flux_segments
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     table = bfl_flux_segments(_bfl_keys(state, inner), config)
     names_of = {}
@@ -552,7 +553,7 @@ def test_the_sd3_table_equals_diffusers_converter_at_sd35_medium_width():
     segments sai_sd3_segments gives, the last block's and the final (shift, scale) swaps included."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    from freezeasguard.audit.layouts import sai_sd3_segments
+    from freezeasguard.audit.original_layouts import sai_sd3_segments
     inner = 24 * 64
     keys = _sd3_keys(3, dual=(0, 1))
 
@@ -581,7 +582,7 @@ def test_the_sd3_table_equals_diffusers_converter_at_sd35_medium_width():
 
 def write_sd3_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
     """An SD3 single file in Stability AI's layout from a diffusers transformer state."""
-    from freezeasguard.audit.layouts import sai_sd3_segments
+    from freezeasguard.audit.original_layouts import sai_sd3_segments
     blocks = 1 + max(int(n.split(".")[1]) for n in state if n.startswith("transformer_blocks."))
     dual = tuple({int(n.split(".")[1]) for n in state if ".attn2." in n})
     table = sai_sd3_segments(_sd3_keys(blocks, dual), config)

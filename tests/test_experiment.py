@@ -130,7 +130,7 @@ def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path, ca
 
 
 def test_protections_sharing_a_cached_first_link_are_one_group():
-    from freezeasguard.experiment.runner import protection_groups
+    from freezeasguard.experiment.jobs import protection_groups
     jobs = [("full", 0.0, 0, "people", "A"), ("learned", 0.3, 0, "people", "A"), ("learned", 0.3, 1, "logos", None),
             ("learned", 0.1, 0, "people", "A"), ("uce", 0.0, 0, "people", "A"), ("uce+learned", 0.3, 0, "people", "A"),
             ("random", 0.3, 0, "people", "A")]

@@ -180,7 +180,7 @@ def test_loras_in_the_original_layouts_names_change_the_parameters_they_name(fam
     name them: one on a fused q/k/v changes its three projections (a frozen one among them is a
     violation), one on a renamed module changes that module; with the base and without it."""
     from freezeasguard.audit.adapters import verify_adapter
-    from freezeasguard.audit.layouts import bfl_flux2_key, zimage_original_key
+    from freezeasguard.audit.original_layouts import bfl_flux2_key, zimage_original_key
     from freezeasguard.audit.verify import denoiser_config, record_digests
     from freezeasguard.models.pipelines import fingerprint
     folder = save_tiny(tmp_path / family, family)
@@ -258,7 +258,7 @@ def _flux2_bfl_key(name: str) -> str:
 
 
 def write_flux2_bfl_file(state: dict, config: dict, path, dtype=None, prefix: str = ""):
-    from freezeasguard.audit.layouts import bfl_flux2_segments
+    from freezeasguard.audit.original_layouts import bfl_flux2_segments
     keys = {_flux2_bfl_key(n) for n in state}
     table = bfl_flux2_segments(keys, config)
     assert set(table) == set(state)
@@ -284,7 +284,7 @@ def test_the_flux2_table_equals_diffusers_converter_at_flux2_dev_width():
     FLUX.2 [dev]'s width (48 heads of 128): each parameter decodes to bfl_flux2_segments' rows."""
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 
-    from freezeasguard.audit.layouts import bfl_flux2_segments
+    from freezeasguard.audit.original_layouts import bfl_flux2_segments
     inner = 48 * 128
     keys = [f"{k}.weight" for k in ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "guidance_in.in_layer",
                                     "guidance_in.out_layer", "double_stream_modulation_img.lin",

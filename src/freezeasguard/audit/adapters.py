@@ -13,7 +13,7 @@ formats people publish and maps every key to the denoiser parameter it changes:
   (``dora_scale``), full and norm diffs (``diff``, ``diff_b``, ``w_norm``, ``b_norm``);
 - ComfyUI's ``diffusion_model.<module>``, and any of these on the original layouts' module names
   (``input_blocks.4.1...``, ``double_blocks.0.img_attn.qkv``, ``joint_blocks.0.x_block.attn.qkv``,
-  ``layers.0.attention.qkv``: layouts.original_module_aliases).
+  ``layers.0.attention.qkv``: original_layouts.original_module_aliases).
 
 kohya's names replace the dots of a module path by underscores, and module names hold
 underscores themselves (``transformer_blocks``, ``to_q``), so a name is resolved against the
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from freezeasguard.audit.layouts import original_module_aliases
+from freezeasguard.audit.original_layouts import original_module_aliases
 from freezeasguard.guard.mask import Mask
 from freezeasguard.audit.verify import Reference, reference
 
@@ -98,7 +98,7 @@ def module_index(param_names) -> tuple[set[str], dict[str, str]]:
 def resolve_module(module_part: str, modules: set[str], underscored: dict[str, str],
                    aliases: dict[str, list[str]] | None = None) -> list[str]:
     """The UNet modules a key's module part names (several for a fused original-layout module),
-    or none. ``aliases``: original-layout module -> diffusers modules (layouts.original_module_aliases)."""
+    or none. ``aliases``: original-layout module -> diffusers modules (original_layouts.original_module_aliases)."""
     aliases = aliases or {}
     if module_part.startswith(KOHYA_UNET_PREFIX):
         name = module_part[len(KOHYA_UNET_PREFIX):]

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from freezeasguard.io import atomic_write_json, atomic_write_text
-from freezeasguard.audit.layouts import LayoutError
+from freezeasguard.audit.original_layouts import LayoutError
 from freezeasguard.guard.mask import MaskError
 from freezeasguard.models.pipelines import ModelError
 from freezeasguard.audit.tensorfile import TensorFile, TensorFileError

@@ -44,7 +44,7 @@ class TensorFile:
     def __init__(self, path):
         self.path = Path(path)
         self.bytes_read = 0
-        self._count = threading.Lock()
+        self._lock = threading.Lock()
         self._fd: int | None = None
         try:
             size = os.path.getsize(self.path)
@@ -109,7 +109,7 @@ class TensorFile:
     def _descriptor(self) -> int:
         """One descriptor per file, opened at the first read and closed with this object: positioned
         reads share it between threads, where an open per tensor cost more than reading a bias."""
-        with self._count:
+        with self._lock:
             if self._fd is None:
                 try:
                     self._fd = os.open(self.path, os.O_RDONLY)
@@ -134,7 +134,7 @@ class TensorFile:
                 got = f.readinto(buf) or 0
         if got != len(buf):
             raise TensorFileError(f"{self.path}: tensor {key} is cut short ({got} of {len(buf)} bytes)")
-        with self._count:
+        with self._lock:
             self.bytes_read += got
 
     def read(self, key: str) -> torch.Tensor:

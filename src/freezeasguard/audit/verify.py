@@ -1,5 +1,5 @@
 """The audit room: does a fine-tuned checkpoint leave every frozen tensor as the base model has
-it? (Adapters: adapters.py; the formats read: layouts.py; a hub's batch: batch.py.)
+it? (Adapters: adapters.py; the formats read: layouts.py and original_layouts.py; a hub's batch: batch.py.)
 
 Checkpoints (verify_checkpoint, against a Reference prepared once):
 - exact mode: each frozen tensor must be the base's bytes in the candidate's dtype (an fp16/bf16
@@ -227,7 +227,8 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
             h.update(tensor_bytes(c))
         return _Checked(name, violation=None if finish(h) == expected else Violation(
             name, "bytes differ from the base model" + ("" if kind == stored else f" rounded to {kind}")))
-    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base.dtype(name).itemsize))
+    base_dtype = base.dtype(name)
+    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base_dtype.itemsize))
     differs, diff = False, 0.0
     for c in chunks:
         if not all_finite(c):
@@ -242,7 +243,7 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
             diff = d
     if not frozen:
         return _Checked(name, changed=differs)
-    return _Checked(name, violation=_frozen_violation(name, mode, atol, dtype, base.dtype(name), differs, diff))
+    return _Checked(name, violation=_frozen_violation(name, mode, atol, dtype, base_dtype, differs, diff))
 
 
 def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:

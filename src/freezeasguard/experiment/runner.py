@@ -15,7 +15,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -30,10 +29,11 @@ from freezeasguard.models.generate import generate_images, load_pipeline, save_g
 from freezeasguard.io import atomic_write_json
 from freezeasguard.attacks import recipe_chains, resolve_attack
 from freezeasguard.training.lora import NoAllowedModules
-from freezeasguard.outputs import write_image_folder
 from freezeasguard.methods import chain_uses_ratio, protect
-from freezeasguard.outputs import PROVENANCE, mark_output, prepare_output_dir
+from freezeasguard.outputs import mark_output, prepare_output_dir, write_image_folder
 from freezeasguard.synthetic import TINY_SD
+from freezeasguard.experiment.jobs import (attack_suffix, job_cost, protection_groups, shorter_recipe,
+                                          start_from_checkpoint)
 from freezeasguard.experiment.config import ExperimentConfig, check_same_config
 from freezeasguard.experiment.folder_world import FolderWorld
 from freezeasguard.experiment.heldout import heldout_data, heldout_loss
@@ -107,7 +107,7 @@ class Runner:
         model: returned as it is, with the reason."""
         recipe = resolve_attack(attack, self.cfg.attack_recipes)
         out = self.finetune_dir(method, ratio, seed, domain, subject, attack)
-        shorter = self.shorter_recipe(attack)
+        shorter = shorter_recipe(attack, self.cfg.attacks, self.cfg.attack_recipes)
 
         def run():
             if shorter is not None:     # its first steps are the shorter recipe's: start from its checkpoint
@@ -135,11 +135,6 @@ class Runner:
                      attack: str) -> Path:
         tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
         return self.root / "finetunes" / (tag + attack_suffix(attack))
-
-    def shorter_recipe(self, attack: str) -> str | None:
-        """The experiment's recipe that ``attack`` continues (steps-x5 continues default), if any."""
-        chain = next(c for c in recipe_chains(self.cfg.attacks + [attack], self.cfg.attack_recipes) if attack in c)
-        return chain[chain.index(attack) - 1] if chain.index(attack) else None
 
     def class_images(self, model: Path) -> Path:
         """DreamBooth's prior images: the starting model's own samples of the class prompt."""
@@ -352,20 +347,6 @@ def _worker_protections(group) -> None:
         _WORKER_RUNNER.protection(method, ratio)
 
 
-def protection_groups(jobs) -> list[list[tuple[str, float]]]:
-    """The (method, ratio) pairs the jobs need, grouped by the first link of their chain. Chains
-    with a common first link share its cached output (learned's warm start serves every ratio;
-    uce and uce+learned share the edited model), so one process makes a group's members in turn
-    and no two processes write one cache."""
-    groups: dict[str, list[tuple[str, float]]] = {}
-    for method, ratio, *_ in jobs:
-        # a method and its variant (learned, learned-identity) share the first link's warm start
-        group = groups.setdefault(method.split("+")[0].strip().split("-")[0], [])
-        if (method, ratio) not in group:
-            group.append((method, ratio))
-    return list(groups.values())
-
-
 def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
     """Jobs in ``cfg.workers`` spawned processes (spawn, not fork: a forked OpenMP runtime can
     hang), rows in job order. Protections are tasks too: a job is queued once its protection
@@ -403,31 +384,3 @@ def run_jobs_in_processes(cfg: ExperimentConfig, jobs, groups) -> list[dict]:
                 bar.update()
         bar.close()
     return [r for i in range(len(jobs)) for r in results[i]]
-
-
-def job_cost(job, recipes: dict) -> float:
-    """A job's fine-tuning samples relative to one default fine-tune (a chain costs its longest
-    recipe: the others are its first steps); the untouched model's evaluation costs nothing."""
-    method, *_, attacks = job
-    if method == "pretrained":
-        return 0.0
-    return max(resolve_attack(a, recipes).cost() for a in ((attacks,) if isinstance(attacks, str) else attacks))
-
-
-def attack_suffix(attack: str) -> str:
-    """What an attack adds to a stage's name (nothing for the default recipe: earlier runs' stages keep theirs)."""
-    return "" if attack == "default" else f"-{attack}"
-
-
-def start_from_checkpoint(shorter: Path, out: Path):
-    """Give a fine-tune (``out``, not started) the checkpoint of a shorter run it continues, with
-    that run's record of its inputs: guarded_finetune then resumes from it, and refuses (naming
-    what differs) if the two runs' inputs or settings other than the steps are not the same."""
-    src, dst = Path(str(shorter) + ".work"), Path(str(out) + ".work")
-    if (dst / "checkpoint.safetensors").exists() or not (src / "checkpoint.safetensors").exists():
-        return          # already under way (a resumed job), or the shorter run was skipped
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in (PROVENANCE, "checkpoint.safetensors"):     # the checkpoint last: its presence means complete
-        tmp = dst / f".{name}.partial"
-        shutil.copyfile(src / name, tmp)
-        os.replace(tmp, dst / name)
