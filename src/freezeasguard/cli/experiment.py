@@ -86,6 +86,8 @@ def _add_experiment_parser(sub):
                                    "metrics, report. Every stage writes a done-marker; rerunning resumes.")
     p.add_argument("config", help="YAML file; keys are the fields of ExperimentConfig")
     p.add_argument("--out", help="override the output folder")
+    p.add_argument("--people-per-forger", type=int, metavar="K",
+                   help="override the YAML's people_per_forger: people one illegal user fine-tunes on together")
 
 
 def _add_score_parser(sub):
@@ -188,6 +190,10 @@ def _add_world_flags(p):
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: demo 2, attack-sweep 3; "
                                                            "quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
+    p.add_argument("--people-per-forger", type=int, default=1, metavar="K",
+                   help="people one illegal user fine-tunes on together (default 1: one forger per person; 10: the "
+                        "paper's Table 2). Steps scale with K so each person gets a one-person run's exposure; the "
+                        "innocent user likewise fine-tunes on min(K, 4) brands or clothing lines")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the fine-tune/evaluation jobs, one thread each (default: the CPU count "
                         "up to 4, or 1 with a GPU; quick: 1)")
@@ -246,7 +252,7 @@ def cmd_protect(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    cfg = ExperimentConfig.from_yaml(args.config, out=args.out)
+    cfg = ExperimentConfig.from_yaml(args.config, out=args.out, people_per_forger=args.people_per_forger)
     Runner(cfg).run()
     print((Path(cfg.out) / "results.md").read_text())
     print(f"report: {cfg.out}/results.md, results.json, results.csv, tradeoff.png, images/")
@@ -280,7 +286,8 @@ DEMO_SEEDS = 2
 
 
 def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
-                workers=None, budget="params", ratios=None, methods=None, attacks=None) -> ExperimentConfig:
+                workers=None, budget="params", ratios=None, methods=None, attacks=None,
+                people_per_forger=1) -> ExperimentConfig:
     """The demo's experiment: at a share of parameters every freezing method runs; at the paper's
     share of tensors FreezeAsGuard and Random (the paper's Table 2)."""
     methods = methods or (list(DEMO_METHODS) if budget == "params" else ["full", "learned", "random"])
@@ -290,13 +297,13 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
     return ExperimentConfig(**{**DEMO, **(QUICK if quick else {})}, preset="demo", out=str(out), cast_seed=cast_seed,
                             innocent=[innocent], seeds=list(range(n_seeds)),
                             ratios=[check_ratio(r) for r in (ratios or [ratio])], methods=methods, budget=budget,
-                            attacks=attacks or ["default"],
+                            attacks=attacks or ["default"], people_per_forger=people_per_forger,
                             workers=workers or (1 if quick else default_workers()))
 
 
 def cmd_demo(args) -> int:
     common = dict(quick=args.quick, cast_seed=args.cast_seed, innocent=args.innocent, seeds=args.seeds,
-                  workers=args.workers)
+                  workers=args.workers, people_per_forger=args.people_per_forger)
     out = Path(args.out)
     if args.frontier:
         ratios = [float(r) for r in args.ratios.split(",")] if args.ratios else FRONTIER_RATIOS
@@ -326,13 +333,14 @@ def cmd_attack_sweep(args) -> int:
     if args.config:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
         chosen = attacks or (None if isinstance(raw, dict) and "attacks" in raw else list(SWEEP_ATTACKS))
-        cfg = ExperimentConfig.from_yaml(args.config, out=args.out, attacks=chosen)
+        cfg = ExperimentConfig.from_yaml(args.config, out=args.out, attacks=chosen,
+                                         people_per_forger=args.people_per_forger if args.people_per_forger != 1 else None)
     else:
         n_seeds = args.seeds or (1 if args.quick else 3)
         settings = {**ATTACK_SWEEP, **(QUICK if args.quick else {}), "attacks": attacks or list(SWEEP_ATTACKS)}
         cfg = ExperimentConfig(**settings, preset="attack-sweep", out=str(args.out), cast_seed=args.cast_seed,
                                innocent=[args.innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(args.ratio)],
-                               budget=args.budget,
+                               budget=args.budget, people_per_forger=args.people_per_forger,
                                workers=args.workers or (1 if args.quick else default_workers()))
     Runner(cfg).run()
     sweep = Path(cfg.out) / "attack_sweep.md"

@@ -16,8 +16,10 @@ from freezeasguard.training.finetune import FinetuneConfig
 from freezeasguard.guard.mask import BUDGETS, check_ratio
 from freezeasguard.methods import ProtectSettings, parse_chain
 from freezeasguard.settings import setting
+from freezeasguard.experiment.synthetic_world import USER_BRANDS as MAX_INNOCENT_PER_USER
 
-_PAPER_FINETUNE = FinetuneConfig()     # the illegal and innocent users' fine-tune defaults: the paper's
+_PAPER_FINETUNE = FinetuneConfig()
+     # the illegal and innocent users' fine-tune defaults: the paper's
 
 
 @dataclass
@@ -31,10 +33,21 @@ class ExperimentConfig(ProtectSettings):
     methods: list[str] = setting(["full", "random", "learned"], "methods or chains (uce+learned)")
     ratios: list[float] = setting([0.3], "freezing ratios, for methods that freeze")
     subjects: list[str] | None = setting(None, "illegal subjects; none: the first n_subjects of the cast/data")
-    n_subjects: int = setting(1, "how many subjects when subjects is not given")
+    n_subjects: int = setting(1, "how many subjects when subjects is not given (at least people_per_forger)")
+    people_per_forger: int = setting(1, "how many people one illegal user fine-tunes on together: 1, one forger per "
+                                        "person (a LoRA per celebrity); 10, the paper's Table 2 (2, 5, 10: its Table "
+                                        "4). The forger's steps are multiplied by it, so each person gets a "
+                                        "one-person run's exposure; every person is judged on their own")
+    innocent_per_user: int | None = setting(None, "built-in world: how many of the domain's subjects (brands, clothing "
+                                                  "lines) one innocent user fine-tunes on together, steps multiplied "
+                                                  "likewise; none: 1 beside a one-person forger, else "
+                                                  "min(people_per_forger, 4) (the 4 the mask-learning data never names)")
     innocent: list[str] = setting(["logos"], "innocent domains")
     seeds: list[int] = setting([0, 1, 2], "fine-tuning and generation seeds")
     cast_seed: int = setting(0, "which cast of the built-in world")
+    cast_size: int | None = setting(None, "people in the built-in world's cast (its recogniser tells them and "
+                                          "'other' apart); none: 8, or the illegal subjects + 2 where they are more "
+                                          "than 6, so that some people are never forged")
     mask_images: int = setting(48, "images per subject and innocent domain for the protection methods")
     finetune_images: int = setting(48, "images per subject / innocent domain for the users' fine-tunes")
     eval_images: int = setting(16, "images generated per subject / domain and seed")
@@ -82,7 +95,7 @@ class ExperimentConfig(ProtectSettings):
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
         positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
-                    "n_subjects", "mask_batch")
+                    "n_subjects", "mask_batch", "people_per_forger")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -92,6 +105,15 @@ class ExperimentConfig(ProtectSettings):
         for name in ("finetune_lr", "warm_start_lr", "user_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.innocent_per_user is not None and not 1 <= self.innocent_per_user <= MAX_INNOCENT_PER_USER:
+            raise ValueError(f"innocent_per_user must be 1-{MAX_INNOCENT_PER_USER} (the built-in world's brands that "
+                             f"the mask-learning data never names), got {self.innocent_per_user}")
+        if self.subjects and len(self.subjects) % self.people_per_forger:
+            raise ValueError(f"subjects: {len(self.subjects)} people do not split into forgers of people_per_forger = "
+                             f"{self.people_per_forger}; give a multiple of it")
+        if self.cast_size is not None and self.cast_size < self.n_people():
+            raise ValueError(f"cast_size {self.cast_size} is smaller than the {self.n_people()} illegal subjects; "
+                             f"set cast_size to at least {self.n_people()} (or leave it out)")
         if self.mask_generic_people and self.people_data:
             raise ValueError("mask_generic_people: only the built-in world draws unnamed people; with people_data, add "
                              "a folder of such portraits under innocent_data instead")
@@ -100,6 +122,30 @@ class ExperimentConfig(ProtectSettings):
             if unknown:
                 raise ValueError(f"innocent {unknown}: the built-in world has logos and clothes; for other domains "
                                  f"set people_data and innocent_data")
+
+    def n_people(self) -> int:
+        """How many illegal subjects: the listed ones, or the first n_subjects (at least one forger's)
+        of the cast or data."""
+        if self.subjects:
+            return len(self.subjects)
+        k = self.people_per_forger
+        return max(k, -(-self.n_subjects // k) * k)
+
+    def world_cast_size(self) -> int:
+        return self.cast_size or (8 if self.n_people() <= 6 else self.n_people() + 2)
+
+    def innocent_subjects_per_user(self) -> int:
+        if self.innocent_per_user is not None:
+            return self.innocent_per_user
+        return 1 if self.people_per_forger == 1 else min(self.people_per_forger, MAX_INNOCENT_PER_USER)
+
+    def protocol(self) -> str:
+        """The illegal user's protocol in words, for every report."""
+        k = self.people_per_forger
+        if k == 1:
+            return f"one forger per person ({self.finetune_steps} steps each)"
+        return (f"the paper's protocol: each forger fine-tunes on {k} people together ({k} x {self.finetune_steps} = "
+                f"{k * self.finetune_steps} steps, a one-person run's exposure per person)")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "ExperimentConfig":

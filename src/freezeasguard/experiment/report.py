@@ -30,7 +30,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # column titles of results.md; the arrow says which way is better for the publisher
-COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition": "Recognised ↓", "identity_match": "Face match ↓",
+COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition": "Recognised ↓",
+                "identity_recognition_unnamed": "Recognised as \"a person\" ↓", "identity_match_unnamed": "Face match as \"a person\" ↓", "identity_match": "Face match ↓",
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
                 "kid_features": "KID (fid_features) ↑", "heldout_loss": "Held-out loss ↑",
@@ -51,7 +52,8 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
         w.writeheader()
         w.writerows(rows)
     summary = summarise(rows)
-    atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds})
+    atomic_write_json(root / "summary.json", {"summary": summary, "sanity": sanity, "seconds": seconds,
+                                              "protocol": protocol_record(cfg)})
     cell = {(s["method"], s["ratio"], s["attack"], s["domain"], s["metric"]): s for s in summary}
     several_attacks = len({s["attack"] for s in summary}) > 1
     cols = []
@@ -78,14 +80,21 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     if worst:
         first = next(i for i, c in enumerate(cols) if c[0] == "people" and c[1] == worst_metric(summary))
         cols.insert(first + 1, ("people", "worst", f"{cols[first][2]} worst of {len(cfg.attacks)} recipes (which)"))
-    named = {r["domain"]: r["subject"] for r in rows if r["domain"] != "people" and r.get("subject")}
-    innocent = ", ".join(d + (f" ({named[d]})" if d in named else "") for d in cfg.innocent)
+    named: dict[str, list[str]] = {}
+    for r in rows:
+        if r["domain"] not in ("people", "release") and r["metric"] == "subject_recognition" and r.get("subject"):
+            named.setdefault(r["domain"], [])
+            if r["subject"] not in named[r["domain"]]:
+                named[r["domain"]].append(r["subject"])
+    innocent = ", ".join(d + (f" ({', '.join(named[d])}, fine-tuned together)" if len(named.get(d, ())) > 1 else
+                              f" ({named[d][0]})" if d in named else "") for d in cfg.innocent)
     said = verdict(summary, cfg)
     if said:
         atomic_write_text(root / "verdict.txt", said + "\n")
     lines = ([f"Verdict: {said}", ""] if said else []) + [
              f"Illegal: {', '.join(subjects)} (cast {cfg.cast_seed}); innocent: {innocent}; "
-             f"seeds {cfg.seeds}; mean ± std over seeds and subjects.", "",
+             f"seeds {cfg.seeds}; mean ± std over seeds and subjects.",
+             f"Protocol: {protocol(cfg)}.", "",
              "| Method | " + " | ".join(c[2] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += _table_rows([k for k in keys if k[2] == "default" or k[0] == "pretrained"], cols, cell, worst, cfg, False)
     if several_attacks:
@@ -104,6 +113,20 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
     if len(cfg.ratios) > 1:
         write_frontier(root, summary, cfg)
     return "\n".join(lines)
+
+
+def protocol(cfg) -> str:
+    """The illegal user's protocol as the report names it (configs of real data have it too)."""
+    return cfg.protocol() if hasattr(cfg, "protocol") else "one forger per person"
+
+
+def protocol_record(cfg) -> dict:
+    """How many subjects each user fine-tuned on together and the steps that gave each its exposure."""
+    k = getattr(cfg, "people_per_forger", 1)
+    m = cfg.innocent_subjects_per_user() if hasattr(cfg, "innocent_subjects_per_user") else 1
+    steps = getattr(cfg, "finetune_steps", None)
+    return {"text": protocol(cfg), "people_per_forger": k, "forger_steps": steps and steps * k,
+            "innocent_subjects_per_user": m, "innocent_steps": steps and steps * m, "steps_per_subject": steps}
 
 
 def verdict(summary: list[dict], cfg) -> str | None:

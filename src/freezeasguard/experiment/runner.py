@@ -40,8 +40,20 @@ from freezeasguard.experiment.heldout import heldout_data, heldout_loss
 from freezeasguard.experiment.report import write_report
 from freezeasguard.experiment.timings import write_timings
 from freezeasguard.experiment.synthetic_world import SyntheticWorld
+from freezeasguard.training.data import neutral_caption
 
 logger = logging.getLogger(__name__)
+
+# the illegal metrics also measured with "a person" for the name (as <metric>_unnamed)
+NAME_BINDING_METRICS = ("identity_recognition", "identity_match")
+
+
+def group_tag(subjects: tuple[str, ...]) -> str:
+    """A user's subjects in stage and folder names: the one subject's name ("Sara Belfa"), or
+    the first and how many more ("Sara Belfa+9")."""
+    if not subjects:
+        return ""
+    return subjects[0] if len(subjects) == 1 else f"{subjects[0]}+{len(subjects) - 1}"
 
 
 # ---- the runner ------------------------------------------------------------------------------
@@ -61,10 +73,16 @@ class Runner:
                                 cfg.fid_features, face_identity=cfg.face_identity, fid_inception=cfg.fid_inception,
                                 topiq_fr=cfg.topiq_fr)
         self._own_world = world is None
-        self.world = world or SyntheticWorld(cfg.cast_seed)
-        self.subjects = cfg.subjects or self.world.subjects(cfg.n_subjects)
+        self.world = world or SyntheticWorld(cfg.cast_seed, cfg.world_cast_size())
+        self.subjects = cfg.subjects or self.world.subjects(cfg.n_people())
+        if len(self.subjects) < cfg.n_people():
+            raise ValueError(f"the people data has {len(self.subjects)} subjects; {cfg.n_people()} are needed "
+                             f"(n_subjects, people_per_forger)")
         for s in self.subjects:
             self.world.check_subject(s)
+        k = cfg.people_per_forger
+        # each illegal user's people, fine-tuned together (the paper's protocol: several at once)
+        self.forgers = [tuple(self.subjects[i:i + k]) for i in range(0, len(self.subjects), k)]
         if cfg.model is None:
             self.model = TINY_SD
         else:
@@ -82,14 +100,16 @@ class Runner:
         atomic_write_json(marker, {"result": result, "seconds": time.time() - t})
         return result
 
-    def data(self, domain: str, split: str, subject: str | None = None, n: int | None = None) -> Path:
+    def data(self, domain: str, split: str, subjects: tuple[str, ...] = (), n: int | None = None) -> Path:
+        """A domain's split as an image folder: the named subjects' images (n each), or the whole
+        domain (people: every illegal subject)."""
         default_n = self.cfg.mask_images if split == "mask" else self.cfg.finetune_images
         n = n or default_n
-        name = f"{domain}-{subject or 'all'}-{split}" + (f"-n{n}" if n != default_n else "")
+        name = f"{domain}-{group_tag(subjects) or 'all'}-{split}" + (f"-n{n}" if n != default_n else "")
         name = name.replace(" ", "_")
         path = self.root / "data" / name
-        subjects = [subject] if subject else (self.subjects if domain == "people" else None)
-        self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, subjects)))
+        chosen = list(subjects) if subjects else (self.subjects if domain == "people" else None)
+        self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, chosen)))
         return path
 
     def protection(self, method: str, ratio: float):
@@ -100,24 +120,26 @@ class Runner:
         return protect(method, self.model, self.data("people", "mask"), innocent, self.subjects, ratio,
                        self.root / "protect", self.cfg, device="auto")
 
-    def finetune(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+    def finetune(self, method: str, ratio: float, seed: int, domain: str, subjects: tuple[str, ...],
                  attack: str = "default") -> tuple[Path, dict]:
-        """One user's fine-tune under the method, with the attack's recipe. An attack with no
-        module left to train (a targeted LoRA on frozen modules) leaves the user the starting
-        model: returned as it is, with the reason."""
+        """One user's fine-tune under the method, with the attack's recipe, on its subjects together
+        (their images pooled, the steps times their number: each gets a one-subject run's exposure).
+        An attack with no module left to train (a targeted LoRA on frozen modules) leaves the user
+        the starting model: returned as it is, with the reason."""
         recipe = resolve_attack(attack, self.cfg.attack_recipes)
-        out = self.finetune_dir(method, ratio, seed, domain, subject, attack)
+        out = self.finetune_dir(method, ratio, seed, domain, subjects, attack)
         shorter = shorter_recipe(attack, self.cfg.attacks, self.cfg.attack_recipes)
 
         def run():
             if shorter is not None:     # its first steps are the shorter recipe's: start from its checkpoint
-                self.finetune(method, ratio, seed, domain, subject, shorter)
-                start_from_checkpoint(self.finetune_dir(method, ratio, seed, domain, subject, shorter), out)
+                self.finetune(method, ratio, seed, domain, subjects, shorter)
+                start_from_checkpoint(self.finetune_dir(method, ratio, seed, domain, subjects, shorter), out)
             chosen = self.protection(method, ratio)
             model, kwargs = chosen.model or self.model, chosen.finetune_kwargs()
-            cfg = recipe.finetune_config(self.cfg.finetune_lr, self.cfg.finetune_steps, self.cfg.finetune_batch, seed,
+            steps = self.cfg.finetune_steps * max(1, len(subjects))
+            cfg = recipe.finetune_config(self.cfg.finetune_lr, steps, self.cfg.finetune_batch, seed,
                                          checkpoint_every=25)
-            data = self.data(domain, "finetune", subject, recipe.images(self.cfg.finetune_images))
+            data = self.data(domain, "finetune", subjects, recipe.images(self.cfg.finetune_images))
             prior = self.class_images(model) if recipe.prior_weight else None
             try:
                 r = guarded_finetune(model, data, out, cfg, resume=True, lora=recipe.lora(), prior_data=prior,
@@ -131,9 +153,9 @@ class Runner:
         info = self.stage(f"finetune-{out.name}", run)
         return (Path(info["model"]) if info.get("skipped") else out), info
 
-    def finetune_dir(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+    def finetune_dir(self, method: str, ratio: float, seed: int, domain: str, subjects: tuple[str, ...],
                      attack: str) -> Path:
-        tag = f"{method}-{ratio:g}-s{seed}-{domain}-{subject or ''}".replace(" ", "_").rstrip("-")
+        tag = f"{method}-{ratio:g}-s{seed}-{domain}-{group_tag(subjects)}".replace(" ", "_").rstrip("-")
         return self.root / "finetunes" / (tag + attack_suffix(attack))
 
     def class_images(self, model: Path) -> Path:
@@ -174,34 +196,49 @@ class Runner:
             loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data")
             return self.world.score_people(images, subject, real) + [{"metric": "heldout_loss", "value": loss}]
         rows = self.stage(f"eval-{tag}", run)
+
+        def run_unnamed():
+            """Name binding: the same prompts and seeds with "a person" for the name. A fine-tune
+            that learned the face without binding it to the name draws it here too."""
+            prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
+            unnamed = [neutral_caption(p, subject, "a person") for p in prompts]
+            if None in unnamed:          # a caption without the name: nothing to replace
+                return []
+            images = self.generate(model_dir, unnamed, seed, self.root / "images" / f"{tag}-unnamed")
+            return [{"metric": r["metric"] + "_unnamed", "value": r["value"]}
+                    for r in self.world.score_people(images, subject, real) if r["metric"] in NAME_BINDING_METRICS]
+        rows = rows + self.stage(f"eval-unnamed-{tag}", run_unnamed)
         return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject,
                  "domain": "people", **r} for r in rows]
 
     def eval_innocent(self, model_dir, method, ratio, seed, domain, attack: str = "default",
-                      subject: str | None = None) -> list[dict]:
-        """An innocent user's model: its innocent subject (where the world has one: a brand the user
-        fine-tuned on) and the domain's attribute prompts (what the rest of the domain still draws)."""
+                      subjects: tuple[str, ...] = ()) -> list[dict]:
+        """An innocent user's model: each of its innocent subjects (where the world has them: the
+        brands the user fine-tuned on), judged on its own, and the domain's attribute prompts (what
+        the rest of the domain still draws)."""
         tag = f"{method}-{ratio:g}-s{seed}-{domain}" + attack_suffix(attack)
 
         def run():
             prompts, attrs, real = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
             return self.world.score_innocent(domain, images, prompts, attrs, real)
-        rows = self.stage(f"eval-{tag}", run)
-        if subject:
+        rows = [{**r, "subject": group_tag(subjects) or None} for r in self.stage(f"eval-{tag}", run)]
+        for subject in reversed(subjects):
             subject_tag = f"{tag}-{subject}".replace(" ", "_")
 
-            def run_subject():
+            def run_subject(subject=subject, subject_tag=subject_tag):
                 prompts, expected, _ = self.world.innocent_subject_prompts(subject, self.cfg.eval_images, seed)
                 images = self.generate(model_dir, prompts, seed, self.root / "images" / subject_tag)
                 return self.world.score_innocent_subject(domain, images, expected)
-            rows = self.stage(f"eval-{subject_tag}", run_subject) + rows
-        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
-                 **r} for r in rows]
+            rows = [{**r, "subject": subject} for r in self.stage(f"eval-{subject_tag}", run_subject)] + rows
+        return [{"method": method, "ratio": ratio, "attack": attack, "seed": seed, "domain": domain, **r} for r in rows]
 
-    def innocent_subject(self, domain: str) -> str | None:
-        """The innocent user's subject in this domain, where the world has them (the built-in one)."""
-        return self.world.innocent_subject(domain) if hasattr(self.world, "innocent_subject") else None
+    def innocent_user(self, domain: str) -> tuple[str, ...]:
+        """The innocent user's subjects in this domain, fine-tuned together, where the world has
+        them (the built-in one); none: the user fine-tunes on the domain's data."""
+        if not hasattr(self.world, "innocent_subjects"):
+            return ()
+        return tuple(self.world.innocent_subjects(domain, self.cfg.innocent_subjects_per_user()))
 
     def sanity(self) -> dict:
         """The judges on real data, and (where the world can say) the untouched model's prior."""
@@ -229,9 +266,9 @@ class Runner:
         atomic_write_json(self.root / "config.json", asdict(cfg))
         sanity = self.sanity()
         # the untouched model (recognition should be near zero), then one job per user fine-tune
-        baseline = [("pretrained", 0.0, seed, "people", subject, "default") for seed in cfg.seeds
-                    for subject in self.subjects]
-        baseline += [("pretrained", 0.0, seed, domain, self.innocent_subject(domain), "default") for seed in cfg.seeds
+        baseline = [("pretrained", 0.0, seed, "people", forger, "default") for seed in cfg.seeds
+                    for forger in self.forgers]
+        baseline += [("pretrained", 0.0, seed, domain, self.innocent_user(domain), "default") for seed in cfg.seeds
                      for domain in cfg.innocent]
         # a job runs a chain of recipes, each longer one continuing the one before (steps-x5 after default)
         chains = recipe_chains(cfg.attacks, cfg.attack_recipes)
@@ -240,9 +277,9 @@ class Runner:
         for method in cfg.methods:
             for ratio in (cfg.ratios if chain_uses_ratio(method) else [0.0]):
                 for seed in cfg.seeds:
-                    jobs += [(method, ratio, seed, "people", subject, chain) for chain in chains
-                             for subject in self.subjects]
-                    jobs += [(method, ratio, seed, domain, self.innocent_subject(domain), chain)
+                    jobs += [(method, ratio, seed, "people", forger, chain) for chain in chains
+                             for forger in self.forgers]
+                    jobs += [(method, ratio, seed, domain, self.innocent_user(domain), chain)
                              for chain in innocent_chains for domain in cfg.innocent]
         if cfg.workers > 1 and self._own_world:
             self._prepare_shared(jobs)
@@ -280,24 +317,25 @@ class Runner:
             return self.world.score_traits(images, expected)
         return self.stage(name, prior)
 
-    def run_job(self, method: str, ratio: float, seed: int, domain: str, subject: str | None,
+    def run_job(self, method: str, ratio: float, seed: int, domain: str, subjects: tuple[str, ...],
                 attack: str | tuple[str, ...] = "default") -> list[dict]:
-        """One user's fine-tune with the attack's recipe and its evaluation: the illegal user
-        (people) or an innocent one; method "pretrained" evaluates the untouched model. A tuple
-        of recipes is a chain (recipe_chains), run in order in this process."""
+        """One user's fine-tune on its subjects with the attack's recipe and its evaluation, each
+        subject judged on its own: the illegal user (people) or an innocent one; method
+        "pretrained" evaluates the untouched model. A tuple of recipes is a chain
+        (recipe_chains), run in order in this process."""
         if isinstance(attack, tuple):
-            return [r for a in attack for r in self.run_job(method, ratio, seed, domain, subject, a)]
+            return [r for a in attack for r in self.run_job(method, ratio, seed, domain, subjects, a)]
         if method == "pretrained":
             if domain == "people":
-                return self.eval_people(self.model, method, ratio, seed, subject)
-            return self.eval_innocent(self.model, method, ratio, seed, domain, subject=subject)
-        ft, info = self.finetune(method, ratio, seed, domain, subject, attack)
+                return [r for s in subjects for r in self.eval_people(self.model, method, ratio, seed, s)]
+            return self.eval_innocent(self.model, method, ratio, seed, domain, subjects=subjects)
+        ft, info = self.finetune(method, ratio, seed, domain, subjects, attack)
         if domain == "people":
             rows = [] if info.get("skipped") else [
-                {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
-                 "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}]
-            return rows + self.eval_people(ft, method, ratio, seed, subject, attack)
-        return self.eval_innocent(ft, method, ratio, seed, domain, attack, subject)
+                {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": group_tag(subjects),
+                 "domain": domain, "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}]
+            return rows + [r for s in subjects for r in self.eval_people(ft, method, ratio, seed, s, attack)]
+        return self.eval_innocent(ft, method, ratio, seed, domain, attack, subjects)
 
     def _prepare_shared(self, jobs):
         """What several jobs read, made once before they run side by side (no two processes write
@@ -306,9 +344,9 @@ class Runner:
         self.data("people", "mask")
         for domain in self.cfg.innocent + (["generic-people"] if self.cfg.mask_generic_people else []):
             self.data(domain, "mask")
-        for _, _, _, domain, subject, chain in jobs:
+        for _, _, _, domain, subjects, chain in jobs:
             for attack in chain:
-                self.data(domain, "finetune", subject,
+                self.data(domain, "finetune", subjects,
                           resolve_attack(attack, self.cfg.attack_recipes).images(self.cfg.finetune_images))
         for subject in self.subjects:
             heldout_data(self.world, subject, self.root / "data")

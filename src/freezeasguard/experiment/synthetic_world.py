@@ -16,6 +16,7 @@ from freezeasguard.synthetic.world import TRAITS, make_cast, render_garment, ren
 
 BRANDS = 8              # brands (or clothing lines) per innocent domain and world seed
 PUBLISHER_BRANDS = 4    # the last ones: the innocent subjects the publisher's mask-learning data names
+USER_BRANDS = BRANDS - PUBLISHER_BRANDS    # the first ones: innocent users' subjects, never in the mask's data
 
 
 class SyntheticWorld:
@@ -43,8 +44,14 @@ class SyntheticWorld:
         return [render_person(self._people[subject], rng, self.size) for _ in range(n)]
 
     def innocent_subject(self, domain: str) -> str:
-        """The brand (logos) or clothing line (clothes) the innocent user fine-tunes on."""
+        """The brand (logos) or clothing line (clothes) a one-subject innocent user fine-tunes on."""
         return self.brands[domain][0].name
+
+    def innocent_subjects(self, domain: str, n: int) -> list[str]:
+        """The first ``n`` brands or clothing lines: one innocent user's subjects, fine-tuned together."""
+        if not 1 <= n <= USER_BRANDS:
+            raise ValueError(f"an innocent user takes 1-{USER_BRANDS} of the {domain} subjects, got {n}")
+        return [b.name for b in self.brands[domain][:n]]
 
     def publisher_brands(self, domain: str):
         """The brands the publisher's mask-learning data names (the last PUBLISHER_BRANDS)."""

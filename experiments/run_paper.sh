@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The paper's own experiments on the built-in world: forgers who fine-tune on several people at
+# once (people_per_forger), each person given a one-person run's exposure (steps x k), innocent
+# users on 4 brands or clothing lines at once; shipped model v3, the demo's settings, 2-core CPU.
+#   table2-cast1-sN   Table 2: 10 people per forger; FreezeAsGuard and Random at 10/20/30/40/80% of
+#                     tensors; Full FT, UCE, IMMA; innocent logos (also Table 4's 10-people column)
+#   table4-k2-cast1-sN  Table 4: 2 people per forger, 20 and 30% of tensors
+#   table4-k5-cast1-sN  Table 4's 5 people and Table 5: 10/20/30% of tensors, innocent logos and clothes
+#   guard-k5-cast2-logos-sN / guard-k5-cast1-clothes-sN
+#                     the guard study in this protocol: every freezing method at 30% of the parameters,
+#                     the immunised releases, IMMA, Full FT, each under the demo's four recipes
+# One seed per folder (a finished seed is a result on its own; the table writer pools the seeds it
+# finds). Cast 0 is where the demo's settings were tuned; nothing here is tuned, every claim is
+# judged on casts 1 and 2. Heavy outputs stay under runs/paper/; reports are copied to
+# experiments/results/paper-*/. Rerunning resumes finished stages. Give it one core:
+#   OMP_NUM_THREADS=1 nohup bash experiments/run_paper.sh STEP ... > runs/paper/log.txt 2>&1 &
+# Then: python experiments/paper_tables.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fag=.venv/bin/freezeasguard
+runs=runs/paper
+mkdir -p $runs experiments/results
+keep() {   # copy a run's report files into experiments/results
+  local src=$1 dst=experiments/results/$2
+  mkdir -p "$dst"
+  for f in results.md results_by_recipe.md results.json results.csv summary.json config.json attack_sweep.md \
+           attack_sweep.json attack_sweep.csv attack_sweep.png tradeoff.png frontier.md frontier.json; do
+    if [ -f "$src/$f" ]; then cp "$src/$f" "$dst/"; fi
+  done
+}
+experiment() {   # experiment NAME KEY: VALUE ...
+  local name=$1; shift
+  { echo "preset: demo"; echo "out: $runs/$name"; echo "workers: ${WORKERS:-1}"
+    for kv in "$@"; do echo "$kv"; done; } > $runs/$name.yaml
+  $fag experiment $runs/$name.yaml
+}
+GUARD="[full, learned, learned-identity, learned-identity+immunise, saliency, saliency+immunise, random, imma]"
+FOUR="attacks: [default, lr-x10, steps-x5, lora-32]"
+for step in "$@"; do
+  start=$(date +%s)
+  seed=${step##*-s}
+  case $step in
+    table2-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 10" \
+                       "budget: tensors" "ratios: [0.1, 0.2, 0.3, 0.4, 0.8]" "methods: [full, uce, imma, random, learned]" ;;
+    table4-k2-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 2" \
+                       "budget: tensors" "ratios: [0.2, 0.3]" "methods: [full, uce, imma, random, learned]" ;;
+    table4-k5-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos, clothes]" "seeds: [$seed]" \
+                       "people_per_forger: 5" "budget: tensors" "ratios: [0.1, 0.2, 0.3]" \
+                       "methods: [full, uce, imma, random, learned]" ;;
+    guard-k5-cast2-logos-s*) experiment $step "cast_seed: 2" "innocent: [logos]" "seeds: [$seed]" \
+                       "people_per_forger: 5" "budget: params" "methods: $GUARD" "$FOUR" ;;
+    guard-k5-cast1-clothes-s*) experiment $step "cast_seed: 1" "innocent: [clothes]" "seeds: [$seed]" \
+                       "people_per_forger: 5" "budget: params" "methods: $GUARD" "$FOUR" ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+  keep $runs/$step paper-$step
+  echo "$step: $(( $(date +%s) - start )) s ($(date -u +%F), $(git rev-parse --short HEAD))" | tee -a experiments/results/paper-times.txt
+done
