@@ -1,6 +1,8 @@
 """The experiment runner: results in long format, and a killed run resumes without redoing stages."""
 import json
 
+from PIL import Image
+
 import pytest
 
 from freezeasguard.experiment import runner as experiment
@@ -358,3 +360,78 @@ def test_the_verdict_names_the_guard_with_the_fewest_forgeries_at_its_worst_by_h
     assert "(lr-x10; 50% under the default one), against 100% [95% CI 89%-100% of 30] with no guard" in said
     assert "learned 80% of the time (Full FT: 90%)" in said and "87% of traits right (the base: 88%)" in said
     assert verdict(summary[3:], cfg) is None   # no Full FT
+
+
+def test_forgers_of_several_people_split_the_subjects_and_size_the_cast(tmp_path):
+    cfg = ExperimentConfig(out=str(tmp_path / "a"), people_per_forger=10)
+    assert cfg.n_people() == 10 and cfg.world_cast_size() == 12       # two people nobody forges
+    assert cfg.innocent_subjects_per_user() == 4 and "10 x 2000 = 20000 steps" in cfg.protocol()
+    one = ExperimentConfig(out=str(tmp_path / "b"))
+    assert (one.n_people(), one.world_cast_size(), one.innocent_subjects_per_user()) == (1, 8, 1)
+    assert one.protocol().startswith("one forger per person")
+    assert ExperimentConfig(out=str(tmp_path / "c"), people_per_forger=2, n_subjects=3).n_people() == 4
+    assert ExperimentConfig(out=str(tmp_path / "d"), people_per_forger=2).innocent_subjects_per_user() == 2
+    with pytest.raises(ValueError, match="multiple of it"):
+        ExperimentConfig(out=str(tmp_path / "e"), people_per_forger=2, subjects=["A", "B", "C"])
+    with pytest.raises(ValueError, match="innocent_per_user must be 1-4"):
+        ExperimentConfig(out=str(tmp_path / "f"), innocent_per_user=5)
+    with pytest.raises(ValueError, match="cast_size 8 is smaller than the 10"):
+        ExperimentConfig(out=str(tmp_path / "g"), people_per_forger=10, cast_size=8)
+    with pytest.raises(ValueError, match="people_per_forger must be >= 1"):
+        ExperimentConfig(out=str(tmp_path / "h"), people_per_forger=0)
+    runner = Runner(ExperimentConfig(out=str(tmp_path / "i"), people_per_forger=2, n_subjects=4))
+    assert runner.forgers == [tuple(runner.subjects[:2]), tuple(runner.subjects[2:])]
+    assert len(set(runner.subjects)) == 4 and runner.world.cast_size == 8
+    assert runner.innocent_user("logos") == tuple(b.name for b in runner.world.brands["logos"][:2])
+
+
+@pytest.mark.slow
+def test_a_forger_of_two_people_trains_on_both_with_twice_the_steps_and_each_is_judged_named_and_unnamed(
+        tiny_sd, tmp_path, monkeypatch):
+    from freezeasguard.synthetic import judges
+    from freezeasguard.metrics.basic import identity_recognition
+    from freezeasguard.training.data import load_image_captions, neutral_caption
+    cfg = ExperimentConfig(out=str(tmp_path / "exp"), model=str(tiny_sd), seeds=[0], methods=["full"],
+                           people_per_forger=2, finetune_images=3, eval_images=2, finetune_steps=2, finetune_batch=2,
+                           generate_steps=2, mask_images=2)
+    prompts_by_folder = {}
+    real_generate = Runner.generate
+
+    def recording(self, model_dir, prompts, seed, out):
+        prompts_by_folder[out.name] = (list(prompts), seed)
+        return real_generate(self, model_dir, prompts, seed, out)
+    monkeypatch.setattr(Runner, "generate", recording)
+    runner = Runner(cfg)
+    rows = runner.run()
+    a, b = runner.subjects
+    root = tmp_path / "exp"
+    # one illegal user for both people: their images pooled, the steps doubled
+    data = load_image_captions(root / "data" / f"people-{a}+1-finetune".replace(" ", "_")).records
+    assert sorted(r.subject for r in data) == sorted([a] * 3 + [b] * 3)
+    forger = root / "finetunes" / f"full-0-s0-people-{a}+1".replace(" ", "_")
+    assert json.loads((forger / "freezeasguard_manifest.json").read_text())["config"]["steps"] == 4
+    brands = runner.innocent_user("logos")
+    assert len(brands) == 2
+    innocent = root / "finetunes" / f"full-0-s0-logos-{brands[0]}+1".replace(" ", "_")
+    assert json.loads((innocent / "freezeasguard_manifest.json").read_text())["config"]["steps"] == 4
+    # each person judged on their own, named and with "a person" for the name: same prompts otherwise, same seed
+    full = [r for r in rows if r["method"] == "full" and r["domain"] == "people"]
+    recogniser = judges.recogniser(0, 8)
+    for person in (a, b):
+        tag = f"full-0-s0-{person}".replace(" ", "_")
+        named, seed = prompts_by_folder[tag]
+        unnamed, unnamed_seed = prompts_by_folder[f"{tag}-unnamed"]
+        assert unnamed == [neutral_caption(p, person, "a person") for p in named] and unnamed_seed == seed
+        assert all(person not in p and "a photo of a person" in p for p in unnamed)
+        images = [Image.open(root / "images" / f"{tag}-unnamed" / f"{i:03d}.png").convert("RGB") for i in range(2)]
+        expected = identity_recognition([p["identity"] for p in recogniser.predict(images)], person)
+        got = {r["metric"]: r["value"] for r in full if r["subject"] == person and r["attack"] == "default"}
+        assert got["identity_recognition_unnamed"] == expected and "identity_recognition" in got
+    # each brand judged on its own
+    judged = {r["subject"] for r in rows if r["method"] == "full" and r["metric"] == "subject_recognition"}
+    assert judged == set(brands)
+    report = (root / "results.md").read_text()
+    assert "each forger fine-tunes on 2 people together (2 x 2 = 4 steps" in report
+    assert 'Recognised as "a person"' in report and "fine-tuned together" in report
+    protocol = json.loads((root / "summary.json").read_text())["protocol"]
+    assert protocol["forger_steps"] == 4 and protocol["innocent_steps"] == 4 and protocol["people_per_forger"] == 2

@@ -120,6 +120,41 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.where)
 
+    def check_layout_shapes(self, expected: dict[str, tuple[int, ...]]):
+        """A single file's renamed and fused tensors must have the shapes their layout gives them:
+        a fused q/k/v exactly its three parts' rows, each part of the base's width. The readers take
+        fixed row ranges, so extra rows would otherwise go unread and such a file (which loads into
+        no model) could pass as compliant. A LayoutError (unusable input) names the tensor, its shape
+        and the shape required. A diffusers folder has nothing renamed: its shapes are compared per
+        parameter by the audit."""
+        if self.layout == "diffusers":
+            return
+        parts: dict[str, list[tuple[int, int, str]]] = {}     # file key -> (start, rows, parameter)
+        tails: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, segments in self.where.items():
+            if name not in expected:
+                continue
+            rows = tuple(expected[name])[0] if expected[name] else 1
+            fixed = sum(end - start for _, start, end in segments if end is not None)
+            for key, start, end in segments:
+                length = (end - start) if end is not None else rows - fixed
+                parts.setdefault(key, []).append((start, length, name))
+                tails.setdefault(key, (tuple(expected[name])[1:], name))
+        for key, pieces in parts.items():
+            pieces.sort()
+            at, tiled = 0, True
+            for start, length, _ in pieces:
+                tiled = tiled and start == at and length > 0
+                at = start + length
+            have = tuple(self.file_of[key].shape(key))
+            scalar = len(have) == 0 and at == 1 and not tails[key][0]
+            required = (at, *tails[key][0])
+            if not scalar and (not tiled or have != required):
+                made_of = ", ".join(n for _, _, n in pieces[:4]) + (" ..." if len(pieces) > 4 else "")
+                raise LayoutError(f"{self.path}: tensor {key} has shape {list(have)}; the {LAYOUT_NAMES[self.layout]} "
+                                  f"layout requires {list(required)} (it holds {made_of}). The file loads into no "
+                                  f"model of the mask's base: it is malformed, not a derivative to certify.")
+
     def __contains__(self, name: str) -> bool:
         return name in self.where
 

@@ -147,6 +147,7 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
     in the order the file stores them (a cold disk streams) by one thread per core, each reading
     its tensor chunk by chunk (_check_tensor); file reads, the checks and BLAKE3 release the GIL."""
     frozen, shapes = set(mask.frozen_names), dict(zip(mask.names, mask.shapes))
+    cand.check_layout_shapes(shapes)
     fitting = sum(1 for n in mask.names if n in cand and tuple(cand.shape(n)) == tuple(shapes[n]))
     if fitting < len(mask.names) / 2:
         raise ModelError(f"{cand.path}: holds {fitting} of the mask's {len(mask.names)} tensors with their shapes; it "

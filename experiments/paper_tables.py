@@ -1,0 +1,271 @@
+"""The paper's Tables 2, 4 and 5 and the guard study in the paper's protocol (forgers who fine-tune
+on several people at once), from the results files `bash experiments/run_paper.sh` wrote, each
+beside the paper's own numbers:
+
+- paper-tables/table2.md: 10 people per forger, FreezeAsGuard and Random at 10-80% of tensors,
+  Full FT, UCE, IMMA, innocent logos;
+- table4.md: 2, 5 and 10 people per forger at 20 and 30% of tensors;
+- table5.md: 5 people per forger, logos and clothing lines as the innocent domain;
+- guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
+  recipes on the casts nobody tuned on, and each target of the study met or missed.
+
+    python experiments/paper_tables.py
+
+Each run folder holds one seed (paper-<run>-s<seed>); the seeds found are pooled. A cell is the
+mean over seeds of the per-seed mean over the people (or brands) judged, ± the std over seeds:
+the spread the study's targets compare with. The worst case is the recipe with the highest mean."""
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+from freezeasguard.io import atomic_write_json, atomic_write_text
+from freezeasguard.methods import method_label
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+OUT = RESULTS / "paper-tables"
+ATTACKS = ["default", "lr-x10", "steps-x5", "lora-32"]
+
+# The paper's own numbers (SD v1.5, FF25 portraits, Modern-Logo-v4 and H&M clothes): illegal FID
+# (higher: the fine-tune reproduces the portraits less well) and innocent CLIP score (higher: the
+# images match their prompts better). Keys: (method, ratio of tensors).
+PAPER_TABLE2 = {("full", 0.0): (143.58, 32.83), ("uce", 0.0): (151.53, 30.27), ("imma", 0.0): (148.05, 28.71),
+                ("random", 0.1): (149.10, 30.88), ("learned", 0.1): (154.51, 30.04),
+                ("random", 0.2): (152.65, 29.80), ("learned", 0.2): (156.09, 30.26),
+                ("random", 0.3): (152.21, 28.92), ("learned", 0.3): (155.98, 30.47),
+                ("random", 0.4): (156.08, 30.03), ("learned", 0.4): (156.02, 30.91),
+                ("random", 0.8): (157.56, 28.42), ("learned", 0.8): (156.89, 29.67)}
+# Table 4: people per forger -> (FID, CLIP); 2 people: the paper's two draws, averaged
+PAPER_TABLE4 = {
+    ("full", 0.0): {2: ((139.20 + 135.61) / 2, 32.83), 5: (127.38, 32.83), 10: (143.58, 32.83)},
+    ("uce", 0.0): {2: ((138.39 + 147.35) / 2, (30.74 + 30.27) / 2), 5: (131.27, 30.27), 10: (151.53, 30.25)},
+    ("imma", 0.0): {2: ((139.88 + 145.39) / 2, (30.03 + 29.81) / 2), 5: (129.60, 28.99), 10: (148.05, 28.71)},
+    ("random", 0.2): {2: ((139.04 + 142.72) / 2, 29.80), 5: (135.48, 29.80), 10: (152.65, 29.80)},
+    ("learned", 0.2): {2: ((151.30 + 153.90) / 2, (30.31 + 30.10) / 2), 5: (135.85, 31.12), 10: (156.09, 30.26)},
+    ("random", 0.3): {2: ((138.16 + 142.64) / 2, 28.92), 5: (136.65, 28.92), 10: (152.21, 28.92)},
+    ("learned", 0.3): {2: ((146.30 + 153.00) / 2, (31.49 + 30.29) / 2), 5: (138.09, 30.48), 10: (155.98, 30.47)}}
+# Table 5 (5 people): CLIP score of logos and of clothes
+PAPER_TABLE5 = {("full", 0.0): (32.83, 32.84), ("uce", 0.0): (30.27, 32.47), ("imma", 0.0): (28.99, 31.01),
+                ("random", 0.1): (30.28, 32.33), ("learned", 0.1): (31.41, 31.98),
+                ("random", 0.2): (30.36, 32.44), ("learned", 0.2): (31.12, 31.73)}
+
+TABLE2_RUN, TABLE4_RUNS = "table2-cast1", {2: "table4-k2-cast1", 5: "table4-k5-cast1", 10: "table2-cast1"}
+TABLE5_RUN = "table4-k5-cast1"
+GUARD_RUNS = ["guard-k5-cast1-clothes", "guard-k5-cast2-logos"]
+# the methods whose targets are checked: the paper's learner and the study's designs
+CHECKED = ["learned", "learned-identity", "learned-identity+immunise", "saliency+immunise"]
+
+
+def load_run(name: str) -> tuple[list[dict], dict | None, list[int]]:
+    """Every seed folder of a run: their rows pooled, the first one's config, the seeds found."""
+    rows, cfg, seeds = [], None, []
+    for folder in sorted(RESULTS.glob(f"paper-{name}-s*")):
+        match = re.fullmatch(rf"paper-{re.escape(name)}-s(\d+)", folder.name)
+        if not match or not (folder / "results.json").exists():
+            continue
+        rows += json.loads((folder / "results.json").read_text())
+        cfg = cfg or json.loads((folder / "config.json").read_text())
+        seeds.append(int(match.group(1)))
+    return rows, cfg, sorted(seeds)
+
+
+def seed_cell(rows, method, ratio, metric, domain, attack="default"):
+    """Mean over seeds of each seed's mean over subjects, and the std over seeds (0 for one seed)."""
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        if (r["method"], r["metric"], r["domain"], r.get("attack", "default")) == (method, metric, domain, attack) \
+                and abs(r["ratio"] - ratio) < 1e-9:
+            by_seed.setdefault(r["seed"], []).append(r["value"])
+    if not by_seed:
+        return None
+    means = [statistics.fmean(v) for v in by_seed.values()]
+    return {"mean": statistics.fmean(means), "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+            "seeds": len(means), "n": sum(len(v) for v in by_seed.values())}
+
+
+def fmt(c, digits: int = 3) -> str:
+    return "–" if c is None else f"{c['mean']:.{digits}f} ± {c['std']:.{digits}f}"
+
+
+def relative(value: float, full: float) -> str:
+    return f"{(value / full - 1) * 100:+.1f}%"
+
+
+def label(method: str, ratio: float, budget: str = "tensors") -> str:
+    return method_label(method, ratio, budget)
+
+
+def header(name: str, cfg: dict, seeds: list[int]) -> str:
+    k = cfg["people_per_forger"]
+    return (f"Cast {cfg['cast_seed']} ({cfg.get('cast_size') or 'default'} people in the cast), {k} people per forger "
+            f"fine-tuned together for {k} x {cfg['finetune_steps']} steps, seeds {seeds} (runs paper-{name}-s*), "
+            f"{cfg['eval_images']} portraits per person and seed.")
+
+
+def table2() -> tuple[list[str], dict]:
+    rows, cfg, seeds = load_run(TABLE2_RUN)
+    if not rows:
+        return [f"{TABLE2_RUN}: not yet run."], {}
+    full_rec = seed_cell(rows, "full", 0.0, "identity_recognition", "people")
+    full_logo = seed_cell(rows, "full", 0.0, "subject_recognition", "logos")
+    lines = [header(TABLE2_RUN, cfg, seeds), "",
+             "| method | frozen params | forgeries ↓ | as \"a person\" ↓ | feature FID ↑ | brands recognised ↑ | "
+             "other logos right ↑ | paper: FID (vs Full FT) | paper: logo CLIP (vs Full FT) | ours: forgeries vs "
+             "Full FT | ours: brands vs Full FT |", "|---" * 11 + "|"]
+    data = {}
+    for key in [("full", 0.0), ("uce", 0.0), ("imma", 0.0)] + [(m, r) for r in cfg["ratios"] for m in ("random", "learned")]:
+        method, ratio = key
+        rec = seed_cell(rows, method, ratio, "identity_recognition", "people")
+        if rec is None:
+            continue
+        row = {"frozen": seed_cell(rows, method, ratio, "frozen_param_fraction", "people"), "forgeries": rec,
+               "unnamed": seed_cell(rows, method, ratio, "identity_recognition_unnamed", "people"),
+               "fid": seed_cell(rows, method, ratio, "feature_fid", "people"),
+               "brands": seed_cell(rows, method, ratio, "subject_recognition", "logos"),
+               "others": seed_cell(rows, method, ratio, "prompt_accuracy", "logos")}
+        data[f"{method}-{ratio:g}"] = row
+        paper = PAPER_TABLE2.get(key)
+        paper_cols = [f"{paper[0]:.2f} ({relative(paper[0], PAPER_TABLE2[('full', 0.0)][0])})",
+                      f"{paper[1]:.2f} ({relative(paper[1], PAPER_TABLE2[('full', 0.0)][1])})"] if paper else ["–", "–"]
+        ours = [f"{(rec['mean'] - full_rec['mean']) * 100:+.0f} points" if full_rec else "–",
+                f"{(row['brands']['mean'] - full_logo['mean']) * 100:+.0f} points" if full_logo and row["brands"] else "–"]
+        lines.append(f"| {label(method, ratio)} | {fmt(row['frozen'], 2) if row['frozen'] else '–'} | {fmt(rec)} | "
+                     f"{fmt(row['unnamed'])} | {fmt(row['fid'], 1)} | {fmt(row['brands'])} | {fmt(row['others'])} | "
+                     + " | ".join(paper_cols + ours) + " |")
+    return lines, data
+
+
+def table4() -> tuple[list[str], dict]:
+    runs = {k: load_run(name) for k, name in TABLE4_RUNS.items()}
+    present = [k for k, (rows, _, _) in runs.items() if rows]
+    if not present:
+        return ["Table 4: not yet run."], {}
+    lines = ["Cast 1, innocent logos (4 brands per innocent user), 20 and 30% of tensors; forgeries ↓ (portraits "
+             "recognised as the person) and brands recognised ↑, then the paper's FID ↑ / CLIP ↑. Seeds: " +
+             ", ".join(f"{k} people {runs[k][2]}" for k in present) + ".", "",
+             "| method | " + " | ".join(f"{k} people: forgeries ↓ | {k}: brands ↑ | {k}: paper FID / CLIP" for k in present)
+             + " |", "|---" * (1 + 3 * len(present)) + "|"]
+    data = {}
+    for key in PAPER_TABLE4:
+        method, ratio = key
+        cells = []
+        for k in present:
+            rows = runs[k][0]
+            rec = seed_cell(rows, method, ratio, "identity_recognition", "people")
+            brands = seed_cell(rows, method, ratio, "subject_recognition", "logos")
+            data[f"{method}-{ratio:g}-k{k}"] = {"forgeries": rec, "brands": brands}
+            fid, clip = PAPER_TABLE4[key][k]
+            cells += [fmt(rec), fmt(brands), f"{fid:.2f} / {clip:.2f}"]
+        lines.append(f"| {label(method, ratio)} | " + " | ".join(cells) + " |")
+    return lines, data
+
+
+def table5() -> tuple[list[str], dict]:
+    rows, cfg, seeds = load_run(TABLE5_RUN)
+    if not rows:
+        return [f"{TABLE5_RUN}: not yet run (Table 5)."], {}
+    lines = [header(TABLE5_RUN, cfg, seeds) + " Innocent users: 4 brands (logos) or 4 clothing lines (clothes) each.",
+             "", "| method | forgeries ↓ | brands recognised ↑ | other logos right ↑ | clothing lines recognised ↑ | "
+             "other clothes right ↑ | paper: logo CLIP | paper: clothes CLIP |", "|---" * 8 + "|"]
+    data = {}
+    for key, (logo_clip, clothes_clip) in PAPER_TABLE5.items():
+        method, ratio = key
+        row = {"forgeries": seed_cell(rows, method, ratio, "identity_recognition", "people"),
+               "logos": seed_cell(rows, method, ratio, "subject_recognition", "logos"),
+               "logos_others": seed_cell(rows, method, ratio, "prompt_accuracy", "logos"),
+               "clothes": seed_cell(rows, method, ratio, "subject_recognition", "clothes"),
+               "clothes_others": seed_cell(rows, method, ratio, "prompt_accuracy", "clothes")}
+        data[f"{method}-{ratio:g}"] = row
+        lines.append(f"| {label(method, ratio)} | " + " | ".join(fmt(row[c]) for c in row) +
+                     f" | {logo_clip:.2f} | {clothes_clip:.2f} |")
+    return lines, data
+
+
+def innocent_domain(rows) -> str:
+    return next(r["domain"] for r in rows if r["domain"] not in ("people", "release"))
+
+
+def guard_table(name: str) -> tuple[list[str], dict]:
+    rows, cfg, seeds = load_run(name)
+    if not rows:
+        return [f"{name}: not yet run."], {}
+    domain = innocent_domain(rows)
+    lines = [header(name, cfg, seeds) + f" Innocent {domain} (4 subjects per user); 30% of the parameters.", "",
+             "| method | forgeries ↓ default | forgeries ↓ worst of 4 (which) | as \"a person\" ↓ default | "
+             "innocent subjects ↑ | release prior ↑ |", "|---" * 6 + "|"]
+    table = {}
+    for method in cfg["methods"]:
+        ratio = 0.0 if method in ("full", "imma", "uce") else 0.3
+        found = [(seed_cell(rows, method, ratio, "identity_recognition", "people", a), a) for a in ATTACKS]
+        found = [(c, a) for c, a in found if c]
+        worst, attack = max(found, key=lambda x: x[0]["mean"]) if found else (None, None)
+        row = {"default": seed_cell(rows, method, ratio, "identity_recognition", "people"), "worst": worst,
+               "worst_attack": attack,
+               "unnamed": seed_cell(rows, method, ratio, "identity_recognition_unnamed", "people"),
+               "innocent": seed_cell(rows, method, ratio, "subject_recognition", domain),
+               "prior": seed_cell(rows, method, ratio, "prior_trait_accuracy", "release")}
+        table[method] = row
+        lines.append(f"| {label(method, ratio, 'params')} | {fmt(row['default'])} | {fmt(worst)} ({attack}) | "
+                     f"{fmt(row['unnamed'])} | {fmt(row['innocent'])} | {fmt(row['prior'])} |")
+    table["pretrained"] = {"prior": seed_cell(rows, "pretrained", 0.0, "prior_trait_accuracy", "release"),
+                           "default": seed_cell(rows, "pretrained", 0.0, "identity_recognition", "people")}
+    return lines, table
+
+
+def targets(method: str, table: dict) -> list[tuple[str, bool, str]]:
+    """Each target of the study for one method on one cast: met or missed, with the margin."""
+    m, full, base = table[method], table["full"], table["pretrained"]
+    checks = []
+    if m["worst"] and full["default"]:
+        limit = full["default"]["mean"] / 2
+        checks.append(("worst ≤ ½ Full FT default", m["worst"]["mean"] <= limit,
+                       f"{m['worst']['mean']:.3f} vs ≤ {limit:.3f} ({(m['worst']['mean'] - limit) * 100:+.1f} points)"))
+    for other in ("saliency", "random"):
+        if other in table and other != method and m["worst"] and table[other]["worst"]:
+            gap = table[other]["worst"]["mean"] - m["worst"]["mean"]
+            spread = max(table[other]["worst"]["std"], m["worst"]["std"])
+            checks.append((f"worst below {other}'s by more than the seed spread", gap > spread,
+                           f"{m['worst']['mean']:.3f} vs {table[other]['worst']['mean']:.3f} (gap {gap:+.3f}, "
+                           f"spread {spread:.3f})"))
+    if m["innocent"] and full["innocent"]:
+        gap = m["innocent"]["mean"] - full["innocent"]["mean"]
+        checks.append(("innocent within 5 points of Full FT", gap >= -0.05,
+                       f"{m['innocent']['mean']:.3f} vs {full['innocent']['mean']:.3f} ({gap * 100:+.1f} points)"))
+    if m["prior"] and base["prior"]:
+        gap = m["prior"]["mean"] - base["prior"]["mean"]
+        checks.append(("release prior within 2 points of the base", gap >= -0.02,
+                       f"{m['prior']['mean']:.3f} vs {base['prior']['mean']:.3f} ({gap * 100:+.1f} points)"))
+    return checks
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for name, build in (("table2", table2), ("table4", table4), ("table5", table5)):
+        lines, data[name] = build()
+        atomic_write_text(OUT / f"{name}.md", "\n".join(lines) + "\n")
+        print("\n".join(lines) + "\n")
+    guard, checks = [], []
+    for run in GUARD_RUNS:
+        lines, table = guard_table(run)
+        data[run] = table
+        guard += lines + [""]
+        for method in CHECKED:
+            if method in table:
+                checks += [f"| {run.split('-', 2)[-1]} · {label(method, 0.3, 'params')} | {name} | "
+                           f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
+    atomic_write_text(OUT / "guard.md", "\n".join(guard))
+    targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "
+                  "seeds of the two methods):", "", "| cast · method | target | | measured |", "|---|---|---|---|",
+                  *checks]
+    atomic_write_text(OUT / "targets.md", "\n".join(targets_md) + "\n")
+    atomic_write_json(OUT / "tables.json", data)
+    print("\n".join(guard + targets_md))
+
+
+if __name__ == "__main__":
+    main()

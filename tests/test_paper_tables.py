@@ -1,0 +1,47 @@
+"""The paper-protocol tables (experiments/paper_tables.py): cells are the mean over seeds of each
+seed's mean over the people judged, the spread is over seeds, and each target's verdict and margin."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import paper_tables  # noqa: E402
+
+
+def _row(method, seed, subject, value, metric="identity_recognition", attack="default", ratio=0.3, domain="people"):
+    return {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": subject, "domain": domain,
+            "metric": metric, "value": value}
+
+
+def test_a_cell_averages_people_within_a_seed_then_spreads_over_seeds():
+    rows = [_row("learned", 0, "A", 1.0), _row("learned", 0, "B", 0.5), _row("learned", 0, "C", 0.0),   # seed 0: 0.5
+            _row("learned", 1, "A", 1.0), _row("learned", 1, "B", 1.0), _row("learned", 1, "C", 0.7),   # seed 1: 0.9
+            _row("learned", 1, "A", 0.0, attack="lr-x10"), _row("learned", 1, "A", 0.0, ratio=0.2),
+            _row("random", 0, "A", 0.0)]
+    cell = paper_tables.seed_cell(rows, "learned", 0.3, "identity_recognition", "people")
+    assert cell["mean"] == pytest.approx(0.7) and cell["seeds"] == 2 and cell["n"] == 6
+    assert cell["std"] == pytest.approx(((0.5 - 0.7) ** 2 + (0.9 - 0.7) ** 2) ** 0.5)   # n-1 = 1
+    assert paper_tables.seed_cell(rows, "learned", 0.3, "identity_recognition", "logos") is None
+    one = paper_tables.seed_cell(rows, "learned", 0.2, "identity_recognition", "people")
+    assert (one["mean"], one["std"]) == (0.0, 0.0)
+
+
+def test_targets_are_met_or_missed_with_their_margins_by_hand():
+    def c(mean, std=0.0):
+        return {"mean": mean, "std": std}
+    table = {"full": {"default": c(0.9), "worst": c(1.0), "innocent": c(0.8), "prior": c(0.88)},
+             "pretrained": {"prior": c(0.88)},
+             "saliency": {"default": c(0.5), "worst": c(0.6, 0.05), "innocent": c(0.7), "prior": c(0.88)},
+             "random": {"default": c(0.8), "worst": c(0.9, 0.02), "innocent": c(0.8), "prior": c(0.88)},
+             "learned": {"default": c(0.3), "worst": c(0.44, 0.1), "innocent": c(0.76), "prior": c(0.85)}}
+    checks = {name: (ok, detail) for name, ok, detail in paper_tables.targets("learned", table)}
+    assert checks["worst ≤ ½ Full FT default"][0] and "-1.0 points" in checks["worst ≤ ½ Full FT default"][1]
+    # 0.16 below Saliency's worst, its spread 0.1: met; 0.46 below Random's: met
+    assert checks["worst below saliency's by more than the seed spread"][0]
+    assert checks["worst below random's by more than the seed spread"][0]
+    assert checks["innocent within 5 points of Full FT"][0] and "-4.0 points" in checks["innocent within 5 points of Full FT"][1]
+    assert not checks["release prior within 2 points of the base"][0]
+    table["learned"]["worst"] = c(0.55, 0.1)
+    checks = {name: ok for name, ok, _ in paper_tables.targets("learned", table)}
+    assert not checks["worst ≤ ½ Full FT default"] and not checks["worst below saliency's by more than the seed spread"]
