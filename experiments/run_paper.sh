@@ -42,9 +42,9 @@ for step in "$@"; do
   case $step in
     table2-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 10" \
                        "budget: tensors" "ratios: [0.1, 0.2, 0.3, 0.4, 0.8]" "methods: [full, uce, imma, random, learned]" ;;
-    table4-k2-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 2" \
+    table4-k2-cast1-s*) experiment $step "cast_seed: 1" "cast_size: 12" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 2" \
                        "budget: tensors" "ratios: [0.2, 0.3]" "methods: [full, uce, imma, random, learned]" ;;
-    table4-k5-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos, clothes]" "seeds: [$seed]" \
+    table4-k5-cast1-s*) experiment $step "cast_seed: 1" "cast_size: 12" "innocent: [logos, clothes]" "seeds: [$seed]" \
                        "people_per_forger: 5" "budget: tensors" "ratios: [0.1, 0.2, 0.3]" \
                        "methods: [full, uce, imma, random, learned]" ;;
     guard-k5-cast2-logos-s*) experiment $step "cast_seed: 2" "innocent: [logos]" "seeds: [$seed]" \
