@@ -23,6 +23,7 @@ from freezeasguard.audit.digests import tensor_bytes
 from freezeasguard.audit.original_layouts import (LDM_OTHER_PREFIXES, LDM_UNET_PREFIX, LayoutError, bfl_flux2_segments,
                                                    bfl_flux_segments, is_flux1, is_sd3, ldm_unet_names,
                                                    sai_sd3_segments, zimage_original_segments)
+from freezeasguard.audit.quantized import is_aux, read_scales
 from freezeasguard.audit.tensorfile import TensorFile, TensorFileError
 
 
@@ -77,7 +78,13 @@ class Checkpoint:
             self.files = [TensorFile(f) for f in denoiser_weight_files(self.path)]
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
-        self.file_of = {k: f for f in self.files for k in f.keys()}
+        every = {k: f for f in self.files for k in f.keys()}
+        # scaled fp8 (quantized.py): the scales beside the weights, never parameters themselves
+        self.file_of = {k: f for k, f in every.items() if not is_aux(k)}
+        try:
+            self.scales = read_scales(every, lambda k: every[k].read_rows(k)) if len(every) > len(self.file_of) else {}
+        except TensorFileError as exc:
+            raise ModelError(str(exc)) from exc
         self.scratch: bytearray | None = None
         self.layout = detect_layout(self.file_of)
         self.unmapped, self.others = [], 0
@@ -165,6 +172,10 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         shapes = [self._segment_shape(*seg) for seg in self.where[name]]
         return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+
+    def scale(self, name: str) -> float | None:
+        """The parameter's fp8 scale in a scaled fp8 file (its value is fp8 x scale), else None."""
+        return self.scales.get(self.where[name][0][0]) if self.scales else None
 
     def dtype(self, name: str) -> torch.dtype:
         key = self.where[name][0][0]

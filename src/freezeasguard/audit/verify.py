@@ -20,6 +20,7 @@ import torch
 
 from freezeasguard.audit.digests import dtype_name, finish, hasher, make_record, record_hash, tensor_bytes, tensor_digests
 from freezeasguard.audit.layouts import Checkpoint
+from freezeasguard.audit.quantized import compare_chunk, scale_problem
 from freezeasguard.audit.tensorfile import all_finite
 from freezeasguard.guard.mask import Mask, MaskError
 from freezeasguard.models.pipelines import ModelError, fingerprint, resolve_denoiser_dir
@@ -182,6 +183,7 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     violations += [checked[n].violation for n in readable if n in frozen and checked[n].violation]
+    violations += _scale_violations(cand, checked, frozen)
     trainable = [n for n in readable if n not in frozen] if base is not None else []
     changed = sum(checked[n].changed for n in trainable)
     violations += [Violation(n, "not a parameter of the base model") for n in cand.names()
@@ -191,12 +193,33 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
                         len(trainable) if base is not None else None, cand.layout, cand.bytes_read)
 
 
+def _scale_violations(cand: Checkpoint, checked: dict, frozen: set) -> list[Violation]:
+    """A scaled fp8 tensor's scale against the exporter's, max|w| / fp8 max over the whole stored
+    tensor (a fused q/k/v has one scale for its three parts): a frozen part whose bits match the
+    base quantized at an outsized scale is still quantized away."""
+    amax: dict[str, float] = {}
+    for name, result in checked.items():
+        if result.amax is not None:
+            key = cand.where[name][0][0]
+            amax[key] = max(amax.get(key, 0.0), result.amax)
+    out = []
+    for name, result in checked.items():
+        if result.amax is None or name not in frozen or result.violation is not None:
+            continue
+        problem = scale_problem(cand.scale(name), amax[cand.where[name][0][0]], result.fp8)
+        if problem:
+            out.append(Violation(name, problem))
+    return out
+
+
 @dataclass
 class _Checked:
     name: str
     finite: bool = True
     violation: Violation | None = None
     changed: bool = False
+    amax: float | None = None               # scaled fp8: the base's largest magnitude in this tensor
+    fp8: torch.dtype | None = None
 
 
 def _buffer(buffers: dict, role: str, size: int) -> bytearray:
@@ -215,6 +238,9 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
     chunks = cand.chunks(name, elements, _buffer(buffers, "candidate", elements * dtype.itemsize))
     if base is None and not frozen:
         return _Checked(name, finite=all(all_finite(c) for c in chunks))
+    scale = cand.scale(name)
+    if scale is not None:
+        return _check_scaled(name, chunks, base, frozen, scale, elements, buffers)
     if base is None:
         stored, kind = record["dtypes"][name], dtype_name(dtype)
         expected = record["digests"][name].get(kind)
@@ -245,6 +271,28 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
     if not frozen:
         return _Checked(name, changed=differs)
     return _Checked(name, violation=_frozen_violation(name, mode, atol, dtype, base_dtype, differs, diff))
+
+
+def _check_scaled(name: str, chunks, base: Checkpoint | None, frozen: bool, scale: float, elements: int,
+                  buffers: dict) -> _Checked:
+    """A scaled fp8 tensor (quantized.py): frozen, its bits must be the base quantized at the
+    file's scale and that scale an exporter's; trainable, changed when they are not."""
+    if base is None:
+        raise MaskError(f"{name} is scaled fp8: its bits depend on the scale the exporter chose, which the mask's "
+                        f"digests cannot know; pass --model BASE to audit quantized files")
+    base_dtype = base.dtype(name)
+    base_chunks = base.chunks(name, elements, _buffer(buffers, "base", elements * base_dtype.itemsize))
+    differs, diff, amax, dtype = False, 0.0, 0.0, None
+    for c in chunks:
+        dtype = c.dtype
+        if not all_finite(c):
+            return _Checked(name, finite=False)
+        chunk_differs, d, a = compare_chunk(c, next(base_chunks), scale)
+        differs, diff, amax = differs or chunk_differs, max(diff, d), max(amax, a)
+    if not frozen:
+        return _Checked(name, changed=differs, amax=amax, fp8=dtype)
+    return _Checked(name, violation=Violation(name, f"fp8 bits differ from the base quantized at the file's scale "
+                                                    f"({scale:g})", diff) if differs else None, amax=amax, fp8=dtype)
 
 
 def _compare(name: str, c: torch.Tensor, b: torch.Tensor, mode: str, atol: float) -> Violation | None:

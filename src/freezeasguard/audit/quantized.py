@@ -1,0 +1,113 @@
+"""Quantized derivatives as hubs receive them: ComfyUI's scaled fp8 checkpoints.
+
+A scaled fp8 file stores a linear layer's weight as float8 (e4m3fn or e5m2) beside a float32
+scale, the weight being ``fp8 x scale``. ComfyUI has written two conventions:
+
+- legacy ("scaled_fp8"): a marker tensor ``scaled_fp8`` (its dtype the fp8 type) at the model's
+  prefix, ``<layer>.scale_weight`` beside each fp8 ``<layer>.weight``, optionally ``.scale_input``;
+- current: ``<layer>.weight_scale`` and ``<layer>.comfy_quant`` (the layer's format as UTF-8 JSON
+  bytes, ``{"format": "float8_e4m3fn"}``), optionally ``.input_scale``.
+
+Both quantize a tensor the same way: scale = max|w| / the fp8 type's largest value, then
+``(w / scale)`` clamped to that range and cast (round to nearest even). An untouched tensor is
+therefore the base quantized with its own scale, bit for bit; that is what a frozen tensor must
+hold. A scale far above the exporter's (max|w| / fp8 max) would quantize a tensor away while its
+bits still "match", so the scale is checked too. Other formats ComfyUI knows (nvfp4, int8,
+block-wise fp8) are refused by name: an audit that cannot read a tensor never certifies it.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+# the aux tensors of the two conventions: never parameters of the model
+SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
+AUX_SUFFIXES = SCALE_SUFFIXES + (".scale_input", ".input_scale", ".comfy_quant")
+MARKER = "scaled_fp8"
+FP8 = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+# the scale may exceed the exporter's max|w| / fp8 max by this factor (an exporter with a margin);
+# beyond it, the tensor loses more than one bit of precision to a scale nobody's exporter picks
+SCALE_SLACK = 2.0
+
+
+class QuantizationError(ValueError):
+    """A quantized tensor the audit cannot read (an unknown format, a scale of another shape)."""
+
+
+def is_aux(key: str) -> bool:
+    return key.endswith(AUX_SUFFIXES) or key == MARKER or key.endswith("." + MARKER)
+
+
+def weight_key(aux: str) -> str:
+    """The weight an aux tensor belongs to: "x.scale_weight" -> "x.weight"."""
+    return aux.rsplit(".", 1)[0] + ".weight"
+
+
+def read_scales(file_of: dict, read_small) -> dict[str, float]:
+    """Weight key -> its float32 scale, for every scaled fp8 weight of a checkpoint (``file_of``:
+    key -> its file; ``read_small(key)`` reads a small tensor). Each layer's comfy_quant format is
+    checked; a scale of another shape than one value, or a scale beside a weight that is not fp8,
+    is a QuantizationError naming the tensor."""
+    scales = {}
+    for key in file_of:
+        if key.endswith(".comfy_quant"):
+            raw = bytes(read_small(key).to(torch.uint8).tolist())
+            try:
+                fmt = json.loads(raw.decode()).get("format")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+                raise QuantizationError(f"{key} is not ComfyUI's layer format record (JSON bytes): {exc}") from exc
+            if fmt not in FP8:
+                raise QuantizationError(f"{weight_key(key)} is quantized as {fmt!r}, a format the audit does not read "
+                                        f"(it reads ComfyUI's per-tensor scaled fp8: {', '.join(FP8)}); audit the "
+                                        f"full-precision file instead")
+    for key in file_of:
+        if not key.endswith(SCALE_SUFFIXES):
+            continue
+        weight = weight_key(key)
+        scale = read_small(key)
+        if weight not in file_of:
+            raise QuantizationError(f"{key} scales no weight ({weight} is not in the file)")
+        if file_of[weight].dtype(weight) not in FP8.values():
+            if float(scale.float().reshape(-1)[0]) == 1.0 and scale.numel() == 1:
+                continue              # a legacy file's dummy scale beside a weight kept in full precision
+            raise QuantizationError(f"{key} scales {weight}, which is stored as {file_of[weight].dtype(weight)}, not fp8")
+        if scale.numel() != 1:
+            raise QuantizationError(f"{key} has shape {list(scale.shape)}: the audit reads one scale per tensor "
+                                    f"(ComfyUI's tensor-wise scaled fp8), not row- or block-wise scales")
+        value = float(scale.float().reshape(-1)[0])
+        if not value > 0 or value == float("inf"):
+            raise QuantizationError(f"{key} is {value}: a scale must be a positive finite number")
+        scales[weight] = value
+    return scales
+
+
+def quantize(base: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The base as the exporter stores it: (w / scale) clamped to the fp8 range, rounded to nearest."""
+    top = torch.finfo(dtype).max
+    return (base.float() / torch.tensor(scale, dtype=torch.float32)).clamp(-top, top).to(dtype)
+
+
+def exporter_scale(amax: float, dtype: torch.dtype) -> float:
+    """max|w| / the fp8 type's largest value: the scale ComfyUI's exporters compute."""
+    return float(torch.tensor(amax, dtype=torch.float32) / torch.finfo(dtype).max)
+
+
+def compare_chunk(candidate: torch.Tensor, base: torch.Tensor, scale: float) -> tuple[bool, float, float]:
+    """One chunk of a scaled fp8 tensor against the same elements of the base: whether its bits
+    differ from the base quantized at the file's scale, the largest |fp8 x scale - base|, and the
+    base's largest magnitude (for the scale check, over the whole tensor)."""
+    expected = quantize(base, scale, candidate.dtype)
+    differs = not torch.equal(candidate.view(torch.uint8), expected.view(torch.uint8))
+    diff = float((candidate.float() * scale - base.float()).abs().max()) if candidate.numel() else 0.0
+    amax = float(base.float().abs().max()) if base.numel() else 0.0
+    return differs, diff, amax
+
+
+def scale_problem(scale: float, amax: float, dtype: torch.dtype) -> str | None:
+    """Why a frozen tensor's scale is not an exporter's, or None."""
+    canonical = exporter_scale(amax, dtype)
+    if amax > 0 and scale > SCALE_SLACK * canonical:
+        return (f"its fp8 scale {scale:g} is {scale / canonical:.1f}x the exporter's (max|w| / "
+                f"{torch.finfo(dtype).max:g} = {canonical:g}): the tensor is quantized away")
+    return None
