@@ -34,20 +34,20 @@ COLUMNS = ["file", "format", "verdict", "frozen_changed", "largest_change", "fir
 
 
 def uploads(folder) -> list[Path]:
-    """The uploads in a folder: its .safetensors files and its sub-folders, sorted by name."""
+    """The uploads in a folder: its .safetensors and .gguf files and its sub-folders, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"--candidates {folder}: not a folder")
-    found = sorted(p for p in folder.iterdir() if p.is_dir() or p.suffix == ".safetensors")
+    found = sorted(p for p in folder.iterdir() if p.is_dir() or p.suffix in (".safetensors", ".gguf"))
     if not found:
-        raise ValueError(f"--candidates {folder}: no .safetensors files or model folders in it")
+        raise ValueError(f"--candidates {folder}: no .safetensors or .gguf files or model folders in it")
     return found
 
 
 def is_adapter(path: Path) -> bool:
     """A file whose keys all end as LoRA / LyCORIS keys do (verify.SUFFIXES), some of them a factor
     rather than a scale (read from its header only)."""
-    if not path.is_file():
+    if not path.is_file() or path.suffix == ".gguf":
         return False
     parts = [split_key(k) for k in TensorFile(path).keys()]
     return bool(parts) and all(parts) and any(p[1] != "meta" for p in parts)

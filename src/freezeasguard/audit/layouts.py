@@ -16,6 +16,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from freezeasguard.models.pipelines import ModelError, denoiser_weight_files
@@ -23,6 +24,7 @@ from freezeasguard.audit.digests import tensor_bytes
 from freezeasguard.audit.original_layouts import (LDM_OTHER_PREFIXES, LDM_UNET_PREFIX, LayoutError, bfl_flux2_segments,
                                                    bfl_flux_segments, is_flux1, is_sd3, ldm_unet_names,
                                                    sai_sd3_segments, zimage_original_segments)
+from freezeasguard.audit.gguf_file import GGUFFile, is_gguf
 from freezeasguard.audit.quantized import is_aux, read_scales
 from freezeasguard.audit.tensorfile import TensorFile, TensorFileError
 
@@ -75,7 +77,8 @@ class Checkpoint:
     def __init__(self, path, denoiser_config: dict | None = None):
         self.path = Path(path)
         try:
-            self.files = [TensorFile(f) for f in denoiser_weight_files(self.path)]
+            self.files = [GGUFFile(self.path)] if is_gguf(self.path) else \
+                [TensorFile(f) for f in denoiser_weight_files(self.path)]
         except TensorFileError as exc:
             raise ModelError(str(exc)) from exc
         every = {k: f for f in self.files for k in f.keys()}
@@ -176,6 +179,20 @@ class Checkpoint:
     def scale(self, name: str) -> float | None:
         """The parameter's fp8 scale in a scaled fp8 file (its value is fp8 x scale), else None."""
         return self.scales.get(self.where[name][0][0]) if self.scales else None
+
+    def gguf_type(self, name: str) -> str | None:
+        """The GGUF quantization type (Q8_0, Q4_K, ...) of a quantized parameter, else None."""
+        key = self.where[name][0][0]
+        f = self.file_of[key]
+        return f.qtype(key) if isinstance(f, GGUFFile) and f.is_quantized(key) else None
+
+    def gguf_blocks(self, name: str):
+        """A quantized parameter's blocks as stored (rows x bytes), its row ranges put together."""
+        return np.concatenate([self.file_of[k].raw(k, a, b) for k, a, b in self.where[name]])
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole parameter as values (a quantized one dequantized)."""
+        return torch.cat([self.file_of[k].read_rows(k, a, b) for k, a, b in self.where[name]])
 
     def dtype(self, name: str) -> torch.dtype:
         key = self.where[name][0][0]

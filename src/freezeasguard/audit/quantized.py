@@ -1,4 +1,4 @@
-"""Quantized derivatives as hubs receive them: ComfyUI's scaled fp8 checkpoints.
+"""Quantized derivatives as hubs receive them: ComfyUI's scaled fp8 checkpoints and GGUF files.
 
 A scaled fp8 file stores a linear layer's weight as float8 (e4m3fn or e5m2) beside a float32
 scale, the weight being ``fp8 x scale``. ComfyUI has written two conventions:
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 
+import gguf
+import numpy as np
 import torch
 
 # the aux tensors of the two conventions: never parameters of the model
@@ -111,3 +113,58 @@ def scale_problem(scale: float, amax: float, dtype: torch.dtype) -> str | None:
         return (f"its fp8 scale {scale:g} is {scale / canonical:.1f}x the exporter's (max|w| / "
                 f"{torch.finfo(dtype).max:g} = {canonical:g}): the tensor is quantized away")
     return None
+
+
+# ---- GGUF (city96's layout; gguf_file.py reads it) -------------------------------------------
+# bits per value of each block-quantized type read, and the block the bound is taken over: the
+# type's block (32 values) or, for K-quants, its super-block (256), whose own scale and minimum
+# are themselves quantized
+GGUF_BITS = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q5_K": 5,
+             "Q6_K": 6}
+GGUF_SYMMETRIC = {"Q8_0", "Q4_0", "Q5_0", "Q3_K", "Q6_K"}       # a scale, no minimum: the grid spans ±max|w|
+
+
+def gguf_block(qtype: str) -> int:
+    return 256 if qtype.endswith("_K") else 32
+
+
+def gguf_bound(base: np.ndarray, qtype: str) -> np.ndarray:
+    """Per element, the largest difference a GGUF type's own rounding of ``base`` (rows x columns,
+    as stored) allows: one step of a grid of 2^bits values spanning the element's block (its
+    max - min, or ±max|w| for the types without a minimum). Round-to-nearest quantizers stay
+    within half of it; the rest of it covers K-quants' quantized block scales and minimums."""
+    if qtype not in GGUF_BITS:
+        raise QuantizationError(f"GGUF type {qtype} is not read (the audit reads {', '.join(GGUF_BITS)} and F32/F16/BF16)")
+    block = gguf_block(qtype)
+    rows, cols = base.shape
+    if cols % block:
+        raise QuantizationError(f"a {qtype} tensor's rows of {cols} values do not split into blocks of {block}")
+    blocks = base.reshape(rows, cols // block, block).astype(np.float64)
+    span = 2 * np.abs(blocks).max(-1) if qtype in GGUF_SYMMETRIC else blocks.max(-1) - blocks.min(-1)
+    step = span / (2 ** GGUF_BITS[qtype] - 1)
+    return np.repeat(step, block, axis=-1).reshape(rows, cols)
+
+
+def gguf_reference(base: np.ndarray, qtype: str) -> np.ndarray | None:
+    """The base quantized by the gguf package's own quantizer (what city96's convert script calls),
+    or None for the types it cannot quantize (K-quants: llama.cpp makes those)."""
+    try:
+        return gguf.quants.quantize(np.ascontiguousarray(base, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        return None
+
+
+def compare_gguf(raw: np.ndarray, base: np.ndarray, qtype: str) -> dict:
+    """A GGUF tensor's blocks (``raw``, rows as stored) against the base's same elements: exact
+    where the package quantizes the type (the bits must be the base's, quantized so), else within
+    gguf_bound of the base. Returns {"exact": bit-for-bit or None, "within_bound", "max_diff",
+    "bound", "finite"} (bound: the largest per-element bound, for the report)."""
+    values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float64).reshape(base.shape)
+    if not np.isfinite(values).all():
+        return {"finite": False}
+    bound = gguf_bound(base, qtype)
+    diff = np.abs(values - base.astype(np.float64))
+    reference = gguf_reference(base, qtype)
+    exact = None if reference is None else bool(np.array_equal(reference.view(np.uint8).reshape(raw.shape), raw))
+    return {"finite": True, "exact": exact, "within_bound": bool((diff <= bound).all()),
+            "max_diff": float(diff.max()) if diff.size else 0.0, "bound": float(bound.max()) if bound.size else 0.0}

@@ -20,7 +20,7 @@ import torch
 
 from freezeasguard.audit.digests import dtype_name, finish, hasher, make_record, record_hash, tensor_bytes, tensor_digests
 from freezeasguard.audit.layouts import Checkpoint
-from freezeasguard.audit.quantized import compare_chunk, scale_problem
+from freezeasguard.audit.quantized import compare_chunk, compare_gguf, scale_problem
 from freezeasguard.audit.tensorfile import all_finite
 from freezeasguard.guard.mask import Mask, MaskError
 from freezeasguard.models.pipelines import ModelError, fingerprint, resolve_denoiser_dir
@@ -50,12 +50,14 @@ class VerifyReport:
     trainable_total: int | None = 0
     layout: str = "diffusers"
     bytes_read: int = 0
+    quantized: dict = field(default_factory=dict)     # GGUF tensors: name -> type, rule, bound, max_abs_diff
 
     def to_dict(self) -> dict:
         return {"compliant": self.compliant, "mode": self.mode, "frozen_checked": self.frozen_checked,
                 "violations": [v.__dict__ for v in self.violations],
                 "trainable_changed": self.trainable_changed, "trainable_total": self.trainable_total,
-                "layout": self.layout, "bytes_read": self.bytes_read}
+                "layout": self.layout, "bytes_read": self.bytes_read,
+                **({"quantized": self.quantized} if self.quantized else {})}
 
 
 def verify_state(base: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], mask: Mask,
@@ -190,7 +192,34 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
                    if n not in shapes and n not in base_names]
     violations += [Violation(k, "a UNet key of the single file that maps to no parameter") for k in cand.unmapped]
     return VerifyReport(not violations, mode, len(frozen), violations, changed if base is not None else None,
-                        len(trainable) if base is not None else None, cand.layout, cand.bytes_read)
+                        len(trainable) if base is not None else None, cand.layout, cand.bytes_read,
+                        {n: r.quant for n, r in checked.items() if r.quant})
+
+
+def _check_gguf(name: str, cand: Checkpoint, base: Checkpoint | None, frozen: bool, qtype: str) -> _Checked:
+    """A GGUF-quantized tensor (quantized.py: compare_gguf): frozen, the base quantized by the gguf
+    package bit for bit where it quantizes the type, else within the type's rounding bound; the
+    bound and the largest difference go into the report either way."""
+    if base is None:
+        if frozen:
+            raise MaskError(f"{name} is GGUF {qtype}: its blocks cannot be compared with the mask's digests; pass "
+                            f"--model BASE to audit quantized files")
+        return _Checked(name, finite=bool(torch.isfinite(cand.read(name)).all()))
+    raw = cand.gguf_blocks(name)
+    reference = base.read(name).float().numpy().reshape(raw.shape[0], -1)
+    found = compare_gguf(raw, reference, qtype)
+    if not found["finite"]:
+        return _Checked(name, finite=False)
+    kept = found["exact"] if found["exact"] is not None else found["within_bound"]
+    quant = {"type": qtype, "rule": "exact" if found["exact"] is not None else "bound", "bound": found["bound"],
+             "max_abs_diff": found["max_diff"]}
+    if not frozen:
+        return _Checked(name, changed=not kept, quant=quant)
+    if kept:
+        return _Checked(name, quant=quant)
+    reason = (f"its {qtype} blocks differ from the base quantized by the gguf package" if found["exact"] is not None
+              else f"moves beyond {qtype}'s rounding bound ({found['max_diff']:.3g} > {found['bound']:.3g})")
+    return _Checked(name, violation=Violation(name, reason, found["max_diff"]), quant=quant)
 
 
 def _scale_violations(cand: Checkpoint, checked: dict, frozen: set) -> list[Violation]:
@@ -220,6 +249,7 @@ class _Checked:
     changed: bool = False
     amax: float | None = None               # scaled fp8: the base's largest magnitude in this tensor
     fp8: torch.dtype | None = None
+    quant: dict | None = None               # GGUF: the rule applied, the bound and the largest difference
 
 
 def _buffer(buffers: dict, role: str, size: int) -> bytearray:
@@ -233,6 +263,9 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
     """One tensor, CHUNK_BYTES at a time: finite; if frozen, equal to the base (_difference, chunk by
     chunk) or to the digest the mask records for its dtype; if trainable and the base is here,
     changed or not."""
+    qtype = cand.gguf_type(name)
+    if qtype is not None:
+        return _check_gguf(name, cand, base, frozen, qtype)
     dtype = cand.dtype(name)
     elements = max(1, CHUNK_BYTES // dtype.itemsize)
     chunks = cand.chunks(name, elements, _buffer(buffers, "candidate", elements * dtype.itemsize))

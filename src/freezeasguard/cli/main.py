@@ -162,11 +162,17 @@ def _add_verify_parser(sub):
                        description="Exit 0: nothing frozen is changed. Exit 1: violations (listed). Exit 2: unusable "
                                    "input (missing, truncated or non-finite files, a checkpoint whose layout cannot be "
                                    "told, a mask or adapter for another model, adapter keys of no known pattern). "
-                                   "Checkpoints are read one tensor at a time: diffusers folders and state files, "
-                                   "single files in the original SD/SDXL layout (model.diffusion_model.input_blocks..., "
-                                   "as A1111, ComfyUI, Forge and kohya save them) and FLUX.1 in Black Forest Labs' "
-                                   "layout (fused q/k/v compared per part). Without --model, the digests the mask "
-                                   "records are the reference. --lora reads LoRA files in the diffusers/peft format "
+                                   "Checkpoints are read one tensor at a time: diffusers folders and state files; "
+                                   "single files in the original layouts (SD/SDXL's LDM model.diffusion_model."
+                                   "input_blocks... as A1111, ComfyUI, Forge and kohya save them; FLUX.1 and FLUX.2 in "
+                                   "Black Forest Labs' layout; SD3/SD3.5 in Stability AI's; Z-Image in its authors'), "
+                                   "fused q/k/v compared per part and its shape checked (a tensor of another shape "
+                                   "than its layout gives it is exit 2); precisions fp32, fp16, bf16, fp8 (e4m3fn, "
+                                   "e5m2) and ComfyUI's scaled fp8 (the base quantized at the file's scale, bit for "
+                                   "bit); GGUF files in city96's layout (F32/F16/BF16; Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 "
+                                   "bit for bit against the gguf package's quantizer; Q2_K-Q6_K within the type's "
+                                   "rounding bound, given per tensor in --report). Without --model, the digests the "
+                                   "mask records are the reference (quantized files need --model). --lora reads LoRA files in the diffusers/peft format "
                                    "(unet.<module>.lora_A.weight), kohya's (lora_unet_<module>.lora_down.weight, "
                                    ".alpha), LyCORIS' (LoCon, LoHa hada_*, LoKr lokr_*, DoRA dora_scale, diff/diff_b) "
                                    "and ComfyUI's (diffusion_model.<module>), on diffusers' or the original layouts' "
@@ -177,11 +183,11 @@ def _add_verify_parser(sub):
     p.add_argument("--mask", required=True, help="mask file")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--candidate", help="fine-tuned pipeline folder, UNet folder, a .safetensors UNet state dict, "
-                                          "a single-file SD/SDXL or FLUX.1 checkpoint (A1111/ComfyUI/kohya/BFL "
-                                          "layouts, with or without VAE and text encoders), or a guarded-LoRA output "
-                                          "folder (its adapter is audited as with --lora)")
+                                          "a single-file checkpoint (SD/SDXL, FLUX.1/2, SD3/3.5, Z-Image; with or "
+                                          "without VAE and text encoders; fp8 and scaled fp8 too), a .gguf file, or a "
+                                          "guarded-LoRA output folder (its adapter is audited as with --lora)")
     what.add_argument("--lora", help="a LoRA / LyCORIS adapter file (.safetensors)")
-    what.add_argument("--candidates", help="a folder of uploads (.safetensors files and model folders, checkpoints "
+    what.add_argument("--candidates", help="a folder of uploads (.safetensors and .gguf files and model folders, checkpoints "
                                            "and adapters mixed): a verdict each, in --report (JSON, and CSV beside "
                                            "it); exit 0 all compliant, 1 any violation, 2 any unreadable")
     p.add_argument("--tolerance", action="store_true",

@@ -11,7 +11,7 @@ answer 404, as unknown ones do.
     POST /jobs/{id}/cancel
     GET  /jobs/{id}/result       a zip of the verified output (weights or LoRA, manifest, verify report)
     GET  /jobs/{id}/samples?prompt=...   a PNG grid of 4 samples from a finished job's model
-    POST /audit                  .safetensors checkpoints or adapters (files=..., repeated): a verdict each
+    POST /audit                  .safetensors / .gguf checkpoints or adapters (files=..., repeated): a verdict each
                                  against the service's mask (the hub's batch audit, verify --candidates)
     GET  /audits/{id}/report.csv the audit's report as CSV
     GET  /                       the web page: datasets, jobs with progress and verdicts, the audit box
@@ -294,12 +294,12 @@ def audit_router(svc: Service) -> APIRouter:
     @router.post("/audit")
     def audit(files: list[UploadFile] | None = File(None), who: int = Depends(svc.tenant)):
         if not files:
-            raise HTTPException(400, "send one or more .safetensors checkpoints or adapters as 'files'")
+            raise HTTPException(400, "send one or more .safetensors or .gguf checkpoints or adapters as 'files'")
         names = [SAFE_NAME.sub("_", Path(f.filename or "").name) for f in files]
-        wrong = [f.filename for f, n in zip(files, names) if not n.endswith(".safetensors")]
+        wrong = [f.filename for f, n in zip(files, names) if not n.endswith((".safetensors", ".gguf"))]
         if wrong:
-            raise HTTPException(400, f"{wrong[0]}: not a .safetensors file; the audit reads safetensors checkpoints "
-                                     f"and adapters only (never pickles)")
+            raise HTTPException(400, f"{wrong[0]}: not a .safetensors or .gguf file; the audit reads safetensors "
+                                     f"checkpoints and adapters and GGUF files only (never pickles)")
         if len(set(names)) < len(names):
             raise HTTPException(400, "two uploads have the same file name; rename one")
         limit = int(s.max_upload_mb * 2**20)
