@@ -368,7 +368,7 @@ def test_forgers_of_several_people_split_the_subjects_and_size_the_cast(tmp_path
     assert cfg.innocent_subjects_per_user() == 4 and "10 x 2000 = 20000 steps" in cfg.protocol()
     one = ExperimentConfig(out=str(tmp_path / "b"))
     assert (one.n_people(), one.world_cast_size(), one.innocent_subjects_per_user()) == (1, 8, 1)
-    assert one.protocol().startswith("one forger per person")
+    assert one.protocol().startswith("one person per forger")
     assert ExperimentConfig(out=str(tmp_path / "c"), people_per_forger=2, n_subjects=3).n_people() == 4
     assert ExperimentConfig(out=str(tmp_path / "d"), people_per_forger=2).innocent_subjects_per_user() == 2
     with pytest.raises(ValueError, match="multiple of it"):

@@ -143,9 +143,9 @@ class ExperimentConfig(ProtectSettings):
         """The illegal user's protocol in words, for every report."""
         k = self.people_per_forger
         if k == 1:
-            return f"one forger per person ({self.finetune_steps} steps each)"
-        return (f"the paper's protocol: each forger fine-tunes on {k} people together ({k} x {self.finetune_steps} = "
-                f"{k * self.finetune_steps} steps, a one-person run's exposure per person)")
+            return f"one person per forger ({self.finetune_steps} steps each; people_per_forger: 1)"
+        return (f"the paper's, each forger fine-tunes on {k} people together ({k} x {self.finetune_steps} = "
+                f"{k * self.finetune_steps} steps, a one-person run's exposure per person; people_per_forger: {k})")
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "ExperimentConfig":

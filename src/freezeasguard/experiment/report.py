@@ -117,7 +117,7 @@ def write_report(root: Path, rows, sanity, subjects, cfg, seconds):
 
 def protocol(cfg) -> str:
     """The illegal user's protocol as the report names it (configs of real data have it too)."""
-    return cfg.protocol() if hasattr(cfg, "protocol") else "one forger per person"
+    return cfg.protocol() if hasattr(cfg, "protocol") else "one person per forger"
 
 
 def protocol_record(cfg) -> dict:
