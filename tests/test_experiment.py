@@ -435,3 +435,20 @@ def test_a_forger_of_two_people_trains_on_both_with_twice_the_steps_and_each_is_
     assert 'Recognised as "a person"' in report and "fine-tuned together" in report
     protocol = json.loads((root / "summary.json").read_text())["protocol"]
     assert protocol["forger_steps"] == 4 and protocol["innocent_steps"] == 4 and protocol["people_per_forger"] == 2
+
+
+def test_a_resume_is_refused_with_other_settings_but_not_for_a_setting_added_since_at_its_default(tmp_path):
+    from dataclasses import asdict
+
+    from freezeasguard.experiment.config import check_same_config
+    root = tmp_path / "exp"
+    root.mkdir()
+    cfg = ExperimentConfig(out=str(root), seeds=[0])
+    saved = json.loads(json.dumps(asdict(cfg)))
+    del saved["people_per_forger"]                  # a run started before the setting existed
+    (root / "config.json").write_text(json.dumps(saved))
+    check_same_config(root, cfg)                    # at its default: the same run
+    with pytest.raises(ValueError, match="people_per_forger"):
+        check_same_config(root, ExperimentConfig(out=str(root), seeds=[0], people_per_forger=2))
+    with pytest.raises(ValueError, match="seeds"):
+        check_same_config(root, ExperimentConfig(out=str(root), seeds=[1]))

@@ -239,6 +239,9 @@ def check_same_config(root: Path, cfg: ExperimentConfig):
         return
     before = json.loads(path.read_text())
     now = json.loads(json.dumps(asdict(cfg)))
+    # a setting added since the run started reads as its default there: the run made it so
+    defaults = json.loads(json.dumps(asdict(ExperimentConfig(out=cfg.out))))
+    before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     differ = sorted(k for k in set(before) | set(now)
                     if k not in RESUMABLE_SETTINGS and before.get(k) != now.get(k))
     if differ:
