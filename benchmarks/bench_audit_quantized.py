@@ -6,10 +6,11 @@ denoiser folder, fp16) and as two derivatives of it, as their tools write them: 
 single file (LDM keys, every linear weight float8_e4m3fn with its ``.scale_weight``, the rest
 fp16) and a GGUF file in city96's layout (LDM keys without prefix; linear weights Q8_0 by the
 gguf package's quantizer, 1-D and small tensors F32, convolutions F16). A mask freezes 30% of the
-tensors. Then, each in a fresh process from a warm page cache: a plain sequential read of the
-derivative (1 MiB blocks) and `verify --model BASE --mask M --candidate FILE`. Targets: audit >=
-0.5x the plain read; peak RSS above the process's after imports <= 2x the largest tensor + 300 MB.
-(Quantized files are audited against the base: the audit also reads the base, from the cache.)
+tensors, with its digests recorded. Then, each in a fresh process from a warm page cache: a
+plain sequential read of the derivative (1 MiB blocks) and `verify --mask M --candidate FILE`,
+base-free where the record covers the format (fp8 casts, Q8_0: hashing) and with `--model BASE`
+(the base read too, from the cache) for Q8_0 again and scaled fp8. Targets: audit >= 0.5x the
+plain read; peak RSS above the process's after imports <= 2x the largest tensor + 300 MB.
 
     python benchmarks/bench_audit_quantized.py [--dir /tmp/bench-audit-quantized] [--keep]
 
@@ -89,6 +90,15 @@ def write_gguf_q8(path: Path, config: dict, shapes: dict):
     writer.close()
 
 
+def write_fp8_cast(path: Path, config: dict, shapes: dict):
+    """Every tensor cast to float8_e4m3fn (round to nearest even), LDM keys."""
+    from safetensors.torch import save_file
+
+    from freezeasguard.audit.original_layouts import ldm_key_map
+    keys = ldm_key_map(list(shapes), config)
+    save_file({keys[n]: t.to(FP8) for n, t in random_state(shapes)}, str(path))
+
+
 def worker(mode: str, path: str, base: str, mask: str) -> dict:
     def rss():
         with open("/proc/self/status") as f:
@@ -109,7 +119,7 @@ def worker(mode: str, path: str, base: str, mask: str) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     t0 = time.perf_counter()
-    report = verify_checkpoint(base, mask, path, "exact")
+    report = verify_checkpoint(None if base == "-" else base, mask, path, "exact")
     seconds = time.perf_counter() - t0
     _, peak = rss()
     return {"seconds": seconds, "compliant": report.compliant, "peak_above_imports": peak - before,
@@ -153,13 +163,20 @@ def main():
                 {}).save(work / "mask.safetensors")
     largest = max(int(torch.Size(s).numel()) for s in shapes.values()) * 4
     rows = []
-    for fmt, write, suffix in (("scaled fp8 (e4m3fn)", write_scaled_fp8, ".safetensors"),
-                               ("GGUF Q8_0", write_gguf_q8, ".gguf")):
+    from freezeasguard.audit.verify import record_digests
+    recorded = record_digests(Mask.load(mask), base).save(work / "mask-recorded.safetensors")
+    for fmt, write, suffix, with_base in (("fp8 cast (e4m3fn), base-free", write_fp8_cast, ".safetensors", False),
+                                          ("GGUF Q8_0, base-free", write_gguf_q8, ".gguf", False),
+                                          ("GGUF Q8_0, with the base", write_gguf_q8, ".gguf", True),
+                                          ("scaled fp8 (e4m3fn), with the base", write_scaled_fp8, ".safetensors",
+                                           True)):
         path = work / ("candidate" + suffix)
-        write(path, config, shapes)
-        measure("read", path, base, mask)           # fills the page cache
-        plain = measure("read", path, base, mask)
-        audit = measure("audit", path, base, mask)
+        if not path.exists():
+            write(path, config, shapes)
+        ref = base if with_base else Path("-")
+        measure("read", path, ref, recorded)           # fills the page cache
+        plain = measure("read", path, ref, recorded)
+        audit = measure("audit", path, ref, recorded)
         assert audit["compliant"], f"{fmt}: the untouched derivative must be compliant ({audit['violations']})"
         size = path.stat().st_size
         rows.append({"format": fmt, "file_bytes": size, "read_gb_s": size / plain["seconds"] / 1e9,
@@ -167,7 +184,8 @@ def main():
                      "audit_seconds": audit["seconds"], "peak_above_imports": audit["peak_above_imports"],
                      "rss_target_bytes": 2 * largest + 300 * 2**20})
         print(json.dumps(rows[-1]), flush=True)
-        if not a.keep:
+    if not a.keep:
+        for path in work.glob("candidate*"):
             path.unlink()
     lines = ["| derivative | file GB | plain read GB/s | audit GB/s | audit / read | target | peak RSS above imports MB | "
              "target MB |", "|---" * 8 + "|"]

@@ -147,3 +147,51 @@ def test_a_plain_fp8_cast_is_read_and_compared_with_the_base_so_cast(base_files,
     save_file({**cast, prefix + fused: bumped}, str(tmp / "cast-bumped.safetensors"))
     code, out = _verify(capsys, folder, mask, tmp / "cast-bumped.safetensors")
     assert code == 1 and "attn.to_k.weight" in out, out
+
+
+def test_fp8_casts_and_gguf_q8_0_audit_without_the_base_from_the_masks_digests(base_files, tmp_path, capsys):
+    """The record holds digests of each frozen tensor cast to fp8 and of its Q8_0 blocks (the gguf
+    package's encoding, deterministic): such files audit base-free; a scaled fp8 file still needs
+    the base (its bits depend on the scale its exporter chose)."""
+    import gguf
+    from freezeasguard.audit.verify import record_digests
+    family, folder, mask, full, prefix, fused, tmp = base_files
+    recorded = record_digests(Mask.load(mask), folder).save(tmp_path / "rec.safetensors")
+    tensors = load_file(str(full))
+    cast = {k: (v.to(torch.float8_e5m2) if k.startswith(prefix) else v) for k, v in tensors.items()}
+    save_file(cast, str(tmp_path / "cast.safetensors"))
+    assert _verify(capsys, None, recorded, tmp_path / "cast.safetensors")[0] == 0
+    bumped = cast[prefix + fused].clone()
+    bumped.view(torch.uint8)[bumped.shape[0] // 3 + 1, 0] ^= 1
+    save_file({**cast, prefix + fused: bumped}, str(tmp_path / "cast-bumped.safetensors"))
+    code, out = _verify(capsys, None, recorded, tmp_path / "cast-bumped.safetensors")
+    assert code == 1 and "attn.to_k.weight" in out, out
+
+    def q8(state, path):     # every 2-D tensor whose rows split into 32s as Q8_0, the rest F32 (tiny widths: 16)
+        writer = gguf.GGUFWriter(path=str(path), arch="flux" if family == "flux" else "sd3")
+        for key, t in state.items():
+            if not key.startswith(prefix):
+                continue
+            data = t.float().numpy()
+            kind = gguf.GGMLQuantizationType.Q8_0 if data.ndim == 2 and data.shape[1] % 32 == 0 else \
+                gguf.GGMLQuantizationType.F32
+            writer.add_tensor(key[len(prefix):], gguf.quants.quantize(data, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+    good = q8(tensors, tmp_path / "q8.gguf")
+    for ref in (folder, None):
+        code, out = _verify(capsys, ref, recorded, good)
+        assert code == 0, out
+    # a frozen feed-forward down-projection (rows 64 wide: Q8_0) moved: flagged with and without the base
+    down, param = {"flux": ("double_blocks.0.img_mlp.2.weight", "transformer_blocks.0.ff.net.2.weight"),
+                   "sd3": ("joint_blocks.0.x_block.mlp.fc2.weight", "transformer_blocks.0.ff.net.2.weight")}[family]
+    assert param in Mask.load(mask).frozen_names and tensors[prefix + down].shape[1] % 32 == 0
+    moved = dict(tensors)
+    moved[prefix + down] = tensors[prefix + down] + 0.5
+    bad = q8(moved, tmp_path / "q8-moved.gguf")
+    for ref in (folder, None):
+        code, out = _verify(capsys, ref, recorded, bad)
+        assert code == 1 and param in out, out

@@ -13,16 +13,21 @@ from __future__ import annotations
 import hashlib
 
 import blake3
+import gguf
 import torch
 
-ROUNDINGS = (torch.float32, torch.float16, torch.bfloat16)
+ROUNDINGS = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+# GGUF types whose encoding of a tensor is deterministic (the gguf package's quantizer, which
+# city96's convert calls), recorded as the blocks' bytes; K-quants are not (llama.cpp's search)
+GGUF_RECORDED = ("Q8_0",)
 # /2 records name their hash (BLAKE3 since); /1 records are blake2b and stay readable
 RECORD_FORMAT = "freezeasguard-audit/2"
 HASHES = ("blake3", "blake2b")
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype) -> str:
+    """"float16" for torch.float16; a GGUF type's name ("Q8_0") as it is."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 def digest(raw, dtype: torch.dtype, shape, algorithm: str = "blake3") -> str:
@@ -61,9 +66,17 @@ def tensor_bytes(t: torch.Tensor):
 
 
 def tensor_digests(t: torch.Tensor, algorithm: str = "blake3") -> dict[str, str]:
-    """The digest of a base tensor as stored and of its roundings to fp32, fp16 and bf16."""
+    """The digest of a base tensor as stored and of its roundings to fp32, fp16, bf16 and fp8
+    (e4m3fn, e5m2), and of its GGUF Q8_0 blocks where its rows split into 32s (the blocks of 32
+    consecutive values are the same whatever rows the file stores: a fused part or a reshaped
+    convolution hashes alike)."""
     dtypes = [t.dtype] + ([d for d in ROUNDINGS if d != t.dtype] if t.is_floating_point() else [])
-    return {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape, algorithm) for d in dtypes}
+    out = {dtype_name(d): digest(tensor_bytes(t.to(d)), d, t.shape, algorithm) for d in dtypes}
+    if t.is_floating_point() and t.ndim >= 2 and t.shape[-1] % 32 == 0:
+        for kind in GGUF_RECORDED:
+            blocks = gguf.quants.quantize(t.detach().float().reshape(-1, 32).numpy(), gguf.GGMLQuantizationType[kind])
+            out[kind] = digest(blocks.tobytes(), kind, t.shape, algorithm)
+    return out
 
 
 def make_record(digests: dict[str, dict[str, str]], dtypes: dict[str, str], base_names: list[str],

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from freezeasguard.audit.digests import dtype_name, finish, hasher, make_record, record_hash, tensor_bytes, tensor_digests
+from freezeasguard.audit.digests import (GGUF_RECORDED, dtype_name, finish, hasher, make_record, record_hash,
+                                         tensor_bytes, tensor_digests)
 from freezeasguard.audit.layouts import Checkpoint
 from freezeasguard.audit.quantized import compare_chunk, compare_gguf, scale_problem
 from freezeasguard.audit.tensorfile import all_finite
@@ -196,15 +197,25 @@ def audit(mask: Mask, cand: Checkpoint, base: Checkpoint | None, record: dict | 
                         {n: r.quant for n, r in checked.items() if r.quant})
 
 
-def _check_gguf(name: str, cand: Checkpoint, base: Checkpoint | None, frozen: bool, qtype: str) -> _Checked:
+def _check_gguf(name: str, cand: Checkpoint, base: Checkpoint | None, record: dict | None, frozen: bool,
+                qtype: str) -> _Checked:
     """A GGUF-quantized tensor (quantized.py: compare_gguf): frozen, the base quantized by the gguf
     package bit for bit where it quantizes the type, else within the type's rounding bound; the
-    bound and the largest difference go into the report either way."""
+    bound and the largest difference go into the report either way. Without the base, a type the
+    mask's digests record (digests.GGUF_RECORDED: Q8_0) is hashed and compared; others need it."""
     if base is None:
-        if frozen:
-            raise MaskError(f"{name} is GGUF {qtype}: its blocks cannot be compared with the mask's digests; pass "
-                            f"--model BASE to audit quantized files")
-        return _Checked(name, finite=bool(torch.isfinite(cand.read(name)).all()))
+        if not frozen:
+            return _Checked(name, finite=bool(torch.isfinite(cand.read(name)).all()))
+        expected = record["digests"][name].get(qtype)
+        if expected is None:
+            raise MaskError(f"{name} is GGUF {qtype}, which the mask's digests do not cover (they record "
+                            f"{', '.join(GGUF_RECORDED)} where the mask was recorded since 2026-12-06); pass --model "
+                            f"BASE, or record the mask again: freezeasguard mask record MASK --model BASE --out NEW")
+        h = hasher(qtype, cand.shape(name), record_hash(record))
+        h.update(cand.gguf_blocks(name).tobytes())
+        quant = {"type": qtype, "rule": "exact (digest)", "bound": None, "max_abs_diff": None}
+        return _Checked(name, quant=quant, violation=None if finish(h) == expected else Violation(
+            name, f"its {qtype} blocks differ from the base's, quantized by the gguf package"))
     raw = cand.gguf_blocks(name)
     reference = base.read(name).float().numpy().reshape(raw.shape[0], -1)
     found = compare_gguf(raw, reference, qtype)
@@ -265,7 +276,7 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
     changed or not."""
     qtype = cand.gguf_type(name)
     if qtype is not None:
-        return _check_gguf(name, cand, base, frozen, qtype)
+        return _check_gguf(name, cand, base, record, frozen, qtype)
     dtype = cand.dtype(name)
     elements = max(1, CHUNK_BYTES // dtype.itemsize)
     chunks = cand.chunks(name, elements, _buffer(buffers, "candidate", elements * dtype.itemsize))
@@ -278,8 +289,9 @@ def _check_tensor(name: str, cand: Checkpoint, base: Checkpoint | None, record: 
         stored, kind = record["dtypes"][name], dtype_name(dtype)
         expected = record["digests"][name].get(kind)
         if expected is None:
-            raise MaskError(f"{name} is stored as {dtype}, a precision the mask's digests do not cover; pass --model "
-                            f"BASE to compare values")
+            raise MaskError(f"{name} is stored as {dtype}, a precision the mask's digests do not cover (fp8 is "
+                            f"recorded since 2026-12-06); pass --model BASE to compare values, or record the mask "
+                            f"again: freezeasguard mask record MASK --model BASE --out NEW")
         h = hasher(dtype, cand.shape(name), record_hash(record))
         for c in chunks:
             if not all_finite(c):
