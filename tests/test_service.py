@@ -383,7 +383,7 @@ def test_the_web_page_uploads_and_shows_a_progress_bar_in_headless_chromium(tiny
         driver.find_element(By.ID, "audit-files").send_keys(str(tmp_path / "model.ckpt"))
         driver.find_element(By.ID, "audit").click()
         WebDriverWait(driver, 30).until(
-            lambda d: "model.ckpt: not a .safetensors file" in d.find_element(By.ID, "audit-status").text)
+            lambda d: "model.ckpt: not a .safetensors or .gguf file" in d.find_element(By.ID, "audit-status").text)
     finally:
         driver.quit()
         server.should_exit = True
@@ -598,7 +598,7 @@ def test_the_dataset_list_and_the_audit_box_give_each_tenant_its_own(service, pe
     assert client.get(report["csv"], headers=auth(keys["bob"])).status_code == 404
     assert not list((tmp_path / "svc" / "audits").rglob("*.safetensors"))        # uploads are not kept
     pickle = client.post("/audit", headers=auth(keys["alice"]), files=[("files", ("model.ckpt", b"x", "a/b"))])
-    assert pickle.status_code == 400 and "model.ckpt: not a .safetensors file" in pickle.json()["detail"]
+    assert pickle.status_code == 400 and "model.ckpt: not a .safetensors or .gguf file" in pickle.json()["detail"]
     junk = client.post("/audit", headers=auth(keys["alice"]), files=[("files", ("junk.safetensors", b"x" * 20, "a/b"))])
     assert junk.status_code == 200 and junk.json()["uploads"][0]["verdict"] == "unreadable"
     assert junk.json()["uploads"][0]["message"]
