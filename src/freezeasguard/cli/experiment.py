@@ -53,8 +53,11 @@ def _add_world_parser(sub):
                    help="people only: random unnamed people, captioned 'a person with <traits>'")
     w.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     w.add_argument("--overwrite", action="store_true", help="replace an earlier `world export` output in --out")
-    wsub.add_parser("cast", help="list a world's people, brands and clothing lines (the first of each is the "
-                                 "demo's subject)").add_argument("--cast-seed", type=int, default=0)
+    c = wsub.add_parser("cast", help="list a world's people, brands and clothing lines (the first of each is the "
+                                     "demo's subject)")
+    c.add_argument("--cast-seed", type=int, default=0)
+    c.add_argument("--cast-size", type=int, default=8, help="people in the cast (default 8; the paper's protocol with 10 "
+                                                            "people per forger uses 12, whose first 8 are these)")
 
 
 def _add_protect_parser(sub):
@@ -203,7 +206,7 @@ def cmd_world(args) -> int:
 
     if args.world_command == "cast":
         print("people (illegal subjects):")
-        for p in make_cast(args.cast_seed):
+        for p in make_cast(args.cast_seed, args.cast_size):
             print(f"  {p.name:<18} {trait_phrase(p.traits())}")
         world = SyntheticWorld(args.cast_seed)
         for domain, what in (("logos", "brands"), ("clothes", "clothing lines")):
