@@ -198,8 +198,9 @@ def main():
     out.write_text(json.dumps({"rows": rows, "model": "sd15 UNet (real config, random weights), base fp16",
                                "targets": {"warm_ratio": 0.5, "rss": "2 x largest tensor + 300 MB"}}, indent=1))
     out.with_suffix(".md").write_text(
-        "Audit of quantized derivatives of an SD v1.5-sized UNet against its base (`verify --model BASE`), warm page "
-        "cache, against a plain sequential read of the derivative; 2-core CPU.\n\n" + table + "\n")
+        "Audit of quantized derivatives of an SD v1.5-sized UNet (`verify --mask M --candidate FILE`, base-free from "
+        "the mask's digests or with `--model BASE`), warm page cache, against a plain sequential read of the "
+        "derivative; 2-core CPU.\n\n" + table + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /resu
 def table_of(path: Path) -> str:
     """The results.md without its first line (the run's description, said in the prose instead)."""
     lines = path.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    start = next((i for i, line in enumerate(lines) if line.startswith("|")), 0)   # no table yet: all of it
     return "\n".join(lines[start:]).strip() + "\n"
 
 
@@ -33,7 +33,7 @@ def fill(text: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("files", nargs="*", default=["README.md", "docs/guard.md", "docs/experiments.md", "docs/algorithm.md", "docs/audit.md",
-                                                    "benchmarks/RESULTS.md"])
+                                                    "docs/paper.md", "benchmarks/RESULTS.md"])
     ap.add_argument("--check", action="store_true")
     a = ap.parse_args(argv)
     stale = []

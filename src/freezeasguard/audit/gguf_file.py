@@ -116,7 +116,7 @@ class GGUFFile:
         if not self.is_quantized(key):
             return torch.frombuffer(buf, dtype=self.dtype(key)).reshape(shape) if n else torch.empty(shape)
         rows = shape[0] if key not in self.orig_shapes else self.stored_shape(key)[0]
-        return np.frombuffer(bytes(buf), dtype=np.uint8).reshape(rows, -1)
+        return np.frombuffer(buf, dtype=np.uint8).reshape(rows, -1)
 
     def read_rows(self, key: str, start: int = 0, end: int | None = None, scratch=None) -> torch.Tensor:
         """Rows start..end as values: float types as stored, quantized ones dequantized (float32)."""

@@ -24,7 +24,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 MAX_HEADER = 100 * 2**20        # the format's own limit
 
 
-# fp8's non-finite values: e4m3fn has NaN only (S.1111.111), e5m2 inf and NaN (exponent 11111)
+# fp8's non-finite values, without the sign bit: e4m3fn's NaN is 0x7F (S.1111.111), e5m2's inf
+# and NaN are 0x7C and above (exponent 11111)
 _FP8_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
@@ -34,9 +35,12 @@ def all_finite(t: torch.Tensor) -> bool:
     t's size and reads it again (~25x slower on fp16)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    if t.dtype in _FP8_NONFINITE:      # no aminmax for fp8: its inf/NaN are bit patterns
-        bits, pattern = t.reshape(-1).view(torch.uint8), _FP8_NONFINITE[t.dtype]
-        return not bool(((bits & pattern) == pattern).any())
+    if t.dtype in _FP8_NONFINITE:      # no aminmax for fp8: its inf/NaN are the largest magnitudes' bytes
+        # a positive non-finite byte is the largest as int8, a negative one the largest as uint8: two
+        # maxima, each one pass at memory speed (masking the sign bit first measured 2.7x slower, a
+        # compare-and-any 30x)
+        top, raw = _FP8_NONFINITE[t.dtype], t.reshape(-1)
+        return int(raw.view(torch.int8).amax()) < top and int(raw.view(torch.uint8).amax()) < top + 128
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 

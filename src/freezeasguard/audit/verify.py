@@ -21,7 +21,7 @@ import torch
 from freezeasguard.audit.digests import (GGUF_RECORDED, dtype_name, finish, hasher, make_record, record_hash,
                                          tensor_bytes, tensor_digests)
 from freezeasguard.audit.layouts import Checkpoint
-from freezeasguard.audit.quantized import compare_chunk, compare_gguf, scale_problem
+from freezeasguard.audit.quantized import compare_chunk, compare_gguf, gguf_finite, scale_problem
 from freezeasguard.audit.tensorfile import all_finite
 from freezeasguard.guard.mask import Mask, MaskError
 from freezeasguard.models.pipelines import ModelError, fingerprint, resolve_denoiser_dir
@@ -205,14 +205,14 @@ def _check_gguf(name: str, cand: Checkpoint, base: Checkpoint | None, record: di
     mask's digests record (digests.GGUF_RECORDED: Q8_0) is hashed and compared; others need it."""
     if base is None:
         if not frozen:
-            return _Checked(name, finite=bool(torch.isfinite(cand.read(name)).all()))
+            return _Checked(name, finite=gguf_finite(cand.gguf_blocks(name), qtype))
         expected = record["digests"][name].get(qtype)
         if expected is None:
             raise MaskError(f"{name} is GGUF {qtype}, which the mask's digests do not cover (they record "
                             f"{', '.join(GGUF_RECORDED)} where the mask was recorded since 2026-12-06); pass --model "
                             f"BASE, or record the mask again: freezeasguard mask record MASK --model BASE --out NEW")
         h = hasher(qtype, cand.shape(name), record_hash(record))
-        h.update(cand.gguf_blocks(name).tobytes())
+        h.update(cand.gguf_blocks(name))
         quant = {"type": qtype, "rule": "exact (digest)", "bound": None, "max_abs_diff": None}
         return _Checked(name, quant=quant, violation=None if finish(h) == expected else Violation(
             name, f"its {qtype} blocks differ from the base's, quantized by the gguf package"))
