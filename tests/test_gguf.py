@@ -178,3 +178,31 @@ def test_the_bound_per_type_by_hand():
     assert gguf_bound(row, "Q4_1")[0, 0] == pytest.approx(4.0 / 15)         # max - min over 15 steps
     with pytest.raises(ValueError, match="IQ2_XS is not read"):
         gguf_bound(row, "IQ2_XS")
+
+
+@pytest.mark.slow
+def test_a_hubs_batch_of_gguf_and_scaled_fp8_uploads_gets_a_verdict_each_with_the_bound_used(wide, tmp_path):
+    from freezeasguard.audit.batch import audit_folder, exit_code
+    from test_quantized import scaled_fp8
+    family, folder, mask, tmp, fused, _ = wide
+    arch = "flux" if family == "flux" else "sd3"
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    write_gguf(tmp / "full.safetensors", uploads / "a-q8.gguf", arch, "Q8_0")
+    write_gguf(tmp / "full.safetensors", uploads / "b-q4k.gguf", arch, "Q4_K")
+    full = load_file(str(tmp / "full.safetensors"))
+    moved = full[fused].clone()
+    moved[moved.shape[0] // 3:2 * moved.shape[0] // 3] += 1.0                 # the frozen k rows
+    write_gguf(tmp / "full.safetensors", uploads / "c-q4k-moved.gguf", arch, "Q4_K", {fused: moved})
+    from safetensors.torch import save_file
+    save_file(scaled_fp8(full, "current"), str(uploads / "d-fp8.safetensors"))
+    (uploads / "e-broken.gguf").write_bytes(b"GGUF" + b"\0" * 20)
+    rows = {r["file"]: r for r in audit_folder(uploads, mask, folder, report_path=tmp_path / "report.json")}
+    assert [rows[f]["verdict"] for f in sorted(rows)] == ["compliant", "compliant", "violations", "compliant",
+                                                          "unreadable"]
+    assert rows["a-q8.gguf"]["format"].endswith("(gguf)") and "Q8_0:" in rows["a-q8.gguf"]["quantized"]
+    assert "compared exactly" in rows["a-q8.gguf"]["quantized"]
+    assert "Q4_K:" in rows["b-q4k.gguf"]["quantized"] and "within bound <=" in rows["b-q4k.gguf"]["quantized"]
+    assert "attn.to_k.weight" in rows["c-q4k-moved.gguf"]["first_violation"]
+    assert exit_code(list(rows.values())) == 1
+    assert "quantized" in (tmp_path / "report.csv").read_text().splitlines()[0]

@@ -29,8 +29,8 @@ from freezeasguard.audit.verify import Reference, audit_checkpoint, reference
 logger = logging.getLogger(__name__)
 
 VERDICTS = ("compliant", "violations", "uncertified", "unreadable")
-COLUMNS = ["file", "format", "verdict", "frozen_changed", "largest_change", "first_violation", "bytes_read", "seconds",
-           "message"]
+COLUMNS = ["file", "format", "verdict", "frozen_changed", "largest_change", "first_violation", "quantized", "bytes_read",
+           "seconds", "message"]
 
 
 def uploads(folder) -> list[Path]:
@@ -56,7 +56,7 @@ def is_adapter(path: Path) -> bool:
 def audit_one(path: Path, ref: Reference, mode: str, atol: float) -> dict:
     t0 = time.time()
     row = {"file": path.name, "format": "", "verdict": "unreadable", "frozen_changed": 0, "largest_change": None,
-           "first_violation": "", "bytes_read": 0, "message": ""}
+           "first_violation": "", "quantized": "", "bytes_read": 0, "message": ""}
     try:
         if is_adapter(path):
             report = audit_adapter_file(ref, path)
@@ -70,14 +70,34 @@ def audit_one(path: Path, ref: Reference, mode: str, atol: float) -> dict:
         else:
             report = audit_checkpoint(ref, path, mode, atol)
             diffs = [v.max_abs_diff for v in report.violations if v.max_abs_diff is not None]
-            row.update(format=report.layout, verdict="compliant" if report.compliant else "violations",
+            row.update(verdict="compliant" if report.compliant else "violations",
                        frozen_changed=len(report.violations), largest_change=max(diffs) if diffs else None,
                        first_violation=(f"{report.violations[0].name}: {report.violations[0].reason}"
-                                        if report.violations else ""), bytes_read=report.bytes_read)
+                                        if report.violations else ""), bytes_read=report.bytes_read,
+                       format=report.layout + (" (gguf)" if path.suffix == ".gguf" else ""),
+                       quantized=quantized_summary(report.quantized))
     except (ModelError, LayoutError, TensorFileError, AdapterError, MaskError, OSError, ValueError) as exc:
         row["message"] = str(exc)
     row["seconds"] = round(time.time() - t0, 3)
     return row
+
+
+def quantized_summary(quantized: dict) -> str:
+    """Per GGUF type in an upload: how many tensors, the rule, and for a bound the largest bound and
+    the largest difference found ("Q4_K: 38 tensors within bound <= 0.0123 (largest difference 0.0041)")."""
+    by_type: dict[str, list[dict]] = {}
+    for entry in quantized.values():
+        by_type.setdefault(entry["type"], []).append(entry)
+    parts = []
+    for kind, entries in sorted(by_type.items()):
+        bounds = [e["bound"] for e in entries if e.get("rule") == "bound"]
+        if bounds:
+            diffs = [e["max_abs_diff"] for e in entries if e.get("rule") == "bound"]
+            parts.append(f"{kind}: {len(entries)} tensors within bound <= {max(bounds):.3g} (largest difference "
+                         f"{max(diffs):.3g})")
+        else:
+            parts.append(f"{kind}: {len(entries)} tensors compared exactly")
+    return "; ".join(parts)
 
 
 def audit_folder(folder, mask_path, model_dir=None, mode: str = "exact", atol: float = 0.0,
