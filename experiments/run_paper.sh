@@ -15,6 +15,10 @@
 # experiments/results/paper-*/. Rerunning resumes finished stages. Give it one core:
 #   OMP_NUM_THREADS=1 nohup bash experiments/run_paper.sh STEP ... > runs/paper/log.txt 2>&1 &
 # Then: python experiments/paper_tables.py
+# A machine's runs/ does not outlive its session: `bash experiments/run_paper.sh save` copies each
+# unfinished run's markers (config.json, stages/: a few MB, no models or images) to
+# experiments/state/ for git, and a step whose folder is missing starts from them (the runner redoes
+# any data or fine-tune a missing stage needs, deterministically; protections are made again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fag=.venv/bin/freezeasguard
@@ -36,8 +40,32 @@ experiment() {   # experiment NAME KEY: VALUE ...
 }
 GUARD="[full, learned, learned-identity, learned-identity+immunise, saliency, saliency+immunise, random, imma]"
 FOUR="attacks: [default, lr-x10, steps-x5, lora-32]"
+save() {   # every unfinished run's markers into experiments/state (finished runs are in experiments/results)
+  for run in $runs/*/; do
+    local name; name=$(basename "$run")
+    [ -f "experiments/results/paper-$name/results.json" ] && continue
+    [ -d "$run/stages" ] || continue
+    local dst=experiments/state/paper-$name
+    rm -rf "$dst.partial"; mkdir -p "$dst.partial"
+    for f in .freezeasguard-output.json config.json elapsed.json; do
+      if [ -f "$run/$f" ]; then cp "$run/$f" "$dst.partial/"; fi
+    done
+    cp -r "$run/stages" "$dst.partial/"
+    rm -rf "$dst"; mv "$dst.partial" "$dst"
+    echo "saved $name: $(ls "$dst/stages" | wc -l) stages"
+  done
+}
+restore() {   # restore NAME: a run not on this machine starts from the markers kept in git
+  local src=experiments/state/paper-$1 dst=$runs/$1
+  if [ ! -d "$dst" ] && [ -d "$src" ]; then
+    mkdir -p "$dst"; cp -r "$src/." "$dst/"
+    echo "$1: resumed from $src ($(ls "$dst/stages" | wc -l) stages)"
+  fi
+}
+if [ "${1:-}" = save ]; then save; exit 0; fi
 for step in "$@"; do
   start=$(date +%s)
+  restore "$step"
   seed=${step##*-s}
   case $step in
     table2-cast1-s*) experiment $step "cast_seed: 1" "innocent: [logos]" "seeds: [$seed]" "people_per_forger: 10" \
@@ -54,5 +82,6 @@ for step in "$@"; do
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step paper-$step
+  rm -rf "experiments/state/paper-$step"      # finished: its results are kept instead
   echo "$step: $(( $(date +%s) - start )) s ($(date -u +%F), $(git rev-parse --short HEAD))" | tee -a experiments/results/paper-times.txt
 done

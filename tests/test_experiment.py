@@ -1,5 +1,6 @@
 """The experiment runner: results in long format, and a killed run resumes without redoing stages."""
 import json
+from pathlib import Path
 
 from PIL import Image
 
@@ -452,3 +453,38 @@ def test_a_resume_is_refused_with_other_settings_but_not_for_a_setting_added_sin
         check_same_config(root, ExperimentConfig(out=str(root), seeds=[0], people_per_forger=2))
     with pytest.raises(ValueError, match="seeds"):
         check_same_config(root, ExperimentConfig(out=str(root), seeds=[1]))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_on_another_machine_from_its_stage_markers_alone(tiny_sd, tmp_path, monkeypatch):
+    """experiments/run_paper.sh keeps an unfinished run's markers in git (not its models, data or
+    images): a run restored from them reports the same rows without fine-tuning again, and a
+    stage whose evaluation is missing fine-tunes again (deterministically) and evaluates."""
+    import shutil
+
+    from freezeasguard.experiment import runner as runner_module
+    cfg = ExperimentConfig(out=str(tmp_path / "a"), model=str(tiny_sd), seeds=[0], methods=["full"],
+                           attacks=["default", "steps-x5"], finetune_images=3, eval_images=2, finetune_steps=2,
+                           finetune_batch=2, generate_steps=2, mask_images=2)
+    rows = Runner(cfg).run()
+    moved = tmp_path / "b"
+    moved.mkdir()
+    for name in (".freezeasguard-output.json", "config.json", "elapsed.json"):
+        shutil.copy(tmp_path / "a" / name, moved / name)
+    shutil.copytree(tmp_path / "a" / "stages", moved / "stages")
+    trained = []
+    real = runner_module.guarded_finetune
+
+    def counting(*args, **kwargs):
+        trained.append(args[2])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(runner_module, "guarded_finetune", counting)
+    again = Runner(ExperimentConfig(**{**cfg.__dict__, "out": str(moved)})).run()
+    assert trained == [] and again == rows
+    # an evaluation lost: its fine-tune runs again (the chain's default recipe, then steps-x5 continues it)
+    person = Runner(cfg).subjects[0]
+    (moved / "stages" / f"eval-{Runner.people_tag('full', 0.0, 0, person, 'steps-x5')}.done.json").unlink()
+    third = Runner(ExperimentConfig(**{**cfg.__dict__, "out": str(moved)})).run()
+    stem = "full-0-s0-people-" + person.replace(" ", "_")
+    assert [Path(p).name for p in trained] == [stem, stem + "-steps-x5"]
+    assert third == rows

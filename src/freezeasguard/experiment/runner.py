@@ -90,10 +90,16 @@ class Runner:
         self.timings: dict[str, float] = {}
 
     # stage bookkeeping
-    def stage(self, name: str, fn):
+    def stage(self, name: str, fn, valid=None):
+        """``fn()``'s result, from its done-marker when the stage ran before. ``valid(result)`` says
+        whether what the stage wrote besides its marker is still there: a run's markers alone (the
+        small state experiments/run_paper.sh keeps in git between machines) resume it, and a stage
+        whose files are gone is run again (data and fine-tunes are deterministic)."""
         marker = self.root / "stages" / f"{name}.done.json"
         if marker.exists():
-            return json.loads(marker.read_text())["result"]
+            result = json.loads(marker.read_text())["result"]
+            if valid is None or valid(result):
+                return result
         t = time.time()
         result = fn()
         self.timings[name] = time.time() - t
@@ -109,7 +115,8 @@ class Runner:
         name = name.replace(" ", "_")
         path = self.root / "data" / name
         chosen = list(subjects) if subjects else (self.subjects if domain == "people" else None)
-        self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, chosen)))
+        self.stage(f"data-{name}", lambda: str(self.world.export(path, domain, n, split, chosen)),
+                   valid=lambda _: (path / "metadata.jsonl").exists())
         return path
 
     def protection(self, method: str, ratio: float):
@@ -150,7 +157,8 @@ class Runner:
                         "frozen_param_fraction": None, "final_loss": None}
             return {"frozen_tensors": r.frozen_tensors, "frozen_param_fraction": r.frozen_param_fraction,
                     "final_loss": r.history[-1]["loss_data"] if r.history else None}
-        info = self.stage(f"finetune-{out.name}", run)
+        info = self.stage(f"finetune-{out.name}", run,
+                          valid=lambda r: bool(r.get("skipped")) or (out / "freezeasguard_manifest.json").exists())
         return (Path(info["model"]) if info.get("skipped") else out), info
 
     def finetune_dir(self, method: str, ratio: float, seed: int, domain: str, subjects: tuple[str, ...],
@@ -169,7 +177,7 @@ class Runner:
                                      steps=self.cfg.generate_steps, seed=777, guidance=self.cfg.guidance)
             rows = [{"file_name": f"{i:05d}.png", "text": self.cfg.attack_class_prompt} for i in range(n)]
             return str(write_image_folder(path, images, rows, "experiment", overwrite=True))
-        self.stage(f"data-{name}", run)
+        self.stage(f"data-{name}", run, valid=lambda _: (path / "metadata.jsonl").exists())
         return path
 
     def generate(self, model_dir: Path, prompts: list[str], seed: int, out: Path):
@@ -183,12 +191,22 @@ class Runner:
                 im.save(out / f"{i:03d}.png")
             save_grid(images, out / "grid.png")
             return len(images)
-        self.stage(f"generate-{out.relative_to(self.root)}".replace("/", "_"), run)
+        self.stage(f"generate-{out.relative_to(self.root)}".replace("/", "_"), run,
+                   valid=lambda n: all((out / f"{i:03d}.png").exists() for i in range(n)))
         return [Image.open(out / f"{i:03d}.png").convert("RGB") for i in range(len(prompts))]
 
     # ---- evaluation of one fine-tuned model -------------------------------------------------
+    @staticmethod
+    def people_tag(method, ratio, seed, subject, attack) -> str:
+        """How one person's evaluation of a fine-tune is named (stages, image folders)."""
+        return f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_") + attack_suffix(attack)
+
+    @staticmethod
+    def innocent_tag(method, ratio, seed, domain, attack) -> str:
+        return f"{method}-{ratio:g}-s{seed}-{domain}" + attack_suffix(attack)
+
     def eval_people(self, model_dir, method, ratio, seed, subject, attack: str = "default") -> list[dict]:
-        tag = f"{method}-{ratio:g}-s{seed}-{subject}".replace(" ", "_") + attack_suffix(attack)
+        tag = self.people_tag(method, ratio, seed, subject, attack)
 
         def run():
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
@@ -216,7 +234,7 @@ class Runner:
         """An innocent user's model: each of its innocent subjects (where the world has them: the
         brands the user fine-tuned on), judged on its own, and the domain's attribute prompts (what
         the rest of the domain still draws)."""
-        tag = f"{method}-{ratio:g}-s{seed}-{domain}" + attack_suffix(attack)
+        tag = self.innocent_tag(method, ratio, seed, domain, attack)
 
         def run():
             prompts, attrs, real = self.world.innocent_prompts(domain, self.cfg.eval_images, seed)
@@ -329,13 +347,38 @@ class Runner:
             if domain == "people":
                 return [r for s in subjects for r in self.eval_people(self.model, method, ratio, seed, s)]
             return self.eval_innocent(self.model, method, ratio, seed, domain, subjects=subjects)
-        ft, info = self.finetune(method, ratio, seed, domain, subjects, attack)
+        done = self.finished_fine_tune(method, ratio, seed, domain, subjects, attack)
+        ft, info = (self.finetune_dir(method, ratio, seed, domain, subjects, attack), done) if done is not None else \
+            self.finetune(method, ratio, seed, domain, subjects, attack)
         if domain == "people":
             rows = [] if info.get("skipped") else [
                 {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": group_tag(subjects),
                  "domain": domain, "metric": "frozen_param_fraction", "value": info["frozen_param_fraction"]}]
             return rows + [r for s in subjects for r in self.eval_people(ft, method, ratio, seed, s, attack)]
         return self.eval_innocent(ft, method, ratio, seed, domain, attack, subjects)
+
+    def finished_fine_tune(self, method, ratio, seed, domain, subjects, attack) -> dict | None:
+        """The fine-tune's recorded result when it and every evaluation of it are done (its model
+        need not be on disk: nothing reads it again), else None. A chain's longer recipe that is
+        not done yet asks for its shorter one's checkpoint, so the shorter one counts as done only
+        when the longer ones are too."""
+        out = self.finetune_dir(method, ratio, seed, domain, subjects, attack)
+        names = [f"finetune-{out.name}"]
+        if domain == "people":
+            for s in subjects:
+                tag = self.people_tag(method, ratio, seed, s, attack)
+                names += [f"eval-{tag}", f"eval-unnamed-{tag}"]
+        else:
+            tag = self.innocent_tag(method, ratio, seed, domain, attack)
+            names += [f"eval-{tag}"] + [f"eval-{tag}-{s}".replace(" ", "_") for s in subjects]
+        recipes = self.cfg.attacks if domain == "people" or self.cfg.attack_innocent else ["default"]
+        for longer in recipes:
+            if longer != attack and shorter_recipe(longer, recipes, self.cfg.attack_recipes) == attack:
+                names.append(f"finetune-{self.finetune_dir(method, ratio, seed, domain, subjects, longer).name}")
+        stages = self.root / "stages"
+        if not all((stages / f"{n}.done.json").exists() for n in names):
+            return None
+        return json.loads((stages / f"{names[0]}.done.json").read_text())["result"]
 
     def _prepare_shared(self, jobs):
         """What several jobs read, made once before they run side by side (no two processes write
