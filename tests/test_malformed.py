@@ -35,7 +35,9 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+# FLUX.1 in the fast suite, the other layouts with -m slow (CI runs both)
+@pytest.fixture(scope="module", params=[f if f == "flux" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in sorted(LAYOUTS)])
 def written(request, tmp_path_factory):
     family = request.param
     tmp = tmp_path_factory.mktemp(family)

@@ -45,7 +45,9 @@ def scaled_fp8(tensors: dict, convention: str, dtype=torch.float8_e4m3fn, prefix
     return out
 
 
-@pytest.fixture(scope="module", params=sorted(WRITERS))
+# FLUX.1 in the fast suite, SD3.5 with -m slow (CI runs both)
+@pytest.fixture(scope="module", params=[f if f == "flux" else pytest.param(f, marks=pytest.mark.slow)
+                                        for f in sorted(WRITERS)])
 def base_files(request, tmp_path_factory):
     family = request.param
     tmp = tmp_path_factory.mktemp(family + "-fp8")
