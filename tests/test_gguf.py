@@ -206,3 +206,35 @@ def test_a_hubs_batch_of_gguf_and_scaled_fp8_uploads_gets_a_verdict_each_with_th
     assert "attn.to_k.weight" in rows["c-q4k-moved.gguf"]["first_violation"]
     assert exit_code(list(rows.values())) == 1
     assert "quantized" in (tmp_path / "report.csv").read_text().splitlines()[0]
+
+
+def test_an_sd_gguf_with_reshaped_tensors_is_read_under_its_ldm_names(tiny_sd, tmp_path, capsys):
+    """city96's SD/SDXL files: LDM keys without model.diffusion_model., and tensors whose last
+    dimension is not a multiple of 256 stored as (n / 256, 256) with comfy.gguf.orig_shape.<key>."""
+    from freezeasguard.audit.original_layouts import LDM_UNET_PREFIX, ldm_key_map
+    base, config = load_denoiser_state(tiny_sd), denoiser_config(tiny_sd)
+    names = list(base)
+    keys = ldm_key_map(names, config)
+    mask = Mask.from_scores([(n, base[n]) for n in names], torch.tensor([float(i % 2) for i in range(len(names))]), 0.5,
+                            base_fingerprint=fingerprint(base.items())).save(tmp_path / "mask.safetensors")
+    reshaped = [n for n in names if base[n].numel() % 256 == 0 and base[n].shape[-1] % 256 and base[n].ndim > 1]
+    assert reshaped
+
+    def write(state, path):
+        writer = gguf.GGUFWriter(path=str(path), arch="sd1")
+        for n in names:
+            data = state[n].float().numpy()
+            if n in reshaped:
+                writer.add_array(f"comfy.gguf.orig_shape.{keys[n][len(LDM_UNET_PREFIX):]}", list(data.shape))
+                data = data.reshape(-1, 256)
+            kind = Q.Q8_0 if data.ndim == 2 and data.shape[1] % 32 == 0 else Q.F32
+            writer.add_tensor(keys[n][len(LDM_UNET_PREFIX):], gguf.quants.quantize(data, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+    assert _verify(capsys, tiny_sd, mask, write(base, tmp_path / "sd.gguf"))[0] == 0
+    frozen = next(n for n in reshaped if n in Mask.load(mask).frozen_names)
+    code, out = _verify(capsys, tiny_sd, mask, write({**base, frozen: base[frozen] + 0.1}, tmp_path / "moved.gguf"))
+    assert code == 1 and frozen in out, out
