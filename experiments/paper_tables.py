@@ -143,10 +143,12 @@ def table4() -> tuple[list[str], dict]:
     if not present:
         return ["Table 4: not yet run."], {}
     lines = ["Cast 1, innocent logos (4 brands per innocent user), 20 and 30% of tensors; forgeries ↓ (portraits "
-             "recognised as the person) and brands recognised ↑, then the paper's FID ↑ / CLIP ↑. Seeds: " +
+             "recognised as the person), the same prompted \"a person\", brands recognised ↑, then the paper's "
+             "FID ↑ / CLIP ↑. Seeds: " +
              ", ".join(f"{k} people {runs[k][2]}" for k in present) + ".", "",
-             "| method | " + " | ".join(f"{k} people: forgeries ↓ | {k}: brands ↑ | {k}: paper FID / CLIP" for k in present)
-             + " |", "|---" * (1 + 3 * len(present)) + "|"]
+             "| method | " + " | ".join(f"{k} people: forgeries ↓ | {k}: as \"a person\" ↓ | {k}: brands ↑ | "
+                                   f"{k}: paper FID / CLIP" for k in present)
+             + " |", "|---" * (1 + 4 * len(present)) + "|"]
     data = {}
     for key in PAPER_TABLE4:
         method, ratio = key
@@ -154,10 +156,11 @@ def table4() -> tuple[list[str], dict]:
         for k in present:
             rows = runs[k][0]
             rec = seed_cell(rows, method, ratio, "identity_recognition", "people")
+            unnamed = seed_cell(rows, method, ratio, "identity_recognition_unnamed", "people")
             brands = seed_cell(rows, method, ratio, "subject_recognition", "logos")
-            data[f"{method}-{ratio:g}-k{k}"] = {"forgeries": rec, "brands": brands}
+            data[f"{method}-{ratio:g}-k{k}"] = {"forgeries": rec, "unnamed": unnamed, "brands": brands}
             fid, clip = PAPER_TABLE4[key][k]
-            cells += [fmt(rec), fmt(brands), f"{fid:.2f} / {clip:.2f}"]
+            cells += [fmt(rec), fmt(unnamed), fmt(brands), f"{fid:.2f} / {clip:.2f}"]
         lines.append(f"| {label(method, ratio)} | " + " | ".join(cells) + " |")
     return lines, data
 
@@ -167,12 +170,13 @@ def table5() -> tuple[list[str], dict]:
     if not rows:
         return [f"{TABLE5_RUN}: not yet run (Table 5)."], {}
     lines = [header(TABLE5_RUN, cfg, seeds) + " Innocent users: 4 brands (logos) or 4 clothing lines (clothes) each.",
-             "", "| method | forgeries ↓ | brands recognised ↑ | other logos right ↑ | clothing lines recognised ↑ | "
-             "other clothes right ↑ | paper: logo CLIP | paper: clothes CLIP |", "|---" * 8 + "|"]
+             "", "| method | forgeries ↓ | as \"a person\" ↓ | brands recognised ↑ | other logos right ↑ | clothing lines "
+             "recognised ↑ | other clothes right ↑ | paper: logo CLIP | paper: clothes CLIP |", "|---" * 9 + "|"]
     data = {}
     for key, (logo_clip, clothes_clip) in PAPER_TABLE5.items():
         method, ratio = key
         row = {"forgeries": seed_cell(rows, method, ratio, "identity_recognition", "people"),
+               "unnamed": seed_cell(rows, method, ratio, "identity_recognition_unnamed", "people"),
                "logos": seed_cell(rows, method, ratio, "subject_recognition", "logos"),
                "logos_others": seed_cell(rows, method, ratio, "prompt_accuracy", "logos"),
                "clothes": seed_cell(rows, method, ratio, "subject_recognition", "clothes"),
