@@ -37,11 +37,11 @@ def test_runner_resumes_without_redoing_finished_stages(tiny_sd, tmp_path, monke
     trained = []
     real_ft = experiment.Runner.stage
 
-    def watch(self, name, fn):
+    def watch(self, name, fn, valid=None):
         marker = self.root / "stages" / f"{name}.done.json"
         if not marker.exists() and name.startswith("finetune-"):
             trained.append(name)
-        return real_ft(self, name, fn)
+        return real_ft(self, name, fn, valid)
 
     monkeypatch.setattr(Runner, "stage", watch)
     rows = Runner(cfg).run()
