@@ -99,7 +99,9 @@ def label(method: str, ratio: float, budget: str = "tensors") -> str:
 
 def header(name: str, cfg: dict, seeds: list[int]) -> str:
     k = cfg["people_per_forger"]
-    return (f"Cast {cfg['cast_seed']} ({cfg.get('cast_size') or 'default'} people in the cast), {k} people per forger "
+    people = len(cfg["subjects"]) if cfg.get("subjects") else max(k, -(-cfg["n_subjects"] // k) * k)
+    size = cfg.get("cast_size") or (8 if people <= 6 else people + 2)
+    return (f"Cast {cfg['cast_seed']} ({size} people in the cast), {k} people per forger "
             f"fine-tuned together for {k} x {cfg['finetune_steps']} steps, seeds {seeds} (runs paper-{name}-s*), "
             f"{cfg['eval_images']} portraits per person and seed.")
 
