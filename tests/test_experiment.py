@@ -153,7 +153,7 @@ def test_example_configs_name_only_known_settings():
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     from freezeasguard.cli import main
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--quick", "--workers", "1", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     methods = {s["method"] for s in summary["summary"]}
     assert methods == {"pretrained", "full", "learned", "saliency", "random"}
@@ -175,12 +175,14 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     assert all(0.25 <= v <= 0.3 for v in shares.values()), shares
     # the innocent user fine-tuned on the world's brand, and the untouched model was judged on it too
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
-    brand = {r["subject"] for r in rows if r["metric"] == "subject_recognition"}
-    assert brand == {"Uldortor"} and {r["method"] for r in rows if r["metric"] == "subject_recognition"} == methods
-    # the paper's budget as a second table, labelled as such
-    paper = (tmp_path / "demo" / "tensor-budget" / "results.md").read_text()
-    assert "FreezeAsGuard-30% |" in paper and "tensors budget" in paper
-    assert "The paper's budget" in capsys.readouterr().out
+    brands = {r["subject"] for r in rows if r["metric"] == "subject_recognition"}
+    assert len(brands) == 2 and {r["method"] for r in rows if r["metric"] == "subject_recognition"} == methods
+    # the paper's protocol: 2 people fine-tuned together, each judged alone, named and as "a person"
+    assert summary["protocol"]["people_per_forger"] == 2 and "Protocol:" in table
+    named = {r["subject"] for r in rows if r["metric"] == "identity_recognition"}
+    unnamed = {r["subject"] for r in rows if r["metric"] == "identity_recognition_unnamed"}
+    assert len(named) == 2 and unnamed == named
+    assert not (tmp_path / "demo" / "tensor-budget").exists()
 
 
 def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
@@ -191,7 +193,9 @@ def test_demo_compares_at_an_equal_share_of_parameters_by_default(tmp_path):
     assert args.budget == "params" and not args.frontier
     cfg = demo_config(tmp_path / "d")
     assert cfg.methods == ["full", "learned", "saliency", "random"] and cfg.budget == "params"
-    assert cfg.seeds == [0, 1] and demo_config(tmp_path / "q", quick=True).seeds == [0]
+    assert cfg.seeds == [0] and demo_config(tmp_path / "q", quick=True).seeds == [0]
+    assert cfg.people_per_forger == 2 and demo_config(tmp_path / "o", people_per_forger=1).people_per_forger == 1
+    assert build_parser().parse_args(["attack-sweep"]).people_per_forger is None
     every = demo_config(tmp_path / "b", baselines=True).methods
     assert every[:4] == cfg.methods and {"saliency+immunise", "learned-identity+immunise", "imma", "uce"} <= set(every)
     assert demo_config(tmp_path / "t", budget="tensors").methods == ["full", "learned", "random"]
@@ -245,7 +249,7 @@ def test_frontier_points_and_report_from_a_hand_made_summary(tmp_path):
 def test_quick_frontier_writes_one_curve_per_freezing_method(tmp_path, capsys):
     from freezeasguard.cli import main
     out = tmp_path / "f"
-    assert main(["demo", "--quick", "--frontier", "--ratios", "0.1,0.5", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--workers", "1", "--frontier", "--ratios", "0.1,0.5", "--out", str(out)]) == 0
     result = json.loads((out / "frontier.json").read_text())
     curves = {}
     for p in result["points"]:
@@ -488,3 +492,32 @@ def test_a_run_resumes_on_another_machine_from_its_stage_markers_alone(tiny_sd, 
     stem = "full-0-s0-people-" + person.replace(" ", "_")
     assert [Path(p).name for p in trained] == [stem, stem + "-steps-x5"]
     assert third == rows
+
+
+def test_a_model_is_loaded_once_while_evaluated_and_again_once_replaced(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    import torch
+    folder = tmp_path / "ft"
+    (folder / "unet").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    loads = []
+    monkeypatch.setattr(experiment, "load_pipeline", lambda path: loads.append(path) or object())
+    runner = Runner(ExperimentConfig(out=str(tmp_path / "run")))
+    first = runner.pipeline(folder)
+    assert runner.pipeline(folder) is first and len(loads) == 1
+    # a new fine-tune replaces the folder: other bytes, so it is loaded again
+    save_file({"w": torch.ones(3)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert experiment.model_key(folder) != (str(folder.resolve()),) and runner.pipeline(folder) is not first
+    assert len(loads) == 2
+
+
+@pytest.mark.slow
+def test_the_held_out_loss_is_the_same_from_a_loaded_pipeline(tmp_path):
+    from freezeasguard.experiment.heldout import heldout_loss
+    from freezeasguard.experiment.synthetic_world import SyntheticWorld
+    from freezeasguard.models.generate import load_pipeline
+    from freezeasguard.synthetic import TINY_SD
+    world = SyntheticWorld(0)
+    subject = world.subjects(1)[0]
+    fresh = heldout_loss(TINY_SD, world, subject, 0, tmp_path, draws=1)
+    assert heldout_loss(TINY_SD, world, subject, 0, tmp_path, draws=1, pipe=load_pipeline(TINY_SD)) == fresh

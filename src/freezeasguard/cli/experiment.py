@@ -130,22 +130,24 @@ def _add_demo_parser(sub):
     """`freezeasguard demo`: its subcommand and flags."""
     p = sub.add_parser("demo", help="the built-in experiment: FreezeAsGuard against the baselines at an equal "
                                     "share of parameters, on synthetic people, brands and clothing lines",
-                       description="On the shipped tiny pipeline: mask learning, then the illegal user (portraits of "
-                                   "the cast's first person) and an innocent user (a brand's logo or a clothing line, "
-                                   "never named in pre-training) fine-tune under Full FT and under each mask; the "
-                                   "untouched model, generation, judges and a report. The main table compares the "
-                                   "freezing methods (FreezeAsGuard, Saliency, Random; --baselines adds the rest) at "
-                                   "the same share of parameters; a second table (tensor-budget/) is the paper's 30%-of-tensors budget. "
-                                   "--frontier sweeps the frozen share instead.")
+                       description="On the shipped tiny pipeline, the paper's protocol: mask learning, then the "
+                                   "illegal user (portraits of the cast's first 2 people, fine-tuned together; "
+                                   "--people-per-forger 1 for one forger per person) and an innocent user (2 brands' "
+                                   "logos or clothing lines, never named in pre-training) fine-tune under Full FT and "
+                                   "under each mask, with the default recipe and three stronger ones; the untouched "
+                                   "model, generation (each portrait prompt also with \"a person\" for the name), "
+                                   "judges and a report. The table compares the freezing methods (FreezeAsGuard, "
+                                   "Saliency, Random; --baselines adds the rest) at the same share of parameters "
+                                   "(--budget tensors: the paper's share of tensors); --frontier sweeps the share.")
     p.add_argument("--out", default="demo-out", help="output folder (default demo-out)")
     _add_world_flags(p)
     p.add_argument("--baselines", action="store_true",
                    help="also run " + ", ".join(DEMO_EXTRA_METHODS) + " (about 3 times as long)")
     p.add_argument("--budget", choices=BUDGETS, default="params",
                    help="what the ratio counts. params (default): every freezing method freezes the same share of "
-                        "parameters, the comparison at an equal cost, plus the paper's budget as a second table; "
-                        "tensors: only the paper's table (FreezeAsGuard and Random at a share of tensors: the "
-                        "learned tensors are large ones, so it freezes far more parameters than Random)")
+                        "parameters, the comparison at an equal cost; tensors: the paper's table (FreezeAsGuard "
+                        "and Random at a share of tensors: the learned tensors are large ones, so it freezes far "
+                        "more parameters than Random)")
     p.add_argument("--frontier", action="store_true",
                    help="the trade-off frontier: every freezing method at 10, 20, 30, 50 and 70%% of the parameters "
                         "(--ratios to choose), forgeries against innocent subjects recognised: frontier.md/.json/"
@@ -190,16 +192,17 @@ def _add_world_flags(p):
     p.add_argument("--innocent", choices=["logos", "clothes"], default="logos",
                    help="the innocent domain: its user fine-tunes on the world's first brand (logos) or clothing line "
                         "(clothes); default logos")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: demo 2, attack-sweep 3; "
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: demo 1, attack-sweep 3; "
                                                            "quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
-    p.add_argument("--people-per-forger", type=int, default=1, metavar="K",
-                   help="people one illegal user fine-tunes on together (default 1: one forger per person; 10: the "
+    p.add_argument("--people-per-forger", type=int, default=None, metavar="K",
+                   help="people one illegal user fine-tunes on together (default: demo 2, the paper's protocol, "
+                        "where each name is bound to its face; attack-sweep 1. 1: one forger per person; 10: the "
                         "paper's Table 2). Steps scale with K so each person gets a one-person run's exposure; the "
                         "innocent user likewise fine-tunes on min(K, 4) brands or clothing lines")
     p.add_argument("--workers", type=int, default=None,
                    help="processes for the fine-tune/evaluation jobs, one thread each (default: the CPU count "
-                        "up to 4, or 1 with a GPU; quick: 1)")
+                        "up to 4, or 1 with a GPU)")
 
 
 def cmd_world(args) -> int:
@@ -284,13 +287,17 @@ DEMO_ATTACKS = ["default", "lr-x10", "steps-x5", "lora-32"]
 DEMO_METHODS = ["full", "learned", "saliency", "random"]
 DEMO_EXTRA_METHODS = ["saliency+immunise", "learned-identity", "learned-identity+immunise", "largest",
                       "saliency-identity", "uce", "imma"]
-# the demo's seeds: 2 x 16 portraits per method and recipe, the verdict with its 95% interval
-DEMO_SEEDS = 2
+# the demo's protocol, the paper's: one forger fine-tunes on 2 people at once, which binds each name
+# to its face (one person alone rewrites what "a person" looks like: docs/paper.md), and 2 x 16
+# portraits per method and recipe from one seed give the verdict its 95% interval at the cost
+# the one-person demo paid for 2 seeds
+DEMO_PEOPLE_PER_FORGER = 2
+DEMO_SEEDS = 1
 
 
 def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, ratio=0.3, baselines=False,
                 workers=None, budget="params", ratios=None, methods=None, attacks=None,
-                people_per_forger=1) -> ExperimentConfig:
+                people_per_forger=None) -> ExperimentConfig:
     """The demo's experiment: at a share of parameters every freezing method runs; at the paper's
     share of tensors FreezeAsGuard and Random (the paper's Table 2)."""
     methods = methods or (list(DEMO_METHODS) if budget == "params" else ["full", "learned", "random"])
@@ -300,8 +307,9 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
     return ExperimentConfig(**{**DEMO, **(QUICK if quick else {})}, preset="demo", out=str(out), cast_seed=cast_seed,
                             innocent=[innocent], seeds=list(range(n_seeds)),
                             ratios=[check_ratio(r) for r in (ratios or [ratio])], methods=methods, budget=budget,
-                            attacks=attacks or ["default"], people_per_forger=people_per_forger,
-                            workers=workers or (1 if quick else default_workers()))
+                            attacks=attacks or ["default"],
+                            people_per_forger=people_per_forger or DEMO_PEOPLE_PER_FORGER,
+                            workers=workers or default_workers())
 
 
 def cmd_demo(args) -> int:
@@ -319,15 +327,8 @@ def cmd_demo(args) -> int:
     cfg = demo_config(out, ratio=args.ratio, baselines=args.baselines, budget=args.budget, attacks=attacks, **common)
     Runner(cfg).run()
     print((out / "results.md").read_text())      # its first line is the verdict
-    if args.budget == "params":
-        # the paper's budget, labelled as such: FreezeAsGuard and Random at a share of tensors
-        paper = demo_config(out / "tensor-budget", ratio=args.ratio, budget="tensors", methods=["learned", "random"],
-                            **common)
-        Runner(paper).run()
-        print("The paper's budget (a share of tensors, not of parameters):\n")
-        print((out / "tensor-budget" / "results.md").read_text())
     print(f"report: {out}/results.md (also results.json, results.csv, tradeoff.png, images/, protect/ (masks, "
-          f"edited models)" + (f"; {out}/tensor-budget/ the paper's budget)" if args.budget == "params" else ")"))
+          f"edited models))")
     return 0
 
 
@@ -337,13 +338,13 @@ def cmd_attack_sweep(args) -> int:
         raw = yaml.safe_load(Path(args.config).read_text()) or {}
         chosen = attacks or (None if isinstance(raw, dict) and "attacks" in raw else list(SWEEP_ATTACKS))
         cfg = ExperimentConfig.from_yaml(args.config, out=args.out, attacks=chosen,
-                                         people_per_forger=args.people_per_forger if args.people_per_forger != 1 else None)
+                                         people_per_forger=args.people_per_forger)
     else:
         n_seeds = args.seeds or (1 if args.quick else 3)
         settings = {**ATTACK_SWEEP, **(QUICK if args.quick else {}), "attacks": attacks or list(SWEEP_ATTACKS)}
         cfg = ExperimentConfig(**settings, preset="attack-sweep", out=str(args.out), cast_seed=args.cast_seed,
                                innocent=[args.innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(args.ratio)],
-                               budget=args.budget, people_per_forger=args.people_per_forger,
+                               budget=args.budget, people_per_forger=args.people_per_forger or 1,
                                workers=args.workers or (1 if args.quick else default_workers()))
     Runner(cfg).run()
     sweep = Path(cfg.out) / "attack_sweep.md"

@@ -1,6 +1,7 @@
 """The held-out loss: a model's diffusion loss on renders of the subject it never trained on."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,14 +21,17 @@ def heldout_data(world, subject, data_root) -> Path:
     return path
 
 
-def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4) -> float:
-    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise)."""
-
+def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4, pipe=None) -> float:
+    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise). ``pipe``:
+    the folder's pipeline when the caller has it loaded (a LoRA output's: its base with the
+    adapter); the noise schedule is always the folder's file, as training reads it."""
     path = heldout_data(world, subject, data_root)
-    if lora_base(model_dir) is None:
+    if pipe is None and lora_base(model_dir) is None:
         comps = load_model(model_dir)
-    else:       # a LoRA output: its base with the adapter loaded
-        comps = Components.from_pipeline(load_pipeline(model_dir), model_dir)
+    else:
+        comps = Components.from_pipeline(pipe if pipe is not None else load_pipeline(model_dir), model_dir)
+        folder = lora_base(model_dir) or Path(model_dir)
+        comps.scheduler_config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule.for_components(comps)
     data = load_image_captions(path)
     mix = DomainMix([Domain("heldout", EncodedData(data, comps), len(data), 1.0)], schedule, seed=12345)
