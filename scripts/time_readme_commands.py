@@ -12,6 +12,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,24 +21,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "readme-times"
-LOGS = ROOT / "runs" / "readme-times"      # each command's output (not committed)
+LOGS = ROOT / "runs" / "readme-times"      # each command's log and output folder (not committed)
 VENV = ROOT / ".venv" / "bin"
 
 
-def commands(tmp: Path) -> dict[str, tuple[str, list[str]]]:
+def commands(tmp: Path, outputs: Path = Path("out")) -> dict[str, tuple[str, list[str]]]:
     """name -> (what README calls it, the command line)."""
     return {
         "install": ("install (a new virtual environment, torch first)",
                     ["bash", "-c", f"python3 -m venv {tmp}/venv && {tmp}/venv/bin/pip install -q torch==2.13.0 && "
                                    f"{tmp}/venv/bin/pip install -q -e '.[test]'"]),
-        "demo": ("`freezeasguard demo`", [str(VENV / "freezeasguard"), "demo", "--out", str(tmp / "demo")]),
+        "demo": ("`freezeasguard demo`", [str(VENV / "freezeasguard"), "demo", "--out", str(outputs / "demo")]),
         "quick": ("`freezeasguard demo --quick`", [str(VENV / "freezeasguard"), "demo", "--quick", "--out",
-                                                   str(tmp / "quick")]),
-        "tests": ("`python -m pytest -q`", [str(VENV / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"]),
+                                                   str(outputs / "quick")]),
+        # --durations only prints the slowest tests at the end (what to look at when the time grows)
+        "tests": ("`python -m pytest -q`", [str(VENV / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                            "--durations=40"]),
         "slow": ("`python -m pytest -q -m slow -n 2` (as .ci/run)", ["env", "OMP_NUM_THREADS=1", str(VENV / "python"),
                                                                     "-m", "pytest", "-q", "-m", "slow", "-n", "2",
                                                                     "-p", "no:cacheprovider"]),
     }
+
+
+def cpu_model() -> str:
+    """The processor, as /proc/cpuinfo names it, and its clock: machines of one kind differ (a
+    2.0 GHz EPYC without AVX-512 ran the demo's fine-tunes 3.5x slower than 2026-12-04's)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    field = lambda key: next((line.split(":", 1)[1].strip() for line in info if line.startswith(key)), "")
+    mhz = field("cpu MHz")
+    return field("model name") + (f" {float(mhz) / 1000:.1f} GHz" if mhz else "")
 
 
 def timed(cmd: list[str], log: Path) -> tuple[float, int]:
@@ -50,8 +65,9 @@ def timed(cmd: list[str], log: Path) -> tuple[float, int]:
 def table(record: dict) -> str:
     lines = ["| command | seconds | minutes | measured |", "|---|---|---|---|"]
     for row in record["commands"]:
+        cpu = f"{row['cpu']}, " if row.get("cpu") else ""
         lines.append(f"| {row['what']} | {row['seconds']:.0f} | {row['seconds'] / 60:.1f} | {row['date']}, "
-                     f"{row['cpus']} cores, {row['commit']} |")
+                     f"{row['cpus']} cores, {cpu}{row['commit']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,16 +83,21 @@ def main(argv=None) -> int:
     kept = {row["name"]: row for row in previous["commands"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
+    outputs = LOGS / "out"      # the commands' own outputs (the demo's report), kept to read
+    for name in names:
+        if (outputs / name).exists():
+            shutil.rmtree(outputs / name)       # this script's own earlier output
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            what, cmd = commands(Path(tmp))[name]
+            what, cmd = commands(Path(tmp), outputs)[name]
             seconds, rc = timed(cmd, LOGS / f"{name}.log")
             print(f"{name}: {seconds:.0f} s (exit {rc})", file=sys.stderr)
             if rc != 0:
                 print(f"{name} failed: see {LOGS / f'{name}.log'}", file=sys.stderr)
                 return 1
             kept[name] = {"name": name, "what": what, "seconds": round(seconds, 1),
-                          "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "commit": commit}
+                          "date": datetime.date.today().isoformat(), "cpus": os.cpu_count(), "cpu": cpu_model(),
+                          "commit": commit}
             # kept as it goes (a later failure loses nothing); times.md, which README shows and the
             # tests compare with README, is written once at the end
             (LOGS / "times.partial.json").write_text(json.dumps(kept, indent=2) + "\n")

@@ -1,9 +1,17 @@
 """Shared fixtures: a tiny SD pipeline with the SD v1.5 UNet layout (686 tensors) and small
 procedurally drawn datasets, built once per test session in a temp folder (no downloads)."""
 import logging
+import os
 import warnings
 
 import pytest
+import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker (pyproject's -n auto runs a worker per core), and for the processes
+    # a test starts: oversubscribed cores run torch's small ops many times slower
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("freezeasguard").setLevel(logging.WARNING)

@@ -158,6 +158,7 @@ def test_only_a_longer_run_of_the_same_recipe_continues_it():
     assert recipe_chains(["default", "steps-x5", "five"], twin) == [("default", "steps-x5"), ("five",)]
 
 
+@pytest.mark.slow
 def test_a_longer_run_started_from_the_shorter_ones_checkpoint_is_bit_identical(tiny_sd, people, mask, tmp_path):
     from freezeasguard.experiment.jobs import start_from_checkpoint
     short, long_ = BUILTIN_ATTACKS["default"], BUILTIN_ATTACKS["steps-x2"]

@@ -154,6 +154,7 @@ def _cases(tmp, base, mask, config):
     return cases, victim
 
 
+@pytest.mark.slow
 def test_single_files_are_read_and_base_free_verdicts_equal_base_backed_ones(tiny_sd, audit_setup):
     tmp, base, mask, plain, recorded, config = audit_setup
     cases, victim = _cases(tmp, base, mask, config)
@@ -171,6 +172,7 @@ def test_single_files_are_read_and_base_free_verdicts_equal_base_backed_ones(tin
     assert report.bytes_read <= (tmp / "base16.safetensors").stat().st_size
 
 
+@pytest.mark.slow
 def test_the_old_false_accusation_is_gone_and_an_unknown_layout_is_exit_2(tiny_sd, audit_setup, run_cli):
     tmp, base, mask, plain, recorded, config = audit_setup
     write_single_file(base, config, tmp / "base16-cli.safetensors", torch.float16)
@@ -185,6 +187,7 @@ def test_the_old_false_accusation_is_gone_and_an_unknown_layout_is_exit_2(tiny_s
     assert "verify: compliant" in out                  # the log; run_cli asserted exit 0
 
 
+@pytest.mark.slow
 def test_a_hubs_batch_gets_a_verdict_per_upload_and_the_documented_exit_code(tiny_sd, audit_setup, tmp_path,
                                                                             run_cli):
     tmp, base, mask, plain, recorded, config = audit_setup

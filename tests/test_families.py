@@ -166,10 +166,10 @@ def test_the_published_configs_give_the_published_parameter_counts_on_the_meta_d
     assert guarded_full_gb(1000, 0.75) == pytest.approx(1000 * (4 + 3) / 2**30)
 
 
-# flux2-dev's preset-shaped model carries a 15,360-wide text encoder output: 50-100 s, the fast
-# suite's longest test by far; it runs with -m slow (FLUX.2's family is end to end in the fast suite)
-@pytest.mark.parametrize("preset", ["sdxl", "sd35-medium", "flux1-dev", pytest.param("flux2-dev", marks=pytest.mark.slow),
-                                    "qwen-image", "z-image"])
+# preset-shaped models take 5-14 s each (flux2-dev's 15,360-wide text encoder output 50-100 s): they
+# run with -m slow; every family is end to end in the fast suite on smaller shapes
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sdxl", "sd35-medium", "flux1-dev", "flux2-dev", "qwen-image", "z-image"])
 def test_presets_run_learn_finetune_and_verify_end_to_end_on_models_shaped_like_theirs(preset, people, logos,
                                                                                       tmp_path, capsys):
     """`--preset P` on a tiny model with the published model's checked numbers (native side 1024,

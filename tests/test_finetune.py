@@ -72,7 +72,8 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_sd, people, tmp_path, m
         torch.testing.assert_close(sa[n] - base[n], sb[n] - base[n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "adafactor", "prodigy"])
+@pytest.mark.parametrize("optimizer", ["adamw", *(pytest.param(o, marks=pytest.mark.slow)
+                                                   for o in ("sgd", "adafactor", "prodigy"))])
 def test_resume_continues_bit_exactly(tiny_sd, people, tmp_path, optimizer):
     # every optimizer's state (AdamW's moments, SGD's momentum, Adafactor's factored moments and
     # integer step, Prodigy's per-group step-size estimate) must come back from the checkpoint

@@ -166,6 +166,7 @@ def test_immunise_chains_after_a_freezing_method_only():
         parse_chain("uce+immunise")
 
 
+@pytest.mark.slow
 def test_an_immunised_release_is_enforced_and_audited_as_any_model(tiny_sd, people, logos, tmp_path):
     """largest+immunise (a data-free mask, so the test needs no mask learning): the release differs
     from the base only in frozen tensors; its mask is the release's (the base no longer matches);

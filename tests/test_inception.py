@@ -81,6 +81,7 @@ def test_convert_weights_copies_tensors_and_never_runs_code(tmp_path):
     assert not marker.exists() and not (tmp_path / "evil.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_fid_with_the_inception_is_zero_on_the_same_set_and_positive_on_another(weights):
     pytest.importorskip("torchmetrics")
     from freezeasguard.metrics.real import fid_and_kid

@@ -31,6 +31,7 @@ def test_learned_mask_hits_the_ratio_and_records_its_settings(tiny_sd, people, l
     assert 0.29 < p.mask.param_fraction <= 0.3
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_mask_bit_exactly(tiny_sd, people, logos, warm_start, tmp_path,
                                                             kill_mask_learning_at):
     whole = learn_mask(tiny_sd, people, [logos], tmp_path / "a.safetensors", _cfg(), finetuned_dir=warm_start)
@@ -89,6 +90,7 @@ def test_saliency_start_ranks_logits_by_an_independent_gradient_computation(tiny
     assert abs(float(r.mask.logits.min()) / 0.2 + 3.0) < 1e-5 and abs(float(r.mask.logits.max()) / 0.2 + 1.0) < 1e-5
 
 
+@pytest.mark.slow
 def test_parameter_budget_learning_counts_parameters_and_fills_by_knapsack(tiny_sd, people, logos, warm_start,
                                                                            tmp_path):
     from freezeasguard.guard.bilevel import frozen_share, soft_mask

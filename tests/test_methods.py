@@ -184,6 +184,7 @@ def test_smallest_freezes_the_most_tensors_a_parameter_budget_buys(tiny_sd, peop
     assert sum(sizes[n] for n in frozen) <= 0.3 * sum(sizes.values()) < sum(sizes[n] for n in frozen) + min(free)
 
 
+@pytest.mark.slow
 def test_learned_masks_of_several_ratios_share_one_warm_start(tiny_sd, people, logos, tmp_path, monkeypatch):
     import freezeasguard.guard.learn as learn
     calls = []

@@ -57,6 +57,7 @@ def upload(client, key, data: bytes, name="data.zip"):
     return client.post("/datasets", headers=auth(key), files={"file": (name, data, "application/octet-stream")})
 
 
+@pytest.mark.slow
 def test_upload_job_progress_and_a_verified_download_that_verify_passes(service, people, tmp_path, capsys):
     client, keys, _, mask = service
     ds = upload(client, keys["alice"], zip_folder(people))

@@ -158,6 +158,7 @@ def _cfg(**kw):
     return LearnConfig(**base)
 
 
+@pytest.mark.slow
 def test_learning_over_a_range_of_users_resumes_bit_exactly_and_records_them(tiny_sd, people, logos, warm_start,
                                                                             tmp_path, kill_mask_learning_at):
     whole = learn_mask(tiny_sd, people, [logos], tmp_path / "a.safetensors", _cfg(), finetuned_dir=warm_start)
