@@ -7,7 +7,9 @@ beside the paper's own numbers:
 - table4.md: 2, 5 and 10 people per forger at 20 and 30% of tensors;
 - table5.md: 5 people per forger, logos and clothing lines as the innocent domain;
 - guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
-  recipes on the casts nobody tuned on, and each target of the study met or missed.
+  recipes on the casts nobody tuned on, and each target of the study met or missed;
+- verdict.md: a sentence per cast on whether FreezeAsGuard holds, written from guard.md's numbers
+  (README's results quote it).
 
     python experiments/paper_tables.py
 
@@ -246,6 +248,33 @@ def targets(method: str, table: dict) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def pct(cell) -> str:
+    return f"{cell['mean'] * 100:.0f}%"
+
+
+def verdict(run: str, table: dict, seeds: list[int]) -> str:
+    """One sentence per cast, from the guard table: does FreezeAsGuard hold in this protocol?"""
+    if not table:
+        return ""
+    full, learned, sal, rnd = (table.get(m) for m in ("full", "learned", "saliency", "random"))
+    cast, domain = re.search(r"cast(\d+)-(\w+)", run).groups()
+    text = (f"**Cast {cast}, innocent {domain}** ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}): Full FT forges "
+            f"{pct(full['default'])} of portraits by default ({pct(full['unnamed'])} when prompted \"a person\": "
+            f"the names are bound) and {pct(full['worst'])} under {full['worst_attack']}. FreezeAsGuard at 30% of "
+            f"the parameters lets {pct(learned['default'])} through by default but {pct(learned['worst'])} under "
+            f"{learned['worst_attack']}")
+    text += (f" (the target, ≤ {pct({'mean': full['default']['mean'] / 2})}, missed by "
+             f"{(learned['worst']['mean'] - full['default']['mean'] / 2) * 100:.0f} points)"
+             if learned["worst"]["mean"] > full["default"]["mean"] / 2 else " (the target met)")
+    if sal and rnd:
+        text += (f"; Saliency's worst is {pct(sal['worst'])} ({sal['worst_attack']}), Random's "
+                 f"{pct(rnd['worst'])} ({rnd['worst_attack']})")
+    if learned.get("innocent") and full.get("innocent"):
+        text += (f"; the innocent user's subjects are learned {pct(learned['innocent'])} of the time under it "
+                 f"against {pct(full['innocent'])} under Full FT")
+    return text + "."
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args(argv)
@@ -255,16 +284,19 @@ def main(argv=None):
         lines, data[name] = build()
         atomic_write_text(OUT / f"{name}.md", "\n".join(lines) + "\n")
         print("\n".join(lines) + "\n")
-    guard, checks = [], []
+    guard, checks, verdicts = [], [], []
     for run in GUARD_RUNS:
         lines, table = guard_table(run)
         data[run] = table
         guard += lines + [""]
+        verdicts.append(verdict(run, table, load_run(run)[2]))
         for method in CHECKED:
             if method in table:
                 checks += [f"| {run.split('-', 2)[-1]} · {label(method, 0.3, 'params')} | {name} | "
                            f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
     atomic_write_text(OUT / "guard.md", "\n".join(guard))
+    atomic_write_text(OUT / "verdict.md", "\n\n".join(v for v in verdicts if v) or "No guard-study run has finished.")
+    atomic_write_text(OUT / "verdict.md", (OUT / "verdict.md").read_text() + "\n")
     targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "
                   "seeds of the two methods):", "", "| cast · method | target | | measured |", "|---|---|---|---|",
                   *checks]

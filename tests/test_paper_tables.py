@@ -45,3 +45,21 @@ def test_targets_are_met_or_missed_with_their_margins_by_hand():
     table["learned"]["worst"] = c(0.55, 0.1)
     checks = {name: ok for name, ok, _ in paper_tables.targets("learned", table)}
     assert not checks["worst ≤ ½ Full FT default"] and not checks["worst below saliency's by more than the seed spread"]
+
+
+def test_the_verdict_sentence_says_the_numbers_and_the_margin_it_misses_by():
+    def c(mean):
+        return {"mean": mean, "std": 0.0}
+    table = {"full": {"default": c(0.775), "worst": c(0.988), "worst_attack": "steps-x5", "unnamed": c(0.087),
+                      "innocent": c(0.9)},
+             "learned": {"default": c(0.512), "worst": c(0.95), "worst_attack": "steps-x5", "unnamed": c(0.087),
+                         "innocent": c(0.7)},
+             "saliency": {"default": c(0.525), "worst": c(0.8), "worst_attack": "steps-x5"},
+             "random": {"default": c(0.7), "worst": c(0.97), "worst_attack": "lr-x10"}}
+    text = paper_tables.verdict("guard-k5-cast2-logos", table, [0])
+    assert text.startswith("**Cast 2, innocent logos** (1 seed): Full FT forges 78% of portraits by default (9%")
+    # the target is half Full FT's default (38.75%): 95% misses it by 56 points
+    assert "lets 51% through by default but 95% under steps-x5" in text and "missed by 56 points" in text
+    assert "Saliency's worst is 80% (steps-x5), Random's 97% (lr-x10)" in text and "70%" in text and "90%" in text
+    table["learned"]["worst"] = c(0.3)
+    assert "the target met" in paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
