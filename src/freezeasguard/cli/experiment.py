@@ -190,8 +190,8 @@ def _add_world_flags(p):
     p.add_argument("--cast-seed", type=int, default=0, help="another world: its cast of people, brands and clothing "
                                                              "lines (a recogniser is trained for a new cast, ~1 min)")
     p.add_argument("--innocent", choices=["logos", "clothes"], default="logos",
-                   help="the innocent domain: its user fine-tunes on the world's first brand (logos) or clothing line "
-                        "(clothes); default logos")
+                   help="the innocent domain: its user fine-tunes on the world's first brands (logos) or clothing "
+                        "lines (clothes), as many as the forger's people up to 4; default logos")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: demo 1, attack-sweep 3; "
                                                            "quick 1)")
     p.add_argument("--ratio", type=float, default=0.3, help="freezing ratio (default 0.3)")
@@ -308,7 +308,7 @@ def demo_config(out, quick=False, cast_seed=0, innocent="logos", seeds=None, rat
                             innocent=[innocent], seeds=list(range(n_seeds)),
                             ratios=[check_ratio(r) for r in (ratios or [ratio])], methods=methods, budget=budget,
                             attacks=attacks or ["default"],
-                            people_per_forger=people_per_forger or DEMO_PEOPLE_PER_FORGER,
+                            people_per_forger=DEMO_PEOPLE_PER_FORGER if people_per_forger is None else people_per_forger,
                             workers=workers or default_workers())
 
 
@@ -344,7 +344,7 @@ def cmd_attack_sweep(args) -> int:
         settings = {**ATTACK_SWEEP, **(QUICK if args.quick else {}), "attacks": attacks or list(SWEEP_ATTACKS)}
         cfg = ExperimentConfig(**settings, preset="attack-sweep", out=str(args.out), cast_seed=args.cast_seed,
                                innocent=[args.innocent], seeds=list(range(n_seeds)), ratios=[check_ratio(args.ratio)],
-                               budget=args.budget, people_per_forger=args.people_per_forger or 1,
+                               budget=args.budget, people_per_forger=1 if args.people_per_forger is None else args.people_per_forger,
                                workers=args.workers or (1 if args.quick else default_workers()))
     Runner(cfg).run()
     sweep = Path(cfg.out) / "attack_sweep.md"
