@@ -266,12 +266,13 @@ def verdict(run: str, table: dict, seeds: list[int]) -> str:
     text += (f" (the target, ≤ {pct({'mean': full['default']['mean'] / 2})}, missed by "
              f"{(learned['worst']['mean'] - full['default']['mean'] / 2) * 100:.0f} points)"
              if learned["worst"]["mean"] > full["default"]["mean"] / 2 else " (the target met)")
-    if sal and rnd:
-        text += (f"; Saliency's worst is {pct(sal['worst'])} ({sal['worst_attack']}), Random's "
-                 f"{pct(rnd['worst'])} ({rnd['worst_attack']})")
     if learned.get("innocent") and full.get("innocent"):
         text += (f"; the innocent user's subjects are learned {pct(learned['innocent'])} of the time under it "
                  f"against {pct(full['innocent'])} under Full FT")
+    if sal and rnd:
+        text += (f". Saliency: {pct(sal['default'])} by default, {pct(sal['worst'])} at worst "
+                 f"({sal['worst_attack']})" + (f", innocent subjects {pct(sal['innocent'])}" if sal.get("innocent") else "")
+                 + f"; Random: {pct(rnd['default'])} and {pct(rnd['worst'])} ({rnd['worst_attack']})")
     return text + "."
 
 

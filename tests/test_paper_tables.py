@@ -60,6 +60,7 @@ def test_the_verdict_sentence_says_the_numbers_and_the_margin_it_misses_by():
     assert text.startswith("**Cast 2, innocent logos** (1 seed): Full FT forges 78% of portraits by default (9%")
     # the target is half Full FT's default (38.75%): 95% misses it by 56 points
     assert "lets 51% through by default but 95% under steps-x5" in text and "missed by 56 points" in text
-    assert "Saliency's worst is 80% (steps-x5), Random's 97% (lr-x10)" in text and "70%" in text and "90%" in text
+    assert "Saliency: 52% by default, 80% at worst (steps-x5); Random: 70% and 97% (lr-x10)" in text
+    assert "learned 70% of the time under it against 90% under Full FT" in text
     table["learned"]["worst"] = c(0.3)
     assert "the target met" in paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
