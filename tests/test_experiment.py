@@ -497,17 +497,18 @@ def test_a_run_resumes_on_another_machine_from_its_stage_markers_alone(tiny_sd, 
 def test_a_model_is_loaded_once_while_evaluated_and_again_once_replaced(tmp_path, monkeypatch):
     from safetensors.torch import save_file
     import torch
+    from freezeasguard.experiment import loaded_model
     folder = tmp_path / "ft"
     (folder / "unet").mkdir(parents=True)
     save_file({"w": torch.zeros(2)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     loads = []
-    monkeypatch.setattr(experiment, "load_pipeline", lambda path: loads.append(path) or object())
+    monkeypatch.setattr(loaded_model, "load_pipeline", lambda path: loads.append(path) or object())
     runner = Runner(ExperimentConfig(out=str(tmp_path / "run")))
-    first = runner.pipeline(folder)
-    assert runner.pipeline(folder) is first and len(loads) == 1
+    first = runner.loaded.get(folder)
+    assert runner.loaded.get(folder) is first and len(loads) == 1
     # a new fine-tune replaces the folder: other bytes, so it is loaded again
     save_file({"w": torch.ones(3)}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert experiment.model_key(folder) != (str(folder.resolve()),) and runner.pipeline(folder) is not first
+    assert loaded_model.model_key(folder) != (str(folder.resolve()),) and runner.loaded.get(folder) is not first
     assert len(loads) == 2
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from freezeasguard.training.finetune import guarded_finetune
-from freezeasguard.models.generate import generate_images, load_pipeline, save_grid
+from freezeasguard.models.generate import generate_images, save_grid
 from freezeasguard.io import atomic_write_json
 from freezeasguard.attacks import recipe_chains, resolve_attack
 from freezeasguard.training.lora import NoAllowedModules
@@ -31,6 +31,7 @@ from freezeasguard.experiment.jobs import (attack_suffix, protection_groups, sho
 from freezeasguard.experiment.config import ExperimentConfig, check_same_config
 from freezeasguard.experiment.folder_world import FolderWorld
 from freezeasguard.experiment.heldout import heldout_data, heldout_loss
+from freezeasguard.experiment.loaded_model import LoadedModel
 from freezeasguard.experiment.report import write_report
 from freezeasguard.experiment.timings import write_timings
 from freezeasguard.experiment.workers import run_jobs_in_processes
@@ -41,14 +42,6 @@ logger = logging.getLogger(__name__)
 
 # the illegal metrics also measured with "a person" for the name (as <metric>_unnamed)
 NAME_BINDING_METRICS = ("identity_recognition", "identity_match")
-
-
-def model_key(model_dir) -> tuple:
-    """What identifies a model folder's weights on disk: its path and each weight file's size and
-    modification time (a fine-tune replaces its folder whole, so a new model gets a new key)."""
-    folder = Path(model_dir).resolve()
-    return (str(folder),) + tuple(sorted((str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns)
-                                         for f in folder.rglob("*.safetensors")))
 
 
 def group_tag(subjects: tuple[str, ...]) -> str:
@@ -91,7 +84,7 @@ class Runner:
         else:
             self.model = Path(cfg.model)
         self.timings: dict[str, float] = {}
-        self._loaded: tuple[tuple, object] | None = None     # (model_key(folder), its pipeline)
+        self.loaded = LoadedModel()      # the model being evaluated, loaded once
 
     # stage bookkeeping
     def stage(self, name: str, fn, valid=None):
@@ -142,7 +135,7 @@ class Runner:
         shorter = shorter_recipe(attack, self.cfg.attacks, self.cfg.attack_recipes)
 
         def run():
-            self._loaded = None         # a fine-tune needs the memory an idle pipeline holds
+            self.loaded.drop()          # a fine-tune needs the memory an idle pipeline holds
             if shorter is not None:     # its first steps are the shorter recipe's: start from its checkpoint
                 self.finetune(method, ratio, seed, domain, subjects, shorter)
                 start_from_checkpoint(self.finetune_dir(method, ratio, seed, domain, subjects, shorter), out)
@@ -166,17 +159,6 @@ class Runner:
                           valid=lambda r: bool(r.get("skipped")) or (out / "freezeasguard_manifest.json").exists())
         return (Path(info["model"]) if info.get("skipped") else out), info
 
-    def pipeline(self, model_dir: Path):
-        """The model's pipeline, loaded once while one model is evaluated: its named and unnamed
-        portraits, each subject's prompts and the held-out loss read the same folder (a third of
-        the quick demo's time was reloading it). One is kept, keyed by the folder's weight files,
-        so a folder replaced by a new fine-tune is loaded again."""
-        key = model_key(model_dir)
-        if self._loaded is None or self._loaded[0] != key:
-            self._loaded = None      # the previous model's memory goes before the next loads
-            self._loaded = (key, load_pipeline(model_dir))
-        return self._loaded[1]
-
     def finetune_dir(self, method: str, ratio: float, seed: int, domain: str, subjects: tuple[str, ...],
                      attack: str) -> Path:
         tag = f"{method}-{ratio:g}-s{seed}-{domain}-{group_tag(subjects)}".replace(" ", "_").rstrip("-")
@@ -189,7 +171,7 @@ class Runner:
 
         def run():
             n = self.cfg.finetune_images
-            images = generate_images(self.pipeline(model), [self.cfg.attack_class_prompt] * n,
+            images = generate_images(self.loaded.get(model), [self.cfg.attack_class_prompt] * n,
                                      steps=self.cfg.generate_steps, seed=777, guidance=self.cfg.guidance)
             rows = [{"file_name": f"{i:05d}.png", "text": self.cfg.attack_class_prompt} for i in range(n)]
             return str(write_image_folder(path, images, rows, "experiment", overwrite=True))
@@ -199,7 +181,7 @@ class Runner:
     def generate(self, model_dir: Path, prompts: list[str], seed: int, out: Path):
 
         def run():
-            images = generate_images(self.pipeline(model_dir), prompts, steps=self.cfg.generate_steps, seed=seed * 1000,
+            images = generate_images(self.loaded.get(model_dir), prompts, steps=self.cfg.generate_steps, seed=seed * 1000,
                                      guidance=self.cfg.guidance)
             out.mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(images):
@@ -227,7 +209,7 @@ class Runner:
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
             loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data",
-                                pipe=self.pipeline(model_dir))
+                                pipe=self.loaded.get(model_dir))
             return self.world.score_people(images, subject, real) + [{"metric": "heldout_loss", "value": loss}]
         rows = self.stage(f"eval-{tag}", run)
 
