@@ -146,7 +146,7 @@ def table4() -> tuple[list[str], dict]:
     present = [k for k, (rows, _, _) in runs.items() if rows]
     if not present:
         return ["Table 4: not yet run."], {}
-    lines = ["Cast 1, innocent logos (4 brands per innocent user), 20 and 30% of tensors; forgeries ↓ (portraits "
+    lines = ["Cast 1, innocent logos (min(people, 4) brands per innocent user, fine-tuned together), 20 and 30% of tensors; forgeries ↓ (portraits "
              "recognised as the person), the same prompted \"a person\", brands recognised ↑, then the paper's "
              "FID ↑ / CLIP ↑. Seeds: " +
              ", ".join(f"{k} people {runs[k][2]}" for k in present) + ".", "",

@@ -522,3 +522,70 @@ def test_the_held_out_loss_is_the_same_from_a_loaded_pipeline(tmp_path):
     subject = world.subjects(1)[0]
     fresh = heldout_loss(TINY_SD, world, subject, 0, tmp_path, draws=1)
     assert heldout_loss(TINY_SD, world, subject, 0, tmp_path, draws=1, pipe=load_pipeline(TINY_SD)) == fresh
+
+
+def test_held_out_renders_of_another_count_get_their_own_folder(tmp_path):
+    from freezeasguard.experiment.heldout import HELDOUT_IMAGES, heldout_data
+    from freezeasguard.experiment.synthetic_world import SyntheticWorld
+    world = SyntheticWorld(0)
+    subject = world.subjects(1)[0]
+    full, few = heldout_data(world, subject, tmp_path), heldout_data(world, subject, tmp_path, 4)
+    # the default count keeps its old folder name: a resumed run finds the renders it measured
+    assert full.name == f"heldout-{subject}".replace(" ", "_") and few != full
+    rows = lambda p: len((p / "metadata.jsonl").read_text().splitlines())  # noqa: E731
+    assert rows(full) == HELDOUT_IMAGES and rows(few) == 4
+
+
+def test_held_out_settings_must_be_positive(tmp_path):
+    for name in ("heldout_images", "heldout_draws"):
+        with pytest.raises(ValueError, match=name):
+            ExperimentConfig(out=str(tmp_path / "run"), **{name: 0})
+
+
+def test_fine_tunes_start_from_private_copies_of_a_model_read_once(monkeypatch):
+    import torch
+    from freezeasguard.experiment import loaded_model
+    from freezeasguard.models.pipelines import load_model
+    from freezeasguard.synthetic import TINY_SD
+    reads = []
+    monkeypatch.setattr(loaded_model, "load_model", lambda path: reads.append(path) or load_model(path))
+    starting = loaded_model.StartingModels()
+    first = starting.copy_of(TINY_SD)
+    with torch.no_grad():        # a fine-tune trains its copy in place
+        for p in first.denoiser.parameters():
+            p.add_(1.0)
+    second, fresh = starting.copy_of(TINY_SD), load_model(TINY_SD)
+    assert len(reads) == 1 and second.denoiser is not first.denoiser
+    # the next copy holds the folder's weights, not the trained ones
+    for (name, a), b in zip(second.denoiser.state_dict().items(), fresh.denoiser.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert second.tokenizer("a photo").input_ids == fresh.tokenizer("a photo").input_ids
+    # a model larger than the budget is read by the fine-tune itself
+    assert loaded_model.StartingModels(keep_bytes=1).copy_of(TINY_SD) is None
+
+
+def test_an_assembled_pipeline_holds_each_folders_own_weights(tmp_path):
+    import shutil
+    import torch
+    from safetensors.torch import load_file, save_file
+    from freezeasguard.experiment.loaded_model import LoadedModel
+    from freezeasguard.models.generate import load_pipeline
+    from freezeasguard.synthetic import TINY_SD
+
+    def variant(name, part):     # the base with one part's weights changed, as a fine-tune leaves it
+        folder = tmp_path / name
+        shutil.copytree(TINY_SD, folder)
+        path = next((folder / part).glob("*.safetensors"))
+        save_file({k: v * 1.5 for k, v in load_file(str(path)).items()}, str(path))
+        return folder
+
+    tuned, new_encoder = variant("tuned", "unet"), variant("enc", "text_encoder")
+    loaded = LoadedModel()
+    base_vae = loaded.get(TINY_SD).vae
+    for folder in (tuned, new_encoder, TINY_SD):
+        pipe, fresh = loaded.get(folder), load_pipeline(folder)
+        for part in ("unet", "text_encoder", "vae"):
+            mine, theirs = getattr(pipe, part).state_dict(), getattr(fresh, part).state_dict()
+            assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), (folder, part)
+        # parts whose files are the base's are shared, not read again
+        assert pipe.vae is base_vae

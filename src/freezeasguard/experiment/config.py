@@ -51,6 +51,9 @@ class ExperimentConfig(ProtectSettings):
     mask_images: int = setting(48, "images per subject and innocent domain for the protection methods")
     finetune_images: int = setting(48, "images per subject / innocent domain for the users' fine-tunes")
     eval_images: int = setting(16, "images generated per subject / domain and seed")
+    heldout_images: int = setting(16, "held-out renders per person for the held-out loss (never trained on)")
+    heldout_draws: int = setting(4, "noise draws per held-out render for the held-out loss (fixed noise, the "
+                                    "same for every model)")
     finetune_steps: int = setting(_PAPER_FINETUNE.steps, "users' fine-tuning steps")
     finetune_batch: int = setting(_PAPER_FINETUNE.batch_size, "users' fine-tuning batch")
     finetune_lr: float = setting(_PAPER_FINETUNE.lr, "users' AdamW learning rate")
@@ -94,8 +97,8 @@ class ExperimentConfig(ProtectSettings):
             resolve_attack(name, self.attack_recipes)
         if self.budget not in BUDGETS:
             raise ValueError(f"budget {self.budget!r}: use one of {BUDGETS}")
-        positive = ("mask_images", "finetune_images", "eval_images", "finetune_batch", "generate_steps", "workers",
-                    "n_subjects", "mask_batch", "people_per_forger")
+        positive = ("mask_images", "finetune_images", "eval_images", "heldout_images", "heldout_draws",
+                    "finetune_batch", "generate_steps", "workers", "n_subjects", "mask_batch", "people_per_forger")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,18 +14,23 @@ from freezeasguard.training.diffusion import NoiseSchedule
 from freezeasguard.training.lora import lora_base
 
 
-def heldout_data(world, subject, data_root) -> Path:
-    path = Path(data_root) / f"heldout-{subject}".replace(" ", "_")
+HELDOUT_IMAGES = 16
+
+
+def heldout_data(world, subject, data_root, n: int = HELDOUT_IMAGES) -> Path:
+    path = Path(data_root) / (f"heldout-{subject}" + (f"-n{n}" if n != HELDOUT_IMAGES else "")).replace(" ", "_")
     if not (path / "metadata.jsonl").exists():
-        world.export(path, "people", 16, "eval", [subject])
+        world.export(path, "people", n, "eval", [subject])
     return path
 
 
-def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4, pipe=None) -> float:
-    """Mean diffusion loss of a model on held-out renders of the subject (fixed noise). ``pipe``:
-    the folder's pipeline when the caller has it loaded (a LoRA output's: its base with the
-    adapter); the noise schedule is always the folder's file, as training reads it."""
-    path = heldout_data(world, subject, data_root)
+def heldout_loss(model_dir, world, subject, seed, data_root, draws: int = 4, pipe=None,
+                 images: int = HELDOUT_IMAGES) -> float:
+    """Mean diffusion loss of a model on ``images`` held-out renders of the subject, each drawn
+    ``draws`` times (fixed noise). ``pipe``: the folder's pipeline when the caller has it loaded
+    (a LoRA output's: its base with the adapter); the noise schedule is always the folder's file,
+    as training reads it."""
+    path = heldout_data(world, subject, data_root, images)
     if pipe is None and lora_base(model_dir) is None:
         comps = load_model(model_dir)
     else:

@@ -31,7 +31,7 @@ from freezeasguard.experiment.jobs import (attack_suffix, protection_groups, sho
 from freezeasguard.experiment.config import ExperimentConfig, check_same_config
 from freezeasguard.experiment.folder_world import FolderWorld
 from freezeasguard.experiment.heldout import heldout_data, heldout_loss
-from freezeasguard.experiment.loaded_model import LoadedModel
+from freezeasguard.experiment.loaded_model import LoadedModel, StartingModels
 from freezeasguard.experiment.report import write_report
 from freezeasguard.experiment.timings import write_timings
 from freezeasguard.experiment.workers import run_jobs_in_processes
@@ -85,6 +85,7 @@ class Runner:
             self.model = Path(cfg.model)
         self.timings: dict[str, float] = {}
         self.loaded = LoadedModel()      # the model being evaluated, loaded once
+        self.starting = StartingModels()     # the models fine-tunes start from, read once
 
     # stage bookkeeping
     def stage(self, name: str, fn, valid=None):
@@ -148,7 +149,7 @@ class Runner:
             prior = self.class_images(model) if recipe.prior_weight else None
             try:
                 r = guarded_finetune(model, data, out, cfg, resume=True, lora=recipe.lora(), prior_data=prior,
-                                     lora_as_attacker=True, **kwargs)
+                                     lora_as_attacker=True, components=self.starting.copy_of(model), **kwargs)
             except NoAllowedModules as exc:
                 logger.warning("attack %s under %s: %s; the user keeps the starting model", attack, method, exc)
                 return {"skipped": str(exc), "model": str(model), "frozen_tensors": None,
@@ -208,8 +209,8 @@ class Runner:
         def run():
             prompts, real = self.world.people_prompts(subject, self.cfg.eval_images, seed)
             images = self.generate(model_dir, prompts, seed, self.root / "images" / tag)
-            loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data",
-                                pipe=self.loaded.get(model_dir))
+            loss = heldout_loss(model_dir, self.world, subject, seed, self.root / "data", self.cfg.heldout_draws,
+                                self.loaded.get(model_dir), self.cfg.heldout_images)
             return self.world.score_people(images, subject, real) + [{"metric": "heldout_loss", "value": loss}]
         rows = self.stage(f"eval-{tag}", run)
 
@@ -390,7 +391,7 @@ class Runner:
                 self.data(domain, "finetune", subjects,
                           resolve_attack(attack, self.cfg.attack_recipes).images(self.cfg.finetune_images))
         for subject in self.subjects:
-            heldout_data(self.world, subject, self.root / "data")
+            heldout_data(self.world, subject, self.root / "data", self.cfg.heldout_images)
         if any(resolve_attack(a, self.cfg.attack_recipes).prior_weight for a in self.cfg.attacks):
             self.class_images(self.model)    # methods that edit the model (uce, imma) make theirs in their job
         if hasattr(self.world, "recogniser"):      # trains and caches the judge for a new cast, once

@@ -145,7 +145,7 @@ def require_pipeline_dir(path, flag: str = "--model") -> Path:
 _LIBRARIES = ("diffusers", "transformers")
 
 
-def _load_part(path: Path, name: str, index: dict, flag: str, **kwargs):
+def load_part(path: Path, name: str, index: dict, flag: str, **kwargs):
     """One component by the class model_index.json names for it (diffusers or transformers only)."""
     library, class_name = index.get(name, [None, None])
     if library not in _LIBRARIES:
@@ -164,13 +164,13 @@ def load_model(path, flag: str = "--model", denoiser_from=None) -> Components:
     unet/transformer folder)."""
     path = require_pipeline_dir(path, flag)
     family = model_family(path)
-    index = _model_index(path)
+    index = model_index(path)
     weights = dict(dtype=torch.float32, use_safetensors=True)
     try:
         denoiser = load_denoiser(path, flag, denoiser_from)
-        vae = _load_part(path, "vae", index, flag, **weights)
-        encoders = [_load_part(path, enc, index, flag, **weights) for enc, _ in family.encoders]
-        tokenizers = [_load_part(path, tok, index, flag) for _, tok in family.encoders]
+        vae = load_part(path, "vae", index, flag, **weights)
+        encoders = [load_part(path, enc, index, flag, **weights) for enc, _ in family.encoders]
+        tokenizers = [load_part(path, tok, index, flag) for _, tok in family.encoders]
     except (OSError, ValueError, RuntimeError, KeyError, AttributeError) as exc:
         raise ModelError(f"{flag} {path}: cannot load the model ({str(exc).splitlines()[0][:300]}). Every part must "
                          f"be a diffusers/transformers folder with .safetensors weights (pickled .bin weights are "
@@ -185,7 +185,7 @@ def load_model(path, flag: str = "--model", denoiser_from=None) -> Components:
     return Components(path, denoiser, vae, encoders, tokenizers, scheduler_config, family.name)
 
 
-def _model_index(path: Path) -> dict:
+def model_index(path: Path) -> dict:
     index_file = path / "model_index.json"
     return json.loads(index_file.read_text()) if index_file.exists() else {
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -199,7 +199,7 @@ def load_denoiser(path, flag: str = "--model", denoiser_from=None):
     den_dir = resolve_denoiser_dir(denoiser_from) if denoiser_from is not None else path / family.denoiser_folder
     for f in denoiser_weight_files(den_dir):      # refuses pickles, names truncated files
         _read_safetensors_header(f)
-    library, class_name = _model_index(path)[family.denoiser_folder]
+    library, class_name = model_index(path)[family.denoiser_folder]
     # use_safetensors: a folder holding only pickled .bin weights is refused, never unpickled
     return getattr(importlib.import_module("diffusers"), class_name).from_pretrained(den_dir, dtype=torch.float32,
                                                                                      use_safetensors=True)

@@ -24,7 +24,7 @@ from freezeasguard.training.diffusion import NoiseSchedule
 from freezeasguard.io import atomic_write_json, normal_permissions
 from freezeasguard.training.lora import LORA_FILE, LoraSettings, add_lora, attacker_targets, base_weights_moved, choose_targets, save_lora
 from freezeasguard.guard.mask import Mask, check_ratio
-from freezeasguard.models.pipelines import LazyState, fingerprint, load_model
+from freezeasguard.models.pipelines import Components, LazyState, fingerprint, load_model
 from freezeasguard.training.optim import OPTIMIZERS
 from freezeasguard.outputs import check_provenance, partial_dir, prepare_output_dir, replace_dir
 from freezeasguard.settings import setting
@@ -164,20 +164,23 @@ def guarded_finetune(model_dir, data_dir, out_dir, cfg: FinetuneConfig, mask: Ma
                      random_ratio: float | None = None, full: bool = False, budget: str = "tensors",
                      subject: str | None = None, caption_column: str = "text", resume: bool = False,
                      work_dir=None, overwrite: bool = False, lora: LoraSettings | None = None,
-                     prior_data=None, lora_as_attacker: bool = False, on_step=None) -> FinetuneResult:
+                     prior_data=None, lora_as_attacker: bool = False, on_step=None,
+                     components: Components | None = None) -> FinetuneResult:
     """Fine-tune the UNet (or, with ``lora.rank``, a LoRA on the modules the mask allows) on
     one dataset; the output is a pipeline folder (a LoRA folder with a LoRA) and a manifest.
     ``prior_data`` (DreamBooth's prior preservation): images of the subject's class, drawn
     beside the data every step (a batch of each) and weighted by ``cfg.prior_weight``.
     ``lora_as_attacker`` (the attack sweep): requested LoRA modules the mask freezes are left out
-    and the rank is capped at the modules' size, instead of both being errors."""
+    and the rank is capped at the modules' size, instead of both being errors. ``components``:
+    ``model_dir`` already loaded, a copy the caller gives up (it is trained in place); by default
+    the folder is read."""
     t0 = time.time()
     dist.init_from_env()
     # --- setup
     inputs = {"--model": model_dir, "--data": data_dir, **({"--prior-data": prior_data} if prior_data else {})}
     prepare_output_dir(out_dir, "finetune", inputs, overwrite, resume)
     device = resolve_device(cfg.device)
-    components = load_model(model_dir).to(device).set_resolution(cfg.resolution)
+    components = (components or load_model(model_dir)).to(device).set_resolution(cfg.resolution)
     base_state = LazyState(model_dir)      # read tensor by tensor when checked: no second copy of the weights
     base_fp = fingerprint(base_state) if mask is not None else None
     scheme, active = resolve_scheme(components.denoiser, mask, random_ratio, cfg.seed, full, budget, base_fp)
