@@ -276,6 +276,31 @@ def verdict(run: str, table: dict, seeds: list[int]) -> str:
     return text + "."
 
 
+def scale_verdict(table4: dict, ratio: float = 0.3) -> str:
+    """One sentence from Table 4: FreezeAsGuard's lead over Random, and the brands the innocent
+    user keeps, as the forger takes more people (the default recipe only: Table 4 runs no other)."""
+    ks = sorted({int(key.rsplit("-k", 1)[1]) for key in table4 if key.startswith(f"learned-{ratio:g}-k")})
+    ks = [k for k in ks if f"random-{ratio:g}-k{k}" in table4 and f"full-0-k{k}" in table4]
+    if not ks:
+        return ""
+
+    def cell(method, r, k, what):
+        return table4[f"{method}-{r:g}-k{k}"][what]
+    leads = [(cell("random", ratio, k, "forgeries")["mean"] - cell("learned", ratio, k, "forgeries")["mean"]) * 100
+             for k in ks]
+    people = " / ".join(str(k) for k in ks)
+    seeds = " / ".join(str(cell("learned", ratio, k, "forgeries")["seeds"]) for k in ks)
+    return (f"**How many people** (Table 4, cast 1, {ratio:.0%} of tensors, the default recipe; seeds: {seeds}): "
+            f"at {people} people per forger FreezeAsGuard lets "
+            + " / ".join(pct(cell("learned", ratio, k, "forgeries")) for k in ks) + " of portraits through against "
+            "Random's " + " / ".join(pct(cell("random", ratio, k, "forgeries")) for k in ks) + ", a lead of "
+            + " / ".join(f"{lead:.0f}" for lead in leads) + " points"
+            + (" that shrinks as the forger takes more people, as the paper reports" if all(
+                a > b for a, b in zip(leads, leads[1:])) else "") +
+            "; the innocent user's brands are learned " + " / ".join(pct(cell("learned", ratio, k, "brands")) for k in ks)
+            + " of the time under it (Full FT " + " / ".join(pct(cell("full", 0, k, "brands")) for k in ks) + ").")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args(argv)
@@ -296,6 +321,7 @@ def main(argv=None):
                 checks += [f"| {run.split('-', 2)[-1]} · {label(method, 0.3, 'params')} | {name} | "
                            f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
     atomic_write_text(OUT / "guard.md", "\n".join(guard))
+    verdicts.append(scale_verdict(data["table4"]))
     atomic_write_text(OUT / "verdict.md", "\n\n".join(v for v in verdicts if v) or "No guard-study run has finished.")
     atomic_write_text(OUT / "verdict.md", (OUT / "verdict.md").read_text() + "\n")
     targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "

@@ -64,3 +64,21 @@ def test_the_verdict_sentence_says_the_numbers_and_the_margin_it_misses_by():
     assert "learned 70% of the time under it against 90% under Full FT" in text
     table["learned"]["worst"] = c(0.3)
     assert "the target met" in paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
+
+
+def test_the_scale_sentence_gives_the_lead_over_random_at_each_number_of_people():
+    def c(mean, seeds=1):
+        return {"mean": mean, "std": 0.0, "seeds": seeds}
+    table4 = {}
+    for k, learned, random, brands in ((2, 0.1875, 0.969, 0.656), (10, 0.244, 0.744, 0.797)):
+        table4[f"learned-0.3-k{k}"] = {"forgeries": c(learned), "brands": c(brands)}
+        table4[f"random-0.3-k{k}"] = {"forgeries": c(random), "brands": c(1.0)}
+        table4[f"full-0-k{k}"] = {"forgeries": c(0.93), "brands": c(0.97)}
+    text = paper_tables.scale_verdict(table4)
+    # 96.9 - 18.75 = 78.15 -> 78 points; 74.4 - 24.4 = 50 points: the lead shrinks
+    assert "at 2 / 10 people per forger FreezeAsGuard lets 19% / 24% of portraits through against Random's " \
+           "97% / 74%, a lead of 78 / 50 points that shrinks" in text
+    assert "brands are learned 66% / 80% of the time under it (Full FT 97% / 97%)" in text and "seeds: 1 / 1" in text
+    table4["random-0.3-k2"]["forgeries"] = c(0.3)     # a lead of 11 then 50 points grows: no claim of the trend
+    assert "shrinks" not in paper_tables.scale_verdict(table4)
+    assert paper_tables.scale_verdict({}) == ""
