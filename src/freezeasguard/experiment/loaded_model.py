@@ -30,6 +30,11 @@ def model_key(model_dir) -> tuple:
                                          for f in folder.rglob("*.safetensors")))
 
 
+def weight_bytes(key: tuple) -> int:
+    """The size of a model's weight files, from its ``model_key``."""
+    return sum(size for _, size, _ in key[1:])
+
+
 class LoadedModel:
     """At most one pipeline, keyed by ``model_key``: a folder replaced by a new fine-tune is loaded
     again; ``drop()`` frees it before a fine-tune needs the memory. A pipeline is valid until the
@@ -52,6 +57,7 @@ class LoadedModel:
         return self._loaded[1]
 
     def drop(self):
+        """Free the pipeline (a small model's kept parts stay: they are what makes the next load fast)."""
         self._loaded = None
 
     def _assemble(self, folder: Path, key: tuple):
@@ -61,7 +67,7 @@ class LoadedModel:
         complete = weights.exists() and all((folder / p).is_dir() for p in ("vae", "text_encoder", "tokenizer",
                                                                              "scheduler"))
         if not complete or lora_base(folder) is not None or model_family(folder).name != "sd" \
-                or sum(size for _, size, _ in key[1:]) > self.keep_bytes:
+                or weight_bytes(key) > self.keep_bytes:
             return None
         import diffusers
 
@@ -114,7 +120,7 @@ class StartingModels:
             return None
         key = model_key(model_dir)
         if key not in self._kept:
-            if sum(size for _, size, _ in key[1:]) > self.keep_bytes:
+            if weight_bytes(key) > self.keep_bytes:
                 return None
             self._kept[key] = load_model(model_dir)
         return copy.deepcopy(self._kept[key])
