@@ -1,5 +1,8 @@
 """Every CLI command end to end on a tiny pipeline in a temp folder, as a user would run them."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -115,6 +118,29 @@ def test_tiny_pipeline_and_help(tmp_path, capsys):
             main([*cmd, "--help"])
         assert e.value.code == 0
     assert "freezing" in capsys.readouterr().out
+
+
+def test_library_notices_are_switched_off_through_the_environment_unless_verbose(monkeypatch, capsys):
+    for switch in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.delenv(switch, raising=False)
+    assert main(["world", "cast"]) == 0
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == os.environ["DIFFUSERS_VERBOSITY"] == "error"
+    for switch in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.delenv(switch)
+    assert main(["--verbose", "world", "cast"]) == 0
+    assert "TRANSFORMERS_VERBOSITY" not in os.environ and "DIFFUSERS_VERBOSITY" not in os.environ
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")        # a user's own choice is kept
+    assert main(["world", "cast"]) == 0 and os.environ["TRANSFORMERS_VERBOSITY"] == "info"
+
+
+@pytest.mark.slow
+def test_both_libraries_read_their_verbosity_switch_when_first_imported():
+    # what the CLI relies on instead of importing them (in a fresh process: here they are imported)
+    code = ("import logging, diffusers.utils.logging as d, transformers.utils.logging as t; "
+            "print(d.get_verbosity() == t.get_verbosity() == logging.ERROR)")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_world_export_feeds_the_loaders(tmp_path, capsys):

@@ -132,6 +132,17 @@ def test_jobs_in_two_processes_give_the_sequential_results(tiny_sd, tmp_path, ca
     assert "fine-tune (" not in capfd.readouterr().err.split("protections and jobs", 1)[1]
 
 
+def test_the_worker_server_preloads_modules_that_exist():
+    # the fork server skips a preload it cannot import without a word: a misspelt name would
+    # silently give every worker its ~9 s of imports back
+    import importlib.util
+    import multiprocessing as mp
+    from freezeasguard.experiment.workers import WORKER_PRELOAD, worker_context
+    assert all(importlib.util.find_spec(name) is not None for name in WORKER_PRELOAD)
+    expected = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    assert worker_context().get_start_method() == expected
+
+
 def test_protections_sharing_a_cached_first_link_are_one_group():
     from freezeasguard.experiment.jobs import protection_groups
     jobs = [("full", 0.0, 0, "people", "A"), ("learned", 0.3, 0, "people", "A"), ("learned", 0.3, 1, "logos", None),

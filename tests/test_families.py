@@ -19,6 +19,17 @@ from freezeasguard.models.pipelines import Components, fingerprint, load_denoise
 TINY_FAMILIES = ["sdxl", "sd3", "flux", "flux2", "qwenimage", "zimage"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def short_flux2_captions():
+    """FLUX.2 pads every caption to 512 tokens (its training script's default), and the tiny
+    transformer's joint attention over them was most of each FLUX.2 test's time; 64 tokens take
+    the same code path."""
+    from freezeasguard.models.families import flux2
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(flux2, "MAX_SEQUENCE_LENGTH", 64)
+        yield
+
+
 @pytest.fixture(scope="module", params=TINY_FAMILIES)
 def tiny(request, tmp_path_factory):
     return request.param, save_tiny(tmp_path_factory.mktemp(request.param) / "model", request.param,

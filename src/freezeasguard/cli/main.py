@@ -357,11 +357,11 @@ def main(argv=None) -> int:
     if not args.verbose:
         # the libraries' notices a user cannot act on (transformers: "requires torchvision ... falling
         # back to ...Pil"; diffusers: "No LoRA keys associated to CLIPTextModel") stay off the screen;
-        # through their own switches, since each resets its logger's level when it first configures it
-        import diffusers.utils.logging
-        import transformers.utils.logging
-        transformers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.set_verbosity_error()
+        # through their own environment switches, read when each first configures its logger (so
+        # also in worker processes), rather than by importing them here: diffusers' import is ~3 s
+        # that `mask`, `verify` and `--help` never need
+        for switch in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(switch, "error")
     # the objects the imports made (torch, diffusers: ~4x10^5) live as long as the process; frozen,
     # the collector stops walking them (a full collection took 0.2 s of a 0.37 s verify of SD 1.5)
     gc.freeze()

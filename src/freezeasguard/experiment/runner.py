@@ -34,7 +34,7 @@ from freezeasguard.experiment.heldout import heldout_data, heldout_loss
 from freezeasguard.experiment.loaded_model import LoadedModel, StartingModels
 from freezeasguard.experiment.report import write_report
 from freezeasguard.experiment.timings import write_timings
-from freezeasguard.experiment.workers import run_jobs_in_processes
+from freezeasguard.experiment.workers import run_jobs_in_processes, start_worker_server
 from freezeasguard.experiment.synthetic_world import SyntheticWorld
 from freezeasguard.training.data import neutral_caption
 
@@ -281,6 +281,8 @@ class Runner:
         t0 = time.time()
         cfg = self.cfg
         atomic_write_json(self.root / "config.json", asdict(cfg))
+        if cfg.workers > 1 and self._own_world:
+            start_worker_server()
         sanity = self.sanity()
         # the untouched model (recognition should be near zero), then one job per user fine-tune
         baseline = [("pretrained", 0.0, seed, "people", forger, "default") for seed in cfg.seeds
