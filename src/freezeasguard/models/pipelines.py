@@ -310,7 +310,7 @@ def fingerprint(named_tensors) -> dict:
         names.append(name)
         shapes.append(list(t.shape))
         weights.update(str(t.dtype).encode())
-        weights.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        weights.update(t.view(-1).view(torch.uint8).numpy() if t.numel() else b"")   # the buffer, not a copy
     return {
         "num_tensors": len(names),
         "names_hash": hashlib.blake2b("\n".join(names).encode(), digest_size=16).hexdigest(),
