@@ -156,6 +156,7 @@ def test_world_export_feeds_the_loaders(tmp_path, capsys):
     assert name in capsys.readouterr().out
 
 
+@pytest.mark.slow      # end to end: two protections and a fine-tune under them (.ci/run runs -m slow)
 def test_protect_uce_then_saliency_and_finetune_under_it(tiny_sd, people, logos, tmp_path, capsys):
     """A user's path for a baseline chain: protect prints the model and mask to fine-tune; the
     guarded fine-tune of that model under that mask passes verify against the edited model."""

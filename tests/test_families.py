@@ -108,6 +108,7 @@ def test_the_family_is_read_from_the_folder_and_a_short_full_finetune_lowers_the
     assert last < first
 
 
+@pytest.mark.slow      # end to end: learn, finetune, LoRA, verify, export, generate per family (.ci/run runs -m slow)
 def test_learn_finetune_lora_and_verify_end_to_end_on_every_family(tiny, people, logos, tmp_path, capsys):
     family, model = tiny
     mask = tmp_path / "mask.safetensors"

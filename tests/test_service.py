@@ -187,6 +187,7 @@ def test_bad_uploads_are_refused_with_a_reason_and_pickles_are_never_loaded(serv
     assert not any((tmp_path / "svc" / "datasets").glob("*/*/*.txt"))   # refused uploads leave nothing
 
 
+@pytest.mark.slow      # end to end: two fine-tuning jobs through the service (.ci/run runs -m slow)
 def test_limits_quotas_and_a_tampered_result(service, people):
     client, keys, *_ = service
     alice = keys["alice"]
