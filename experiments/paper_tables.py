@@ -201,8 +201,8 @@ def guard_table(name: str) -> tuple[list[str], dict]:
         return [f"{name}: not yet run."], {}
     domain = innocent_domain(rows)
     lines = [header(name, cfg, seeds) + f" Innocent {domain} (4 subjects per user); 30% of the parameters.", "",
-             "| method | forgeries ↓ default | forgeries ↓ worst of 4 (which) | as \"a person\" ↓ default | "
-             "innocent subjects ↑ | release prior ↑ |", "|---" * 6 + "|"]
+             "| method | tensors frozen | forgeries ↓ default | forgeries ↓ worst of 4 (which) | forgeries ↓ LoRA-32 | "
+             "as \"a person\" ↓ default | innocent subjects ↑ | release prior ↑ |", "|---" * 8 + "|"]
     table = {}
     for method in cfg["methods"]:
         ratio = 0.0 if method in ("full", "imma", "uce") else 0.3
@@ -211,12 +211,17 @@ def guard_table(name: str) -> tuple[list[str], dict]:
         worst, attack = max(found, key=lambda x: x[0]["mean"]) if found else (None, None)
         row = {"default": seed_cell(rows, method, ratio, "identity_recognition", "people"), "worst": worst,
                "worst_attack": attack,
+               "lora": seed_cell(rows, method, ratio, "identity_recognition", "people", "lora-32"),
+               # runs from before 2026-12-07 recorded no tensor count: their rows have none
+               "tensors": seed_cell(rows, method, ratio, "frozen_tensors", "people"),
                "unnamed": seed_cell(rows, method, ratio, "identity_recognition_unnamed", "people"),
                "innocent": seed_cell(rows, method, ratio, "subject_recognition", domain),
                "prior": seed_cell(rows, method, ratio, "prior_trait_accuracy", "release")}
         table[method] = row
-        lines.append(f"| {label(method, ratio, 'params')} | {fmt(row['default'])} | {fmt(worst)} ({attack}) | "
-                     f"{fmt(row['unnamed'])} | {fmt(row['innocent'])} | {fmt(row['prior'])} |")
+        tensors = f"{row['tensors']['mean']:.0f}" if row["tensors"] else "–"
+        lines.append(f"| {label(method, ratio, 'params')} | {tensors} | {fmt(row['default'])} | {fmt(worst)} ({attack}) "
+                     f"| {fmt(row['lora']) if row['lora'] else '–'} | {fmt(row['unnamed'])} | {fmt(row['innocent'])} | "
+                     f"{fmt(row['prior'])} |")
     table["pretrained"] = {"prior": seed_cell(rows, "pretrained", 0.0, "prior_trait_accuracy", "release"),
                            "default": seed_cell(rows, "pretrained", 0.0, "identity_recognition", "people")}
     return lines, table
@@ -269,6 +274,13 @@ def verdict(run: str, table: dict, seeds: list[int]) -> str:
     if learned.get("innocent") and full.get("innocent"):
         text += (f"; the innocent user's subjects are learned {pct(learned['innocent'])} of the time under it "
                  f"against {pct(full['innocent'])} under Full FT")
+    if learned.get("lora") and full.get("lora"):
+        text += (f". A rank-32 LoRA on what its mask leaves trainable forges {pct(learned['lora'])} (on Full FT's "
+                 f"model {pct(full['lora'])}" + (f", under Saliency's mask {pct(sal['lora'])}" if sal and sal.get("lora")
+                                                else "") + ")")
+        if learned.get("tensors") and sal and sal.get("tensors"):
+            text += (f"; for its 30% of the parameters the mask freezes {learned['tensors']['mean']:.0f} tensors "
+                     f"(Saliency's {sal['tensors']['mean']:.0f})")
     if sal and rnd:
         text += (f". Saliency: {pct(sal['default'])} by default, {pct(sal['worst'])} at worst "
                  f"({sal['worst_attack']})" + (f", innocent subjects {pct(sal['innocent'])}" if sal.get("innocent") else "")

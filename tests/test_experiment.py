@@ -184,6 +184,12 @@ def test_quick_demo_runs_every_stage_and_reports_the_prior(tmp_path, capsys):
     shares = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_param_fraction"
               and s["method"] != "full"}
     assert all(0.25 <= v <= 0.3 for v in shares.values()), shares
+    # and how many tensors that is: the count in the mask file each fine-tune ran under
+    from freezeasguard.guard.mask import Mask
+    counts = {s["method"]: s["mean"] for s in summary["summary"] if s["metric"] == "frozen_tensors"}
+    assert counts["full"] == 0 and counts["saliency"] > 0
+    learned = Mask.load(tmp_path / "demo" / "protect" / "learned" / "mask-0.3.safetensors")
+    assert counts["learned"] == len(learned.frozen_names)
     # the innocent user fine-tuned on the world's brand, and the untouched model was judged on it too
     rows = json.loads((tmp_path / "demo" / "results.json").read_text())
     brands = {r["subject"] for r in rows if r["metric"] == "subject_recognition"}

@@ -62,8 +62,27 @@ def test_the_verdict_sentence_says_the_numbers_and_the_margin_it_misses_by():
     assert "lets 51% through by default but 95% under steps-x5" in text and "missed by 56 points" in text
     assert "Saliency: 52% by default, 80% at worst (steps-x5); Random: 70% and 97% (lr-x10)" in text
     assert "learned 70% of the time under it against 90% under Full FT" in text
+    assert "LoRA" not in text              # runs without the lora-32 recipe say nothing of it
     table["learned"]["worst"] = c(0.3)
     assert "the target met" in paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
+
+
+def test_the_verdict_gives_the_lora_attack_and_the_tensors_each_mask_froze_where_recorded():
+    def c(mean):
+        return {"mean": mean, "std": 0.0}
+    table = {"full": {"default": c(0.84), "worst": c(0.99), "worst_attack": "steps-x5", "unnamed": c(0.09),
+                      "lora": c(0.794), "tensors": c(0.0)},
+             "learned": {"default": c(0.53), "worst": c(0.97), "worst_attack": "steps-x5", "unnamed": c(0.09),
+                         "lora": c(0.013), "tensors": c(600.0)},
+             "saliency": {"default": c(0.57), "worst": c(0.84), "worst_attack": "steps-x5", "lora": c(0.688),
+                          "tensors": c(91.0)},
+             "random": {"default": c(0.78), "worst": c(0.99), "worst_attack": "steps-x5"}}
+    text = paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
+    assert ("A rank-32 LoRA on what its mask leaves trainable forges 1% (on Full FT's model 79%, under Saliency's "
+            "mask 69%); for its 30% of the parameters the mask freezes 600 tensors (Saliency's 91)") in text
+    del table["learned"]["tensors"]          # a run that recorded no tensor count
+    text = paper_tables.verdict("guard-k5-cast2-logos", table, [0, 1])
+    assert "forges 1% (on Full FT's model 79%, under Saliency's mask 69%)" in text and "tensors" not in text
 
 
 def test_the_scale_sentence_gives_the_lead_over_random_at_each_number_of_people():

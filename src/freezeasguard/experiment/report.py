@@ -30,7 +30,7 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 # column titles of results.md; the arrow says which way is better for the publisher
-COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "identity_recognition": "Recognised ↓",
+COLUMN_NAMES = {"frozen_param_fraction": "Frozen params", "frozen_tensors": "Frozen tensors", "identity_recognition": "Recognised ↓",
                 "identity_recognition_unnamed": "Recognised as \"a person\" ↓", "identity_match_unnamed": "Face match as \"a person\" ↓", "identity_match": "Face match ↓",
                 "detection_failure": "No face ↑", "feature_fid": "Feature FID ↑", "fid": "FID ↑",
                 "kid": "KID ↑", "fid_features": "FID (fid_features) ↑",
