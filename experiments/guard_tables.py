@@ -3,7 +3,7 @@
   beside the masks they start from, under the default recipe and 10x the learning rate;
 - guard-judged/judged.md: on the casts nobody tuned on, every method by the default recipe and its
   worst of four, the innocent subject and the release's own prior; targets.md: each target of the
-  study checked per cast and method.
+  study checked per cast and method; verdict.md: the one sentence per cast that README quotes.
 
     python experiments/guard_tables.py
 
@@ -118,6 +118,25 @@ def targets(method: str, table: dict) -> list[str]:
     return [f"| {label} | {name} | {'met' if ok else 'missed'} | {detail} |" for name, ok, detail in checks]
 
 
+GUARDS_EXCLUDED = ("full", "imma", "pretrained")   # not freezing guards: nothing to compare a worst case with
+
+
+def verdict(folder: str, table: dict) -> str:
+    """One cast in a sentence: the best worst case among the freezing guards against Full FT's default."""
+    cast = folder.split("-")[2].removeprefix("cast")
+    guards = {m: r["worst"] for m, r in table.items() if m not in GUARDS_EXCLUDED and r.get("worst")}
+    full = table["full"]["default"]["mean"]
+    text = f"Cast {cast}: Full FT forges {full:.0%} of portraits by default (the target, half that, is ≤ {full / 2:.0%})"
+    best = min(guards.values(), key=lambda c: c["mean"])
+    if all(c["mean"] == best["mean"] for c in guards.values()):
+        return text + f"; every freezing guard reaches {best['mean']:.0%} at its worst recipe."
+    names = [method_label(m, 0.3, "params") for m, c in guards.items() if c["mean"] == best["mean"]]
+    return text + (f"; the best worst case among the {len(guards)} freezing guards is {best['mean']:.0%} "
+                   f"({', '.join(names)}), missing the target by {100 * (best['mean'] - full / 2):.0f} points."
+                   if best["mean"] > full / 2 else f"; {', '.join(names)} meets it at its worst recipe "
+                   f"({best['mean']:.0%}).")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args(argv)
@@ -145,6 +164,8 @@ def main(argv=None):
                   "|---|---|---|---|", *checks]
     (out / "targets.md").write_text("\n".join(targets_md) + "\n")
     (out / "judged.json").write_text(json.dumps(data, indent=1))
+    sentences = [verdict(folder, table) for folder, table in data.items()]
+    (out / "verdict.md").write_text(" ".join(sentences) + "\n")
     print("\n".join(judged + [""] + targets_md))
 
 
