@@ -63,10 +63,13 @@ def anatomy(mask: Mask, denoiser) -> dict:
 
 def run_anatomy(run: Path, denoiser) -> dict:
     """Every mask a run's protections wrote (protect/<method>/mask-<ratio>.safetensors)."""
+    config = run / "config.json"
+    budget = json.loads(config.read_text()).get("budget", "tensors") if config.exists() else "tensors"
     out = {}
     for path in sorted(run.glob("protect/*/mask-*.safetensors")):
         method, ratio = path.parent.name, float(path.stem.removeprefix("mask-"))
-        out[f"{method}@{ratio}"] = {"method": method, "ratio": ratio, **anatomy(Mask.load(path), denoiser)}
+        out[f"{method}@{ratio}"] = {"method": method, "ratio": ratio, "budget": budget,
+                                    **anatomy(Mask.load(path), denoiser)}
     return out
 
 
@@ -77,7 +80,7 @@ def table(runs: dict[str, dict]) -> list[str]:
         for entry in masks.values():
             att, conv = entry["by_kind"]["attention projection"], entry["by_kind"]["convolution"]
             share = conv["params"][0] / conv["params"][1] if conv["params"][1] else 0.0
-            lines.append(f"| {run} | {method_label(entry['method'], entry['ratio'], 'params')} | "
+            lines.append(f"| {run} | {method_label(entry['method'], entry['ratio'], entry['budget'])} | "
                          f"{entry['tensors'][0]} of {entry['tensors'][1]} | {entry['param_fraction']:.1%} | "
                          f"{att['tensors'][0]} of {att['tensors'][1]} | {conv['tensors'][0]} of "
                          f"{conv['tensors'][1]} ({share:.0%}) | {entry['lora_modules']} of {att['tensors'][1]} |")

@@ -82,6 +82,8 @@ for step in "$@"; do
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step paper-$step
+  # what each mask froze, kept because the masks stay under runs/ (experiments/results/paper-mask-anatomy)
+  .venv/bin/python experiments/mask_anatomy.py $runs/$step > /dev/null || echo "$step: mask anatomy failed" >&2
   rm -rf "experiments/state/paper-$step"      # finished: its results are kept instead
   echo "$step: $(( $(date +%s) - start )) s ($(date -u +%F), $(git rev-parse --short HEAD))" | tee -a experiments/results/paper-times.txt
 done
