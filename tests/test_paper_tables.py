@@ -98,6 +98,12 @@ def test_the_scale_sentence_gives_the_lead_over_random_at_each_number_of_people(
     assert "at 2 / 10 people per forger FreezeAsGuard lets 19% / 24% of portraits through against Random's " \
            "97% / 74%, a lead of 78 / 50 points that shrinks" in text
     assert "brands are learned 66% / 80% of the time under it (Full FT 97% / 97%)" in text and "seeds: 1 / 1" in text
+    assert "size" not in text                          # no parameter shares recorded: no claim about them
+    for k, learned_share in ((2, 0.715), (10, 0.644)):
+        table4[f"learned-0.3-k{k}"]["frozen"] = c(learned_share)
+        table4[f"random-0.3-k{k}"]["frozen"] = c(0.279)
+    assert ("but at 30% of tensors FreezeAsGuard's mask holds 72% / 64% of the parameters and Random's 28% / 28%, "
+            "so part of the lead is size") in paper_tables.scale_verdict(table4)
     table4["random-0.3-k2"]["forgeries"] = c(0.3)     # a lead of 11 then 50 points grows: no claim of the trend
     assert "shrinks" not in paper_tables.scale_verdict(table4)
     assert paper_tables.scale_verdict({}) == ""
