@@ -606,3 +606,13 @@ def test_an_assembled_pipeline_holds_each_folders_own_weights(tmp_path):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), (folder, part)
         # parts whose files are the base's are shared, not read again
         assert pipe.vae is base_vae
+
+
+def test_counts_are_whole_numbers_in_the_table_with_the_range_where_seeds_differ():
+    from freezeasguard.experiment.report import count_cell, summarise
+    rows = [{"method": "learned", "ratio": 0.3, "attack": "default", "domain": "people", "metric": "frozen_tensors",
+             "value": v} for v in (602.0, 589.0, 601.0)]
+    s = summarise(rows)[0]
+    assert (s["min"], s["max"], s["n"]) == (589.0, 602.0, 3)
+    assert count_cell(s) == "589-602"
+    assert count_cell(summarise(rows[:1])[0]) == "602"

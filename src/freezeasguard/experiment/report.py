@@ -25,7 +25,7 @@ def summarise(rows: list[dict]) -> list[dict]:
         key = (r["method"], r["ratio"], r.get("attack", "default"), r["domain"], r["metric"])
         groups.setdefault(key, []).append(r["value"])
     return [{"method": m, "ratio": ra, "attack": a, "domain": d, "metric": me, "mean": statistics.fmean(v),
-             "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+             "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v), "min": min(v), "max": max(v)}
             for (m, ra, a, d, me), v in groups.items()]
 
 
@@ -178,6 +178,16 @@ def worst_metric(summary: list[dict]) -> str | None:
     return found[0][0] if found else None
 
 
+# metrics that count things: shown as whole numbers, with the range where seeds differ
+COUNT_METRICS = {"frozen_tensors"}
+
+
+def count_cell(s: dict) -> str:
+    """A count's cell: "591", or "589-602" where the seeds or subjects disagree."""
+    low, high = round(s.get("min", s["mean"])), round(s.get("max", s["mean"]))
+    return f"{low}" if low == high else f"{low}-{high}"
+
+
 def _table_rows(keys, cols, cell, worst, cfg, label_attack: bool) -> list[str]:
     lines = []
     for method, ratio, attack in keys:
@@ -190,7 +200,7 @@ def _table_rows(keys, cols, cell, worst, cfg, label_attack: bool) -> list[str]:
                 vals.append(f"{w['worst']:.3f} ± {w['worst_std']:.3f} ({w['worst_attack']})" if w else "–")
                 continue
             s = cell.get((method, ratio, attack, d, m))
-            vals.append(f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "–")
+            vals.append("–" if not s else count_cell(s) if m in COUNT_METRICS else f"{s['mean']:.3f} ± {s['std']:.3f}")
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
     return lines
 
