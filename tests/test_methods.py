@@ -198,3 +198,33 @@ def test_learned_masks_of_several_ratios_share_one_warm_start(tiny_sd, people, l
     assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0].name.startswith("warm-start-")
     assert int(a.mask.frozen.sum()) == round(0.3 * 686) and int(b.mask.frozen.sum()) == round(0.5 * 686)
     assert c.mask.meta["hyperparameters"]["objective"] == "identity" != a.mask.meta["hyperparameters"]["objective"]
+
+
+def test_the_protection_seed_draws_another_release_and_zero_keeps_the_old_one(tiny_sd, people, logos, tmp_path):
+    s0 = ProtectSettings(budget="params", saliency_batches=2, mask_batch=2)
+    first = protect("saliency", tiny_sd, people, [logos], [], 0.3, tmp_path / "a", s0, device="cpu")
+    again = protect("saliency", tiny_sd, people, [logos], [], 0.3, tmp_path / "b", s0, device="cpu")
+    other = protect("saliency", tiny_sd, people, [logos], [], 0.3, tmp_path / "c",
+                    ProtectSettings(budget="params", saliency_batches=2, mask_batch=2, protection_seed=1), device="cpu")
+    assert torch.equal(first.mask.logits, again.mask.logits)          # a release is reproducible
+    assert not torch.equal(first.mask.logits, other.mask.logits)      # another seed draws other batches
+
+
+def test_the_learned_mask_takes_the_protection_seed_and_a_warm_start_of_its_own(tmp_path, monkeypatch):
+    from freezeasguard.methods import basic
+    from freezeasguard.methods.registry import MethodInputs, draw_seed
+    seen = []
+
+    def fake_learn(model, illegal, innocent, path, cfg, work_dir, resume, warm_start_dir):
+        seen.append((cfg.seed, warm_start_dir))
+        raise StopIteration
+    monkeypatch.setattr(basic, "learn_mask", fake_learn)
+    for seed in (0, 0, 3):
+        inputs = MethodInputs(tmp_path / "base", tmp_path / "ill", [tmp_path / "inn"], [], 0.3, tmp_path / "learned",
+                              ProtectSettings(protection_seed=seed))
+        with pytest.raises(StopIteration):
+            basic.learned(inputs)
+    assert [s for s, _ in seen] == [0, 0, 3]
+    assert seen[0][1] == seen[1][1] != seen[2][1]
+    assert (draw_seed(ProtectSettings(), 0), draw_seed(ProtectSettings(), 1)) == (0, 1)   # the streams before it
+    assert (draw_seed(ProtectSettings(protection_seed=3), 0), draw_seed(ProtectSettings(protection_seed=3), 1)) == (6, 7)

@@ -62,7 +62,8 @@ def learned_identity(inputs: MethodInputs) -> Protection:
 
 
 def _learned(inputs: MethodInputs, objective: str) -> Protection:
-    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=0, device=inputs.device,
+    cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=inputs.settings.protection_seed,
+                      device=inputs.device,
                       objective=objective)
     # the warm start (theta_ft) depends on the base model and data only, so every ratio shares it
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"
@@ -77,6 +78,8 @@ def shared_warm_start(inputs: MethodInputs) -> Path:
     """Where the warm start (theta_ft) of this base model and data lives: beside the methods' own
     folders, so that both objectives (learned, learned-identity) and every ratio share one. The
     runner makes a learner's masks in one process (protection_groups), so none is made twice at once."""
-    key = hashlib.blake2b("\n".join(map(str, [Path(inputs.model).resolve(), inputs.illegal, *inputs.innocent])).encode(),
-                          digest_size=6).hexdigest()
+    parts = [Path(inputs.model).resolve(), inputs.illegal, *inputs.innocent]
+    if inputs.settings.protection_seed:        # another seed, another warm start (seed 0 keeps its old name)
+        parts.append(f"protection_seed {inputs.settings.protection_seed}")
+    key = hashlib.blake2b("\n".join(map(str, parts)).encode(), digest_size=6).hexdigest()
     return inputs.work_dir.parent / f"warm-start-{key}"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from freezeasguard.training.batches import weighted_loss
 from freezeasguard.training.train import save_pipeline
 from freezeasguard.io import atomic_write_json
-from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, load_base, register
+from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, draw_seed, load_base, register
 from freezeasguard.guard.attackers import Adapter
 
 logger = logging.getLogger(__name__)
@@ -110,10 +110,10 @@ def imma(inputs: MethodInputs) -> Protection:
         return lambda: weighted_loss(comps.denoiser, mix.draw(device), schedule)[0]
 
     modules = target_modules(comps.denoiser, s.imma_targets)
-    history = immunize(comps.denoiser, modules, loss_of([inputs.illegal], 0),
-                       loss_of(inputs.innocent, 1) if inputs.innocent else None,
+    history = immunize(comps.denoiser, modules, loss_of([inputs.illegal], draw_seed(s, 0)),
+                       loss_of(inputs.innocent, draw_seed(s, 1)) if inputs.innocent else None,
                        s.imma_steps, s.imma_inner_steps, s.imma_inner_lr, s.imma_lr, s.imma_adapter, s.imma_rank,
-                       s.imma_preserve_weight)
+                       s.imma_preserve_weight, seed=s.protection_seed)
     out = inputs.work_dir / "model"
     atomic_write_json(inputs.work_dir / "imma_history.json", history)
     save_pipeline(inputs.model, comps.denoiser.cpu(), out,

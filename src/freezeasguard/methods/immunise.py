@@ -10,7 +10,7 @@ import dataclasses
 from freezeasguard.guard.immunise import immunise
 from freezeasguard.io import atomic_write_json
 from freezeasguard.models.pipelines import fingerprint
-from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, load_base, register
+from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, draw_seed, load_base, register
 from freezeasguard.training.train import save_pipeline
 
 
@@ -25,11 +25,11 @@ def immunise_release(inputs: MethodInputs) -> Protection:
     comps, schedule, device = load_base(inputs)
     mask.check_matches(list(comps.denoiser.named_parameters()))
     comps.denoiser.train()
-    illegal = data_mix([inputs.illegal], comps, schedule, s.immunise_batch, 0, device, s.identity_class)
-    innocent = (data_mix(inputs.innocent, comps, schedule, s.immunise_batch, 1, device, s.innocent_identity_class)
-                if inputs.innocent else None)
+    illegal = data_mix([inputs.illegal], comps, schedule, s.immunise_batch, draw_seed(s, 0), device, s.identity_class)
+    innocent = (data_mix(inputs.innocent, comps, schedule, s.immunise_batch, draw_seed(s, 1), device,
+                         s.innocent_identity_class) if inputs.innocent else None)
     history = immunise(comps.denoiser, set(mask.frozen_names), lambda: illegal.draw(device),
-                       (lambda: innocent.draw(device)) if innocent else None, schedule, s)
+                       (lambda: innocent.draw(device)) if innocent else None, schedule, s, seed=s.protection_seed)
     out = inputs.work_dir / f"release-{inputs.ratio:g}"
     atomic_write_json(inputs.work_dir / f"immunise-{inputs.ratio:g}-history.json", history)
     denoiser = comps.denoiser.cpu()

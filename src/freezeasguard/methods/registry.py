@@ -29,6 +29,10 @@ class ProtectSettings(MaskLearningSettings, ImmuniseSettings):
     """Settings of the protection methods: mask learning's (inherited, the paper's defaults), the
     immunised release's (inherited) and the baselines'. The experiment config extends this; every field is a key of its YAML file and a
     flag of ``freezeasguard protect``."""
+    protection_seed: int = setting(0, "seed of every draw a protection makes (FreezeAsGuard's mask learning and its warm "
+                                      "start, Saliency's batches, the immunised release, IMMA): a publisher ships one "
+                                      "release, so experiments keep it across their fine-tuning seeds; another value "
+                                      "makes another release, to see how much the guard depends on it")
     # saliency
     saliency_batches: int = setting(8, "saliency: illegal (and innocent) batches whose gradients are summed")
     saliency_innocent_weight: float = setting(0.0, "saliency: score = |g_illegal| - weight * |g_innocent|")
@@ -103,6 +107,12 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+
+
+def draw_seed(settings: ProtectSettings, stream: int) -> int:
+    """The seed of a protection's stream-th data stream (0: illegal, 1: innocent) under its
+    protection_seed; protection_seed 0 gives the streams 0 and 1 every release drew before it existed."""
+    return 2 * settings.protection_seed + stream
 
 
 def data_mix(paths, components, schedule, batch: int, seed: int, device, class_phrase: str | None = None):

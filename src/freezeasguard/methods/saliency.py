@@ -16,7 +16,7 @@ import torch
 from freezeasguard.training.batches import objective_loss, weighted_loss
 from freezeasguard.guard.mask import Mask
 from freezeasguard.models.pipelines import fingerprint, load_denoiser_state
-from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, load_base, register
+from freezeasguard.methods.registry import MethodInputs, Protection, data_mix, draw_seed, load_base, register
 
 
 def tensor_scores(illegal_norms: torch.Tensor, innocent_norms: torch.Tensor | None, numel: list[int],
@@ -71,8 +71,8 @@ def _saliency(inputs: MethodInputs, objective: str) -> Protection:
         return gradient_norms(comps.denoiser, mix, schedule, s.saliency_batches, device,
                               objective_loss(s.objective, illegal_domains))
 
-    ill = norms([inputs.illegal], 0, s.identity_class, (0,))
-    inn = (norms(inputs.innocent, 1, s.innocent_identity_class, ())
+    ill = norms([inputs.illegal], draw_seed(s, 0), s.identity_class, (0,))
+    inn = (norms(inputs.innocent, draw_seed(s, 1), s.innocent_identity_class, ())
            if s.saliency_innocent_weight and inputs.innocent else None)
     scores = tensor_scores(ill, inn, [p.numel() for _, p in named], s.saliency_innocent_weight, s.saliency_normalize)
     mask = Mask.from_scores(named, scores.float(), inputs.ratio, s.budget, base_fingerprint=base_fp,
