@@ -24,7 +24,7 @@ from freezeasguard.guard.mask import Mask, tensor_kind
 from freezeasguard.io import atomic_write_json, atomic_write_text
 from freezeasguard.methods import method_label
 from freezeasguard.synthetic import TINY_SD
-from freezeasguard.training.lora import DEFAULT_TARGETS, LoraSettings, NoAllowedModules, attacker_targets
+from freezeasguard.training.lora import LoraSettings, NoAllowedModules, attacker_targets, is_default_target
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments" / "results" / "paper-mask-anatomy"
@@ -37,8 +37,7 @@ def kind_of(name: str, shape: tuple[int, ...]) -> str:
     kind = tensor_kind(name)
     if kind != "weight":
         return kind
-    module = name.removesuffix(".weight")
-    if any(module == t or module.endswith(f".{t}") for t in DEFAULT_TARGETS):
+    if is_default_target(name.removesuffix(".weight")):
         return "attention projection"
     return "convolution" if len(shape) == 4 else "other linear"
 

@@ -352,12 +352,9 @@ class Runner:
         ft, info = (self.finetune_dir(method, ratio, seed, domain, subjects, attack), done) if done is not None else \
             self.finetune(method, ratio, seed, domain, subjects, attack)
         if domain == "people":
-            # what the mask froze, in parameters and in tensors: a mask of many small tensors (a
-            # budget of parameters) leaves a LoRA little to go on and a full fine-tune the big ones
             rows = [] if info.get("skipped") else [
                 {"method": method, "ratio": ratio, "attack": attack, "seed": seed, "subject": group_tag(subjects),
-                 "domain": domain, "metric": metric, "value": info[metric]}
-                for metric in ("frozen_param_fraction", "frozen_tensors")]
+                 "domain": domain, "metric": m, "value": info[m]} for m in ("frozen_param_fraction", "frozen_tensors")]
             return rows + [r for s in subjects for r in self.eval_people(ft, method, ratio, seed, s, attack)]
         return self.eval_innocent(ft, method, ratio, seed, domain, attack, subjects)
 

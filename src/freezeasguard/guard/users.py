@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from freezeasguard.training.lora import DEFAULT_TARGETS
+from freezeasguard.training.lora import is_default_target
 
 USER_STEPS = ("sgd", "adam", "lora")
 USER_WEIGHTINGS = ("mean", "softmax", "max")
@@ -79,9 +79,7 @@ def users_for_update(cfg, update: int) -> list[SimulatedUser]:
 def lora_tensors(names: list[str]) -> list[int]:
     """Indices of the weights a LoRA user adapts: the attention projections (to_q, to_k, to_v,
     to_out.0), as the attacks' LoRA recipes and diffusers' LoRA scripts do."""
-    return [i for i, n in enumerate(names)
-            if n.endswith(".weight") and any(n[:-len(".weight")].endswith(f".{t}") or n[:-len(".weight")] == t
-                                             for t in DEFAULT_TARGETS)]
+    return [i for i, n in enumerate(names) if n.endswith(".weight") and is_default_target(n.removesuffix(".weight"))]
 
 
 def lora_down(shape: torch.Size, rank: int, seed: int, index: int, dtype, device) -> torch.Tensor:

@@ -26,6 +26,11 @@ LORA_FILE = "pytorch_lora_weights.safetensors"      # the name diffusers' save/l
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")   # attention projections, as diffusers' LoRA scripts
 
 
+def is_default_target(module: str) -> bool:
+    """Whether a module (by its dotted name) is one a LoRA recipe adapts when it names none."""
+    return any(module == t or module.endswith(f".{t}") for t in DEFAULT_TARGETS)
+
+
 @dataclass
 class LoraSettings:
     """A guarded LoRA fine-tune (rank 0: no adapter, full fine-tuning under the mask)."""
@@ -60,7 +65,7 @@ def choose_targets(denoiser, mask: Mask, settings: LoraSettings) -> list[str]:
             raise ValueError(f"--lora-targets asks for {len(refused)} modules the mask freezes (first: {refused[0]}); "
                              f"an adapter there would change frozen weights. Leave them out.")
     else:
-        chosen = [n for n in able if n not in blocked and any(n == t or n.endswith(f".{t}") for t in DEFAULT_TARGETS)]
+        chosen = [n for n in able if n not in blocked and is_default_target(n)]
         if not chosen:
             raise ValueError("the mask freezes every attention projection; name other modules with --lora-targets")
     for n in chosen:
@@ -86,7 +91,7 @@ def attacker_targets(denoiser, mask: Mask, settings: LoraSettings) -> tuple[list
     if settings.targets:
         chosen = [n for n in allowed if _peft_matches(settings.targets, n)]
     else:
-        chosen = [n for n in allowed if any(n == t or n.endswith(f".{t}") for t in DEFAULT_TARGETS)]
+        chosen = [n for n in allowed if is_default_target(n)]
     if not chosen:
         raise NoAllowedModules(f"no module the recipe asks for ({settings.targets or 'attention projections'}) is "
                                f"trainable under the mask")
