@@ -4,7 +4,9 @@ beside the paper's own numbers:
 
 - paper-tables/table2.md: 10 people per forger, FreezeAsGuard and Random at 10-80% of tensors,
   Full FT, UCE, IMMA, innocent logos;
-- table4.md: 2, 5 and 10 people per forger at 20 and 30% of tensors;
+- table2-verdict.md: the paragraph under Table 2, written from its cells;
+- table4.md: 2, 5 and 10 people per forger at 20 and 30% of tensors (table4-verdict.md: its
+  sentence, also the last of verdict.md);
 - table5.md: 5 people per forger, logos and clothing lines as the innocent domain;
 - guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
   recipes on the casts nobody tuned on, and each target of the study met or missed;
@@ -316,6 +318,51 @@ def scale_verdict(table4: dict, ratio: float = 0.3) -> str:
             + size_clause(ks, cell, ratio) + ".")
 
 
+def table2_verdict(table2: dict) -> str:
+    """The paragraph under Table 2, from its cells: is the name bound, how far FreezeAsGuard's
+    masks cut forgeries against Random's at each share of tensors, the fairest comparison at equal
+    parameters (the learned and random masks whose parameter shares are closest), and the price."""
+    full, learned_keys = table2.get("full-0"), sorted(k for k in table2 if k.startswith("learned-"))
+    pairs = [(k, "random-" + k.split("-", 1)[1]) for k in learned_keys if "random-" + k.split("-", 1)[1] in table2]
+    if not full or not pairs:
+        return ""
+    seeds = full["forgeries"]["seeds"]
+
+    def share(key):
+        return float(key.split("-", 1)[1])
+    below = [k for k, r in pairs if table2[k]["forgeries"]["mean"] < table2[r]["forgeries"]["mean"]]
+    text = (f"Table 2 ({seeds} seed{'s' if seeds > 1 else ''}, the default recipe; the worst recipe is the guard "
+            f"study's): with 10 people per forger Full FT forges {pct(full['forgeries'])} of portraits, "
+            f"{pct(full['unnamed'])} when prompted \"a person\" (the names are bound). FreezeAsGuard forges "
+            + ("less than Random at every share of tensors" if len(below) == len(pairs)
+               else f"less than Random at {len(below)} of {len(pairs)} shares of tensors") + ": "
+            + ", ".join(f"{pct(table2[k]['forgeries'])} at {share(k):.0%} against {pct(table2[r]['forgeries'])}"
+                        for k, r in pairs) + ".")
+    with_share = [k for k in table2 if table2[k].get("frozen") and k.split("-")[0] in ("learned", "random")]
+    if with_share:
+        learned_sizes = [k for k in with_share if k.startswith("learned-")]
+        text += (" Its masks are large tensors (" + " / ".join(f"{share(k) * 100:.0f}" for k in learned_sizes)
+                 + "% of tensors are " + " / ".join(f"{table2[k]['frozen']['mean'] * 100:.0f}" for k in learned_sizes)
+                 + "% of the parameters), so the fair comparison is at equal parameters")
+        randoms = [k for k in with_share if k.startswith("random-")]
+        if learned_sizes and randoms:
+            a, b = min(((a, b) for a in learned_sizes for b in randoms),
+                       key=lambda p: abs(table2[p[0]]["frozen"]["mean"] - table2[p[1]]["frozen"]["mean"]))
+            text += (f": the closest pair, FreezeAsGuard-{share(a):.0%} ({pct(table2[a]['frozen'])} of the parameters) "
+                     f"and Random-{share(b):.0%} ({pct(table2[b]['frozen'])}), forge {pct(table2[a]['forgeries'])} and "
+                     f"{pct(table2[b]['forgeries'])} and keep {pct(table2[a]['brands'])} and {pct(table2[b]['brands'])} "
+                     "of the brands")
+        text += "."
+    brands = [table2[k]["brands"]["mean"] for k in learned_keys]
+    text += (f" The innocent user pays: brands recognised fall from {pct(full['brands'])} (Full FT) to "
+             f"{min(brands) * 100:.0f}-{max(brands) * 100:.0f}% under FreezeAsGuard's masks.")
+    others = [f"{name} {pct(table2[key]['forgeries'])}" for name, key in (("UCE", "uce-0"), ("IMMA", "imma-0"))
+              if key in table2]
+    if others:
+        text += f" The other baselines forge: {', '.join(others)}."
+    return text
+
+
 def size_clause(ks, cell, ratio) -> str:
     """A budget of tensors is not one of parameters: the learned mask picks large tensors, so its
     lead over Random is partly that it freezes more of the model. Say how much more."""
@@ -349,6 +396,8 @@ def main(argv=None):
                            f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
     atomic_write_text(OUT / "guard.md", "\n".join(guard))
     verdicts.append(scale_verdict(data["table4"]))
+    atomic_write_text(OUT / "table4-verdict.md", (verdicts[-1] or "Table 4 has not been run.") + "\n")
+    atomic_write_text(OUT / "table2-verdict.md", (table2_verdict(data["table2"]) or "Table 2 has not been run.") + "\n")
     atomic_write_text(OUT / "verdict.md", "\n\n".join(v for v in verdicts if v) or "No guard-study run has finished.")
     atomic_write_text(OUT / "verdict.md", (OUT / "verdict.md").read_text() + "\n")
     targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "

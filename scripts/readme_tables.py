@@ -21,6 +21,9 @@ BLOCK = re.compile(r"(<!-- results: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /resu
 
 def table_of(path: Path) -> str:
     """The results.md without its first line (the run's description, said in the prose instead)."""
+    if not path.exists():
+        sys.exit(f"{path.relative_to(ROOT)}: no such results file; run the script that writes it first "
+                 "(experiments/paper_tables.py, experiments/guard_tables.py, ...)")
     lines = path.read_text().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("|")), 0)   # no table yet: all of it
     return "\n".join(lines[start:]).strip() + "\n"

@@ -107,3 +107,25 @@ def test_the_scale_sentence_gives_the_lead_over_random_at_each_number_of_people(
     table4["random-0.3-k2"]["forgeries"] = c(0.3)     # a lead of 11 then 50 points grows: no claim of the trend
     assert "shrinks" not in paper_tables.scale_verdict(table4)
     assert paper_tables.scale_verdict({}) == ""
+
+
+def test_the_table2_paragraph_compares_at_each_share_and_at_the_closest_parameter_share():
+    def c(mean, seeds=2):
+        return {"mean": mean, "std": 0.0, "seeds": seeds}
+    table2 = {"full-0": {"forgeries": c(0.925), "unnamed": c(0.113), "brands": c(0.969)},
+              "uce-0": {"forgeries": c(0.681)},
+              "learned-0.1": {"forgeries": c(0.369), "frozen": c(0.34), "brands": c(0.891)},
+              "random-0.1": {"forgeries": c(0.869), "frozen": c(0.10), "brands": c(0.953)},
+              "learned-0.4": {"forgeries": c(0.219), "frozen": c(0.66), "brands": c(0.812)},
+              "random-0.4": {"forgeries": c(0.700), "frozen": c(0.35), "brands": c(0.938)}}
+    text = paper_tables.table2_verdict(table2)
+    assert text.startswith("Table 2 (2 seeds, the default recipe;") and "Full FT forges 92% of portraits, 11%" in text
+    assert "less than Random at every share of tensors: 37% at 10% against 87%, 22% at 40% against 70%." in text
+    assert "10 / 40% of tensors are 34 / 66% of the parameters" in text
+    # |0.34 - 0.35| is the smallest gap of the four learned x random pairs
+    assert ("the closest pair, FreezeAsGuard-10% (34% of the parameters) and Random-40% (35%), forge 37% and 70% and "
+            "keep 89% and 94% of the brands") in text
+    assert "fall from 97% (Full FT) to 81-89%" in text and "The other baselines forge: UCE 68%." in text
+    table2["random-0.4"]["forgeries"] = c(0.2)
+    assert "less than Random at 1 of 2 shares of tensors" in paper_tables.table2_verdict(table2)
+    assert paper_tables.table2_verdict({}) == ""
