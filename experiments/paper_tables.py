@@ -10,6 +10,8 @@ beside the paper's own numbers:
 - table5.md: 5 people per forger, logos and clothing lines as the innocent domain;
 - guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
   recipes on the casts nobody tuned on, and each target of the study met or missed;
+- budget.md: FreezeAsGuard, Saliency and Random at 30, 50 and 70% of the parameters under the
+  default recipe and steps-x5 (cast 2), and a sentence on whether a larger mask meets the target;
 - verdict.md: a sentence per cast on whether FreezeAsGuard holds, written from guard.md's numbers
   (README's results quote it).
 
@@ -58,6 +60,9 @@ PAPER_TABLE5 = {("full", 0.0): (32.83, 32.84), ("uce", 0.0): (30.27, 32.47), ("i
 TABLE2_RUN, TABLE4_RUNS = "table2-cast1", {2: "table4-k2-cast1", 5: "table4-k5-cast1", 10: "table2-cast1"}
 TABLE5_RUN = "table4-k5-cast1"
 GUARD_RUNS = ["guard-k5-cast1-clothes", "guard-k5-cast2-logos"]
+# larger masks against the guard study's worst recipe, beside that study's run of the same cast
+BUDGET_RUN, BUDGET_GUARD_RUN = "budget-k5-cast2-logos", "guard-k5-cast2-logos"
+BUDGET_METHODS = ["full", "learned", "saliency", "random"]
 # the methods whose targets are checked: the paper's learner and the study's designs
 CHECKED = ["learned", "learned-identity", "learned-identity+immunise", "saliency+immunise"]
 
@@ -193,6 +198,55 @@ def table5() -> tuple[list[str], dict]:
         lines.append(f"| {label(method, ratio)} | " + " | ".join(fmt(row[c]) for c in row) +
                      f" | {logo_clip:.2f} | {clothes_clip:.2f} |")
     return lines, data
+
+
+def budget_table(rows_budget: list[dict], rows_guard: list[dict], seeds: list[int]) -> tuple[list[str], dict]:
+    """Each freezing method at 30% (the guard study's run of the same cast and seeds), 50 and 70% of
+    the parameters, under the default recipe and steps-x5 (the guard study's worst): does a larger
+    mask survive the recipe that beat every 30% mask?"""
+    rows = rows_budget + [r for r in rows_guard if r["seed"] in seeds and r["method"] in BUDGET_METHODS
+                          and abs(r["ratio"] - 0.3) < 1e-9]
+    lines = ["| method | tensors frozen | forgeries ↓ default | forgeries ↓ steps-x5 | innocent subjects ↑ |",
+             "|---" * 5 + "|"]
+    data = {}
+    shares = sorted({r["ratio"] for r in rows if r["method"] != "full"})
+    for method, ratio in [("full", 0.0)] + [(m, share) for m in BUDGET_METHODS if m != "full" for share in shares]:
+        row = {"tensors": seed_cell(rows, method, ratio, "frozen_tensors", "people"),
+               "default": seed_cell(rows, method, ratio, "identity_recognition", "people"),
+               "steps-x5": seed_cell(rows, method, ratio, "identity_recognition", "people", "steps-x5"),
+               "innocent": seed_cell(rows, method, ratio, "subject_recognition", "logos")}
+        if row["default"] is None:
+            continue
+        data[f"{method}-{ratio:g}"] = row
+        tensors = f"{row['tensors']['mean']:.0f}" if row["tensors"] else "–"
+        lines.append(f"| {label(method, ratio, 'params')} | {tensors} | {fmt(row['default'])} | "
+                     f"{fmt(row['steps-x5'])} | {fmt(row['innocent'])} |")
+    return lines, data
+
+
+def budget_verdict(data: dict, seeds: list[int]) -> str:
+    """One sentence: each method's steps-x5 forgeries as its share of the parameters grows, against
+    the guard study's target (half Full FT's default forgeries) and the innocent subjects kept."""
+    full = data.get("full-0")
+    if not full or not full.get("steps-x5"):
+        return ""
+    limit = full["default"]["mean"] / 2
+    parts = []
+    for method, name in (("learned", "FreezeAsGuard"), ("saliency", "Saliency"), ("random", "Random")):
+        keys = sorted((k for k in data if k.startswith(method + "-") and data[k].get("steps-x5")),
+                      key=lambda k: float(k.split("-", 1)[1]))
+        if keys:
+            parts.append(f"{name} " + " / ".join(pct(data[k]["steps-x5"]) for k in keys) + " (innocent subjects "
+                         + " / ".join(pct(data[k]["innocent"]) for k in keys if data[k]["innocent"]) + ")")
+    shares = sorted({float(k.split("-", 1)[1]) for k in data if not k.startswith("full-")})
+    held = [k for k in data if not k.startswith("full-") and data[k].get("steps-x5")
+            and data[k]["steps-x5"]["mean"] <= limit]
+    return (f"**A larger mask** (cast 2, innocent logos, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}): under "
+            f"steps-x5, at " + " / ".join(f"{x:.0%}" for x in shares) + " of the parameters, " + "; ".join(parts)
+            + f", against Full FT's {pct(full['steps-x5'])} ({pct(full['default'])} by default, so the target is "
+            f"≤ {limit:.0%}); " + (f"{len(held)} of {sum(1 for k in data if not k.startswith('full-'))} masks meet"
+                                    + ("s" if len(held) == 1 else "") + " it"
+                                    if held else "no mask meets it") + ".")
 
 
 def innocent_domain(rows) -> str:
@@ -400,6 +454,10 @@ def main(argv=None):
     atomic_write_text(OUT / "table2-verdict.md", (table2_verdict(data["table2"]) or "Table 2 has not been run.") + "\n")
     atomic_write_text(OUT / "verdict.md", "\n\n".join(v for v in verdicts if v) or "No guard-study run has finished.")
     atomic_write_text(OUT / "verdict.md", (OUT / "verdict.md").read_text() + "\n")
+    rows_budget, _, budget_seeds = load_run(BUDGET_RUN)
+    if rows_budget:
+        lines, data["budget"] = budget_table(rows_budget, load_run(BUDGET_GUARD_RUN)[0], budget_seeds)
+        atomic_write_text(OUT / "budget.md", "\n".join(lines) + "\n\n" + budget_verdict(data["budget"], budget_seeds) + "\n")
     targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "
                   "seeds of the two methods):", "", "| cast · method | target | | measured |", "|---|---|---|---|",
                   *checks]

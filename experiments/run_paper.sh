@@ -9,6 +9,10 @@
 #   guard-k5-cast2-logos-sN / guard-k5-cast1-clothes-sN
 #                     the guard study in this protocol: every freezing method at 30% of the parameters,
 #                     the immunised releases, IMMA, Full FT, each under the demo's four recipes
+#   budget-k5-cast2-logos-sN
+#                     does a larger mask survive the guard study's worst recipe? FreezeAsGuard, Saliency
+#                     and Random at 50 and 70% of the parameters, default and steps-x5, and Full FT (the
+#                     30% masks are the guard study's run of the same cast and seed)
 # One seed per folder (a finished seed is a result on its own; the table writer pools the seeds it
 # finds). Cast 0 is where the demo's settings were tuned; nothing here is tuned, every claim is
 # judged on casts 1 and 2. Heavy outputs stay under runs/paper/; reports are copied to
@@ -79,6 +83,9 @@ for step in "$@"; do
                        "people_per_forger: 5" "budget: params" "methods: $GUARD" "$FOUR" ;;
     guard-k5-cast1-clothes-s*) experiment $step "cast_seed: 1" "innocent: [clothes]" "seeds: [$seed]" \
                        "people_per_forger: 5" "budget: params" "methods: $GUARD" "$FOUR" ;;
+    budget-k5-cast2-logos-s*) experiment $step "cast_seed: 2" "innocent: [logos]" "seeds: [$seed]" \
+                       "people_per_forger: 5" "budget: params" "ratios: [0.5, 0.7]" \
+                       "methods: [full, learned, saliency, random]" "attacks: [default, steps-x5]" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   keep $runs/$step paper-$step

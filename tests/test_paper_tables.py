@@ -129,3 +129,26 @@ def test_the_table2_paragraph_compares_at_each_share_and_at_the_closest_paramete
     table2["random-0.4"]["forgeries"] = c(0.2)
     assert "less than Random at 1 of 2 shares of tensors" in paper_tables.table2_verdict(table2)
     assert paper_tables.table2_verdict({}) == ""
+
+
+def test_the_budget_table_joins_the_guard_runs_30_percent_masks_of_the_same_seeds_and_judges_the_target():
+    budget = [_row("full", 0, "A", 0.8, ratio=0.0), _row("full", 0, "A", 1.0, attack="steps-x5", ratio=0.0),
+              _row("full", 0, "brand", 1.0, metric="subject_recognition", ratio=0.0, domain="logos")]
+    for ratio, default, worst, brands in ((0.5, 0.2, 0.6, 0.7), (0.7, 0.1, 0.35, 0.4)):
+        budget += [_row("learned", 0, "A", default, ratio=ratio), _row("learned", 0, "A", worst, "identity_recognition",
+                                                                       "steps-x5", ratio),
+                   _row("learned", 0, "brand", brands, "subject_recognition", ratio=ratio, domain="logos")]
+    guard = [_row("learned", 0, "A", 0.5), _row("learned", 0, "A", 0.95, attack="steps-x5"),
+             _row("learned", 0, "brand", 0.9, "subject_recognition", domain="logos"),
+             _row("learned", 1, "A", 0.0, attack="steps-x5"),          # another seed: not this run's
+             _row("imma", 0, "A", 0.0, ratio=0.3)]                     # not a method of the budget table
+    lines, data = paper_tables.budget_table(budget, guard, [0])
+    assert set(data) == {"full-0", "learned-0.3", "learned-0.5", "learned-0.7"}
+    assert data["learned-0.3"]["steps-x5"]["mean"] == pytest.approx(0.95)
+    assert any(line.startswith("| FreezeAsGuard-70% params | – | 0.100 ± 0.000 | 0.350 ± 0.000 | 0.400") for line in lines)
+    text = paper_tables.budget_verdict(data, [0])
+    # the target is half Full FT's default, 40%: only the 70% mask's 35% meets it
+    assert "FreezeAsGuard 95% / 60% / 35% (innocent subjects 90% / 70% / 40%)" in text
+    assert "against Full FT's 100% (80% by default, so the target is ≤ 40%); 1 of 3 masks meets it" in text
+    data["learned-0.7"]["steps-x5"]["mean"] = 0.5
+    assert paper_tables.budget_verdict(data, [0]).endswith("no mask meets it.")
