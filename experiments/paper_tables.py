@@ -385,11 +385,15 @@ def table2_verdict(table2: dict) -> str:
     def share(key):
         return float(key.split("-", 1)[1])
     below = [k for k, r in pairs if table2[k]["forgeries"]["mean"] < table2[r]["forgeries"]["mean"]]
+    beyond = [k for k, r in pairs if table2[r]["forgeries"]["mean"] - table2[k]["forgeries"]["mean"]
+              > max(table2[k]["forgeries"]["std"], table2[r]["forgeries"]["std"])]
     text = (f"Table 2 ({seeds} seed{'s' if seeds > 1 else ''}, the default recipe; the worst recipe is the guard "
             f"study's): with 10 people per forger Full FT forges {pct(full['forgeries'])} of portraits, "
             f"{pct(full['unnamed'])} when prompted \"a person\" (the names are bound). FreezeAsGuard forges "
             + ("less than Random at every share of tensors" if len(below) == len(pairs)
-               else f"less than Random at {len(below)} of {len(pairs)} shares of tensors") + ": "
+               else f"less than Random at {len(below)} of {len(pairs)} shares of tensors")
+            + (f" (by more than the seed spread at {len(beyond)} of them)" if seeds > 1 and len(beyond) < len(below)
+               else "") + ": "
             + ", ".join(f"{pct(table2[k]['forgeries'])} at {share(k):.0%} against {pct(table2[r]['forgeries'])}"
                         for k, r in pairs) + ".")
     with_share = [k for k in table2 if table2[k].get("frozen") and k.split("-")[0] in ("learned", "random")]
