@@ -11,7 +11,8 @@ beside the paper's own numbers:
 - guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
   recipes on the casts nobody tuned on, and each target of the study met or missed;
 - budget.md: FreezeAsGuard, Saliency and Random at 30, 50 and 70% of the parameters under the
-  default recipe and steps-x5 (cast 2), and a sentence on whether a larger mask meets the target;
+  default recipe and steps-x5 (cast 2), and a sentence on whether a larger mask meets the target
+  (also in verdict.md);
 - verdict.md: a sentence per cast on whether FreezeAsGuard holds, written from guard.md's numbers
   (README's results quote it).
 
@@ -245,7 +246,10 @@ def budget_verdict(data: dict, seeds: list[int]) -> str:
             f"steps-x5, at " + " / ".join(f"{x:.0%}" for x in shares) + " of the parameters, " + "; ".join(parts)
             + f", against Full FT's {pct(full['steps-x5'])} ({pct(full['default'])} by default, so the target is "
             f"≤ {limit:.0%}); " + (f"{len(held)} of {sum(1 for k in data if not k.startswith('full-'))} masks meet"
-                                    + ("s" if len(held) == 1 else "") + " it"
+                                    + ("s" if len(held) == 1 else "") + " it: " + ", ".join(
+                                        f"{label(k.split('-')[0], float(k.split('-', 1)[1]), 'params')}, under which "
+                                        f"the innocent user's subjects are learned {pct(data[k]['innocent'])} of the "
+                                        f"time (Full FT {pct(full['innocent'])})" for k in held if data[k]["innocent"])
                                     if held else "no mask meets it") + ".")
 
 
@@ -453,15 +457,16 @@ def main(argv=None):
                 checks += [f"| {run.split('-', 2)[-1]} · {label(method, 0.3, 'params')} | {name} | "
                            f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
     atomic_write_text(OUT / "guard.md", "\n".join(guard))
+    rows_budget, _, budget_seeds = load_run(BUDGET_RUN)
+    if rows_budget:
+        lines, data["budget"] = budget_table(rows_budget, load_run(BUDGET_GUARD_RUN)[0], budget_seeds)
+        verdicts.append(budget_verdict(data["budget"], budget_seeds))
+        atomic_write_text(OUT / "budget.md", "\n".join(lines) + "\n\n" + verdicts[-1] + "\n")
     verdicts.append(scale_verdict(data["table4"]))
     atomic_write_text(OUT / "table4-verdict.md", (verdicts[-1] or "Table 4 has not been run.") + "\n")
     atomic_write_text(OUT / "table2-verdict.md", (table2_verdict(data["table2"]) or "Table 2 has not been run.") + "\n")
     atomic_write_text(OUT / "verdict.md", "\n\n".join(v for v in verdicts if v) or "No guard-study run has finished.")
     atomic_write_text(OUT / "verdict.md", (OUT / "verdict.md").read_text() + "\n")
-    rows_budget, _, budget_seeds = load_run(BUDGET_RUN)
-    if rows_budget:
-        lines, data["budget"] = budget_table(rows_budget, load_run(BUDGET_GUARD_RUN)[0], budget_seeds)
-        atomic_write_text(OUT / "budget.md", "\n".join(lines) + "\n\n" + budget_verdict(data["budget"], budget_seeds) + "\n")
     targets_md = ["The study's targets per cast and method (worst of the four recipes; spreads: the larger std over "
                   "seeds of the two methods):", "", "| cast · method | target | | measured |", "|---|---|---|---|",
                   *checks]
