@@ -11,7 +11,7 @@ beside the paper's own numbers:
 - guard.md / targets.md: every freezing method at 30% of the parameters under the demo's four
   recipes on the casts nobody tuned on, and each target of the study met or missed;
 - budget.md: FreezeAsGuard, Saliency and Random at 30, 50 and 70% of the parameters under the
-  default recipe and steps-x5 (cast 2), and a sentence on whether a larger mask meets the target
+  default recipe and steps-x5, per cast, and a sentence on whether a larger mask meets the target
   (also in verdict.md);
 - verdict.md: a sentence per cast on whether FreezeAsGuard holds, written from guard.md's numbers
   (README's results quote it).
@@ -62,7 +62,7 @@ TABLE2_RUN, TABLE4_RUNS = "table2-cast1", {2: "table4-k2-cast1", 5: "table4-k5-c
 TABLE5_RUN = "table4-k5-cast1"
 GUARD_RUNS = ["guard-k5-cast1-clothes", "guard-k5-cast2-logos"]
 # larger masks against the guard study's worst recipe, beside that study's run of the same cast
-BUDGET_RUN, BUDGET_GUARD_RUN = "budget-k5-cast2-logos", "guard-k5-cast2-logos"
+BUDGET_RUNS = {"budget-k5-cast1-clothes": "guard-k5-cast1-clothes", "budget-k5-cast2-logos": "guard-k5-cast2-logos"}
 BUDGET_METHODS = ["full", "learned", "saliency", "random"]
 # the methods whose targets are checked: the paper's learner and the study's designs
 CHECKED = ["learned", "learned-identity", "learned-identity+immunise", "saliency+immunise"]
@@ -201,31 +201,34 @@ def table5() -> tuple[list[str], dict]:
     return lines, data
 
 
-def budget_table(rows_budget: list[dict], rows_guard: list[dict], seeds: list[int]) -> tuple[list[str], dict]:
+BUDGET_HEADER = ["| cast | method | tensors frozen | forgeries ↓ default | forgeries ↓ steps-x5 | innocent subjects ↑ |",
+                 "|---" * 6 + "|"]
+
+
+def budget_table(run: str, rows_budget: list[dict], rows_guard: list[dict], seeds: list[int]) -> tuple[list[str], dict]:
     """Each freezing method at 30% (the guard study's run of the same cast and seeds), 50 and 70% of
     the parameters, under the default recipe and steps-x5 (the guard study's worst): does a larger
-    mask survive the recipe that beat every 30% mask?"""
+    mask survive the recipe that beat every 30% mask? Rows of BUDGET_HEADER's table."""
     rows = rows_budget + [r for r in rows_guard if r["seed"] in seeds and r["method"] in BUDGET_METHODS
                           and abs(r["ratio"] - 0.3) < 1e-9]
-    lines = ["| method | tensors frozen | forgeries ↓ default | forgeries ↓ steps-x5 | innocent subjects ↑ |",
-             "|---" * 5 + "|"]
-    data = {}
+    cast = "{} ({})".format(*re.search(r"cast(\d+)-(\w+)", run).groups())
+    lines, data = [], {}
     shares = sorted({r["ratio"] for r in rows if r["method"] != "full"})
     for method, ratio in [("full", 0.0)] + [(m, share) for m in BUDGET_METHODS if m != "full" for share in shares]:
         row = {"tensors": seed_cell(rows, method, ratio, "frozen_tensors", "people"),
                "default": seed_cell(rows, method, ratio, "identity_recognition", "people"),
                "steps-x5": seed_cell(rows, method, ratio, "identity_recognition", "people", "steps-x5"),
-               "innocent": seed_cell(rows, method, ratio, "subject_recognition", "logos")}
+               "innocent": seed_cell(rows, method, ratio, "subject_recognition", innocent_domain(rows_budget))}
         if row["default"] is None:
             continue
         data[f"{method}-{ratio:g}"] = row
         tensors = f"{row['tensors']['mean']:.0f}" if row["tensors"] else "–"
-        lines.append(f"| {label(method, ratio, 'params')} | {tensors} | {fmt(row['default'])} | "
+        lines.append(f"| {cast} | {label(method, ratio, 'params')} | {tensors} | {fmt(row['default'])} | "
                      f"{fmt(row['steps-x5'])} | {fmt(row['innocent'])} |")
     return lines, data
 
 
-def budget_verdict(data: dict, seeds: list[int]) -> str:
+def budget_verdict(run: str, data: dict, seeds: list[int]) -> str:
     """One sentence: each method's steps-x5 forgeries as its share of the parameters grows, against
     the guard study's target (half Full FT's default forgeries) and the innocent subjects kept."""
     full = data.get("full-0")
@@ -242,7 +245,8 @@ def budget_verdict(data: dict, seeds: list[int]) -> str:
     shares = sorted({float(k.split("-", 1)[1]) for k in data if not k.startswith("full-")})
     held = [k for k in data if not k.startswith("full-") and data[k].get("steps-x5")
             and data[k]["steps-x5"]["mean"] <= limit]
-    return (f"**A larger mask** (cast 2, innocent logos, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}): under "
+    cast, domain = re.search(r"cast(\d+)-(\w+)", run).groups()
+    return (f"**A larger mask** (cast {cast}, innocent {domain}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}): under "
             f"steps-x5, at " + " / ".join(f"{x:.0%}" for x in shares) + " of the parameters, " + "; ".join(parts)
             + f", against Full FT's {pct(full['steps-x5'])} ({pct(full['default'])} by default, so the target is "
             f"≤ {limit:.0%}); " + (f"{len(held)} of {sum(1 for k in data if not k.startswith('full-'))} masks meet"
@@ -457,11 +461,16 @@ def main(argv=None):
                 checks += [f"| {run.split('-', 2)[-1]} · {label(method, 0.3, 'params')} | {name} | "
                            f"{'met' if ok else 'missed'} | {detail} |" for name, ok, detail in targets(method, table)]
     atomic_write_text(OUT / "guard.md", "\n".join(guard))
-    rows_budget, _, budget_seeds = load_run(BUDGET_RUN)
-    if rows_budget:
-        lines, data["budget"] = budget_table(rows_budget, load_run(BUDGET_GUARD_RUN)[0], budget_seeds)
-        verdicts.append(budget_verdict(data["budget"], budget_seeds))
-        atomic_write_text(OUT / "budget.md", "\n".join(lines) + "\n\n" + verdicts[-1] + "\n")
+    budget_rows, budget_verdicts = [], []
+    for run, guard_run in BUDGET_RUNS.items():
+        rows_budget, _, budget_seeds = load_run(run)
+        if rows_budget:
+            lines, data[run] = budget_table(run, rows_budget, load_run(guard_run)[0], budget_seeds)
+            budget_rows += lines
+            budget_verdicts.append(budget_verdict(run, data[run], budget_seeds))
+    verdicts += budget_verdicts
+    if budget_rows:
+        atomic_write_text(OUT / "budget.md", "\n".join(BUDGET_HEADER + budget_rows + [""] + budget_verdicts) + "\n")
     verdicts.append(scale_verdict(data["table4"]))
     atomic_write_text(OUT / "table4-verdict.md", (verdicts[-1] or "Table 4 has not been run.") + "\n")
     atomic_write_text(OUT / "table2-verdict.md", (table2_verdict(data["table2"]) or "Table 2 has not been run.") + "\n")

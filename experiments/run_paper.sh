@@ -9,7 +9,7 @@
 #   guard-k5-cast2-logos-sN / guard-k5-cast1-clothes-sN
 #                     the guard study in this protocol: every freezing method at 30% of the parameters,
 #                     the immunised releases, IMMA, Full FT, each under the demo's four recipes
-#   budget-k5-cast2-logos-sN
+#   budget-k5-cast2-logos-sN / budget-k5-cast1-clothes-sN
 #                     does a larger mask survive the guard study's worst recipe? FreezeAsGuard, Saliency
 #                     and Random at 50 and 70% of the parameters, default and steps-x5, and Full FT (the
 #                     30% masks are the guard study's run of the same cast and seed)
@@ -84,6 +84,9 @@ for step in "$@"; do
     guard-k5-cast1-clothes-s*) experiment $step "cast_seed: 1" "innocent: [clothes]" "seeds: [$seed]" \
                        "people_per_forger: 5" "budget: params" "methods: $GUARD" "$FOUR" ;;
     budget-k5-cast2-logos-s*) experiment $step "cast_seed: 2" "innocent: [logos]" "seeds: [$seed]" \
+                       "people_per_forger: 5" "budget: params" "ratios: [0.5, 0.7]" \
+                       "methods: [full, learned, saliency, random]" "attacks: [default, steps-x5]" ;;
+    budget-k5-cast1-clothes-s*) experiment $step "cast_seed: 1" "innocent: [clothes]" "seeds: [$seed]" \
                        "people_per_forger: 5" "budget: params" "ratios: [0.5, 0.7]" \
                        "methods: [full, learned, saliency, random]" "attacks: [default, steps-x5]" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;

@@ -126,6 +126,8 @@ def test_the_table2_paragraph_compares_at_each_share_and_at_the_closest_paramete
     assert ("the closest pair, FreezeAsGuard-10% (34% of the parameters) and Random-40% (35%), forge 37% and 70% and "
             "keep 89% and 94% of the brands") in text
     assert "fall from 97% (Full FT) to 81-89%" in text and "The other baselines forge: UCE 68%." in text
+    table2["random-0.4"]["forgeries"] = {"mean": 0.25, "std": 0.1, "seeds": 2}   # 3 points ahead, spread 10
+    assert "every share of tensors (by more than the seed spread at 1 of them): " in paper_tables.table2_verdict(table2)
     table2["random-0.4"]["forgeries"] = c(0.2)
     assert "less than Random at 1 of 2 shares of tensors" in paper_tables.table2_verdict(table2)
     assert paper_tables.table2_verdict({}) == ""
@@ -142,13 +144,17 @@ def test_the_budget_table_joins_the_guard_runs_30_percent_masks_of_the_same_seed
              _row("learned", 0, "brand", 0.9, "subject_recognition", domain="logos"),
              _row("learned", 1, "A", 0.0, attack="steps-x5"),          # another seed: not this run's
              _row("imma", 0, "A", 0.0, ratio=0.3)]                     # not a method of the budget table
-    lines, data = paper_tables.budget_table(budget, guard, [0])
+    lines, data = paper_tables.budget_table("budget-k5-cast2-logos", budget, guard, [0])
     assert set(data) == {"full-0", "learned-0.3", "learned-0.5", "learned-0.7"}
     assert data["learned-0.3"]["steps-x5"]["mean"] == pytest.approx(0.95)
-    assert any(line.startswith("| FreezeAsGuard-70% params | – | 0.100 ± 0.000 | 0.350 ± 0.000 | 0.400") for line in lines)
-    text = paper_tables.budget_verdict(data, [0])
+    assert any(line.startswith("| 2 (logos) | FreezeAsGuard-70% params | – | 0.100 ± 0.000 | 0.350 ± 0.000 | 0.400")
+               for line in lines)
+    text = paper_tables.budget_verdict("budget-k5-cast2-logos", data, [0])
+    assert text.startswith("**A larger mask** (cast 2, innocent logos, 1 seed): under steps-x5, at 30% / 50% / 70%")
     # the target is half Full FT's default, 40%: only the 70% mask's 35% meets it
     assert "FreezeAsGuard 95% / 60% / 35% (innocent subjects 90% / 70% / 40%)" in text
-    assert "against Full FT's 100% (80% by default, so the target is ≤ 40%); 1 of 3 masks meets it" in text
+    assert ("against Full FT's 100% (80% by default, so the target is ≤ 40%); 1 of 3 masks meets it: "
+            "FreezeAsGuard-70% params, under which the innocent user's subjects are learned 40% of the time "
+            "(Full FT 100%).") in text
     data["learned-0.7"]["steps-x5"]["mean"] = 0.5
-    assert paper_tables.budget_verdict(data, [0]).endswith("no mask meets it.")
+    assert paper_tables.budget_verdict("budget-k5-cast2-logos", data, [0]).endswith("no mask meets it.")
