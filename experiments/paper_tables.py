@@ -470,7 +470,7 @@ def main(argv=None):
             budget_verdicts.append(budget_verdict(run, data[run], budget_seeds))
     verdicts += budget_verdicts
     if budget_rows:
-        atomic_write_text(OUT / "budget.md", "\n".join(BUDGET_HEADER + budget_rows + [""] + budget_verdicts) + "\n")
+        atomic_write_text(OUT / "budget.md", "\n".join(BUDGET_HEADER + budget_rows) + "\n\n" + "\n\n".join(budget_verdicts) + "\n")
     verdicts.append(scale_verdict(data["table4"]))
     atomic_write_text(OUT / "table4-verdict.md", (verdicts[-1] or "Table 4 has not been run.") + "\n")
     atomic_write_text(OUT / "table2-verdict.md", (table2_verdict(data["table2"]) or "Table 2 has not been run.") + "\n")
