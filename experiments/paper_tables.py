@@ -81,6 +81,11 @@ def load_run(name: str) -> tuple[list[dict], dict | None, list[int]]:
     return rows, cfg, sorted(seeds)
 
 
+def cast_of(run: str) -> tuple[str, str]:
+    """A run's cast and innocent domain, from its name (guard-k5-cast2-logos -> ("2", "logos"))."""
+    return re.search(r"cast(\d+)-(\w+)", run).groups()
+
+
 def seed_cell(rows, method, ratio, metric, domain, attack="default"):
     """Mean over seeds of each seed's mean over subjects, and the std over seeds (0 for one seed)."""
     by_seed: dict[int, list[float]] = {}
@@ -211,7 +216,7 @@ def budget_table(run: str, rows_budget: list[dict], rows_guard: list[dict], seed
     mask survive the recipe that beat every 30% mask? Rows of BUDGET_HEADER's table."""
     rows = rows_budget + [r for r in rows_guard if r["seed"] in seeds and r["method"] in BUDGET_METHODS
                           and abs(r["ratio"] - 0.3) < 1e-9]
-    cast = "{} ({})".format(*re.search(r"cast(\d+)-(\w+)", run).groups())
+    cast = "{} ({})".format(*cast_of(run))
     lines, data = [], {}
     shares = sorted({r["ratio"] for r in rows if r["method"] != "full"})
     for method, ratio in [("full", 0.0)] + [(m, share) for m in BUDGET_METHODS if m != "full" for share in shares]:
@@ -245,7 +250,7 @@ def budget_verdict(run: str, data: dict, seeds: list[int]) -> str:
     shares = sorted({float(k.split("-", 1)[1]) for k in data if not k.startswith("full-")})
     held = [k for k in data if not k.startswith("full-") and data[k].get("steps-x5")
             and data[k]["steps-x5"]["mean"] <= limit]
-    cast, domain = re.search(r"cast(\d+)-(\w+)", run).groups()
+    cast, domain = cast_of(run)
     return (f"**A larger mask** (cast {cast}, innocent {domain}, {len(seeds)} seed{'s' if len(seeds) > 1 else ''}): under "
             f"steps-x5, at " + " / ".join(f"{x:.0%}" for x in shares) + " of the parameters, " + "; ".join(parts)
             + f", against Full FT's {pct(full['steps-x5'])} ({pct(full['default'])} by default, so the target is "
@@ -328,7 +333,7 @@ def verdict(run: str, table: dict, seeds: list[int]) -> str:
     if not table:
         return ""
     full, learned, sal, rnd = (table.get(m) for m in ("full", "learned", "saliency", "random"))
-    cast, domain = re.search(r"cast(\d+)-(\w+)", run).groups()
+    cast, domain = cast_of(run)
     text = (f"**Cast {cast}, innocent {domain}** ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}): Full FT forges "
             f"{pct(full['default'])} of portraits by default ({pct(full['unnamed'])} when prompted \"a person\": "
             f"the names are bound) and {pct(full['worst'])} under {full['worst_attack']}. FreezeAsGuard at 30% of "

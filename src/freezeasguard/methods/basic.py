@@ -63,8 +63,7 @@ def learned_identity(inputs: MethodInputs) -> Protection:
 
 def _learned(inputs: MethodInputs, objective: str) -> Protection:
     cfg = copy_fields(LearnConfig, inputs.settings, ratio=inputs.ratio, seed=inputs.settings.protection_seed,
-                      device=inputs.device,
-                      objective=objective)
+                      device=inputs.device, objective=objective)
     # the warm start (theta_ft) depends on the base model and data only, so every ratio shares it
     path = inputs.work_dir / f"learned-{inputs.ratio:g}.safetensors"
     result = learn_mask(inputs.model, inputs.illegal, inputs.innocent, path, cfg,
